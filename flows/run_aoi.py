@@ -1,0 +1,87 @@
+"""The main job as a Prefect flow: AOI → screen → plan → fit heads → chunks of tiles → outputs → record.
+
+One task per stage; tiles run in chunks (``tiling.chunk_tiles`` per task, never one task per tile); tasks pass
+the run folder's path and small records, never arrays or models. With no Prefect configuration the flow runs
+in ephemeral mode (no server to start).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from geo_dino import pipeline as pl
+from geo_dino.config import RunConfig, load_config, parse_config
+
+_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="prepare-run", **_TASK)
+def prepare(cfg: RunConfig, flow_run_id: str | None) -> str:
+    return str(pl.prepare_run(cfg, flow_run_id=flow_run_id))
+
+
+@task(name="validate-and-screen-aoi", **_TASK)
+def screen(run_dir: str) -> dict[str, Any]:
+    return pl.screen_aoi(Path(run_dir))
+
+
+@task(name="plan-tiles", **_TASK)
+def plan(run_dir: str) -> dict[str, Any]:
+    return pl.plan_run(Path(run_dir))
+
+
+@task(name="fit-label-free-heads", **_TASK)
+def fit(run_dir: str) -> dict[str, Any]:
+    out = pl.fit_heads(Path(run_dir))
+    pl.init_accumulator(Path(run_dir))
+    return out
+
+
+@task(name="infer-chunk", **_TASK)
+def infer(run_dir: str, chunk: int) -> dict[str, Any]:
+    return pl.infer_chunk(Path(run_dir), chunk)
+
+
+@task(name="write-outputs", **_TASK)
+def finalize(run_dir: str) -> list[dict[str, Any]]:
+    return pl.finalize_outputs(Path(run_dir))
+
+
+@flow(name="run_aoi", log_prints=True)
+def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None,
+            overrides: dict[str, Any] | None = None) -> str:
+    """Run the pipeline for one AOI. Give a YAML ``config_path`` or a ``config`` mapping. Returns the run folder."""
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    if config_path is not None:
+        cfg = load_config(config_path, overrides)
+    elif config is not None:
+        cfg = parse_config(config)
+    else:
+        raise ValueError("give config_path or config")
+    run_dir = prepare(cfg, flow_run.get_id())
+    log.info("run folder: %s", run_dir)
+    t0 = time.perf_counter()
+    decision = screen(run_dir)
+    log.info("screening: %s (%d sites hit)", decision["action"], decision["hits"])
+    p = plan(run_dir)
+    log.info("%d tiles in %d chunks over region %s", p["n_tiles"], p["n_chunks"], p["region"])
+    fit(run_dir)
+    t_inf = time.perf_counter()
+    n = 0
+    for c in range(p["n_chunks"]):
+        r = infer(run_dir, c)
+        n += r["tiles"]
+        log.info("chunk %d/%d: %d tiles in %.1fs (%d/%d done)", c + 1, p["n_chunks"], r["tiles"], r["seconds"], n,
+                 p["n_tiles"])
+    t_out = time.perf_counter()
+    outputs = finalize(run_dir)
+    pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3), "total_flow": round(time.perf_counter() - t0, 3)})
+    log.info("wrote %d outputs", len(outputs))
+    return run_dir

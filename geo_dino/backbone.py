@@ -1,0 +1,193 @@
+"""DINOv3-architecture ViT backbones: built from a spec, random-initialised or loaded from a local file.
+
+Checkpoints are data, not code: safetensors are preferred; ``.pth`` files go through
+``torch.load(weights_only=True)``; every load checks the sha256 when one is pinned; keys match strictly.
+The architecture is chosen by the config (and checked against the weights' shapes), never by a file name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from geo_dino.errors import CheckpointError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAT493M_MEAN = (0.430, 0.411, 0.296)
+SAT493M_STD = (0.213, 0.156, 0.143)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A registered architecture: the timm builder and its overrides, plus the metadata heads rely on."""
+
+    name: str
+    timm_name: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    n_registers: int
+    in_chans: int = 3
+    licence: str = "DINOv3 License (weights); architecture Apache-2.0"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
+                "in_chans": self.in_chans}
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.name: a
+    for a in (
+        ArchSpec("vit_small_patch16_dinov3", "vit_small_patch16_dinov3", 16, 384, 12, 6, 4),
+        ArchSpec("vit_base_patch16_dinov3", "vit_base_patch16_dinov3", 16, 768, 12, 12, 4),
+        ArchSpec("vit_large_patch16_dinov3", "vit_large_patch16_dinov3", 16, 1024, 24, 16, 4),
+        ArchSpec("vit_large_patch16_dinov3_sat", "vit_large_patch16_dinov3", 16, 1024, 24, 16, 4,
+                 mean=SAT493M_MEAN, std=SAT493M_STD),
+        # a tiny DINOv3-architecture ViT (RoPE, 4 registers) for tests: the whole pipeline in seconds on CPU
+        ArchSpec("vit_tiny_patch16_dinov3_test", "vit_small_patch16_dinov3", 16, 48, 2, 2, 4,
+                 licence="random weights (test architecture)"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The identity and preprocessing of the weights a run uses (goes into the provenance record)."""
+
+    arch: str
+    patch_size: int
+    embed_dim: int
+    in_chans: int
+    n_registers: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str  # "random-init" or the checkpoint's path
+    sha256: str | None
+    licence: str
+    seed: int | None
+    training_lineage: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and metadata of a local checkpoint file, after checking its hash. Never executes code."""
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (weights are never downloaded; give a local path)")
+    digest = sha256_of(path)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise CheckpointError(f"{path}: sha256 {digest} does not match backbone.checkpoint_sha256 "
+                              f"{expected_sha256}; the file changed or is not the one you pinned")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        if head[:2] == b"\x80\x02" or head[:2] == b"PK":
+            raise CheckpointError(f"{path}: a pickle/zip file disguised as .safetensors; refused")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            return load_file(str(path)), meta
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from None
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10):
+        raise CheckpointError(f"torch {torch.__version__} is older than 2.10: loading .pth files is refused "
+                              "(CVE-2026-24747); convert the checkpoint to safetensors or upgrade torch")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad/unsafe files
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {exc}") from None
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    return obj, {}
+
+
+def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha256: str | None = None,
+                   seed: int = 0, mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> tuple[Any, CheckpointSpec]:
+    """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such."""
+    import timm
+    import torch
+
+    if arch not in ARCHS:
+        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    a = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = timm.create_model(a.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                              **a.timm_kwargs())
+    meta: dict[str, str] = {}
+    if checkpoint is not None:
+        state, meta = read_state_dict(Path(checkpoint), checkpoint_sha256)
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        misshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+        if missing or unexpected or misshaped:
+            raise CheckpointError(
+                f"{checkpoint}: does not match architecture {arch}: "
+                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+                f"{len(misshaped)} misshaped keys {misshaped[:5]}")
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    spec = CheckpointSpec(
+        arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=a.in_chans,
+        n_registers=a.n_registers,
+        mean=tuple(mean or _meta_floats(meta, "mean") or a.mean),
+        std=tuple(std or _meta_floats(meta, "std") or a.std),
+        source=str(checkpoint) if checkpoint else "random-init",
+        sha256=sha256_of(Path(checkpoint)) if checkpoint else None,
+        licence=meta.get("licence", a.licence if checkpoint else "n/a (random weights)"),
+        seed=None if checkpoint else seed,
+        training_lineage=meta.get("training_lineage", "unknown (not stated in the checkpoint)"
+                                  if checkpoint else "none: random initialisation"),
+    )
+    return model, spec
+
+
+def _meta_floats(meta: dict[str, str], key: str) -> tuple[float, ...] | None:
+    if key not in meta:
+        return None
+    try:
+        return tuple(float(x) for x in meta[key].split(","))
+    except ValueError:
+        raise CheckpointError(f"checkpoint metadata {key!r} is not a comma-separated list of numbers") from None
+
+
+def dense_features(model: Any, x: Any) -> Any:
+    """Patch features ``(B, C, H/p, W/p)`` at the input's own size (a multiple of the patch size).
+
+    Uses timm's ``forward_intermediates`` on the last block after the final norm, which drops the CLS and
+    register tokens by their count (``num_prefix_tokens``), so registers are never read as patches.
+    """
+    import torch
+
+    p = model.patch_embed.patch_size[0]
+    if x.shape[-1] % p or x.shape[-2] % p:
+        raise ConfigError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+    with torch.inference_mode():
+        feats = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True, output_fmt="NCHW")
+    return feats[-1]

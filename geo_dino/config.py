@@ -1,0 +1,193 @@
+"""The run configuration: one pydantic schema, YAML files are instances of it.
+
+Unknown keys and bad values raise :class:`~geo_dino.errors.ConfigError` naming the key. Relative paths are
+resolved against the config file's folder (or the working directory for configs built in code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geo_dino.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Approval(_Model):
+    """A named person's approval for a run over sites whose policy is ``require_approval``."""
+
+    approver: Annotated[str, Field(min_length=2)]
+    reason: Annotated[str, Field(min_length=5)]
+
+
+class AOIOptions(_Model):
+    max_bytes: Annotated[int, Field(gt=0)] = 5_000_000
+    max_vertices: Annotated[int, Field(gt=0)] = 100_000
+    max_depth: Annotated[int, Field(gt=0)] = 20
+    repair: bool = False  # repair self-intersections (make_valid) instead of refusing; area change recorded
+
+
+class ScreeningConfig(_Model):
+    registry: Path = Path("data/registry/sensitive_sites.gpkg")
+    registry_sha256: str | None = None  # when set, a registry with another hash refuses the run
+    policy: Path = Path("configs/screening_policy.yaml")
+    approval: Approval | None = None
+
+
+class SourceConfig(_Model):
+    allowed_roots: list[Path] = Field(default_factory=lambda: [Path(".")])
+    allow_remote: bool = False  # /vsicurl/, http(s)://, s3:// ... from user input
+    allow_vrt: bool = False
+    max_pixels: Annotated[int, Field(gt=0)] = 4_000_000_000  # width × height × bands budget, checked before reading
+    bands: list[int | str] | None = None  # 1-based indexes or band descriptions; None = first three / all
+
+
+class PreprocessConfig(_Model):
+    """How raster values become backbone inputs. ``None`` values come from the checkpoint spec."""
+
+    scale: Literal["auto", "uint8", "range", "percentile", "none"] = "auto"
+    value_range: tuple[float, float] | None = None  # for scale="range"
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class BackboneConfig(_Model):
+    arch: str = "vit_small_patch16_dinov3"
+    checkpoint: Path | None = None  # local .safetensors or .pth (weights_only); never downloaded
+    checkpoint_sha256: str | None = None
+    seed: int = 0  # random initialisation when no checkpoint is given
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = torch's default
+
+
+class TilingConfig(_Model):
+    size: Annotated[int, Field(gt=0)] = 224
+    overlap: Annotated[int, Field(ge=0)] = 32
+    chunk_tiles: Annotated[int, Field(gt=0)] = 64  # tiles per Prefect task
+
+
+class KMeansConfig(_Model):
+    k: Annotated[int, Field(ge=2, le=64)] = 6
+    fit_tiles: Annotated[int, Field(gt=0)] = 64  # tiles sampled to fit PCA and k-means
+    seed: int = 0
+
+
+class ChangeConfig(_Model):
+    threshold: float | Literal["otsu"] = "otsu"  # cosine distance above which a pixel is "changed"
+
+
+class HeadsConfig(_Model):
+    pca: bool = True
+    kmeans: KMeansConfig | None = Field(default_factory=KMeansConfig)
+    change: ChangeConfig = Field(default_factory=ChangeConfig)
+
+
+class RunConfig(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "run"
+    aoi: Path
+    rasters: Annotated[list[Path], Field(min_length=1, max_length=2)]
+    output_dir: Path = Path("runs")
+    aoi_options: AOIOptions = Field(default_factory=AOIOptions)
+    screening: ScreeningConfig = Field(default_factory=ScreeningConfig)
+    sources: SourceConfig = Field(default_factory=SourceConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+
+    @field_validator("rasters")
+    @classmethod
+    def _distinct(cls, v: list[Path]) -> list[Path]:
+        if len(v) == 2 and v[0] == v[1]:
+            raise ValueError("the two dates must be different rasters")
+        return v
+
+    @model_validator(mode="after")
+    def _tiling_fits(self) -> RunConfig:
+        if self.tiling.overlap >= self.tiling.size:
+            raise ValueError(f"tiling.overlap ({self.tiling.overlap}) must be smaller than tiling.size "
+                             f"({self.tiling.size})")
+        return self
+
+    def resolved(self, base: Path) -> RunConfig:
+        """A copy with every relative path made absolute against ``base``."""
+
+        def fix(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            s = str(p)
+            if "://" in s or s.startswith("/vsi"):
+                return p  # remote/virtual: kept verbatim, the source checks refuse it unless allowed
+            return p if p.is_absolute() else (base / p).resolve()
+
+        return self.model_copy(update={
+            "aoi": fix(self.aoi),
+            "rasters": [fix(r) for r in self.rasters],
+            "output_dir": fix(self.output_dir),
+            "screening": self.screening.model_copy(update={
+                "registry": fix(self.screening.registry), "policy": fix(self.screening.policy)}),
+            "sources": self.sources.model_copy(update={
+                "allowed_roots": [fix(r) for r in self.sources.allowed_roots]}),
+            "backbone": self.backbone.model_copy(update={"checkpoint": fix(self.backbone.checkpoint)}),
+        })
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/demo.yaml for every key)"
+        lines.append(f"  {key}: {msg}")
+    return "invalid run configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:
+    """Validate a mapping into a :class:`RunConfig` with paths resolved against ``base``."""
+    if not isinstance(data, dict):
+        raise ConfigError("a run configuration must be a mapping of keys to values")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    return cfg.resolved(base or Path.cwd())
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config file; relative paths in it are relative to the current working directory."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a run configuration must be a mapping of keys to values")
+    data = _merge(data, overrides or {})
+    return parse_config(data, Path.cwd())
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

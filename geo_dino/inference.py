@@ -1,0 +1,201 @@
+"""Windowed inference and blending: tiles in batches → backbone → label-free heads → a blended accumulator.
+
+The accumulator is a tiled float32 GeoTIFF on disk over the output grid (the AOI's sub-grid of the raster):
+each tile adds ``value × weight`` and ``weight`` (2-D Hann weights) by read-modify-write of its window, so
+peak memory depends on the tile and batch sizes, never on the raster's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geo_dino.grid import Grid, PixelBox, Tile, blend_weights
+from geo_dino.heads import LabelFreeHeads, cosine_distance
+from geo_dino.preprocess import Preprocessor
+from geo_dino.sources import WindowReader
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Which accumulator band holds what: per date PCA then class scores, then change, then the weight."""
+
+    n_dates: int
+    n_pca: int
+    k: int
+
+    @property
+    def per_date(self) -> int:
+        return self.n_pca + self.k
+
+    @property
+    def has_change(self) -> bool:
+        return self.n_dates == 2
+
+    @property
+    def n_values(self) -> int:
+        return self.n_dates * self.per_date + int(self.has_change)
+
+    def pca(self, date: int) -> slice:
+        return slice(date * self.per_date, date * self.per_date + self.n_pca)
+
+    def scores(self, date: int) -> slice:
+        s = date * self.per_date + self.n_pca
+        return slice(s, s + self.k)
+
+    @property
+    def change(self) -> int:
+        return self.n_dates * self.per_date
+
+    @property
+    def weight(self) -> int:
+        return self.n_values
+
+
+def pick_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError("backbone.device: cuda requested but no GPU is visible; use 'auto' or 'cpu'")
+    return choice
+
+
+class FeatureExtractor:
+    """Backbone + preprocessing on one device; returns dense features per date for a batch of tiles."""
+
+    def __init__(self, model, preprocessor: Preprocessor, device: str) -> None:  # noqa: ANN001
+        import torch
+
+        self.model = model.to(device)
+        self.pre = preprocessor
+        self.device = device
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def features(self, reader: WindowReader, boxes: Sequence[PixelBox]):  # noqa: ANN201
+        """``(feats (B, C, h, w) float32, valid (B, H, W) bool numpy)`` for one date."""
+        import torch
+
+        from geo_dino.backbone import dense_features
+
+        reads = [reader.read(b) for b in boxes]
+        data = np.stack([r[0] for r in reads])
+        valid = np.stack([r[1] for r in reads])
+        x = torch.from_numpy(self.pre(data, valid)).to(self.device, non_blocking=True)
+        with torch.autocast(self.device, dtype=self.dtype, enabled=self.device == "cuda"):
+            f = dense_features(self.model, x)
+        return f.float(), valid
+
+
+def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowReader], tiles: Sequence[Tile],
+                          batch_size: int, max_patches: int = 20_000, seed: int = 0) -> np.ndarray:
+    """Patch features ``(N, C)`` of mostly-valid patches from ``tiles`` of every date (for fitting heads)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(0, len(tiles), batch_size):
+        boxes = [t.box for t in tiles[k:k + batch_size]]
+        for reader in readers:
+            f, valid = extractor.features(reader, boxes)
+            p = f.shape[-1]
+            frac = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(valid).float()[:, None],
+                                                           (f.shape[-2], p))[:, 0]
+            keep = (frac >= 0.75).cpu().numpy()
+            feats = f.permute(0, 2, 3, 1).cpu().numpy()[keep]
+            out.append(feats)
+    x = np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+    if x.shape[0] > max_patches:
+        x = x[rng.choice(x.shape[0], max_patches, replace=False)]
+    return x
+
+
+class Accumulator:
+    """Weighted sums on disk over ``grid`` (``n_values`` bands + 1 weight band), float32, tiled GeoTIFF."""
+
+    def __init__(self, path: Path, grid: Grid, n_values: int) -> None:
+        self.path = path
+        self.grid = grid
+        self.n_bands = n_values + 1
+        self._ds = None
+        self._env = None
+
+    def create(self) -> None:
+        import rasterio
+
+        with rasterio.Env(GDAL_CACHEMAX=256):
+            with rasterio.open(self.path, "w", driver="GTiff", width=self.grid.width, height=self.grid.height,
+                               count=self.n_bands, dtype="float32", crs=self.grid.crs,
+                               transform=self.grid.transform, tiled=True, blockxsize=256, blockysize=256,
+                               interleave="band", BIGTIFF="IF_SAFER", SPARSE_OK="TRUE"):
+                pass
+
+    def __enter__(self) -> Accumulator:
+        import rasterio
+
+        self._env = rasterio.Env(GDAL_CACHEMAX=256)
+        self._env.__enter__()
+        self._ds = rasterio.open(self.path, "r+")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ds is not None:
+            self._ds.close()
+        if self._env is not None:
+            self._env.__exit__(*exc)
+
+    def add(self, box: PixelBox, values: np.ndarray, weight: np.ndarray) -> None:
+        """Add ``values (n, h, w) × weight (h, w)`` and ``weight`` over ``box`` (output-grid pixels, clipped)."""
+        inner = box.intersection(self.grid.box)
+        if inner is None:
+            return
+        rs, cs = inner.relative_to(box).slices()
+        v = values[:, rs, cs] * weight[None, rs, cs]
+        w = weight[None, rs, cs]
+        win = inner.to_rasterio()
+        cur = self._ds.read(window=win)
+        cur[:-1] += v
+        cur[-1:] += w
+        self._ds.write(cur, window=win)
+
+    def read(self, box: PixelBox) -> tuple[np.ndarray, np.ndarray]:
+        """Blended values ``(n, h, w)`` (NaN where no weight) and the weight ``(h, w)``."""
+        cur = self._ds.read(window=box.to_rasterio())
+        w = cur[-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vals = np.where(w > 0, cur[:-1] / np.where(w > 0, w, 1), np.nan)
+        return vals.astype(np.float32), w
+
+
+def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
+                layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: Accumulator,
+                tile_size: int, batch_size: int) -> int:
+    """Run ``tiles`` through backbone and heads; blend the per-pixel results into ``acc``. Returns tile count."""
+    import torch
+
+    hann = blend_weights(tile_size)
+    tiles = list(tiles)
+    for k in range(0, len(tiles), batch_size):
+        batch = tiles[k:k + batch_size]
+        boxes = [t.box for t in batch]
+        ups, valids = [], []
+        for reader in readers:
+            f, valid = extractor.features(reader, boxes)
+            ups.append(torch.nn.functional.interpolate(f, size=(tile_size, tile_size), mode="bilinear",
+                                                       align_corners=False))
+            valids.append(valid)
+        chans = [heads.project(u) for u in ups]
+        if layout.has_change:
+            chans.append(cosine_distance(ups[0], ups[1]))
+        values = torch.cat(chans, dim=1).cpu().numpy()
+        inside = np.logical_or.reduce(valids)  # padding outside the raster gets no weight
+        for i, box in enumerate(boxes):
+            w = hann * inside[i]
+            acc.add(box.relative_to(out_origin), values[i], w)
+    return len(tiles)

@@ -1,0 +1,315 @@
+"""The stages of one run, as plain functions that take a run folder and return small records.
+
+Prefect tasks (``flows/``) call these; tests call them directly. Stages hand each other paths: the run
+folder holds the resolved config, ``state.json`` (the plan), the screening decision, the provenance record,
+the work files and the outputs. Nothing is written outside the run folder.
+
+    prepare_run → screen_aoi → plan_run → fit_heads → infer_chunk × N → finalize_outputs → (provenance)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geo_dino.config import RunConfig
+from geo_dino.errors import AOIError, RunRefused
+from geo_dino.grid import Grid, PixelBox, Tile, TileGrid
+
+STATE = "state.json"
+CONFIG = "config.resolved.json"
+RECORD = "provenance.json"
+
+_MODELS: dict[tuple, Any] = {}  # one model per process, reused by every chunk task
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _atomic_json(path: Path, obj: Any) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    return RunConfig.model_validate_json((run_dir / CONFIG).read_text())
+
+
+def _state(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / STATE).read_text())
+
+
+def update_record(run_dir: Path, **sections: Any) -> Path:
+    """Merge ``sections`` into the run's provenance record (``provenance.json``), atomically."""
+    path = run_dir / RECORD
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    for k, v in sections.items():
+        if k == "timings":
+            rec.setdefault("timings", {}).update(v)
+        else:
+            rec[k] = v
+    return _atomic_json(path, rec)
+
+
+def _timed(run_dir: Path, stage: str, t0: float) -> None:
+    update_record(run_dir, timings={stage: round(time.perf_counter() - t0, 3)})
+
+
+def _grid_to_dict(g: Grid) -> dict[str, Any]:
+    return {"height": g.height, "width": g.width, "transform": list(g.transform)[:6], "crs": g.crs}
+
+
+def _grid_from_dict(d: dict[str, Any]) -> Grid:
+    from affine import Affine
+
+    return Grid(d["height"], d["width"], Affine(*d["transform"]), d["crs"])
+
+
+def _box(d: list[int]) -> PixelBox:
+    return PixelBox(*d)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | None = None) -> Path:
+    """Create the run folder and write the resolved config before any work starts."""
+    from geo_dino.provenance import git_info, software_versions
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    run_dir = (Path(cfg.output_dir) / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "work").mkdir()
+    _atomic_json(run_dir / CONFIG, cfg.to_json_dict())
+    update_record(run_dir, schema="geo_dino.provenance/1", run_id=run_id,
+                  created_at=datetime.now(timezone.utc).isoformat(),
+                  config={"sha256": cfg.sha256(), "path": CONFIG},
+                  software=software_versions(), git=git_info(Path(__file__).resolve().parent.parent),
+                  prefect={"flow_run_id": flow_run_id}, status="started")
+    return run_dir
+
+
+def screen_aoi(run_dir: Path) -> dict[str, Any]:
+    """Validate the AOI and screen it against the sensitive-site registry; no pixel is read here.
+
+    The decision is always written; a refused run raises :class:`RunRefused` after writing it.
+    """
+    from geo_dino.aoi import load_aoi
+    from geo_dino.screening import enforce, load_policy, load_registry, screen, write_decision
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(run_dir)
+    try:
+        aoi = load_aoi(cfg.aoi, cfg.aoi_options)
+    except AOIError as exc:
+        update_record(run_dir, status="failed", error=str(exc))
+        raise
+    update_record(run_dir, aoi=aoi.to_record())
+    try:
+        registry = load_registry(cfg.screening.registry, cfg.screening.registry_sha256)
+        policy = load_policy(cfg.screening.policy)
+    except Exception as exc:
+        update_record(run_dir, status="refused", screening={"action": "refused", "reason": str(exc)})
+        _atomic_json(run_dir / "screening.json", {"action": "refused", "allowed": False, "reason": str(exc)})
+        raise
+    decision = screen(aoi.geometry, registry, policy, approval=cfg.screening.approval, aoi_sha256=aoi.sha256)
+    write_decision(decision, run_dir)
+    update_record(run_dir, screening=decision.to_dict())
+    _timed(run_dir, "screen", t0)
+    try:
+        enforce(decision)
+    except RunRefused:
+        update_record(run_dir, status="refused")
+        raise
+    return {"action": decision.action, "allowed": decision.allowed, "hits": len(decision.hits)}
+
+
+def plan_run(run_dir: Path) -> dict[str, Any]:
+    """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor, save the plan."""
+    from geo_dino.aoi import load_aoi
+    from geo_dino.backbone import ARCHS
+    from geo_dino.outputs import write_tile_index
+    from geo_dino.preprocess import make_preprocessor
+    from geo_dino.provenance import raster_input_record
+    from geo_dino.sources import WindowReader, open_raster
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(run_dir)
+    arch = ARCHS[cfg.backbone.arch] if cfg.backbone.arch in ARCHS else None
+    if arch is None:
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError(f"backbone.arch: unknown architecture {cfg.backbone.arch!r}; choose one of {sorted(ARCHS)}")
+    infos = [open_raster(p, cfg.sources, needed_bands=arch.in_chans) for p in cfg.rasters]
+    if len(infos) == 2:
+        infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
+        if infos[0].dtype != infos[1].dtype:
+            raise AOIError(f"the two dates have different data types ({infos[0].dtype}, {infos[1].dtype})")
+    grid = infos[0].grid
+    aoi = load_aoi(cfg.aoi, cfg.aoi_options)
+    geom = aoi.to_crs(grid.crs)
+    from shapely.geometry import box as shp_box
+
+    footprint = shp_box(*grid.bounds())
+    if not geom.intersects(footprint) or geom.intersection(footprint).area <= 0:
+        raise AOIError(f"the AOI does not overlap the raster {Path(infos[0].path).name} "
+                       f"(raster bounds {tuple(round(v, 3) for v in grid.bounds())} in {grid.crs}); "
+                       "check the AOI and the raster")
+    region = grid.box_covering(geom.intersection(footprint).bounds)
+    if region is None:
+        raise AOIError("the AOI covers no pixel of the raster")
+    tiles = TileGrid.cover(region, grid.box, size=cfg.tiling.size, overlap=cfg.tiling.overlap,
+                           patch=arch.patch_size)
+    out_grid = grid.subgrid(region)
+    write_tile_index(run_dir / "tiles.gpkg", "tiles", grid, [(t.index, t.box) for t in tiles],
+                     extra={"grid_row": [t.grid_row for t in tiles], "grid_col": [t.grid_col for t in tiles]})
+    stats = None
+    if cfg.preprocess.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
+        with WindowReader(infos[0]) as r:
+            stats = r.sample_stats(cfg.preprocess.percentiles)
+    pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
+    chunks = tiles.chunks(cfg.tiling.chunk_tiles)
+    state = {
+        "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
+                     "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names)} for i in infos],
+        "region": [region.row_off, region.col_off, region.height, region.width],
+        "out_grid": _grid_to_dict(out_grid),
+        "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape), "n_tiles": len(tiles),
+                   "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles},
+        "preprocess": pre.to_dict(),
+        "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
+    }
+    _atomic_json(run_dir / STATE, state)
+    update_record(run_dir, inputs=[raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos],
+                  preprocessing=pre.to_dict(),
+                  pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
+                            "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
+                            "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
+    _timed(run_dir, "plan", t0)
+    return {"n_tiles": len(tiles), "n_chunks": len(chunks), "region": state["region"]}
+
+
+def _infos(state: dict[str, Any]):  # noqa: ANN202
+    from geo_dino.sources import RasterInfo
+
+    return [RasterInfo(path=r["path"], grid=_grid_from_dict(r["grid"]), count=r["count"], dtype=r["dtype"],
+                       nodata=r["nodata"], bands=tuple(r["bands"]), band_names=tuple(r["band_names"]))
+            for r in state["rasters"]]
+
+
+def _tiles(state: dict[str, Any]) -> TileGrid:
+    g = _grid_from_dict(state["rasters"][0]["grid"])
+    t = state["tiling"]
+    return TileGrid(_box(state["region"]), t["size"], t["overlap"], g.box)
+
+
+def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
+    import torch
+
+    from geo_dino.backbone import build_backbone
+    from geo_dino.inference import FeatureExtractor, pick_device
+    from geo_dino.preprocess import Preprocessor
+
+    if cfg.backbone.threads:
+        torch.set_num_threads(cfg.backbone.threads)
+    device = pick_device(cfg.backbone.device)
+    key = (cfg.backbone.arch, str(cfg.backbone.checkpoint), cfg.backbone.checkpoint_sha256, cfg.backbone.seed, device)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_backbone(cfg.backbone.arch, checkpoint=cfg.backbone.checkpoint,
+                                      checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed)
+    model, spec = _MODELS[key]
+    pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
+    return FeatureExtractor(model, pre, device), spec
+
+
+def fit_heads(run_dir: Path) -> dict[str, Any]:
+    """Fit PCA and k-means on patch features of tiles spread evenly over the region."""
+    from geo_dino.heads import fit_label_free
+    from geo_dino.inference import sample_patch_features
+    from geo_dino.sources import WindowReader
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(run_dir)
+    state = _state(run_dir)
+    extractor, spec = _extractor(cfg, state)
+    tiles = list(_tiles(state))
+    kcfg = cfg.heads.kmeans
+    n_fit = kcfg.fit_tiles if kcfg else 64
+    idx = np.unique(np.linspace(0, len(tiles) - 1, min(n_fit, len(tiles))).round().astype(int))
+    with ExitStack() as stack:
+        readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
+        samples = sample_patch_features(extractor, readers, [tiles[i] for i in idx], cfg.backbone.batch_size,
+                                        seed=kcfg.seed if kcfg else 0)
+    heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None, seed=kcfg.seed if kcfg else 0)
+    heads.save(run_dir / "work" / "heads.npz")
+    update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device},
+                  heads={"pca": cfg.heads.pca, "kmeans_k": heads.k, "fit_tiles": len(idx),
+                         "fit_patches": int(samples.shape[0]), "change": len(state["rasters"]) == 2})
+    _timed(run_dir, "fit_heads", t0)
+    return {"fit_patches": int(samples.shape[0]), "k": heads.k}
+
+
+def _layout(state: dict[str, Any], heads) -> Any:  # noqa: ANN001
+    from geo_dino.inference import ChannelLayout
+
+    return ChannelLayout(len(state["rasters"]), heads.n_pca, heads.k)
+
+
+def init_accumulator(run_dir: Path) -> Path:
+    from geo_dino.heads import LabelFreeHeads
+    from geo_dino.inference import Accumulator
+
+    state = _state(run_dir)
+    heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
+    path = run_dir / "work" / "accumulator.tif"
+    Accumulator(path, _grid_from_dict(state["out_grid"]), _layout(state, heads).n_values).create()
+    return path
+
+
+def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
+    """Run one chunk of tiles and blend it into the accumulator (chunks run one after another)."""
+    from geo_dino.heads import LabelFreeHeads
+    from geo_dino.inference import Accumulator, infer_tiles
+    from geo_dino.sources import WindowReader
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(run_dir)
+    state = _state(run_dir)
+    extractor, _ = _extractor(cfg, state)
+    heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
+    layout = _layout(state, heads)
+    grid = _tiles(state)
+    chunk_tiles: list[Tile] = grid.chunks(state["tiling"]["chunk_tiles"])[chunk]
+    acc = Accumulator(run_dir / "work" / "accumulator.tif", _grid_from_dict(state["out_grid"]), layout.n_values)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
+        stack.enter_context(acc)
+        n = infer_tiles(extractor, readers, heads, layout, chunk_tiles, _box(state["region"]), acc,
+                        grid.size, cfg.backbone.batch_size)
+    dt = time.perf_counter() - t0
+    return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
+
+
+def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
+    """Blend → masks (nodata, AOI, screening) → output COGs, verified; styles beside them."""
+    from geo_dino.finalize import write_outputs
+
+    t0 = time.perf_counter()
+    records = write_outputs(run_dir)
+    update_record(run_dir, outputs=records)
+    _timed(run_dir, "finalize", t0)
+    return records
+
+
+def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
+                  timings=timings or {})
+    return run_dir / RECORD

@@ -1,0 +1,229 @@
+"""Raster sources, opened safely.
+
+A user string never reaches GDAL unchecked: the scheme, the location (under an allowed root), the file's
+magic bytes, the driver (GTiff only, which reads COGs) and the pixel budget are checked before any pixel is
+read. Reads are windowed, inside :func:`gdal_env`, and honour nodata and internal masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geo_dino.config import SourceConfig
+from geo_dino.errors import SourceError
+from geo_dino.grid import Grid, PixelBox
+
+ALLOWED_DRIVERS = ("GTiff",)
+_REMOTE_PREFIXES = ("/vsi", "http://", "https://", "ftp://", "s3://", "gs://", "az://", "file://")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def gdal_env():  # noqa: ANN201 - rasterio imported lazily
+    """The scoped GDAL environment of every read: no network, no sidecar probing, a bounded block cache."""
+    import rasterio
+
+    return rasterio.Env(
+        GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
+        CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff",
+        GDAL_HTTP_MAX_RETRY="0",
+        GDAL_CACHEMAX=256,
+        GDAL_NUM_THREADS="ALL_CPUS",
+    )
+
+
+def check_source(path: str | Path, cfg: SourceConfig) -> Path:
+    """Refuse anything but a local GeoTIFF under an allowed root (unless the config allows more)."""
+    s = str(path)
+    if s.lower().startswith(_REMOTE_PREFIXES) or "://" in s:
+        if not cfg.allow_remote:
+            raise SourceError(f"{s}: remote and virtual paths (/vsi*, URLs) are refused; copy the file under "
+                              "an allowed root or set sources.allow_remote: true")
+        raise SourceError(f"{s}: remote sources are not supported yet; download the file first")
+    p = Path(s)
+    try:
+        real = p.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise SourceError(f"{s}: raster not found") from None
+    if not real.is_file():
+        raise SourceError(f"{s}: not a regular file")
+    roots = [Path(r).resolve() for r in cfg.allowed_roots]
+    if not any(real.is_relative_to(r) for r in roots):
+        raise SourceError(f"{s}: outside the allowed roots {[str(r) for r in roots]}; move the file or add "
+                          "its folder to sources.allowed_roots")
+    with real.open("rb") as fh:
+        head = fh.read(4)
+    if head not in _TIFF_MAGIC:
+        if head.lstrip().startswith(b"<") and not cfg.allow_vrt:
+            raise SourceError(f"{s}: looks like a VRT/XML file, not a GeoTIFF; VRTs are refused "
+                              "(set sources.allow_vrt: true to allow them)")
+        raise SourceError(f"{s}: not a GeoTIFF (bad magic bytes {head!r}); only GeoTIFF/COG is read")
+    return real
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the pipeline knows of a source before reading pixels."""
+
+    path: str
+    grid: Grid
+    count: int
+    dtype: str
+    nodata: float | None
+    bands: tuple[int, ...]  # the selected bands, 1-based
+    band_names: tuple[str, ...]
+
+    @property
+    def is_geographic(self) -> bool:
+        from pyproj import CRS
+
+        return CRS.from_user_input(self.grid.crs).is_geographic
+
+
+def _select_bands(requested: list[int | str] | None, count: int, descriptions: tuple[str | None, ...],
+                  path: str, needed: int | None) -> tuple[int, ...]:
+    if requested is None:
+        if needed is not None and count != needed:
+            raise SourceError(f"{path}: has {count} bands but the backbone takes {needed}; choose them "
+                              f"explicitly with sources.bands (1-based indexes or descriptions), e.g. "
+                              f"{list(range(1, needed + 1))} — missing bands are never zero-filled")
+        return tuple(range(1, count + 1))
+    out = []
+    names = [(d or "").strip().lower() for d in descriptions]
+    for b in requested:
+        if isinstance(b, int):
+            if not 1 <= b <= count:
+                raise SourceError(f"{path}: band {b} does not exist (the raster has bands 1..{count})")
+            out.append(b)
+        else:
+            key = b.strip().lower()
+            if key not in names:
+                raise SourceError(f"{path}: no band described as {b!r}; descriptions are "
+                                  f"{[d for d in descriptions]}")
+            out.append(names.index(key) + 1)
+    if needed is not None and len(out) != needed:
+        raise SourceError(f"{path}: {len(out)} bands selected but the backbone takes {needed}")
+    return tuple(out)
+
+
+def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None = None) -> RasterInfo:
+    """Check and open a raster's header (no pixel read); enforce driver and pixel budget."""
+    import rasterio
+
+    real = check_source(path, cfg)
+    with gdal_env():
+        try:
+            with rasterio.open(real, driver=ALLOWED_DRIVERS[0]) as src:
+                if src.driver not in ALLOWED_DRIVERS:
+                    raise SourceError(f"{path}: driver {src.driver} is not allowed")
+                budget = src.width * src.height * src.count
+                if budget > cfg.max_pixels:
+                    raise SourceError(f"{path}: {src.width}x{src.height}x{src.count} = {budget:,} samples "
+                                      f"exceeds the budget sources.max_pixels = {cfg.max_pixels:,}")
+                if src.crs is None:
+                    raise SourceError(f"{path}: has no CRS; georeference it first")
+                t = src.transform
+                if t.b or t.d:
+                    raise SourceError(f"{path}: rotated/sheared geotransforms are not supported; warp it first")
+                if t.e >= 0:
+                    raise SourceError(f"{path}: north-up rasters only (the transform's y scale is positive)")
+                if len(set(src.dtypes)) != 1:
+                    raise SourceError(f"{path}: bands of mixed data types {src.dtypes}")
+                if src.dtypes[0] not in ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"):
+                    raise SourceError(f"{path}: data type {src.dtypes[0]} is not supported")
+                bands = _select_bands(cfg.bands, src.count, src.descriptions, str(path), needed_bands)
+                epsg = src.crs.to_epsg()
+                crs = f"EPSG:{epsg}" if epsg else src.crs.to_wkt()
+                return RasterInfo(
+                    path=str(real),
+                    grid=Grid(src.height, src.width, src.transform, crs),
+                    count=src.count,
+                    dtype=src.dtypes[0],
+                    nodata=src.nodata,
+                    bands=bands,
+                    band_names=tuple(src.descriptions[b - 1] or f"band {b}" for b in bands),
+                )
+        except rasterio.errors.RasterioIOError as exc:
+            raise SourceError(f"{path}: cannot be opened as a GeoTIFF: {exc}") from None
+
+
+class WindowReader:
+    """One dataset handle (not thread-safe: one reader per worker) reading padded windows."""
+
+    def __init__(self, info: RasterInfo) -> None:
+        self.info = info
+        self._env = None
+        self._src = None
+
+    def __enter__(self) -> WindowReader:
+        import rasterio
+
+        self._env = gdal_env()
+        self._env.__enter__()
+        self._src = rasterio.open(self.info.path, driver=ALLOWED_DRIVERS[0])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._src is not None:
+            self._src.close()
+        if self._env is not None:
+            self._env.__exit__(*exc)
+
+    def read(self, box: PixelBox) -> tuple[np.ndarray, np.ndarray]:
+        """``(data, valid)``: data ``(bands, h, w)`` in the source dtype, valid ``(h, w)`` bool.
+
+        Parts of ``box`` outside the raster are padded with zeros and marked invalid. A pixel is valid when
+        every selected band is valid (nodata, internal masks and NaN honoured).
+        """
+        if self._src is None:
+            raise SourceError("WindowReader used outside its `with` block")
+        info = self.info
+        data = np.zeros((len(info.bands), box.height, box.width), dtype=info.dtype)
+        valid = np.zeros((box.height, box.width), dtype=bool)
+        inner = box.intersection(info.grid.box)
+        if inner is None:
+            return data, valid
+        rel = inner.relative_to(box)
+        w = inner.to_rasterio()
+        arr = self._src.read(list(info.bands), window=w)
+        masks = self._src.read_masks(list(info.bands), window=w)
+        ok = np.all(masks > 0, axis=0)
+        if np.issubdtype(arr.dtype, np.floating):
+            ok &= np.all(np.isfinite(arr), axis=0)
+        rs, cs = rel.slices()
+        data[:, rs, cs] = arr
+        valid[rs, cs] = ok
+        return data, valid
+
+    def read_valid(self, box: PixelBox) -> np.ndarray:
+        """The validity mask alone (nodata and internal masks), for the final pass."""
+        if self._src is None:
+            raise SourceError("WindowReader used outside its `with` block")
+        valid = np.zeros((box.height, box.width), dtype=bool)
+        inner = box.intersection(self.info.grid.box)
+        if inner is None:
+            return valid
+        masks = self._src.read_masks(list(self.info.bands), window=inner.to_rasterio())
+        rs, cs = inner.relative_to(box).slices()
+        valid[rs, cs] = np.all(masks > 0, axis=0)
+        return valid
+
+    def sample_stats(self, percentiles: tuple[float, float], max_side: int = 1024) -> np.ndarray:
+        """Per-band percentiles ``(bands, 2)`` of valid pixels from a decimated read (bounded memory)."""
+        if self._src is None:
+            raise SourceError("WindowReader used outside its `with` block")
+        g = self.info.grid
+        f = max(1, math.ceil(max(g.height, g.width) / max_side))
+        shape = (len(self.info.bands), max(1, g.height // f), max(1, g.width // f))
+        arr = self._src.read(list(self.info.bands), out_shape=shape, masked=True)
+        out = np.zeros((shape[0], 2), dtype=np.float64)
+        for b in range(shape[0]):
+            vals = arr[b].compressed()
+            vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+            if vals.size == 0:
+                raise SourceError(f"{self.info.path}: band {self.info.bands[b]} has no valid pixel")
+            out[b] = np.percentile(vals, percentiles)
+        return out
