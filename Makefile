@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: $(STAMP)
 	$(BIN)/geo-dino run --config configs/demo.yaml
+	$(BIN)/geo-dino run --config configs/demo_change.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -44,7 +44,8 @@ def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
     from shapely.ops import transform
 
     data = json.loads((run_dir / "screening.json").read_text())
-    feats = data.get("masked_geometries") or []
+    fc = data.get("mask_4326") or {}
+    feats = fc.get("features", []) if isinstance(fc, dict) else []
     if not feats:
         return []
     tr = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
@@ -105,7 +106,7 @@ def write_outputs(run_dir: Path) -> list[dict[str, Any]]:
                                                tags=tags | {"GEO_DINO_PRODUCT": "feature change magnitude"})
         specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("changed (1) / unchanged (0)",),
                                           categorical=True,
-                                          colormap={0: (200, 200, 200, 0), 1: (220, 30, 30, 255)},
+                                          colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
                                           tags=tags | {"GEO_DINO_PRODUCT": "thresholded feature change"})
 
     acc = Accumulator(work / "accumulator.tif", out_grid, layout.n_values)
@@ -177,7 +178,7 @@ def write_outputs(run_dir: Path) -> list[dict[str, Any]]:
             from geo_dino.outputs import write_qml_palette
 
             write_qml_palette(run_dir / "change_mask.qml",
-                              [(0, "unchanged", (200, 200, 200, 0)), (1, "changed", (220, 30, 30, 255))],
+                              [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (220, 30, 30, 255))],
                               CLASS_NODATA)
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold

@@ -81,13 +81,13 @@ class Grid:
     def bounds(self, box: PixelBox | None = None) -> tuple[float, float, float, float]:
         """``(left, bottom, right, top)`` of a pixel box (default: the whole grid)."""
         b = box or self.box
-        xs, ys = zip(*(self.transform * (c, r) for r, c in
+        xs, ys = zip(*(self.transform @ (c, r) for r, c in
                        ((b.row_off, b.col_off), (b.row_end, b.col_end))), strict=True)
         return min(xs), min(ys), max(xs), max(ys)
 
     def box_transform(self, box: PixelBox) -> Affine:
         """The affine transform of a sub-grid starting at ``box``'s top-left pixel."""
-        return self.transform * Affine.translation(box.col_off, box.row_off)
+        return self.transform @ Affine.translation(box.col_off, box.row_off)
 
     def subgrid(self, box: PixelBox) -> Grid:
         return Grid(box.height, box.width, self.box_transform(box), self.crs)
@@ -96,7 +96,7 @@ class Grid:
         """The smallest pixel box of this grid covering ``bounds`` (in this CRS), clipped to the grid."""
         left, bottom, right, top = bounds
         inv = ~self.transform
-        cols, rows = zip(*(inv * (x, y) for x, y in
+        cols, rows = zip(*(inv @ (x, y) for x, y in
                            ((left, bottom), (left, top), (right, bottom), (right, top))), strict=True)
         eps = 1e-9
         r0, r1 = math.floor(min(rows) + eps), math.ceil(max(rows) - eps)

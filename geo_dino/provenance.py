@@ -257,7 +257,7 @@ def geotiff_tags(record: dict[str, Any]) -> dict[str, str]:
         "GEO_DINO_LICENCE": _first(backbone, "licence", "license"),
         "GEO_DINO_CONFIG_SHA256": _first(record.get("config"), "sha256"),
         "GEO_DINO_AOI_SHA256": _first(record.get("aoi"), "sha256"),
-        "GEO_DINO_SCREENING": _first(record.get("screening"), "decision", "outcome", "status"),
+        "GEO_DINO_SCREENING": _first(record.get("screening"), "action", "decision", "outcome", "status"),
         "GEO_DINO_GIT_COMMIT": commit,
         "GEO_DINO_VERSION": _first(record.get("software"), "geo_dino"),
     }

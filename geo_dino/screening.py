@@ -8,15 +8,16 @@ Three inputs, each fixed by a sha256 recorded in the decision:
   (``configs/screening_policy.yaml``);
 * the **AOI** geometry in EPSG:4326.
 
-:func:`screen` returns a :class:`Decision` and never raises for a refusal; :func:`enforce` turns a refusal into
-:class:`~geo_dino.errors.RunRefused`. Anything that makes the screen unreliable (missing, empty, corrupt or
-tampered registry or policy) raises :class:`~geo_dino.errors.ScreeningError`: the screen fails closed.
+:func:`screen` returns a :class:`Decision` and never raises for a refusal; :func:`enforce` turns a refusal
+into :class:`~geo_dino.errors.RunRefused`. Anything that makes the screen unreliable (missing, empty,
+corrupt or tampered registry or policy) raises :class:`~geo_dino.errors.ScreeningError`: the screen fails
+closed.
 
 Buffers are metric: each candidate site and the nearby part of the AOI are projected to an azimuthal
-equidistant projection centred on the site (pyproj, ``always_xy=True``), distances and buffers are computed
-there in metres, and buffered geometries are projected back to EPSG:4326. Candidates are found first through
-the registry's spatial index with a generously widened bounding box, so only a handful of sites get the exact
-test.
+equidistant projection centred on the site (pyproj, lon/lat order as with ``always_xy=True``); distances
+and buffers are computed there in metres, and buffered geometries are projected back to EPSG:4326.
+Candidates are found first through the registry's spatial index with a bounding box generously widened by
+the largest buffer, so only a handful of sites get the exact test.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 @dataclass(frozen=True)
 class Registry:
-    """A loaded, verified site registry. :meth:`frame` gives the GeoDataFrame (EPSG:4326; do not modify it)."""
+    """A loaded, verified site registry. :meth:`frame` gives its GeoDataFrame (EPSG:4326; do not modify)."""
 
     path: str
     sha256: str
@@ -219,17 +220,19 @@ def load_registry(path: str | os.PathLike[str], expected_sha256: str | None = No
     if expected_sha256 is not None:
         want = expected_sha256.strip().lower()
         if not _HEX64.match(want):
-            raise ScreeningError(f"screening.registry_sha256 {expected_sha256!r} is not a 64-digit hex sha256")
+            raise ScreeningError(f"screening.registry_sha256 {expected_sha256!r} is not a 64-digit hex "
+                                 f"sha256; copy it from {p.name}.sha256")
         if want != digest:
-            raise ScreeningError(f"registry {p} has sha256 {digest}, not the expected {want}: the file was "
-                                 f"changed or replaced. Restore it, or update screening.registry_sha256 after "
-                                 f"review")
+            raise ScreeningError(f"registry {p} has sha256 {digest}, not the expected {want}: the file "
+                                 f"was changed or replaced. Restore it, or update screening.registry_sha256 "
+                                 f"after review")
     sidecar = p.with_name(p.name + ".sha256")
     if sidecar.exists():
         want = _read_sidecar(sidecar, p)
         if want != digest:
-            raise ScreeningError(f"registry {p} has sha256 {digest}, but {sidecar.name} says {want}: the file "
-                                 f"was changed or replaced. Restore it or rebuild with scripts/build_registry.py")
+            raise ScreeningError(f"registry {p} has sha256 {digest}, but {sidecar.name} says {want}: the "
+                                 f"file was changed or replaced. Restore it or rebuild it with "
+                                 f"scripts/build_registry.py")
 
     try:
         with warnings.catch_warnings():
@@ -268,7 +271,8 @@ def load_registry(path: str | os.PathLike[str], expected_sha256: str | None = No
         try:
             gdf = gdf.to_crs("EPSG:4326")
         except Exception as exc:
-            raise ScreeningError(f"registry {p}: cannot reproject from {gdf.crs} to EPSG:4326 ({exc})") from None
+            raise ScreeningError(f"registry {p}: cannot reproject from {gdf.crs} to EPSG:4326 ({exc}); "
+                                 f"write it in EPSG:4326") from None
 
     geoms = gdf.geometry.values
     bad = shapely.is_missing(geoms) | shapely.is_empty(geoms)
@@ -276,7 +280,8 @@ def load_registry(path: str | os.PathLike[str], expected_sha256: str | None = No
         raise ScreeningError(f"registry {p}: {int(bad.sum())} site(s) have no geometry (an empty geometry "
                              f"never intersects, so it would be skipped silently); drop or fix them")
     xy = shapely.get_coordinates(geoms)
-    if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180 + 1e-9).any() or (np.abs(xy[:, 1]) > 90 + 1e-9).any():
+    if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180 + 1e-9).any() \
+            or (np.abs(xy[:, 1]) > 90 + 1e-9).any():
         raise ScreeningError(f"registry {p}: coordinates outside lon [-180, 180] / lat [-90, 90] or not "
                              f"finite (swapped axes or a wrong CRS?); fix the file")
     invalid = ~shapely.is_valid(geoms)
@@ -377,11 +382,14 @@ class Decision:
         }
 
 
-def _xy_func(tr: Any):
+def _xy_func(tr: Any, inverse: bool = False):
+    """A coordinate function for :func:`shapely.transform` applying the pyproj transformer ``tr``."""
     import numpy as np
 
+    direction = "INVERSE" if inverse else "FORWARD"
+
     def f(xy: Any) -> Any:
-        x, y = tr.transform(xy[:, 0], xy[:, 1])
+        x, y = tr.transform(xy[:, 0], xy[:, 1], direction=direction)
         return np.column_stack([x, y])
 
     return f
@@ -412,6 +420,62 @@ def _windows(minx: float, miny: float, maxx: float, maxy: float) -> list[tuple[A
     return out
 
 
+def _aeqd(site: Any) -> tuple[Any, Any]:
+    """(forward, inverse) lon/lat ↔ metres functions of an azimuthal equidistant projection centred on a site.
+
+    Built from an explicit PROJ pipeline (degrees in, lon/lat order, WGS84 ellipsoid): the same numbers as
+    ``Transformer.from_crs("EPSG:4326", "+proj=aeqd ...", always_xy=True)`` at a hundredth of the set-up cost.
+    """
+    from pyproj import Transformer
+
+    c = site if site.geom_type == "Point" else site.centroid
+    tr = Transformer.from_pipeline(f"+proj=pipeline +step +proj=unitconvert +xy_in=deg +xy_out=rad "
+                                   f"+step +proj=aeqd +lat_0={c.y:.9f} +lon_0={c.x:.9f} +ellps=WGS84")
+    return _xy_func(tr), _xy_func(tr, inverse=True)
+
+
+def _project(geom: Any, tr: Any, site_id: str) -> Any:
+    import numpy as np
+    import shapely
+
+    out = shapely.transform(shapely.segmentize(geom, _SEGMENT_DEG), tr)
+    if not np.isfinite(shapely.get_coordinates(out)).all():
+        raise ScreeningError(f"the geometry near site {site_id} cannot be projected for the metric test; "
+                             f"check the site's geometry in the registry")
+    return out
+
+
+def _aoi_near(aoi: Any, site: Any, buffer_m: float) -> Any:
+    """The AOI's part in a generous lon/lat window around the site (shifted across ±180°), or None."""
+    import shapely
+
+    sx0, sy0, sx1, sy1 = site.bounds
+    pdlon, pdlat = _deg_pad(buffer_m, sy0, sy1)
+    pieces = []
+    for win, shift in _windows(sx0 - pdlon, sy0 - pdlat, sx1 + pdlon, sy1 + pdlat):
+        part = shapely.intersection(aoi, win)
+        if not part.is_empty:
+            pieces.append(shapely.transform(part, lambda xy, s=shift: xy + (s, 0.0)) if shift else part)
+    return shapely.union_all(pieces) if pieces else None
+
+
+def _buffer_back(site: Any, site_m: Any, buffer_m: float, inv: Any) -> Any:
+    """The site buffered by ``buffer_m`` metres in its local projection, back in EPSG:4326."""
+    import numpy as np
+    import shapely
+
+    if buffer_m <= 0:
+        return site
+    # circumscribed polygon: its chords never cut inside the true buffer circle
+    r = buffer_m / math.cos(math.pi / (4 * _QUAD_SEGS))
+    out = shapely.transform(site_m.buffer(r, quad_segs=_QUAD_SEGS), inv)
+    x0, _, x1, _ = out.bounds
+    if x1 - x0 > 180.0:  # crosses the antimeridian: keep it continuous (longitudes beyond 180)
+        out = shapely.transform(out, lambda xy: np.column_stack(
+            [np.where(xy[:, 0] < 0, xy[:, 0] + 360.0, xy[:, 0]), xy[:, 1]]))
+    return out if out.is_valid else shapely.make_valid(out)
+
+
 def _check_aoi(aoi: Any) -> Any:
     import numpy as np
     import shapely
@@ -426,7 +490,8 @@ def _check_aoi(aoi: Any) -> Any:
     if not isinstance(aoi, BaseGeometry):
         raise AOIError(f"the AOI to screen must be a shapely geometry in EPSG:4326, not {type(aoi).__name__}")
     if aoi.is_empty:
-        raise AOIError("the AOI to screen is empty: an empty AOI intersects nothing and would pass any screen; "
+        raise AOIError("the AOI to screen is empty: an empty AOI intersects nothing and would pass any "
+                       "screen; "
                        "give a polygon")
     xy = shapely.get_coordinates(aoi)
     if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180).any() or (np.abs(xy[:, 1]) > 90).any():
@@ -441,7 +506,8 @@ def _approval(approval: Approval | dict | None) -> Approval | None:
     try:
         return Approval.model_validate(approval)
     except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'approval'}: {e['msg']}" for e in exc.errors())
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'approval'}: {e['msg']}"
+                         for e in exc.errors())
         raise ConfigError(f"screening.approval is invalid ({msgs}); give approver (a name) and reason "
                           f"(a sentence)") from None
 
@@ -469,11 +535,11 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
     """
     import numpy as np
     import shapely
-    from pyproj import Transformer
 
     gdf = registry.frame()
     if gdf is None or registry.n_sites == 0:
-        raise ScreeningError("the registry holds no sites (was it built by load_registry?); the screen cannot run")
+        raise ScreeningError("the registry holds no sites (load it with load_registry); the screen cannot "
+                             "run")
     aoi = _check_aoi(aoi_geometry_4326)
     appr = _approval(approval)
     if not aoi_sha256:
@@ -490,50 +556,33 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
     hits: list[SiteHit] = []
     masked: list[tuple[str, Any]] = []
     geoms = gdf.geometry.values
-    for i in idx:
+    shapely.prepare(aoi)
+    touching = shapely.intersects(aoi, geoms[idx]) if len(idx) else np.zeros(0, dtype=bool)
+    for i, touches in zip(idx, touching, strict=True):
         site = geoms[i]
         cat = gdf["category"].iat[i]
         rule = policy.rule(cat)
-        sx0, sy0, sx1, sy1 = site.bounds
-        pdlon, pdlat = _deg_pad(rule.buffer_m, sy0, sy1)
-        pieces = []
-        for win, shift in _windows(sx0 - pdlon, sy0 - pdlat, sx1 + pdlon, sy1 + pdlat):
-            part = shapely.intersection(aoi, win)
-            if not part.is_empty:
-                pieces.append(shapely.transform(part, lambda xy, s=shift: xy + (s, 0.0)) if shift else part)
-        if not pieces:
-            continue
-        near = shapely.segmentize(shapely.union_all(pieces), _SEGMENT_DEG)
-        c = site.centroid if site.geom_type != "Point" else site
-        aeqd = (f"+proj=aeqd +lat_0={c.y:.9f} +lon_0={c.x:.9f} +datum=WGS84 +units=m +no_defs")
-        fwd = Transformer.from_crs("EPSG:4326", aeqd, always_xy=True)
-        site_m = shapely.transform(shapely.segmentize(site, _SEGMENT_DEG), _xy_func(fwd))
-        near_m = shapely.transform(near, _xy_func(fwd))
-        if not (np.isfinite(shapely.get_coordinates(site_m)).all()
-                and np.isfinite(shapely.get_coordinates(near_m)).all()):
-            raise ScreeningError(f"site {gdf['site_id'].iat[i]} cannot be projected for the metric test; "
-                                 f"check its geometry in the registry")
-        dist = 0.0 if site_m.intersects(near_m) else float(site_m.distance(near_m))
-        if dist > rule.buffer_m + 1e-6:
-            continue
-        hit = SiteHit(site_id=gdf["site_id"].iat[i], name=gdf["name"].iat[i], category=cat,
+        fwd = inv = site_m = None
+        if touches:
+            dist = 0.0
+        else:
+            near = _aoi_near(aoi, site, rule.buffer_m)
+            if near is None:
+                continue
+            fwd, inv = _aeqd(site)
+            site_m = _project(site, fwd, gdf["site_id"].iat[i])
+            near_m = _project(near, fwd, gdf["site_id"].iat[i])
+            dist = 0.0 if site_m.intersects(near_m) else float(site_m.distance(near_m))
+            if dist > rule.buffer_m + 1e-6:
+                continue
+        hit = SiteHit(site_id=str(gdf["site_id"].iat[i]), name=str(gdf["name"].iat[i]), category=cat,
                       action=rule.action, buffer_m=rule.buffer_m, distance_m=round(dist, 3))
         hits.append(hit)
         if rule.action == "mask":
-            if rule.buffer_m > 0:
-                inv = Transformer.from_crs(aeqd, "EPSG:4326", always_xy=True)
-                # circumscribed polygon: the chords never cut inside the true buffer circle
-                r = rule.buffer_m / math.cos(math.pi / (4 * _QUAD_SEGS))
-                buffered = shapely.transform(site_m.buffer(r, quad_segs=_QUAD_SEGS), _xy_func(inv))
-                bx0, _, bx1, _ = buffered.bounds
-                if bx1 - bx0 > 180.0:  # crosses the antimeridian: keep it continuous (lon beyond 180)
-                    buffered = shapely.transform(
-                        buffered, lambda xy: np.column_stack([np.where(xy[:, 0] < 0, xy[:, 0] + 360, xy[:, 0]),
-                                                              xy[:, 1]]))
-                buffered = buffered if buffered.is_valid else shapely.make_valid(buffered)
-            else:
-                buffered = site
-            masked.append((hit.site_id, buffered))
+            if site_m is None:
+                fwd, inv = _aeqd(site)
+                site_m = _project(site, fwd, hit.site_id)
+            masked.append((hit.site_id, _buffer_back(site, site_m, rule.buffer_m, inv)))
 
     hits.sort(key=lambda h: (-_severity(h.action), h.distance_m, h.site_id))
     action = hits[0].action if hits else "allow"
@@ -563,7 +612,8 @@ def _reason(action: str, hits: list[SiteHit], n_sites: int, approval: dict | Non
     top = [h for h in hits if h.action == action]
     names = ", ".join(f"{h.name or h.site_id} ({h.category})" for h in top[:5])
     more = f" and {len(top) - 5} more" if len(top) > 5 else ""
-    head = f"{len(hits)} sensitive site(s) within their buffers; most severe action '{action}' from {names}{more}"
+    head = (f"{len(hits)} sensitive site(s) within their buffers; most severe action '{action}' from "
+            f"{names}{more}")
     tail = {
         "deny": "the run is refused, and no approval can override a deny.",
         "require_approval": (f"approved by {approval['approver']}: {approval['reason']}." if approval
@@ -596,7 +646,7 @@ def enforce(decision: Decision) -> None:
 
 
 def write_decision(decision: Decision, run_dir: Path) -> Path:
-    """Write ``run_dir/screening.json`` atomically (temporary file, fsync, ``os.replace``); return its path."""
+    """Write ``run_dir/screening.json`` atomically (temporary file, fsync, ``os.replace``); return it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "screening.json"

@@ -150,6 +150,12 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
             raise SourceError(f"{path}: cannot be opened as a GeoTIFF: {exc}") from None
 
 
+def _valid_from_masks(masks: np.ndarray) -> np.ndarray:
+    """GDAL's dataset-mask rule: a pixel is nodata when every selected band is masked (nodata value,
+    internal mask or alpha); one band happening to hold the nodata value (dark water in red) stays valid."""
+    return np.any(masks > 0, axis=0)
+
+
 class WindowReader:
     """One dataset handle (not thread-safe: one reader per worker) reading padded windows."""
 
@@ -176,7 +182,7 @@ class WindowReader:
         """``(data, valid)``: data ``(bands, h, w)`` in the source dtype, valid ``(h, w)`` bool.
 
         Parts of ``box`` outside the raster are padded with zeros and marked invalid. A pixel is valid when
-        every selected band is valid (nodata, internal masks and NaN honoured).
+        at least one selected band is unmasked (GDAL's dataset-mask rule) and no band is NaN/inf.
         """
         if self._src is None:
             raise SourceError("WindowReader used outside its `with` block")
@@ -190,7 +196,7 @@ class WindowReader:
         w = inner.to_rasterio()
         arr = self._src.read(list(info.bands), window=w)
         masks = self._src.read_masks(list(info.bands), window=w)
-        ok = np.all(masks > 0, axis=0)
+        ok = _valid_from_masks(masks)
         if np.issubdtype(arr.dtype, np.floating):
             ok &= np.all(np.isfinite(arr), axis=0)
         rs, cs = rel.slices()
@@ -208,7 +214,11 @@ class WindowReader:
             return valid
         masks = self._src.read_masks(list(self.info.bands), window=inner.to_rasterio())
         rs, cs = inner.relative_to(box).slices()
-        valid[rs, cs] = np.all(masks > 0, axis=0)
+        ok = _valid_from_masks(masks)
+        if np.issubdtype(np.dtype(self.info.dtype), np.floating):
+            arr = self._src.read(list(self.info.bands), window=inner.to_rasterio())
+            ok &= np.all(np.isfinite(arr), axis=0)
+        valid[rs, cs] = ok
         return valid
 
     def sample_stats(self, percentiles: tuple[float, float], max_side: int = 1024) -> np.ndarray:

@@ -9,9 +9,9 @@ Usage (from the repository root, with the virtualenv active)::
 
 The output is one layer ``sites`` in EPSG:4326 with the columns ``site_id`` (stable: dataset prefix and the
 source's own identifier or feature index), ``name``, ``category``, ``source``, ``licence`` and the geometry.
-Rows are sorted by ``site_id`` and the GeoPackage timestamps are pinned, so the same inputs give the same bytes.
-Beside it the script writes ``sensitive_sites.gpkg.sha256`` (checked by :func:`geo_dino.screening.load_registry`)
-and ``README.md``.
+Rows are sorted by ``site_id`` and the GeoPackage timestamps are pinned, so the same inputs give the same
+bytes. Beside it the script writes ``sensitive_sites.gpkg.sha256`` (checked by
+:func:`geo_dino.screening.load_registry`) and ``README.md``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def collect(source: Path) -> list[dict]:
     ap = _read(source, AIRPORTS)
     kinds = [_text(t).lower() for t in ap["type"]]  # "mid and military", "military major", ... (44 of 891)
     rows += _rows(ap, AIRPORTS.dataset, LICENCE_NE, [f"ne_airports:{i}" for i in ap.index],
-                  [_text(n) for n in ap["name"]], ["military" if "military" in k else "airport" for k in kinds])
+                  [_text(n) for n in ap["name"]],
+                  ["military" if "military" in k else "airport" for k in kinds])
 
     po = _read(source, PORTS)
     rows += _rows(po, PORTS.dataset, LICENCE_NE, [f"ne_ports:{i}" for i in po.index],
@@ -192,9 +193,9 @@ def write(gdf, out: Path) -> str:
 README = """# Sensitive-site registry
 
 `sensitive_sites.gpkg` (layer `sites`, EPSG:4326) is what `geo_dino.screening` checks every area of interest
-against before a run. `sensitive_sites.gpkg.sha256` holds its digest (`<hex>  <file name>`); the loader refuses
-a registry whose bytes do not match it. What each category triggers (record, mask, require approval, deny) and
-within what buffer is set in `configs/screening_policy.yaml`, not here.
+against before a run. `sensitive_sites.gpkg.sha256` holds its digest (`<hex>  <file name>`); the loader
+refuses a registry whose bytes do not match it. What each category triggers (record, mask, require
+approval, deny) and within what buffer is set in `configs/screening_policy.yaml`, not here.
 
 Columns: `site_id` (stable: dataset prefix + the source's identifier or 0-based feature index), `name`,
 `category`, `source` (dataset), `licence`, geometry.
