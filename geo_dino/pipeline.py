@@ -86,7 +86,6 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
     run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "work").mkdir()
     _atomic_json(run_dir / CONFIG, cfg.to_json_dict())
     update_record(run_dir, schema="geo_dino.provenance/1", run_id=run_id,
                   created_at=datetime.now(timezone.utc).isoformat(),
@@ -109,15 +108,19 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
     try:
         aoi = load_aoi(cfg.aoi, cfg.aoi_options)
     except AOIError as exc:
-        update_record(run_dir, status="failed", error=str(exc))
+        refusal = {"action": "refused", "allowed": False, "hits": [], "reason": f"invalid AOI: {exc}"}
+        _atomic_json(run_dir / "screening.json", refusal)
+        update_record(run_dir, status="failed", error=str(exc), screening=refusal)
         raise
     update_record(run_dir, aoi=aoi.to_record())
     try:
         registry = load_registry(cfg.screening.registry, cfg.screening.registry_sha256)
         policy = load_policy(cfg.screening.policy)
     except Exception as exc:
-        update_record(run_dir, status="refused", screening={"action": "refused", "reason": str(exc)})
-        _atomic_json(run_dir / "screening.json", {"action": "refused", "allowed": False, "reason": str(exc)})
+        refusal = {"action": "refused", "allowed": False, "hits": [],
+                   "reason": f"the screen cannot run (fails closed): {exc}"}
+        _atomic_json(run_dir / "screening.json", refusal)
+        update_record(run_dir, status="refused", screening=refusal)
         raise
     decision = screen(aoi.geometry, registry, policy, approval=cfg.screening.approval, aoi_sha256=aoi.sha256)
     write_decision(decision, run_dir)
@@ -142,6 +145,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cfg = load_run_config(run_dir)
+    (run_dir / "work").mkdir(exist_ok=True)
     arch = ARCHS[cfg.backbone.arch] if cfg.backbone.arch in ARCHS else None
     if arch is None:
         from geo_dino.errors import ConfigError
@@ -310,6 +314,8 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    """Mark the record succeeded and drop the (scene-sized) accumulator; the fitted heads stay in work/."""
+    (run_dir / "work" / "accumulator.tif").unlink(missing_ok=True)
     update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD

@@ -1,0 +1,38 @@
+"""Shared fixtures: the repository's bundled real data and a tiny-backbone run configuration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BAHAMAS = ROOT / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif"
+PUCALLPA = [ROOT / "data" / "rasters" / "pucallpa" / f"landsat_pucallpa_{y}.tif" for y in (1985, 2020)]
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """A run configuration dict with the tiny test backbone, writing under ``tmp_path``."""
+
+    def make(aoi: str = "aoi/bahamas_andros.geojson", rasters: list[Path] | None = None, **over) -> dict:
+        cfg = {
+            "name": "t",
+            "aoi": str(ROOT / aoi),
+            "rasters": [str(r) for r in (rasters or [BAHAMAS])],
+            "output_dir": str(tmp_path / "runs"),
+            "sources": {"allowed_roots": [str(ROOT / "data"), str(tmp_path)]},
+            "screening": {"registry": str(ROOT / "data/registry/sensitive_sites.gpkg"),
+                          "policy": str(ROOT / "configs/screening_policy.yaml")},
+            "backbone": {"arch": "vit_tiny_patch16_dinov3_test", "batch_size": 16},
+            "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 16},
+            "heads": {"kmeans": {"k": 4, "fit_tiles": 16}},
+        }
+        for k, v in over.items():
+            cfg[k] = cfg[k] | v if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        return cfg
+
+    return make

@@ -1,0 +1,240 @@
+"""End-to-end runs on the bundled real data with the tiny backbone: through Prefect, and stage by stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from pyproj import CRS, Transformer
+
+from geo_dino import pipeline as pl
+from geo_dino.config import parse_config
+from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError, SourceError
+from tests.conftest import BAHAMAS, PUCALLPA, ROOT
+
+
+def _run_stages(cfg_dict: dict) -> Path:
+    cfg = parse_config(cfg_dict)
+    run_dir = pl.prepare_run(cfg)
+    pl.screen_aoi(run_dir)
+    plan = pl.plan_run(run_dir)
+    pl.fit_heads(run_dir)
+    pl.init_accumulator(run_dir)
+    for c in range(plan["n_chunks"]):
+        pl.infer_chunk(run_dir, c)
+    pl.finalize_outputs(run_dir)
+    pl.complete_run(run_dir)
+    return run_dir
+
+
+def _only_run(tmp_path: Path) -> Path:
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _assert_on_input_grid(out: Path, src: Path) -> None:
+    """Same CRS and pixel size; the origin lies on the input's pixel grid (an integer pixel offset)."""
+    with rasterio.open(out) as o, rasterio.open(src) as s:
+        assert CRS.from_user_input(o.crs) == CRS.from_user_input(s.crs)
+        assert o.transform.a == pytest.approx(s.transform.a, rel=1e-12)
+        assert o.transform.e == pytest.approx(s.transform.e, rel=1e-12)
+        col = (o.transform.c - s.transform.c) / s.transform.a
+        row = (o.transform.f - s.transform.f) / s.transform.e
+        assert abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
+        assert 0 <= round(col) and round(col) + o.width <= s.width
+        assert 0 <= round(row) and round(row) + o.height <= s.height
+
+
+@pytest.mark.slow
+def test_flow_two_dates_end_to_end(tiny_config, tmp_path):
+    """The Prefect flow in ephemeral mode on the Pucallpa 1985/2020 pair: every output, exact grids, record."""
+    from rio_cogeo.cogeo import cog_validate
+
+    from flows.run_aoi import run_aoi
+
+    cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]})
+    run_dir = Path(run_aoi(config=cfg))
+    names = {"pca_rgb_t1", "pca_rgb_t2", "classes_t1", "classes_t2", "change_magnitude", "change_mask"}
+    assert {p.stem for p in run_dir.glob("*.tif")} == names
+    for name in names:
+        path = run_dir / f"{name}.tif"
+        assert cog_validate(str(path))[0], name
+        _assert_on_input_grid(path, PUCALLPA[0])
+        with rasterio.open(path) as ds:
+            tags = ds.tags()
+            assert tags["GEO_DINO_CHECKPOINT_SHA256"] == "random-init"
+            assert tags["GEO_DINO_BACKBONE"] == "vit_tiny_patch16_dinov3_test"
+            assert len(tags["GEO_DINO_CONFIG_SHA256"]) == 64
+            assert all(ds.descriptions)
+    for name in ("classes_t1", "classes_t2", "change_mask"):
+        assert (run_dir / f"{name}.qml").is_file()
+    with rasterio.open(run_dir / "change_mask.tif") as m, rasterio.open(run_dir / "change_magnitude.tif") as g:
+        mask, mag = m.read(1), g.read(1)
+    assert set(np.unique(mask)) <= {0, 1, 255}
+    assert 0 < (mask == 1).sum() < (mask != 255).sum()  # some, not all, pixels changed
+    assert np.array_equal(np.isnan(mag), mask == 255)  # one nodata footprint across outputs
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "succeeded"
+    assert rec["prefect"]["flow_run_id"]
+    sums = dict(reversed(line.split()) for line in (ROOT / "data/SHA256SUMS").read_text().splitlines())
+    assert [i["sha256"] for i in rec["inputs"]] == [sums[f"rasters/pucallpa/{p.name}"] for p in PUCALLPA]
+    assert rec["backbone"]["source"] == "random-init" and rec["backbone"]["seed"] == 0
+    assert rec["screening"]["action"] in ("allow", "record")
+    assert rec["software"]["torch"] and rec["software"]["GDAL"] and rec["software"]["PROJ"]
+    assert rec["config"]["sha256"] == parse_config(cfg).sha256()
+    assert rec["aoi"]["sha256"] and rec["preprocessing"]["scale"] == "uint8"
+    assert rec["pipeline"]["tile_size"] == 64 and rec["pipeline"]["overlap"] == 16
+    assert {o["name"] for o in rec["outputs"]} == names
+    thr = next(o for o in rec["outputs"] if o["name"] == "change_mask")["threshold"]
+    assert 0 < thr < 2
+    assert {"screen", "plan", "fit_heads", "finalize", "infer"} <= set(rec["timings"])
+    import geopandas as gpd
+
+    tiles = gpd.read_file(run_dir / "tiles.gpkg", layer="tiles")
+    assert len(tiles) == rec["pipeline"]["n_tiles"] and tiles.crs == CRS.from_epsg(4326)
+
+
+def test_mask_policy_blanks_airport(tiny_config, tmp_path):
+    """Nassau: the airport and port are masked (nodata) in every output; pixels away from them are valid."""
+    run_dir = _run_stages(tiny_config("aoi/bahamas_nassau.geojson"))
+    decision = json.loads((run_dir / "screening.json").read_text())
+    assert decision["action"] == "mask"
+    assert {h["category"] for h in decision["hits"]} >= {"airport", "port"}
+    airport = next(h for h in decision["hits"] if h["category"] == "airport")
+    assert airport["buffer_m"] == 1500
+    to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32618", always_xy=True)
+    x, y = to_utm.transform(-77.4648, 25.0487)  # Natural Earth's Nassau airport point
+    with rasterio.open(run_dir / "classes.tif") as ds:
+        r, c = ds.index(x, y)
+        cls = ds.read(1)
+        assert cls[r, c] == ds.nodata
+        r2, c2 = ds.index(x + 6000, y - 6000)  # 8.5 km away, on the island
+        valid = cls != ds.nodata
+        assert valid.sum() > 0.3 * cls.size
+    with rasterio.open(run_dir / "pca_rgb.tif") as ds:
+        assert (ds.read()[:, r, c] == 0).all()
+
+
+def test_deny_writes_only_the_decision_and_record(tiny_config, tmp_path):
+    """deny: no raster is opened (the raster path does not even exist) and nothing but the record is written."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
+                      "categories:\n  port: {action: deny, buffer_m: 1000}\n")
+    missing = tmp_path / "never_opened.tif"
+    cfg = tiny_config("aoi/bahamas_nassau.geojson", [missing],
+                      screening={"policy": str(policy)})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    with pytest.raises(RunRefused, match="Nassau"):
+        pl.screen_aoi(run_dir)
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "refused" and rec["screening"]["action"] == "deny"
+    assert rec["screening"]["hits"][0]["category"] == "port"
+
+
+def test_require_approval(tiny_config, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
+                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
+    cfg = tiny_config("aoi/bahamas_nassau.geojson", screening={"policy": str(policy)})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    with pytest.raises(RunRefused, match="approver"):
+        pl.screen_aoi(run_dir)
+    assert json.loads((run_dir / "screening.json").read_text())["allowed"] is False
+    approval = {"approver": "A. Analyst", "reason": "storm damage assessment for the port authority"}
+    cfg = tiny_config("aoi/bahamas_nassau.geojson", screening={"policy": str(policy), "approval": approval})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    out = pl.screen_aoi(run_dir)
+    assert out["allowed"] and out["action"] == "require_approval"
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["screening"]["approval"]["approver"] == "A. Analyst"
+    assert "storm" in rec["screening"]["approval"]["reason"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "tampered"])
+def test_screen_fails_closed(tiny_config, tmp_path, problem):
+    reg = tmp_path / "sites.gpkg"
+    if problem == "tampered":
+        reg.write_bytes((ROOT / "data/registry/sensitive_sites.gpkg").read_bytes())
+        (tmp_path / "sites.gpkg.sha256").write_text("0" * 64 + "  sites.gpkg\n")
+    cfg = tiny_config(screening={"registry": str(reg)})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    with pytest.raises(ScreeningError):
+        pl.screen_aoi(run_dir)
+    d = json.loads((run_dir / "screening.json").read_text())
+    assert d["action"] == "refused" and not d["allowed"]
+    assert not (run_dir / "work").exists()
+
+
+def test_aoi_outside_raster_is_a_clear_error(tiny_config):
+    cfg = tiny_config("aoi/pucallpa.geojson", [BAHAMAS])
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    with pytest.raises(AOIError, match="does not overlap"):
+        pl.plan_run(run_dir)
+    assert not list(run_dir.glob("*.tif"))
+
+
+def test_invalid_aoi_refused_with_decision(tiny_config, tmp_path):
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 0], [1, 1], [0, 0]]]}')
+    run_dir = pl.prepare_run(parse_config(tiny_config(str(bad))))
+    with pytest.raises(AOIError):
+        pl.screen_aoi(run_dir)
+    assert json.loads((run_dir / "screening.json").read_text())["action"] == "refused"
+    assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
+
+
+def test_raster_outside_allowed_roots(tiny_config, tmp_path):
+    cfg = tiny_config(sources={"allowed_roots": [str(tmp_path / "elsewhere")]})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    with pytest.raises(SourceError, match="allowed roots"):
+        pl.plan_run(run_dir)
+
+
+def test_config_errors_name_the_key(tiny_config):
+    with pytest.raises(ConfigError, match="tilling"):
+        parse_config(tiny_config(tilling={"size": 64}))
+    with pytest.raises(ConfigError, match=r"tiling\.size"):
+        parse_config(tiny_config(tiling={"size": -1}))
+    with pytest.raises(ConfigError, match="multiple of the patch"):
+        cfg = tiny_config(tiling={"size": 70, "overlap": 0})
+        run_dir = pl.prepare_run(parse_config(cfg))
+        pl.screen_aoi(run_dir)
+        pl.plan_run(run_dir)
+
+
+def test_resolved_config_written_first(tiny_config):
+    cfg = parse_config(tiny_config())
+    run_dir = pl.prepare_run(cfg)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.resolved.json", "provenance.json"]
+    assert pl.load_run_config(run_dir) == cfg
+
+
+def test_no_seam_at_tile_edges(tiny_config):
+    """Blended features show no step at tile edges: the jump across a tile edge column is no larger than
+    across other patch-boundary columns inside tiles."""
+    cfg = tiny_config(tiling={"size": 64, "overlap": 32, "chunk_tiles": 64})
+    run_dir = _run_stages(cfg)
+    state = json.loads((run_dir / "state.json").read_text())
+    with rasterio.open(run_dir / "pca_rgb.tif") as ds:
+        img = ds.read().astype(np.float32)
+        valid = (ds.read_masks(1) > 0)
+    jump = np.abs(np.diff(img, axis=2)).mean(axis=0)  # jump between column j and j+1
+    ok = valid[:, 1:] & valid[:, :-1]
+    stride = state["tiling"]["size"] - state["tiling"]["overlap"]
+    # tile edges (starts and ends) fall at multiples of the stride from the region's origin: columns j where
+    # j + 1 is a multiple of the stride; compare with patch boundaries (multiples of 16) that are not edges
+    cols = np.arange(jump.shape[1])
+    edge = ((cols + 1) % stride == 0)
+    patch = ((cols + 1) % 16 == 0) & ~edge
+    e = jump[:, edge][ok[:, edge]].mean()
+    p = jump[:, patch][ok[:, patch]].mean()
+    assert math.isfinite(e) and math.isfinite(p)
+    assert e < 1.5 * p, (e, p)
