@@ -46,8 +46,10 @@ def check_source(path: str | Path, cfg: SourceConfig) -> Path:
     p = Path(s)
     try:
         real = p.resolve(strict=True)
-    except (FileNotFoundError, RuntimeError):
+    except FileNotFoundError:
         raise SourceError(f"{s}: raster not found") from None
+    except (OSError, RuntimeError) as exc:  # permission denied, symlink loops
+        raise SourceError(f"{s}: cannot be resolved: {exc}") from None
     if not real.is_file():
         raise SourceError(f"{s}: not a regular file")
     roots = [Path(r).resolve() for r in cfg.allowed_roots]
@@ -228,11 +230,14 @@ class WindowReader:
         g = self.info.grid
         f = max(1, math.ceil(max(g.height, g.width) / max_side))
         shape = (len(self.info.bands), max(1, g.height // f), max(1, g.width // f))
-        arr = self._src.read(list(self.info.bands), out_shape=shape, masked=True)
+        arr = self._src.read(list(self.info.bands), out_shape=shape)
+        # the same validity as read(): GDAL's dataset-mask rule, and no band NaN/inf
+        ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), out_shape=shape))
+        if arr.dtype.kind == "f":
+            ok &= np.all(np.isfinite(arr), axis=0)
         out = np.zeros((shape[0], 2), dtype=np.float64)
         for b in range(shape[0]):
-            vals = arr[b].compressed()
-            vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+            vals = arr[b][ok]
             if vals.size == 0:
                 raise SourceError(f"{self.info.path}: band {self.info.bands[b]} has no valid pixel")
             out[b] = np.percentile(vals, percentiles)

@@ -424,6 +424,35 @@ def test_sample_stats_match_numpy_on_valid_pixels(tmp_path, rng):
         assert stats[b, 0] > 0  # nodata excluded
 
 
+def test_sample_stats_use_the_same_valid_pixels_as_read(tmp_path, rng):
+    """A pixel 0 in one band only (dark water in red) is valid for read(), so its 0 counts in the stats;
+    a NaN in one band invalidates the whole pixel for every band's stats, as in read()."""
+    data = rng.integers(1, 255, (3, 30, 40), dtype=np.uint8)
+    data[0, :15, :] = 0  # red is 0 in the top half, the other bands are not: valid pixels
+    data[:, 25:, :] = 0  # all bands 0: nodata
+    path = write_tif(tmp_path / "water.tif", data, nodata=0)
+    info = open_raster(path, cfg(tmp_path))
+    with WindowReader(info) as r:
+        stats = r.sample_stats((10.0, 90.0))
+        _, valid = r.read(info.grid.box)
+    assert valid.sum() == 25 * 40
+    for b in range(3):
+        np.testing.assert_allclose(stats[b], np.percentile(data[b][valid], (10.0, 90.0)))
+    assert stats[0, 0] == 0  # the dark-water zeros are data, not nodata
+
+    f = rng.normal(50.0, 5.0, size=(2, 20, 20)).astype(np.float32)
+    f[0, :10, :] = np.nan  # band 1 NaN in the top half: those pixels are invalid for read()
+    f[1, :10, :] = -1000.0  # band 2 holds outliers there that must not reach the stats
+    path = write_tif(tmp_path / "nan.tif", f)
+    info = open_raster(path, cfg(tmp_path))
+    with WindowReader(info) as r:
+        stats = r.sample_stats((0.0, 100.0))
+        _, valid = r.read(info.grid.box)
+    for b in range(2):
+        np.testing.assert_allclose(stats[b], np.percentile(f[b][valid], (0.0, 100.0)), rtol=1e-6)
+    assert stats[1, 0] > 0
+
+
 def test_sample_stats_decimated_are_close(tmp_path, rng):
     data = rng.normal(100.0, 20.0, size=(2, 300, 400)).astype(np.float32)
     data[1, 0:50, 0:50] = np.nan
