@@ -48,8 +48,17 @@ SYN_RES = 10.0
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+def peak_rss_mib() -> float:
+    """Peak RSS of this process in MiB: VmHWM of /proc/self/status (the high-water mark of this process's own
+    address space). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: on Linux it carries over across exec, so a
+    child started with vfork/exec by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def machine_info() -> dict[str, Any]:
@@ -335,21 +344,26 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     stage("init_accumulator", pl.init_accumulator, rd)
 
     def infer_all() -> None:
+        t = time.perf_counter()
         for c in range(plan["n_chunks"]):
             pl.infer_chunk(rd, c)
+            if (c + 1) % 25 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
+                done = min((c + 1) * cfg.tiling.chunk_tiles, plan["n_tiles"])
+                print(f"  [child] {done}/{plan['n_tiles']} tiles, {done / (time.perf_counter() - t):.1f} tiles/s, "
+                      f"peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
 
     stage("infer", infer_all)
+    acc = rd / "work" / "accumulator.tif"
+    acc_sizes = (acc.stat().st_size, acc.stat().st_blocks * 512) if acc.exists() else (None, None)
     stage("finalize", pl.finalize_outputs, rd)
     stage("complete", pl.complete_run, rd)
     total = time.perf_counter() - t_all
     state = json.loads((rd / "state.json").read_text())
     peak = peak_rss_mib()
-    acc = rd / "work" / "accumulator.tif"
     out = {"screen": screen, "n_tiles": state["tiling"]["n_tiles"], "km2": km2(state["out_grid"]),
            "out_grid": f'{state["out_grid"]["height"]}x{state["out_grid"]["width"]}', "stages": st,
            "rss_after_stage": rss, "total_s": total, "peak_rss_mib": peak,
-           "accumulator_bytes_apparent": acc.stat().st_size if acc.exists() else None,
-           "accumulator_bytes_on_disk": acc.stat().st_blocks * 512 if acc.exists() else None}
+           "accumulator_bytes_apparent": acc_sizes[0], "accumulator_bytes_on_disk": acc_sizes[1]}
 
     # backbone alone on 64 of the run's tiles (after the peak was recorded), same batch size, for context
     import torch
@@ -381,6 +395,7 @@ def bench_synthetic(tmp: Path, sizes: list[int], arch: str, batch: int, raster_d
         gen = None
         if not raster.exists():
             gen = make_raster(raster, size)
+            print(f"(generated {raster.name} in {gen:.1f} s; running the pipeline in a child process)", flush=True)
         aoi = tmp / f"aoi_{size}.geojson"
         write_aoi(raster, aoi)
         out = tmp / f"runs_{size}"
@@ -388,11 +403,11 @@ def bench_synthetic(tmp: Path, sizes: list[int], arch: str, batch: int, raster_d
         cfg = synthetic_config(raster, aoi, out, arch, batch)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-synthetic", json.dumps(cfg)],
-                              cwd=ROOT, capture_output=True, text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t0
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_TAG)), None)
         if proc.returncode != 0 or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            print(proc.stdout[-3000:], file=sys.stderr)
             raise RuntimeError(f"synthetic {size}² child failed (rc {proc.returncode})")
         r = json.loads(line[len(CHILD_TAG):])
         r.update(size=size, arch=arch, batch=batch, child_wall_s=wall, gen_s=gen,

@@ -1,0 +1,61 @@
+"""Every output of a run opens in real QGIS (Debian's python3-qgis, headless) with the right CRS and extent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import rasterio
+
+from geo_dino import pipeline as pl
+from geo_dino.config import parse_config
+from tests.conftest import PUCALLPA, ROOT
+
+QGIS_PY = "/usr/bin/python3"
+
+
+def _have_qgis() -> bool:
+    try:
+        return subprocess.run([QGIS_PY, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _have_qgis() and not os.environ.get("CI"),
+                    reason="QGIS (python3-qgis) not installed; .ci/run and `make test` install it")
+def test_outputs_open_in_qgis(tiny_config, tmp_path):
+    cfg = parse_config(tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]}))
+    run_dir = pl.prepare_run(cfg)
+    pl.screen_aoi(run_dir)
+    plan = pl.plan_run(run_dir)
+    pl.fit_heads(run_dir)
+    pl.init_accumulator(run_dir)
+    for c in range(plan["n_chunks"]):
+        pl.infer_chunk(run_dir, c)
+    pl.finalize_outputs(run_dir)
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(xdg))
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([QGIS_PY, str(ROOT / "tests/qgis_open.py"), str(run_dir)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    layers = json.loads(res.stdout.strip().splitlines()[-1])
+    tifs = sorted(p.name for p in run_dir.glob("*.tif"))
+    assert len(tifs) == 6 and set(tifs) <= set(layers)
+    for name in tifs:
+        info = layers[name]
+        with rasterio.open(run_dir / name) as ds:
+            assert info["valid"], name
+            assert info["crs"] == "EPSG:4326"
+            assert (info["width"], info["height"], info["bands"]) == (ds.width, ds.height, ds.count)
+            for got, want in zip(info["extent"], ds.bounds, strict=True):
+                assert abs(got - want) < 1e-9
+        if name.startswith(("classes", "change_mask")):
+            assert info["renderer"] == "paletted", name  # the .qml style was applied
+        if name == "change_magnitude.tif":
+            assert info["renderer"] == "singlebandpseudocolor"
+    assert layers["tiles.gpkg"]["valid"] and layers["tiles.gpkg"]["features"] == plan["n_tiles"]
