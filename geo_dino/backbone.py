@@ -35,6 +35,7 @@ class ArchSpec:
     licence: str = "DINOv3 License (weights); architecture Apache-2.0"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    bands: tuple[str, ...] = ("red", "green", "blue")  # what each input channel was trained on
 
     def timm_kwargs(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
@@ -67,6 +68,7 @@ class CheckpointSpec:
     n_registers: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    bands: tuple[str, ...]
     source: str  # "random-init" or the checkpoint's path
     sha256: str | None
     licence: str
@@ -158,6 +160,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         n_registers=a.n_registers,
         mean=tuple(mean or _meta_floats(meta, "mean") or a.mean),
         std=tuple(std or _meta_floats(meta, "std") or a.std),
+        bands=tuple(meta["bands"].split(",")) if "bands" in meta else a.bands,
         source=str(checkpoint) if checkpoint else "random-init",
         sha256=sha256_of(Path(checkpoint)) if checkpoint else None,
         licence=meta.get("licence", a.licence if checkpoint else "n/a (random weights)"),

@@ -77,6 +77,25 @@ def _box(d: list[int]) -> PixelBox:
     return PixelBox(*d)
 
 
+def _records_failure(stage):  # noqa: ANN001, ANN202
+    """Decorator: a stage that raises marks the record ``failed`` with the error before re-raising."""
+    import functools
+
+    @functools.wraps(stage)
+    def wrapper(run_dir: Path, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return stage(run_dir, *args, **kwargs)
+        except RunRefused:
+            raise
+        except Exception as exc:
+            rec = json.loads((Path(run_dir) / RECORD).read_text()) if (Path(run_dir) / RECORD).exists() else {}
+            if rec.get("status") not in ("refused", "failed"):
+                update_record(Path(run_dir), status="failed", error=f"{stage.__name__}: {type(exc).__name__}: {exc}")
+            raise
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | None = None) -> Path:
     """Create the run folder and write the resolved config before any work starts."""
@@ -134,6 +153,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
     return {"action": decision.action, "allowed": decision.allowed, "hits": len(decision.hits)}
 
 
+@_records_failure
 def plan_run(run_dir: Path) -> dict[str, Any]:
     """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor, save the plan."""
     from geo_dino.aoi import load_aoi
@@ -145,7 +165,6 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cfg = load_run_config(run_dir)
-    (run_dir / "work").mkdir(exist_ok=True)
     arch = ARCHS[cfg.backbone.arch] if cfg.backbone.arch in ARCHS else None
     if arch is None:
         from geo_dino.errors import ConfigError
@@ -157,6 +176,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         if infos[0].dtype != infos[1].dtype:
             raise AOIError(f"the two dates have different data types ({infos[0].dtype}, {infos[1].dtype})")
     grid = infos[0].grid
+    (run_dir / "work").mkdir(exist_ok=True)
     aoi = load_aoi(cfg.aoi, cfg.aoi_options)
     geom = aoi.to_crs(grid.crs)
     from shapely.geometry import box as shp_box
@@ -192,7 +212,10 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     }
     _atomic_json(run_dir / STATE, state)
     update_record(run_dir, inputs=[raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos],
-                  preprocessing=pre.to_dict(),
+                  preprocessing=pre.to_dict() | {"band_mapping": [
+                      {"source_band": b, "source_description": n, "backbone_channel": i, "backbone_band": bb}
+                      for i, (b, n, bb) in enumerate(zip(infos[0].bands, infos[0].band_names, arch.bands,
+                                                         strict=True))]},
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
                             "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
                             "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
@@ -234,6 +257,7 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
     return FeatureExtractor(model, pre, device), spec
 
 
+@_records_failure
 def fit_heads(run_dir: Path) -> dict[str, Any]:
     """Fit PCA and k-means on patch features of tiles spread evenly over the region."""
     from geo_dino.heads import fit_label_free
@@ -278,6 +302,7 @@ def init_accumulator(run_dir: Path) -> Path:
     return path
 
 
+@_records_failure
 def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     """Run one chunk of tiles and blend it into the accumulator (chunks run one after another)."""
     from geo_dino.heads import LabelFreeHeads
@@ -302,6 +327,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
 
 
+@_records_failure
 def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
     """Blend → masks (nodata, AOI, screening) → output COGs, verified; styles beside them."""
     from geo_dino.finalize import write_outputs

@@ -186,6 +186,7 @@ def test_invalid_aoi_refused_with_decision(tiny_config, tmp_path):
     run_dir = pl.prepare_run(parse_config(tiny_config(str(bad))))
     with pytest.raises(AOIError):
         pl.screen_aoi(run_dir)
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
     assert json.loads((run_dir / "screening.json").read_text())["action"] == "refused"
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
 
@@ -196,6 +197,9 @@ def test_raster_outside_allowed_roots(tiny_config, tmp_path):
     pl.screen_aoi(run_dir)
     with pytest.raises(SourceError, match="allowed roots"):
         pl.plan_run(run_dir)
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "failed" and "allowed roots" in rec["error"]
 
 
 def test_config_errors_name_the_key(tiny_config):
