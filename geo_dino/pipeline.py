@@ -345,3 +345,20 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD
+
+
+def run_local(cfg: RunConfig) -> Path:
+    """Every stage in order in this process, without Prefect (tests, notebooks, debugging)."""
+    t0 = time.perf_counter()
+    run_dir = prepare_run(cfg)
+    screen_aoi(run_dir)
+    plan = plan_run(run_dir)
+    fit_heads(run_dir)
+    init_accumulator(run_dir)
+    t_inf = time.perf_counter()
+    for c in range(plan["n_chunks"]):
+        infer_chunk(run_dir, c)
+    t_out = time.perf_counter()
+    finalize_outputs(run_dir)
+    complete_run(run_dir, {"infer": round(t_out - t_inf, 3), "total": round(time.perf_counter() - t0, 3)})
+    return run_dir

@@ -18,17 +18,7 @@ from tests.conftest import BAHAMAS, PUCALLPA, ROOT
 
 
 def _run_stages(cfg_dict: dict) -> Path:
-    cfg = parse_config(cfg_dict)
-    run_dir = pl.prepare_run(cfg)
-    pl.screen_aoi(run_dir)
-    plan = pl.plan_run(run_dir)
-    pl.fit_heads(run_dir)
-    pl.init_accumulator(run_dir)
-    for c in range(plan["n_chunks"]):
-        pl.infer_chunk(run_dir, c)
-    pl.finalize_outputs(run_dir)
-    pl.complete_run(run_dir)
-    return run_dir
+    return pl.run_local(parse_config(cfg_dict))
 
 
 def _only_run(tmp_path: Path) -> Path:

@@ -28,14 +28,8 @@ def _have_qgis() -> bool:
                     reason="QGIS (python3-qgis) not installed; .ci/run and `make test` install it")
 def test_outputs_open_in_qgis(tiny_config, tmp_path):
     cfg = parse_config(tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]}))
-    run_dir = pl.prepare_run(cfg)
-    pl.screen_aoi(run_dir)
-    plan = pl.plan_run(run_dir)
-    pl.fit_heads(run_dir)
-    pl.init_accumulator(run_dir)
-    for c in range(plan["n_chunks"]):
-        pl.infer_chunk(run_dir, c)
-    pl.finalize_outputs(run_dir)
+    run_dir = pl.run_local(cfg)
+    n_tiles = json.loads((run_dir / "state.json").read_text())["tiling"]["n_tiles"]
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(xdg))
@@ -58,4 +52,4 @@ def test_outputs_open_in_qgis(tiny_config, tmp_path):
             assert info["renderer"] == "paletted", name  # the .qml style was applied
         if name == "change_magnitude.tif":
             assert info["renderer"] == "singlebandpseudocolor"
-    assert layers["tiles.gpkg"]["valid"] and layers["tiles.gpkg"]["features"] == plan["n_tiles"]
+    assert layers["tiles.gpkg"]["valid"] and layers["tiles.gpkg"]["features"] == n_tiles
