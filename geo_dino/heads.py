@@ -44,19 +44,25 @@ class LabelFreeHeads:
         with np.load(path, allow_pickle=False) as z:
             return cls(**{k: (z[k] if k in z else None) for k in cls.__dataclass_fields__})
 
-    def project(self, feats):  # noqa: ANN001, ANN201 - torch tensors (B, C, H, W) -> (B, n_pca + k, H, W)
-        """Per-pixel PCA components and cosine similarities to the centroids."""
+    def project(self, feats):  # noqa: ANN001, ANN201 - torch tensors (B, C, h, w) -> (B, n_pca + k, h, w)
+        """PCA components and dot products with the (unit) centroids: both *linear* in the features.
+
+        Being linear (PCA is affine with weights summing to one), they commute with bilinear upsampling and
+        with blending, so they are computed at patch resolution and upsampled afterwards: the result equals
+        projecting the upsampled, blended feature of each pixel. The class of a pixel is the arg-max of its
+        dot products, which is the arg-max of the cosine similarity of its upsampled, blended feature
+        (the feature's norm is the same for every centroid).
+        """
         import torch
 
         out = []
         if self.pca_components is not None:
             comp = torch.from_numpy(self.pca_components).to(feats)
             mean = torch.from_numpy(self.pca_mean).to(feats)
-            out.append(torch.einsum("bchw,kc->bkhw", feats - mean[None, :, None, None], comp))
+            out.append(torch.einsum("bchw,kc->bkhw", feats, comp) - (comp @ mean)[None, :, None, None])
         if self.centroids is not None:
             cent = torch.from_numpy(self.centroids).to(feats)
-            unit = torch.nn.functional.normalize(feats, dim=1)
-            out.append(torch.einsum("bchw,kc->bkhw", unit, cent))
+            out.append(torch.einsum("bchw,kc->bkhw", feats, cent))
         return torch.cat(out, dim=1) if out else feats[:, :0]
 
 
@@ -111,3 +117,52 @@ def cosine_distance(a, b):  # noqa: ANN001, ANN201 - torch tensors (B, C, H, W) 
     import torch
 
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8)[:, None]
+
+
+def _bilinear_taps(n_in: int, n_out: int):  # noqa: ANN202
+    """Source indices and weights of PyTorch's bilinear resize (``align_corners=False``) along one axis."""
+    import torch
+
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    l1 = (src - i0).clamp(0, 1)
+    return (i0, i1), (1 - l1, l1)
+
+
+def upsampled_cosine_distance(a, b, size: tuple[int, int]):  # noqa: ANN001, ANN201
+    """``cosine_distance(up(a), up(b))`` for bilinear ``up`` to ``size``, exactly, without upsampling.
+
+    ``<up(a), up(b)>`` at a pixel is ``Σ w_i w_j <a_i, b_j>`` over its 4×4 pairs of neighbouring patches, so
+    the inner products of patch pairs at offsets {-1, 0, 1}² are computed once at patch resolution and
+    gathered per pixel: ``O(C·h·w)`` instead of ``O(C·H·W)``. ``a``, ``b``: ``(B, C, h, w)`` → ``(B, 1, H, W)``.
+    """
+    import torch
+
+    B, C, h, w = a.shape
+    H, W = size
+    (i0, i1), (wy0, wy1) = _bilinear_taps(h, H)
+    (j0, j1), (wx0, wx1) = _bilinear_taps(w, W)
+    rows = ((i0, wy0.to(a.dtype)), (i1, wy1.to(a.dtype)))
+    cols = ((j0, wx0.to(a.dtype)), (j1, wx1.to(a.dtype)))
+
+    def gram(f, g):  # (B, 3, 3, h, w): <f(i, j), g(i + dy, j + dx)>, edges clamped (never used there)
+        gp = torch.nn.functional.pad(g, (1, 1, 1, 1), mode="replicate")
+        return torch.stack([torch.stack([(f * gp[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]).sum(1)
+                                         for dx in (-1, 0, 1)], 1) for dy in (-1, 0, 1)], 1)
+
+    def inner(k):  # (B, 3, 3, h, w) -> (B, H, W)
+        out = torch.zeros((B, H, W), dtype=a.dtype, device=a.device)
+        for ia, wa in rows:
+            for jb, wb in cols:
+                for ic, wc in rows:
+                    for jd, wd in cols:
+                        dy = (ic - ia + 1)[:, None]
+                        dx = (jd - jb + 1)[None, :]
+                        vals = k[:, dy, dx, ia[:, None], jb[None, :]]
+                        out += vals * (wa * wc)[None, :, None] * (wb * wd)[None, None, :]
+        return out
+
+    ab, aa, bb = inner(gram(a, b)), inner(gram(a, a)), inner(gram(b, b))
+    cos = ab / (aa.clamp(min=0).sqrt() * bb.clamp(min=0).sqrt()).clamp(min=1e-8)
+    return (1.0 - cos)[:, None]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from geo_dino.grid import Grid, PixelBox, Tile, blend_weights
-from geo_dino.heads import LabelFreeHeads, cosine_distance
+from geo_dino.heads import LabelFreeHeads, upsampled_cosine_distance
 from geo_dino.preprocess import Preprocessor
 from geo_dino.sources import WindowReader
 
@@ -80,37 +80,63 @@ class FeatureExtractor:
         self.pre = preprocessor
         self.device = device
 
-    def features(self, reader: WindowReader, boxes: Sequence[PixelBox]):  # noqa: ANN201
-        """``(feats (B, C, h, w) float32, valid (B, H, W) bool numpy)`` for one date."""
+    def features(self, reader: WindowReader, boxes: Sequence[PixelBox],
+                 cache: Sequence[Path | None] | None = None, store: bool = False):  # noqa: ANN201
+        """``(feats (B, C, h, w) float32, valid (B, H, W) bool numpy)`` for one date.
+
+        ``cache`` (one path or None per box): features already computed for a box are loaded from its
+        ``.npy`` file instead of running the backbone again; with ``store``, features computed now are saved
+        there (the heads' fitting pass stores, inference reuses: no tile goes through the backbone twice).
+        """
         import torch
 
         from geo_dino.backbone import dense_features
 
-        reads = [reader.read(b) for b in boxes]
-        data = np.stack([r[0] for r in reads])
+        reads = reader.read_many(list(boxes))
         valid = np.stack([r[1] for r in reads])
-        x = torch.from_numpy(self.pre(data, valid)).to(self.device, dtype=self.dtype, non_blocking=True)
-        f = dense_features(self.model, x)
-        return f.float(), valid
+        cache = list(cache) if cache is not None else [None] * len(boxes)
+        have = [p is not None and p.exists() for p in cache]
+        need = [i for i, h in enumerate(have) if not h]
+        out: list = [None] * len(boxes)
+        if need:
+            data = np.stack([reads[i][0] for i in need])
+            x = torch.from_numpy(self.pre(data, valid[need])).to(self.device, dtype=self.dtype, non_blocking=True)
+            f = dense_features(self.model, x).float().cpu()
+            for j, i in enumerate(need):
+                out[i] = f[j]
+                if store and cache[i] is not None:
+                    tmp = cache[i].with_name(cache[i].name + ".tmp.npy")
+                    np.save(tmp, f[j].numpy())
+                    tmp.replace(cache[i])
+        for i, h in enumerate(have):
+            if h:
+                out[i] = torch.from_numpy(np.load(cache[i]))
+        return torch.stack(out), valid
+
+
+def feature_cache_paths(cache_dir: Path | None, date: int, tiles: Sequence[Tile]) -> list[Path | None] | None:
+    if cache_dir is None:
+        return None
+    return [cache_dir / f"d{date}_t{t.index}.npy" for t in tiles]
 
 
 def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowReader], tiles: Sequence[Tile],
-                          batch_size: int, max_patches: int = 20_000, seed: int = 0) -> np.ndarray:
+                          batch_size: int, max_patches: int = 20_000, seed: int = 0,
+                          cache_dir: Path | None = None) -> np.ndarray:
     """Patch features ``(N, C)`` of mostly-valid patches from ``tiles`` of every date (for fitting heads)."""
     import torch
 
     rng = np.random.default_rng(seed)
     out = []
     for k in range(0, len(tiles), batch_size):
-        boxes = [t.box for t in tiles[k:k + batch_size]]
-        for reader in readers:
-            f, valid = extractor.features(reader, boxes)
-            p = f.shape[-1]
+        batch = tiles[k:k + batch_size]
+        boxes = [t.box for t in batch]
+        for d, reader in enumerate(readers):
+            f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch), store=True)
             frac = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(valid).float()[:, None],
-                                                           (f.shape[-2], p))[:, 0]
+                                                           tuple(f.shape[-2:]))[:, 0]
             keep = (frac >= 0.75).cpu().numpy()
-            feats = f.permute(0, 2, 3, 1).cpu().numpy()[keep]
-            out.append(feats)
+            out.append(f.permute(0, 2, 3, 1).cpu().numpy()[keep])
     x = np.concatenate(out) if out else np.zeros((0, 1), np.float32)
     if x.shape[0] > max_patches:
         x = x[rng.choice(x.shape[0], max_patches, replace=False)]
@@ -130,7 +156,7 @@ class Accumulator:
     def create(self) -> None:
         import rasterio
 
-        with rasterio.Env(GDAL_CACHEMAX=256):
+        with rasterio.Env(GDAL_CACHEMAX=256 * 2**20):
             with rasterio.open(self.path, "w", driver="GTiff", width=self.grid.width, height=self.grid.height,
                                count=self.n_bands, dtype="float32", crs=self.grid.crs,
                                transform=self.grid.transform, tiled=True, blockxsize=256, blockysize=256,
@@ -140,7 +166,7 @@ class Accumulator:
     def __enter__(self) -> Accumulator:
         import rasterio
 
-        self._env = rasterio.Env(GDAL_CACHEMAX=256)
+        self._env = rasterio.Env(GDAL_CACHEMAX=256 * 2**20)
         self._env.__enter__()
         self._ds = rasterio.open(self.path, "r+")
         return self
@@ -176,7 +202,7 @@ class Accumulator:
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
                 layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: Accumulator,
-                tile_size: int, batch_size: int) -> int:
+                tile_size: int, batch_size: int, cache_dir: Path | None = None) -> int:
     """Run ``tiles`` through backbone and heads; blend the per-pixel results into ``acc``. Returns tile count."""
     import torch
 
@@ -185,15 +211,17 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
     for k in range(0, len(tiles), batch_size):
         batch = tiles[k:k + batch_size]
         boxes = [t.box for t in batch]
-        ups, valids = [], []
-        for reader in readers:
-            f, valid = extractor.features(reader, boxes)
-            ups.append(torch.nn.functional.interpolate(f, size=(tile_size, tile_size), mode="bilinear",
-                                                       align_corners=False))
+        feats, valids = [], []
+        for d, reader in enumerate(readers):
+            f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
+            feats.append(f)
             valids.append(valid)
-        chans = [heads.project(u) for u in ups]
+        # linear heads at patch resolution, then upsampled: equal to the heads of upsampled features
+        size = (tile_size, tile_size)
+        chans = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear", align_corners=False)
+                 for f in feats]
         if layout.has_change:
-            chans.append(cosine_distance(ups[0], ups[1]))
+            chans.append(upsampled_cosine_distance(feats[0], feats[1], size))
         values = torch.cat(chans, dim=1).cpu().numpy()
         inside = np.logical_or.reduce(valids)  # padding outside the raster gets no weight
         for i, box in enumerate(boxes):

@@ -23,7 +23,8 @@ from geo_dino.errors import OutputError
 from geo_dino.grid import Grid, PixelBox, crs_equal
 
 #: GDAL settings for every raster write of this module.
-GDAL_WRITE_ENV: dict[str, Any] = {"GDAL_CACHEMAX": 256, "GDAL_NUM_THREADS": "ALL_CPUS"}
+# GDAL_CACHEMAX in bytes: rasterio hands an int to GDALSetCacheMax64 (256 would be 256 bytes: no cache)
+GDAL_WRITE_ENV: dict[str, Any] = {"GDAL_CACHEMAX": 256 * 2**20, "GDAL_NUM_THREADS": "ALL_CPUS"}
 
 #: Colour-blind-friendly qualitative palette: Okabe & Ito (2008) without black, then the tab10 colours
 #: that are not close to those. Further classes get deterministic golden-ratio hues.

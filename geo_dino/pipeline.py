@@ -274,8 +274,10 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
     idx = np.unique(np.linspace(0, len(tiles) - 1, min(n_fit, len(tiles))).round().astype(int))
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
+        cache = run_dir / "work" / "features"
+        cache.mkdir(exist_ok=True)
         samples = sample_patch_features(extractor, readers, [tiles[i] for i in idx], cfg.backbone.batch_size,
-                                        seed=kcfg.seed if kcfg else 0)
+                                        seed=kcfg.seed if kcfg else 0, cache_dir=cache)
     heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None, seed=kcfg.seed if kcfg else 0)
     heads.save(run_dir / "work" / "heads.npz")
     update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device},
@@ -322,7 +324,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
         stack.enter_context(acc)
         n = infer_tiles(extractor, readers, heads, layout, chunk_tiles, _box(state["region"]), acc,
-                        grid.size, cfg.backbone.batch_size)
+                        grid.size, cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
     dt = time.perf_counter() - t0
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
 
@@ -342,6 +344,9 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
 def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
     """Mark the record succeeded and drop the (scene-sized) accumulator; the fitted heads stay in work/."""
     (run_dir / "work" / "accumulator.tif").unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(run_dir / "work" / "features", ignore_errors=True)
     update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD

@@ -30,7 +30,7 @@ def gdal_env():  # noqa: ANN201 - rasterio imported lazily
         GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
         CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff",
         GDAL_HTTP_MAX_RETRY="0",
-        GDAL_CACHEMAX=256,
+        GDAL_CACHEMAX=256 * 2**20,  # bytes (rasterio hands an int to GDALSetCacheMax64; 256 would be 256 B)
         GDAL_NUM_THREADS="ALL_CPUS",
     )
 
@@ -172,7 +172,34 @@ class WindowReader:
         self._env = gdal_env()
         self._env.__enter__()
         self._src = rasterio.open(self.info.path, driver=ALLOWED_DRIVERS[0])
+        self._mask_mode = self._choose_mask_mode()
         return self
+
+    def _choose_mask_mode(self) -> str:
+        """How validity is found: ``all_valid`` (no mask), ``nodata`` (compared in the values already read,
+        no second read) or ``masks`` (internal masks / alpha: GDAL's mask bands are read)."""
+        from rasterio.enums import MaskFlags
+
+        flags = [set(self._src.mask_flag_enums[b - 1]) for b in self.info.bands]
+        if all(f == {MaskFlags.all_valid} for f in flags):
+            return "all_valid"
+        if all(f == {MaskFlags.nodata} for f in flags):
+            return "nodata"
+        return "masks"
+
+    def _valid(self, arr: np.ndarray, window) -> np.ndarray:  # noqa: ANN001
+        if self._mask_mode == "all_valid":
+            ok = np.ones(arr.shape[1:], dtype=bool)
+        elif self._mask_mode == "nodata":
+            ok = np.zeros(arr.shape[1:], dtype=bool)
+            for k, b in enumerate(self.info.bands):
+                nd = self._src.nodatavals[b - 1]
+                ok |= ~np.isnan(arr[k]) if nd is not None and np.isnan(nd) else arr[k] != nd
+        else:
+            ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), window=window))
+        if np.issubdtype(arr.dtype, np.floating):
+            ok &= np.all(np.isfinite(arr), axis=0)
+        return ok
 
     def __exit__(self, *exc: object) -> None:
         if self._src is not None:
@@ -197,14 +224,31 @@ class WindowReader:
         rel = inner.relative_to(box)
         w = inner.to_rasterio()
         arr = self._src.read(list(info.bands), window=w)
-        masks = self._src.read_masks(list(info.bands), window=w)
-        ok = _valid_from_masks(masks)
-        if np.issubdtype(arr.dtype, np.floating):
-            ok &= np.all(np.isfinite(arr), axis=0)
+        ok = self._valid(arr, w)
         rs, cs = rel.slices()
         data[:, rs, cs] = arr
         valid[rs, cs] = ok
         return data, valid
+
+    def read_many(self, boxes: list[PixelBox]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`read` for many boxes: boxes on the same rows (a row of tiles) are read as one strip, so
+        blocks shared by overlapping tiles are decoded once and GDAL is called once per strip."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(boxes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(boxes):
+            groups.setdefault((b.row_off, b.height), []).append(i)
+        for (row, height), idx in groups.items():
+            c0 = min(boxes[i].col_off for i in idx)
+            c1 = max(boxes[i].col_end for i in idx)
+            if c1 - c0 > 2 * sum(boxes[i].width for i in idx):  # sparse: a strip would read mostly waste
+                for i in idx:
+                    out[i] = self.read(boxes[i])
+                continue
+            data, valid = self.read(PixelBox(row, c0, height, c1 - c0))
+            for i in idx:
+                a = boxes[i].col_off - c0
+                out[i] = (data[:, :, a:a + boxes[i].width], valid[:, a:a + boxes[i].width])
+        return out  # type: ignore[return-value]
 
     def read_valid(self, box: PixelBox) -> np.ndarray:
         """The validity mask alone (nodata and internal masks), for the final pass."""
@@ -214,13 +258,12 @@ class WindowReader:
         inner = box.intersection(self.info.grid.box)
         if inner is None:
             return valid
-        masks = self._src.read_masks(list(self.info.bands), window=inner.to_rasterio())
+        w = inner.to_rasterio()
         rs, cs = inner.relative_to(box).slices()
-        ok = _valid_from_masks(masks)
-        if np.issubdtype(np.dtype(self.info.dtype), np.floating):
-            arr = self._src.read(list(self.info.bands), window=inner.to_rasterio())
-            ok &= np.all(np.isfinite(arr), axis=0)
-        valid[rs, cs] = ok
+        if self._mask_mode == "masks" and not np.issubdtype(np.dtype(self.info.dtype), np.floating):
+            valid[rs, cs] = _valid_from_masks(self._src.read_masks(list(self.info.bands), window=w))
+        else:
+            valid[rs, cs] = self._valid(self._src.read(list(self.info.bands), window=w), w)
         return valid
 
     def sample_stats(self, percentiles: tuple[float, float], max_side: int = 1024) -> np.ndarray:

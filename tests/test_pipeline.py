@@ -232,3 +232,30 @@ def test_no_seam_at_tile_edges(tiny_config):
     p = jump[:, patch][ok[:, patch]].mean()
     assert math.isfinite(e) and math.isfinite(p)
     assert e < 1.5 * p, (e, p)
+
+
+def test_fit_features_reused_not_recomputed(tiny_config, monkeypatch):
+    """Tiles seen while fitting the heads are not run through the backbone again during inference, and the
+    outputs equal a run without that cache."""
+    from geo_dino import backbone, inference
+
+    calls = {"n": 0}
+    real = backbone.dense_features
+
+    def counting(model, x):
+        calls["n"] += x.shape[0]
+        return real(model, x)
+
+    monkeypatch.setattr(backbone, "dense_features", counting)
+    cfg = tiny_config(heads={"kmeans": {"k": 4, "fit_tiles": 1000}})
+    run_dir = _run_stages(cfg)
+    n_tiles = json.loads((run_dir / "state.json").read_text())["tiling"]["n_tiles"]
+    assert calls["n"] == n_tiles  # each tile once: fitting saw all tiles, inference reused them
+    assert not (run_dir / "work" / "features").exists()  # the cache is dropped when the run completes
+    monkeypatch.setattr(inference, "feature_cache_paths", lambda *a: None)
+    calls["n"] = 0
+    run_dir2 = _run_stages(cfg)
+    assert calls["n"] == 2 * n_tiles
+    for name in ("pca_rgb.tif", "classes.tif"):
+        with rasterio.open(run_dir / name) as a, rasterio.open(run_dir2 / name) as b:
+            assert np.array_equal(a.read(), b.read())
