@@ -35,8 +35,11 @@ def gdal_env():  # noqa: ANN201 - rasterio imported lazily
     )
 
 
-def check_source(path: str | Path, cfg: SourceConfig) -> Path:
-    """Refuse anything but a local GeoTIFF under an allowed root (unless the config allows more)."""
+def check_source(path: str | Path, cfg: SourceConfig, _depth: int = 0) -> Path:
+    """Refuse anything but a local GeoTIFF under an allowed root (unless the config allows more).
+
+    With ``sources.allow_vrt`` a VRT is accepted when every file it references passes these checks too.
+    """
     s = str(path)
     if s.lower().startswith(_REMOTE_PREFIXES) or "://" in s:
         if not cfg.allow_remote:
@@ -57,13 +60,55 @@ def check_source(path: str | Path, cfg: SourceConfig) -> Path:
         raise SourceError(f"{s}: outside the allowed roots {[str(r) for r in roots]}; move the file or add "
                           "its folder to sources.allowed_roots")
     with real.open("rb") as fh:
-        head = fh.read(4)
-    if head not in _TIFF_MAGIC:
-        if head.lstrip().startswith(b"<") and not cfg.allow_vrt:
-            raise SourceError(f"{s}: looks like a VRT/XML file, not a GeoTIFF; VRTs are refused "
-                              "(set sources.allow_vrt: true to allow them)")
-        raise SourceError(f"{s}: not a GeoTIFF (bad magic bytes {head!r}); only GeoTIFF/COG is read")
+        head = fh.read(64)
+    if head[:4] not in _TIFF_MAGIC:
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+            if not cfg.allow_vrt:
+                raise SourceError(f"{s}: looks like a VRT/XML file, not a GeoTIFF; VRTs are refused "
+                                  "(set sources.allow_vrt: true to allow them)")
+            _check_vrt(real, cfg, _depth)
+            return real
+        raise SourceError(f"{s}: not a GeoTIFF (bad magic bytes {head[:4]!r}); only GeoTIFF/COG is read")
     return real
+
+
+_VRT_MAX_BYTES = 10_000_000
+
+
+def _check_vrt(path: Path, cfg: SourceConfig, depth: int) -> None:
+    """An allowed VRT may only reference files that pass :func:`check_source` themselves (no URLs, /vsi*,
+    files outside the allowed roots, nested VRTs beyond two levels, or pixel functions running code)."""
+    import xml.etree.ElementTree as ET
+
+    if depth > 2:
+        raise SourceError(f"{path}: VRTs nested more than two levels deep are refused")
+    if path.stat().st_size > _VRT_MAX_BYTES:
+        raise SourceError(f"{path}: VRT larger than {_VRT_MAX_BYTES:,} bytes")
+    try:
+        root = ET.fromstring(path.read_bytes())
+    except ET.ParseError as exc:
+        raise SourceError(f"{path}: not a valid VRT ({exc})") from None
+    if root.tag != "VRTDataset":
+        raise SourceError(f"{path}: XML but not a VRTDataset")
+    for el in root.iter():
+        if el.tag in ("PixelFunctionCode", "PixelFunctionLanguage"):
+            raise SourceError(f"{path}: VRT pixel functions with code are refused")
+    sources = list(root.iter("SourceFilename"))
+    if not sources:
+        raise SourceError(f"{path}: VRT references no source file")
+    for el in sources:
+        name = (el.text or "").strip()
+        rel = el.get("relativeToVRT", "0") == "1"
+        target = (path.parent / name) if rel else Path(name)
+        if "://" in name or name.lower().startswith("/vsi") or (not rel and not target.is_absolute()):
+            raise SourceError(f"{path}: VRT source {name!r} is not a local file path")
+        check_source(target, cfg, _depth=depth + 1)
+
+
+def _driver_for(real: Path) -> str:
+    """The one GDAL driver a checked file may be opened with (GDAL tries no other)."""
+    with real.open("rb") as fh:
+        return "GTiff" if fh.read(4) in _TIFF_MAGIC else "VRT"
 
 
 @dataclass(frozen=True)
@@ -118,8 +163,8 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
     real = check_source(path, cfg)
     with gdal_env():
         try:
-            with rasterio.open(real, driver=ALLOWED_DRIVERS[0]) as src:
-                if src.driver not in ALLOWED_DRIVERS:
+            with rasterio.open(real, driver=_driver_for(real)) as src:
+                if src.driver not in ALLOWED_DRIVERS + ("VRT",):
                     raise SourceError(f"{path}: driver {src.driver} is not allowed")
                 budget = src.width * src.height * src.count
                 if budget > cfg.max_pixels:
@@ -171,7 +216,7 @@ class WindowReader:
 
         self._env = gdal_env()
         self._env.__enter__()
-        self._src = rasterio.open(self.info.path, driver=ALLOWED_DRIVERS[0])
+        self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)))
         self._mask_mode = self._choose_mask_mode()
         return self
 

@@ -494,3 +494,53 @@ def test_bundled_landsat_scene():
         np.testing.assert_array_equal(r.read_valid(PixelBox(0, 0, 64, 64)), valid)
     with rasterio.open(LANDSAT) as src:
         np.testing.assert_array_equal(data, src.read(window=PixelBox(0, 0, 64, 64).to_rasterio()))
+
+
+def _vrt_text(target: Path, relative: bool = False) -> str:
+    name = target.name if relative else str(target)
+    return f"""<VRTDataset rasterXSize="20" rasterYSize="10">
+  <SRS>EPSG:32618</SRS>
+  <GeoTransform>500000, 10, 0, 2800000, 0, -10</GeoTransform>
+  <VRTRasterBand dataType="Byte" band="1">
+    <SimpleSource>
+      <SourceFilename relativeToVRT="{int(relative)}">{name}</SourceFilename>
+      <SourceBand>1</SourceBand>
+    </SimpleSource>
+  </VRTRasterBand>
+</VRTDataset>"""
+
+
+def test_vrt_allowed_only_when_its_sources_are(tmp_path):
+    import rasterio as rio
+    from affine import Affine
+
+    from geo_dino.sources import check_source, open_raster
+
+    inside = tmp_path / "in"
+    inside.mkdir()
+    tif = inside / "src.tif"
+    with rio.open(tif, "w", driver="GTiff", width=20, height=10, count=1, dtype="uint8", crs="EPSG:32618",
+                  transform=Affine(10, 0, 500000, 0, -10, 2800000)) as dst:
+        dst.write(np.arange(200, dtype=np.uint8).reshape(1, 10, 20))
+    vrt = inside / "ok.tif"
+    vrt.write_text(_vrt_text(tif, relative=True))
+    cfg = SourceConfig(allowed_roots=[inside], allow_vrt=True)
+    info = open_raster(vrt, cfg)
+    assert (info.grid.width, info.grid.height) == (20, 10)
+    with pytest.raises(SourceError, match="VRT"):
+        check_source(vrt, SourceConfig(allowed_roots=[inside]))  # not allowed by default
+    outside = tmp_path / "secret.tif"
+    outside.write_bytes(tif.read_bytes())
+    sneaky = inside / "sneaky.tif"
+    sneaky.write_text(_vrt_text(outside))
+    with pytest.raises(SourceError, match="allowed roots"):
+        check_source(sneaky, cfg)
+    remote = inside / "remote.tif"
+    remote.write_text(_vrt_text(tif).replace(str(tif), "/vsicurl/https://example.com/x.tif"))
+    with pytest.raises(SourceError, match="not a local file"):
+        check_source(remote, cfg)
+    code = inside / "code.tif"
+    code.write_text(_vrt_text(tif, relative=True).replace("<SimpleSource>",
+                    "<PixelFunctionLanguage>Python</PixelFunctionLanguage><SimpleSource>"))
+    with pytest.raises(SourceError, match="pixel functions"):
+        check_source(code, cfg)
