@@ -86,3 +86,39 @@ def test_library_never_imports_prefect():
     for p in (ROOT / "geo_dino").glob("*.py"):
         text = p.read_text()
         assert "import prefect" not in text and "from prefect" not in text, p.name
+
+
+def test_cli_run_end_to_end(tmp_path, monkeypatch):
+    """`geo-dino run --aoi --raster` through the Prefect flow: outputs and where to find them."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    res = runner.invoke(app, ["run", "--aoi", "aoi/bahamas_andros.geojson",
+                              "--raster", "data/rasters/landsat7_bahamas_RGB.byte.tif",
+                              "--arch", "vit_tiny_patch16_dinov3_test", "--output-dir", str(out)])
+    assert res.exit_code == 0, res.output
+    run_dir = next(out.iterdir())
+    assert f"Outputs in {run_dir}" in res.output and "QGIS" in res.output
+    assert (run_dir / "classes.tif").is_file() and (run_dir / "pca_rgb.tif").is_file()
+    assert json.loads((run_dir / "provenance.json").read_text())["status"] == "succeeded"
+
+
+def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
+                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"aoi: aoi/bahamas_nassau.geojson\nrasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\n"
+                   f"output_dir: {tmp_path / 'runs'}\nscreening: {{policy: {policy}}}\n"
+                   f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
+    res = runner.invoke(app, ["run", "--config", str(cfg)])
+    assert res.exit_code == 3 and "refused" in res.output and "approver" in res.output
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert not list(run_dir.glob("*.tif"))
+    res = runner.invoke(app, ["run", "--config", str(cfg), "--approve-by", "B. Reviewer",
+                              "--approve-reason", "port authority request #42"])
+    assert res.exit_code == 0, res.output
+    approved = [d for d in (tmp_path / "runs").iterdir() if (d / "classes.tif").exists()]
+    assert len(approved) == 1
+    dec = json.loads((approved[0] / "screening.json").read_text())
+    assert dec["approval"]["approver"] == "B. Reviewer"
