@@ -14,47 +14,7 @@ from typing import Any
 
 from geo_dino.errors import CheckpointError, ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SAT493M_MEAN = (0.430, 0.411, 0.296)
-SAT493M_STD = (0.213, 0.156, 0.143)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A registered architecture: the timm builder and its overrides, plus the metadata heads rely on."""
-
-    name: str
-    timm_name: str
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    n_registers: int
-    in_chans: int = 3
-    licence: str = "DINOv3 License (weights); architecture Apache-2.0"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    bands: tuple[str, ...] = ("red", "green", "blue")  # what each input channel was trained on
-
-    def timm_kwargs(self) -> dict[str, Any]:
-        return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
-                "in_chans": self.in_chans}
-
-
-ARCHS: dict[str, ArchSpec] = {
-    a.name: a
-    for a in (
-        ArchSpec("vit_small_patch16_dinov3", "vit_small_patch16_dinov3", 16, 384, 12, 6, 4),
-        ArchSpec("vit_base_patch16_dinov3", "vit_base_patch16_dinov3", 16, 768, 12, 12, 4),
-        ArchSpec("vit_large_patch16_dinov3", "vit_large_patch16_dinov3", 16, 1024, 24, 16, 4),
-        ArchSpec("vit_large_patch16_dinov3_sat", "vit_large_patch16_dinov3", 16, 1024, 24, 16, 4,
-                 mean=SAT493M_MEAN, std=SAT493M_STD),
-        # a tiny DINOv3-architecture ViT (RoPE, 4 registers) for tests: the whole pipeline in seconds on CPU
-        ArchSpec("vit_tiny_patch16_dinov3_test", "vit_small_patch16_dinov3", 16, 48, 2, 2, 4,
-                 licence="random weights (test architecture)"),
-    )
-}
+from geo_dino.archs import ARCHS, ArchSpec  # noqa: F401 - re-exported: the registry lives in archs.py
 
 
 @dataclass(frozen=True)
@@ -163,7 +123,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         bands=tuple(meta["bands"].split(",")) if "bands" in meta else a.bands,
         source=str(checkpoint) if checkpoint else "random-init",
         sha256=sha256_of(Path(checkpoint)) if checkpoint else None,
-        licence=meta.get("licence", a.licence if checkpoint else "n/a (random weights)"),
+        licence=meta.get("licence", a.licence) if checkpoint else "n/a (random weights)",
         seed=None if checkpoint else seed,
         training_lineage=meta.get("training_lineage", "unknown (not stated in the checkpoint)"
                                   if checkpoint else "none: random initialisation"),
