@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from geo_dino.errors import CheckpointError, ConfigError
+from geo_dino.errors import CheckpointError, ConfigError, LicenceError
 
 from geo_dino.archs import ARCHS, ArchSpec  # noqa: F401 - re-exported: the registry lives in archs.py
 
@@ -87,15 +87,32 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
     return obj, {}
 
 
+def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None) -> dict[str, Any] | None:
+    """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    a = ARCHS[arch]
+    if checkpoint is None or not a.gated:
+        return None
+    if accept_licence != a.licence:
+        raise LicenceError(f"{arch} weights are distributed under the {a.licence}; running them needs an explicit "
+                           f"acceptance: set backbone.accept_licence: {a.licence!r} in the config or pass "
+                           f"--accept-licence {a.licence!r} on the command line")
+    return {"licence": a.licence, "accepted": True, "statement": accept_licence}
+
+
 def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha256: str | None = None,
                    seed: int = 0, mean: tuple[float, ...] | None = None,
-                   std: tuple[float, ...] | None = None) -> tuple[Any, CheckpointSpec]:
-    """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such."""
+                   std: tuple[float, ...] | None = None,
+                   accept_licence: str | None = None) -> tuple[Any, CheckpointSpec]:
+    """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such.
+
+    Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence.
+    """
     import timm
     import torch
 
-    if arch not in ARCHS:
-        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    check_licence(arch, checkpoint, accept_licence)
     a = ARCHS[arch]
     torch.manual_seed(seed)
     model = timm.create_model(a.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,

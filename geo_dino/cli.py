@@ -28,6 +28,8 @@ def run(
     approve_reason: Annotated[Optional[str], typer.Option(help="reason for the approval")] = None,
     arch: Annotated[Optional[str], typer.Option(help="backbone architecture")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="local checkpoint file")] = None,
+    accept_licence: Annotated[Optional[str], typer.Option(
+        help="accept the weights' licence, by its exact name (e.g. 'DINOv3 License')")] = None,
 ) -> None:
     """Run the pipeline on an AOI and one or two rasters."""
     from geo_dino.errors import GeoDinoError, RunRefused
@@ -43,8 +45,9 @@ def run(
         if not (approve_by and approve_reason):
             _fail("--approve-by and --approve-reason go together")
         overrides["screening"] = {"approval": {"approver": approve_by, "reason": approve_reason}}
-    if arch or checkpoint:
-        overrides["backbone"] = {k: str(v) for k, v in (("arch", arch), ("checkpoint", checkpoint)) if v}
+    if arch or checkpoint or accept_licence:
+        overrides["backbone"] = {k: str(v) for k, v in (("arch", arch), ("checkpoint", checkpoint),
+                                                         ("accept_licence", accept_licence)) if v}
     if config is None and not (aoi and raster):
         _fail("give --config FILE, or --aoi FILE with one or two --raster FILE")
 

@@ -63,6 +63,8 @@ class BackboneConfig(_Model):
     arch: str = "vit_small_patch16_dinov3"
     checkpoint: Path | None = None  # local .safetensors or .pth (weights_only); never downloaded
     checkpoint_sha256: str | None = None
+    # gated weights (DINOv3 License) run only when this names their licence exactly, e.g. "DINOv3 License"
+    accept_licence: str | None = None
     seed: int = 0  # random initialisation when no checkpoint is given
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: Annotated[int, Field(gt=0)] = 8

@@ -41,3 +41,7 @@ class CheckpointError(GeoDinoError, ValueError):
 
 class OutputError(GeoDinoError, OSError):
     """An output failed verification after writing, or would be written outside the run folder."""
+
+
+class LicenceError(GeoDinoError, PermissionError):
+    """Weights under a gated licence were asked for without an explicit acceptance of that licence."""

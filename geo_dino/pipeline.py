@@ -170,6 +170,12 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         from geo_dino.errors import ConfigError
 
         raise ConfigError(f"backbone.arch: unknown architecture {cfg.backbone.arch!r}; choose one of {sorted(ARCHS)}")
+    from geo_dino.backbone import check_licence
+
+    acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence)
+    update_record(run_dir, licence={"architecture_licence": arch.licence, "gated": arch.gated,
+                                    "weights": "checkpoint" if cfg.backbone.checkpoint else "random-init",
+                                    "acceptance": acceptance})
     infos = [open_raster(p, cfg.sources, needed_bands=arch.in_chans) for p in cfg.rasters]
     if len(infos) == 2:
         infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
@@ -251,7 +257,8 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = build_backbone(cfg.backbone.arch, checkpoint=cfg.backbone.checkpoint,
-                                      checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed)
+                                      checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed,
+                                      accept_licence=cfg.backbone.accept_licence)
     model, spec = _MODELS[key]
     pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
     return FeatureExtractor(model, pre, device), spec

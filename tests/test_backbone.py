@@ -153,3 +153,19 @@ def test_preprocess_uint8_and_percentiles():
         make_preprocessor("uint8", (1, 2), PreprocessConfig(), (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(ConfigError, match="value_range"):
         make_preprocessor("uint16", (1,), PreprocessConfig(scale="range"), (0.5,), (0.25,))
+
+
+def test_dinov3_weights_need_licence_acceptance(tmp_path):
+    from geo_dino.errors import LicenceError
+
+    ref, _ = build_backbone("vit_small_patch16_dinov3", seed=1)
+    path = tmp_path / "dinov3_vits16.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    with pytest.raises(LicenceError, match="accept_licence"):
+        build_backbone("vit_small_patch16_dinov3", checkpoint=path)
+    with pytest.raises(LicenceError):
+        build_backbone("vit_small_patch16_dinov3", checkpoint=path, accept_licence="yes")
+    model, spec = build_backbone("vit_small_patch16_dinov3", checkpoint=path, accept_licence="DINOv3 License")
+    assert spec.licence == "DINOv3 License"
+    _, rand = build_backbone("vit_small_patch16_dinov3")  # random weights: nothing to accept
+    assert rand.source == "random-init"

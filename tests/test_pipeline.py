@@ -259,3 +259,18 @@ def test_fit_features_reused_not_recomputed(tiny_config, monkeypatch):
     for name in ("pca_rgb.tif", "classes.tif"):
         with rasterio.open(run_dir / name) as a, rasterio.open(run_dir2 / name) as b:
             assert np.array_equal(a.read(), b.read())
+
+
+def test_licence_gate_before_any_pixel(tiny_config, tmp_path):
+    from geo_dino.errors import LicenceError
+
+    ckpt = tmp_path / "sat.safetensors"
+    ckpt.write_bytes(b"not even read")
+    cfg = tiny_config(backbone={"arch": "vit_large_patch16_dinov3_sat", "checkpoint": str(ckpt)})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    with pytest.raises(LicenceError, match="DINOv3 License"):
+        pl.plan_run(run_dir)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "failed" and "LicenceError" in rec["error"]
+    assert not (run_dir / "work").exists()
