@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--autotune", action="store_true", help="also max-autotune (minutes of compilation)")
+    ap.add_argument("--only-fused", action="store_true", help="only ours on ViT-L (compiled, and --autotune)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script's logic (tiny batch)")
     args = ap.parse_args()
     dev = args.device
@@ -126,6 +127,17 @@ def main() -> None:
         emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="ours fused-RoPE compiled (bf16)",
              res=224, batch=B, img_s=round(timed(fc, xb, it, 3), 1))
 
+    if args.only_fused:
+        if args.autotune:
+            fm = torch.compile(fused.forward_features, mode="max-autotune-no-cudagraphs")
+            t0 = time.time()
+            with torch.inference_mode():
+                fm(xb)
+            emit(args.out, what="compile", model="ours fused-RoPE max-autotune", seconds=round(time.time() - t0, 1))
+            emit(args.out, what="throughput", model="vit_large_patch16_dinov3",
+                 variant="ours fused-RoPE compiled max-autotune-no-cudagraphs (bf16)",
+                 res=224, batch=B, img_s=round(timed(fm, xb, it, 3), 1))
+        return
     emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="timm eager (bf16 weights)",
          res=224, batch=B, img_s=round(timed(timm_fwd(mb), xb, it, 3), 1))
     if not args.no_compile:
