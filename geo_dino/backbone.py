@@ -157,11 +157,23 @@ def _meta_floats(meta: dict[str, str], key: str) -> tuple[float, ...] | None:
         raise CheckpointError(f"checkpoint metadata {key!r} is not a comma-separated list of numbers") from None
 
 
-def dense_features(model: Any, x: Any) -> Any:
-    """Patch features ``(B, C, H/p, W/p)`` at the input's own size (a multiple of the patch size).
+def fused(model: Any) -> Any:
+    """The :class:`~geo_dino.fast_vit.FusedRopeViT` view of a RoPE model (made once, kept on the model)."""
+    from geo_dino.fast_vit import FusedRopeViT
 
-    Uses timm's ``forward_intermediates`` on the last block after the final norm, which drops the CLS and
-    register tokens by their count (``num_prefix_tokens``), so registers are never read as patches.
+    view = model.__dict__.get("_geo_dino_fused")
+    if view is None:
+        view = FusedRopeViT(model)
+        object.__setattr__(model, "_geo_dino_fused", view)  # a plain attribute: not a submodule, not saved
+    return view
+
+
+def dense_features(model: Any, x: Any) -> Any:
+    """Patch features ``(B, C, H/p, W/p)`` at the input's own size (a multiple of the patch size), after the
+    final norm, with the CLS and register tokens dropped by their count (registers are never read as patches).
+
+    RoPE models (DINOv3) run through :class:`~geo_dino.fast_vit.FusedRopeViT` (bit-identical to timm, faster);
+    others through timm's ``forward_intermediates``.
     """
     import torch
 
@@ -169,5 +181,7 @@ def dense_features(model: Any, x: Any) -> Any:
     if x.shape[-1] % p or x.shape[-2] % p:
         raise ConfigError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
     with torch.inference_mode():
+        if getattr(model, "rope", None) is not None:
+            return fused(model).dense_features(x)
         feats = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True, output_fmt="NCHW")
     return feats[-1]
