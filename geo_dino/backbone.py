@@ -30,6 +30,7 @@ class CheckpointSpec:
     std: tuple[float, ...]
     bands: tuple[str, ...]
     source: str  # "random-init" or the checkpoint's path
+    layout: str | None  # the checkpoint's layout (timm | official | hf), None for random init
     sha256: str | None
     licence: str
     seed: int | None
@@ -114,13 +115,26 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
 
     check_licence(arch, checkpoint, accept_licence)
     a = ARCHS[arch]
-    torch.manual_seed(seed)
-    model = timm.create_model(a.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                              **a.timm_kwargs())
+    from geo_dino.checkpoints import inspect_state, to_timm
+
     meta: dict[str, str] = {}
+    layout = None
+    timm_name = a.timm_name
     if checkpoint is not None:
         state, meta = read_state_dict(Path(checkpoint), checkpoint_sha256)
-        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+        detected = inspect_state(state)
+        diffs = detected.matches(a)
+        if diffs:
+            raise CheckpointError(f"{checkpoint}: its tensors describe another architecture than backbone.arch "
+                                  f"{arch}: {'; '.join(diffs)}; `geo-dino checkpoint inspect {checkpoint}` lists "
+                                  "the registered architectures it fits")
+        layout = detected.layout
+        if detected.qkv_bias and a.rope and not timm_name.endswith("_qkvb"):
+            timm_name += "_qkvb"  # DINOv3 with query/value biases
+    torch.manual_seed(seed)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **a.timm_kwargs())
+    if checkpoint is not None:
+        state = to_timm(state, detected, model)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -139,6 +153,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         std=tuple(std or _meta_floats(meta, "std") or a.std),
         bands=tuple(meta["bands"].split(",")) if "bands" in meta else a.bands,
         source=str(checkpoint) if checkpoint else "random-init",
+        layout=layout,
         sha256=sha256_of(Path(checkpoint)) if checkpoint else None,
         licence=meta.get("licence", a.licence) if checkpoint else "n/a (random weights)",
         seed=None if checkpoint else seed,

@@ -1,0 +1,174 @@
+"""Checkpoint layouts: recognise a state dict by its keys and shapes, never by its file name.
+
+Three layouts are read, each converted to timm's names (the modules the pipeline builds):
+
+* ``timm``     — timm's own names (``reg_token``, ``blocks.N.gamma_1``, ``attn.q_bias`` …).
+* ``official`` — Meta's DINO / DINOv2 / DINOv3 repositories (``storage_tokens``, ``blocks.N.ls1.gamma``,
+  ``rope_embed.periods``, ``register_tokens``, ``mlp.w12`` …); converted by timm's own checkpoint filters.
+* ``hf``       — Hugging Face transformers (``embeddings.cls_token``, ``layer.N.attention.q_proj`` …, as in
+  ``DINOv3ViTModel``); converted here.
+
+:func:`inspect_state` tells the layout and the architecture (family, width, depth, patch size, registers, MLP
+type, q/v biases) from the tensors; :func:`to_timm` converts. Strictness (missing, unexpected and misshaped
+keys) is checked by the loader against the model it builds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from geo_dino.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What the tensors say about a checkpoint."""
+
+    layout: str  # timm | official | hf
+    family: str  # dino | dinov2 | dinov3
+    embed_dim: int
+    depth: int
+    patch_size: int
+    n_registers: int
+    mlp: str  # mlp | swiglu
+    qkv_bias: bool  # q and v biases present (DINOv3 "qkvb" variants)
+    n_params: int
+
+    def matches(self, arch: Any) -> list[str]:
+        """Differences between this checkpoint and a registry :class:`~geo_dino.archs.ArchSpec` (empty: fits)."""
+        diffs = []
+        for name, mine, theirs in (("family", self.family, arch.family), ("embed_dim", self.embed_dim, arch.embed_dim),
+                                   ("depth", self.depth, arch.depth), ("patch_size", self.patch_size, arch.patch_size),
+                                   ("registers", self.n_registers, arch.n_registers), ("mlp", self.mlp, arch.mlp)):
+            if mine != theirs and not (name == "family" and theirs == "test"):
+                diffs.append(f"{name} {mine} (checkpoint) vs {theirs} ({arch.name})")
+        return diffs
+
+
+def _strip(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop wrapper prefixes (DDP ``module.``, ``backbone.``) and pick the teacher/model from a training dict."""
+    for key in ("teacher", "model_ema", "model", "state_dict"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    out = {}
+    for k, v in state.items():
+        for p in ("module.", "backbone.", "_orig_mod."):
+            k = k.removeprefix(p)
+        out[k] = v
+    return out
+
+
+_HF_LAYER = re.compile(r"^(?:model\.|encoder\.)?layer\.(\d+)\.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def detect_layout(state: dict[str, Any]) -> str:
+    keys = set(state)
+    if "embeddings.cls_token" in keys and any(_HF_LAYER.match(k) for k in keys):
+        return "hf"
+    if not any(_BLOCK.match(k) for k in keys) or "cls_token" not in keys:
+        sample = sorted(keys)[:6]
+        raise CheckpointError(f"unknown checkpoint layout (first keys {sample}); geo_dino reads timm, the "
+                              "official DINO/DINOv2/DINOv3 and Hugging Face transformers layouts")
+    if "storage_tokens" in keys or "rope_embed.periods" in keys or "register_tokens" in keys \
+            or "blocks.0.ls1.gamma" in keys and "reg_token" not in keys and "pos_embed" not in keys \
+            or any(k.endswith((".mlp.w12.weight", ".mlp.w3.weight")) for k in keys):
+        return "official"
+    if "mask_token" in keys and "pos_embed" in keys:
+        return "official"  # DINOv2 official keeps its mask token
+    return "timm"
+
+
+def inspect_state(state: dict[str, Any]) -> Detected:
+    """Layout and architecture facts of a state dict (after wrapper prefixes are stripped)."""
+    state = _strip(state)
+    layout = detect_layout(state)
+    keys = set(state)
+    n_params = int(sum(int(v.numel()) for v in state.values() if hasattr(v, "numel")))
+    if layout == "hf":
+        w = state["embeddings.patch_embeddings.weight"]
+        depth = 1 + max(int(_HF_LAYER.match(k).group(1)) for k in keys if _HF_LAYER.match(k))
+        regs = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in keys else 0
+        mlp = "swiglu" if any(k.endswith("mlp.gate_proj.weight") for k in keys) else "mlp"
+        qkv_bias = any(k.endswith("attention.q_proj.bias") for k in keys)
+        return Detected("hf", "dinov3", int(w.shape[0]), depth, int(w.shape[-1]), int(regs), mlp, qkv_bias, n_params)
+    w = state["patch_embed.proj.weight"]
+    depth = 1 + max(int(_BLOCK.match(k).group(1)) for k in keys if _BLOCK.match(k))
+    reg_key = next((k for k in ("reg_token", "storage_tokens", "register_tokens") if k in keys), None)
+    regs = int(state[reg_key].shape[1]) if reg_key else 0
+    rope = "rope_embed.periods" in keys or "storage_tokens" in keys or "blocks.0.gamma_1" in keys
+    if rope:
+        family = "dinov3"
+    elif "blocks.0.ls1.gamma" in keys:
+        family = "dinov2"
+    else:
+        family = "dino"
+    swiglu = any(re.search(r"mlp\.(w12|w1|fc1_g|fc1_x)\.weight$", k) for k in keys)
+    qkv_bias = any(k.endswith("attn.q_bias") for k in keys) or (
+        family == "dinov3" and any(k.endswith("attn.qkv.bias") for k in keys))
+    return Detected(layout, family, int(w.shape[0]), depth, int(w.shape[-1]), regs,
+                    "swiglu" if swiglu else "mlp", qkv_bias, n_params)
+
+
+def _hf_dinov3_to_timm(state: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    per_layer: dict[int, dict[str, Any]] = {}
+    for k, v in state.items():
+        m = _HF_LAYER.match(k)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[k[m.end():]] = v
+            continue
+        if k == "embeddings.mask_token":
+            continue  # pretraining only
+        name = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "reg_token",
+                "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+                "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+                "norm.weight": "norm.weight", "norm.bias": "norm.bias"}.get(k)
+        if name is None:
+            raise CheckpointError(f"unexpected key {k!r} in a Hugging Face DINOv3 checkpoint")
+        out[name] = v
+    for i, p in sorted(per_layer.items()):
+        b = f"blocks.{i}."
+        out[b + "attn.qkv.weight"] = torch.cat([p.pop("attention.q_proj.weight"), p.pop("attention.k_proj.weight"),
+                                                 p.pop("attention.v_proj.weight")])
+        if "attention.q_proj.bias" in p:
+            out[b + "attn.q_bias"] = p.pop("attention.q_proj.bias")
+            out[b + "attn.v_bias"] = p.pop("attention.v_proj.bias")
+            kb = p.pop("attention.k_proj.bias", None)
+            if kb is not None and bool(kb.abs().max() > 0):
+                raise CheckpointError(f"layer {i}: a non-zero key bias cannot be represented (DINOv3 has none)")
+        simple = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
+                  "norm2.bias": "norm2.bias", "attention.o_proj.weight": "attn.proj.weight",
+                  "attention.o_proj.bias": "attn.proj.bias", "layer_scale1.lambda1": "gamma_1",
+                  "layer_scale2.lambda1": "gamma_2", "mlp.down_proj.weight": "mlp.fc2.weight",
+                  "mlp.down_proj.bias": "mlp.fc2.bias"}
+        if "mlp.gate_proj.weight" in p:
+            simple |= {"mlp.gate_proj.weight": "mlp.fc1_g.weight", "mlp.gate_proj.bias": "mlp.fc1_g.bias",
+                       "mlp.up_proj.weight": "mlp.fc1_x.weight", "mlp.up_proj.bias": "mlp.fc1_x.bias"}
+        else:
+            simple |= {"mlp.up_proj.weight": "mlp.fc1.weight", "mlp.up_proj.bias": "mlp.fc1.bias"}
+        for src, dst in simple.items():
+            if src in p:
+                out[b + dst] = p.pop(src)
+        if p:
+            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} in a Hugging Face DINOv3 checkpoint")
+    return out
+
+
+def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, Any]:
+    """The state dict in timm's names for ``model`` (a timm model of the detected architecture)."""
+    state = _strip(state)
+    if detected.layout == "timm":
+        return state
+    if detected.layout == "hf":
+        return _hf_dinov3_to_timm(state)
+    if detected.family == "dinov3":
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    return checkpoint_filter_fn(dict(state), model)

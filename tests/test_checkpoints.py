@@ -1,0 +1,139 @@
+"""Checkpoint layouts: Hugging Face, official (Meta) and timm files load into the same features.
+
+The reference is transformers' own ``DINOv3ViTModel`` with random weights: its file (HF layout) and the same
+weights under the official DINOv3 names must both give its forward pass (fp32, max abs diff ≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from geo_dino.backbone import build_backbone
+from geo_dino.checkpoints import detect_layout, inspect_state
+from geo_dino.errors import CheckpointError
+
+ARCH = "vit_tiny_patch16_dinov3_test"  # 48 wide, 2 blocks, 2 heads, 4 registers, RoPE, patch 16
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model():
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    cfg = DINOv3ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192,
+                          num_register_tokens=4, patch_size=16, image_size=64, layerscale_value=1.0)
+    torch.manual_seed(0)
+    m = DINOv3ViTModel(cfg).eval()
+    with torch.no_grad():  # every tensor random and non-trivial (biases, layer scales, tokens)
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "attention.k_proj.bias" not in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    return m
+
+
+def _hf_forward(m, x):
+    with torch.inference_mode():
+        return m(pixel_values=x).last_hidden_state
+
+
+def _official_from_hf(sd: dict) -> dict:
+    """The same weights under the official DINOv3 repository's names (dinov3/models/vision_transformer.py)."""
+    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
+           "mask_token": torch.zeros(1, sd["embeddings.cls_token"].shape[-1]),
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "rope_embed.periods": torch.ones(6), "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    for i in range(2):
+        h = f"model.layer.{i}." if f"model.layer.{i}.norm1.weight" in sd else f"layer.{i}."
+        b = f"blocks.{i}."
+        q, k, v = (sd[h + f"attention.{n}_proj.weight"] for n in "qkv")
+        out[b + "attn.qkv.weight"] = torch.cat([q, k, v])
+        out[b + "attn.qkv.bias"] = torch.cat([sd[h + "attention.q_proj.bias"], torch.zeros(48),
+                                              sd[h + "attention.v_proj.bias"]])
+        out[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(48), torch.zeros(48), torch.ones(48)])
+        for src, dst in (("norm1", "norm1"), ("norm2", "norm2"), ("attention.o_proj", "attn.proj"),
+                         ("mlp.up_proj", "mlp.fc1"), ("mlp.down_proj", "mlp.fc2")):
+            out[b + dst + ".weight"] = sd[h + src + ".weight"]
+            out[b + dst + ".bias"] = sd[h + src + ".bias"]
+        out[b + "ls1.gamma"] = sd[h + "layer_scale1.lambda1"]
+        out[b + "ls2.gamma"] = sd[h + "layer_scale2.lambda1"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return _hf_model()
+
+
+def test_hf_layout_matches_transformers_forward(hf, tmp_path):
+    path = tmp_path / "hf.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
+    model, spec = build_backbone(ARCH, checkpoint=path)
+    assert spec.layout == "hf"
+    x = torch.randn(2, 3, 64, 96)
+    want = _hf_forward(hf, x)
+    with torch.inference_mode():
+        got = model.forward_features(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_official_layout_matches_transformers_forward(hf, tmp_path):
+    path = tmp_path / "dinov3_official.pth"
+    torch.save(_official_from_hf(hf.state_dict()), path)
+    model, spec = build_backbone(ARCH, checkpoint=path)
+    assert spec.layout == "official"
+    x = torch.randn(2, 3, 48, 80)
+    with torch.inference_mode():
+        got = model.forward_features(x)
+    assert (got - _hf_forward(hf, x)).abs().max() <= 1e-4
+
+
+def test_timm_layout_round_trip(hf, tmp_path):
+    """A file saved from the loaded (timm) model loads again and gives the same features."""
+    src = tmp_path / "hf.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(src))
+    model, _ = build_backbone(ARCH, checkpoint=src)
+    dst = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst))
+    again, spec = build_backbone(ARCH, checkpoint=dst)
+    assert spec.layout == "timm"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(again.forward_features(x), model.forward_features(x))
+
+
+def test_inspect_facts_per_layout(hf):
+    sd = hf.state_dict()
+    for state, layout in ((sd, "hf"), (_official_from_hf(sd), "official")):
+        d = inspect_state(state)
+        assert (d.layout, d.family, d.embed_dim, d.depth, d.patch_size, d.n_registers, d.mlp, d.qkv_bias) == \
+            (layout, "dinov3", 48, 2, 16, 4, "mlp", True)
+
+
+def test_unknown_layout_and_wrong_architecture(hf, tmp_path):
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        detect_layout({"encoder.weight": torch.zeros(3)})
+    path = tmp_path / "hf.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="another architecture.*embed_dim 48"):
+        build_backbone("vit_small_patch16_dinov3", checkpoint=path, accept_licence="DINOv3 License")
+
+
+def test_file_name_plays_no_part(hf, tmp_path):
+    """The official loader needs 'eadcf0ff' in a SAT ViT-L file name; here the name is irrelevant."""
+    a = tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    b = tmp_path / "weights.bin.pth"
+    state = _official_from_hf(hf.state_dict())
+    torch.save(state, a)
+    torch.save(state, b)
+    x = torch.randn(1, 3, 32, 32)
+    ma, sa = build_backbone(ARCH, checkpoint=a)
+    mb, sb = build_backbone(ARCH, checkpoint=b)
+    with torch.inference_mode():
+        assert torch.equal(ma.forward_features(x), mb.forward_features(x))
+    assert sa.layout == sb.layout == "official"
