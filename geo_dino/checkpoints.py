@@ -172,3 +172,76 @@ def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, 
     else:
         from timm.models.vision_transformer import checkpoint_filter_fn
     return checkpoint_filter_fn(dict(state), model)
+
+
+def fitting_archs(detected: Detected) -> list[str]:
+    """Registered architectures whose tensors match (the test architecture excluded)."""
+    from geo_dino.archs import ARCHS
+
+    return [n for n, a in ARCHS.items() if a.family != "test" and not detected.matches(a)]
+
+
+def inspect_file(path: Any) -> dict[str, Any]:
+    """What a checkpoint file is: hash, format, layout, architecture facts, the registry entries it fits with
+    their licence and preprocessing, and the metadata stored in it. Never executes code from the file."""
+    from pathlib import Path
+
+    from geo_dino.archs import ARCHS
+    from geo_dino.backbone import read_state_dict, sha256_of
+
+    p = Path(path)
+    state, meta = read_state_dict(p, None)
+    d = inspect_state(state)
+    fits = fitting_archs(d)
+    return {
+        "path": str(p), "sha256": sha256_of(p), "size_bytes": p.stat().st_size,
+        "format": "safetensors" if p.suffix == ".safetensors" else "torch (weights_only)",
+        "layout": d.layout, "family": d.family, "embed_dim": d.embed_dim, "depth": d.depth,
+        "patch_size": d.patch_size, "registers": d.n_registers, "mlp": d.mlp, "qkv_bias": d.qkv_bias,
+        "parameters": d.n_params,
+        "architectures": [{"name": n, "licence": ARCHS[n].licence, "mean": ARCHS[n].mean, "std": ARCHS[n].std,
+                           "gsd_m": ARCHS[n].gsd_m, "training_data": ARCHS[n].training_data} for n in fits],
+        "metadata": meta,
+    }
+
+
+def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
+    """Convert any readable layout to a timm-layout ``.safetensors`` with its metadata (and ``dst.json``)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from geo_dino import __version__
+    from geo_dino.archs import ARCHS
+    from geo_dino.backbone import build_backbone, read_state_dict, sha256_of
+
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"{dst}: the converted file must be a .safetensors file")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError("the output would overwrite the input")
+    state, _ = read_state_dict(src, None)
+    d = inspect_state(state)
+    fits = fitting_archs(d)
+    if arch is None:
+        if len(fits) != 1:
+            raise CheckpointError(f"{src}: its tensors fit {fits or 'no registered architecture'}; "
+                                  "name one with --arch (e.g. the _sat entry for SAT-493M weights)")
+        arch = fits[0]
+    a = ARCHS.get(arch)
+    if a is None:
+        raise CheckpointError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    model, spec = build_backbone(arch, checkpoint=src, accept_licence=a.licence)  # converting is not running
+    meta = {"arch": arch, "source_layout": d.layout, "source_sha256": sha256_of(src), "source_name": src.name,
+            "licence": a.licence, "mean": ",".join(map(str, spec.mean)), "std": ",".join(map(str, spec.std)),
+            "bands": ",".join(a.bands), "training_lineage": a.training_data or "unknown",
+            "converted_by": f"geo_dino {__version__}"}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, dst)
+    record = meta | {"sha256": sha256_of(dst), "tensors": len(tensors)}
+    dst.with_name(dst.name + ".json").write_text(json.dumps(record, indent=2))
+    return record

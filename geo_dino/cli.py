@@ -93,5 +93,37 @@ def validate_aoi(path: Path, repair: bool = typer.Option(False, help="repair sel
     typer.echo(json.dumps(rec, indent=2, default=str))
 
 
+checkpoint_app = typer.Typer(help="Inspect and convert backbone checkpoints (never downloaded).",
+                             no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("inspect")
+def checkpoint_inspect(path: Path) -> None:
+    """Detected layout and architecture, parameter count, sha256, licence and preprocessing of a file."""
+    from geo_dino.checkpoints import inspect_file
+    from geo_dino.errors import GeoDinoError
+
+    try:
+        info = inspect_file(path)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(path: Path, out: Path,
+                       arch: Annotated[Optional[str], typer.Option(help="registry architecture")] = None) -> None:
+    """Convert any readable layout to timm-layout safetensors with metadata (and OUT.json)."""
+    from geo_dino.checkpoints import convert_file
+    from geo_dino.errors import GeoDinoError
+
+    try:
+        rec = convert_file(path, out, arch)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(json.dumps(rec, indent=2))
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

@@ -137,3 +137,49 @@ def test_file_name_plays_no_part(hf, tmp_path):
     with torch.inference_mode():
         assert torch.equal(ma.forward_features(x), mb.forward_features(x))
     assert sa.layout == sb.layout == "official"
+
+
+def test_cli_inspect_and_convert(hf, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from geo_dino.cli import app
+
+    runner = CliRunner()
+    src = tmp_path / "official.pth"
+    torch.save(_official_from_hf(hf.state_dict()), src)
+    res = runner.invoke(app, ["checkpoint", "inspect", str(src)])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["layout"] == "official" and info["embed_dim"] == 48 and info["registers"] == 4
+    assert len(info["sha256"]) == 64 and info["architectures"] == []  # 48 wide: only the test architecture
+    out = tmp_path / "converted.safetensors"
+    res = runner.invoke(app, ["checkpoint", "convert", str(src), str(out), "--arch", ARCH])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "converted.safetensors.json").read_text())
+    assert rec["source_layout"] == "official" and rec["arch"] == ARCH and rec["sha256"]
+    model, spec = build_backbone(ARCH, checkpoint=out)
+    assert spec.layout == "timm"
+    x = torch.randn(1, 3, 32, 48)
+    with torch.inference_mode():
+        assert (model.forward_features(x) - _hf_forward(hf, x)).abs().max() <= 1e-4
+    res = runner.invoke(app, ["checkpoint", "convert", str(src), str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and "--arch" in res.output
+    bad = tmp_path / "fake.safetensors"
+    bad.write_bytes(b"\x80\x02}q\x00.")
+    res = runner.invoke(app, ["checkpoint", "inspect", str(bad)])
+    assert res.exit_code == 2 and "disguised" in res.output
+
+
+def test_inspect_real_vit_l_shapes_fit_web_and_sat(tmp_path):
+    """A ViT-L/16 DINOv3 file fits both the web and the SAT-493M entries: the tensors cannot tell them apart,
+    so the user names the entry (and with it the preprocessing); the file name is never used."""
+    import timm
+
+    from geo_dino.checkpoints import fitting_archs
+
+    with torch.device("meta"):
+        m = timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0)
+    state = {k: torch.empty(v.shape) for k, v in m.state_dict().items()}
+    assert set(fitting_archs(inspect_state(state))) == {"vit_large_patch16_dinov3", "vit_large_patch16_dinov3_sat"}
