@@ -200,3 +200,48 @@ def dense_features(model: Any, x: Any) -> Any:
             return fused(model).dense_features(x)
         feats = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True, output_fmt="NCHW")
     return feats[-1]
+
+
+@dataclass(frozen=True)
+class Features:
+    """The one feature interface every head uses.
+
+    ``dense``: patch features ``(B, C, H/p, W/p)`` of the last block; ``global_``: the CLS token ``(B, C)``;
+    ``layers``: patch features of selected blocks (0-based), each ``(B, C, H/p, W/p)``. All after the final
+    norm; register tokens are never part of any of them.
+    """
+
+    dense: Any
+    global_: Any
+    layers: dict[int, Any]
+
+
+def extract(model: Any, x: Any, layers: tuple[int, ...] = ()) -> Features:
+    """Dense, global and intermediate-layer features of ``x`` (a multiple of the patch size)."""
+    import torch
+
+    p = model.patch_embed.patch_size[0]
+    if x.shape[-1] % p or x.shape[-2] % p:
+        raise ConfigError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+    depth = len(model.blocks)
+    bad = [i for i in layers if not -depth <= i < depth]
+    if bad:
+        raise ConfigError(f"layers {bad} do not exist: the backbone has blocks 0..{depth - 1}")
+    wanted = tuple(sorted({i % depth for i in layers}))
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    npt = model.num_prefix_tokens
+
+    def grid(tokens: Any) -> Any:
+        return tokens[:, npt:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    with torch.inference_mode():
+        if getattr(model, "rope", None) is not None:
+            from geo_dino.fast_vit import fused_forward_with_layers
+
+            final, kept = fused_forward_with_layers(fused(model), x, wanted)
+            inter = {i: grid(t) for i, t in kept.items()}
+        else:
+            final, maps = model.forward_intermediates(x, indices=list(wanted) or [depth - 1], norm=True,
+                                                     output_fmt="NCHW")
+            inter = dict(zip(wanted, maps, strict=False)) if wanted else {}  # final: already normed
+    return Features(dense=grid(final), global_=final[:, 0], layers={i: inter[i] for i in wanted})

@@ -96,3 +96,25 @@ class FusedRopeViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_features(x)
+
+
+def fused_forward_with_layers(view: FusedRopeViT, x: torch.Tensor,
+                              layers: tuple[int, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Tokens after the final norm, and the tokens after each block in ``layers`` (final norm applied too)."""
+    m = view.model
+    grid = m.patch_embed(x)
+    B, h, w, C = grid.shape
+    prefix = [m.cls_token.expand(B, -1, -1)]
+    if m.reg_token is not None:
+        prefix.append(m.reg_token.expand(B, -1, -1))
+    tokens = m.norm_pre(torch.cat(prefix + [grid.reshape(B, h * w, C)], dim=1))
+    sin, cos = view._rope_tables(h, w, tokens.device)
+    kept: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(m.blocks):
+        a = view._attention(blk.attn, blk.norm1(tokens), sin, cos)
+        tokens = tokens + (blk.gamma_1 * a if blk.gamma_1 is not None else a)
+        f = blk.mlp(blk.norm2(tokens))
+        tokens = tokens + (blk.gamma_2 * f if blk.gamma_2 is not None else f)
+        if i in layers:
+            kept[i] = m.norm(tokens)
+    return m.norm(tokens), kept

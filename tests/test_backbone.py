@@ -169,3 +169,28 @@ def test_dinov3_weights_need_licence_acceptance(tmp_path):
     assert spec.licence == "DINOv3 License"
     _, rand = build_backbone("vit_small_patch16_dinov3")  # random weights: nothing to accept
     assert rand.source == "random-init"
+
+
+@pytest.mark.parametrize("arch", [ARCH, "dino_vits16"])
+def test_feature_api_dense_global_layers(arch):
+    from geo_dino.backbone import extract
+
+    model, spec = build_backbone(arch)
+    if hasattr(model.blocks[0], "gamma_1") and model.blocks[0].gamma_1 is not None:
+        with torch.no_grad():
+            for b in model.blocks:
+                b.gamma_1.fill_(1.0)
+                b.gamma_2.fill_(1.0)
+    x = _x(32, 48)
+    out = extract(model, x, layers=(0, -1))
+    depth = len(model.blocks)
+    assert out.dense.shape == (2, spec.embed_dim, 2, 3) and out.global_.shape == (2, spec.embed_dim)
+    assert set(out.layers) == {0, depth - 1}
+    torch.testing.assert_close(out.layers[depth - 1], out.dense)  # the last block's map is the dense map
+    assert (out.layers[0] - out.dense).abs().max() > 1e-3  # an earlier block differs
+    with torch.inference_mode():
+        tokens = model.forward_features(x)
+    torch.testing.assert_close(out.global_, tokens[:, 0], atol=1e-5, rtol=1e-5)  # CLS, after the norm
+    torch.testing.assert_close(out.dense, dense_features(model, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="do not exist"):
+        extract(model, x, layers=(depth,))
