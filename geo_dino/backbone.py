@@ -26,6 +26,7 @@ class CheckpointSpec:
     embed_dim: int
     in_chans: int
     n_registers: int
+    adaptation: str | None  # how the patch embedding was adapted to other bands, if it was
     mean: tuple[float, ...]
     std: tuple[float, ...]
     bands: tuple[str, ...]
@@ -88,6 +89,25 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
     return obj, {}
 
 
+def adapt_patch_embed(model: Any, in_chans: int) -> str:
+    """Give the patch embedding ``in_chans`` input bands: the trained RGB filters repeated over the bands and
+    rescaled so the response keeps its magnitude (timm's ``adapt_input_conv``). Returns the record string."""
+    import torch
+    from timm.models import adapt_input_conv
+
+    proj = model.patch_embed.proj
+    old = proj.in_channels
+    new = torch.nn.Conv2d(in_chans, proj.out_channels, proj.kernel_size, proj.stride, proj.padding,
+                          bias=proj.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(adapt_input_conv(in_chans, proj.weight.detach().clone()))
+        if proj.bias is not None:
+            new.bias.copy_(proj.bias)
+    model.patch_embed.proj = new
+    return (f"patch embedding adapted from {old} to {in_chans} bands (timm adapt_input_conv: filters repeated "
+            f"cyclically and scaled by {old}/{in_chans})")
+
+
 def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None) -> dict[str, Any] | None:
     """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated)."""
     if arch not in ARCHS:
@@ -105,7 +125,8 @@ def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None
 def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha256: str | None = None,
                    seed: int = 0, mean: tuple[float, ...] | None = None,
                    std: tuple[float, ...] | None = None,
-                   accept_licence: str | None = None) -> tuple[Any, CheckpointSpec]:
+                   accept_licence: str | None = None,
+                   in_chans: int | None = None) -> tuple[Any, CheckpointSpec]:
     """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such.
 
     Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence.
@@ -145,10 +166,13 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
                 f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
                 f"{len(misshaped)} misshaped keys {misshaped[:5]}")
         model.load_state_dict(state, strict=True)
+    adaptation = None
+    if in_chans is not None and in_chans != a.in_chans:
+        adaptation = adapt_patch_embed(model, in_chans)
     model.eval()
     spec = CheckpointSpec(
-        arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=a.in_chans,
-        n_registers=a.n_registers,
+        arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=in_chans or a.in_chans,
+        n_registers=a.n_registers, adaptation=adaptation,
         mean=tuple(mean or _meta_floats(meta, "mean") or a.mean),
         std=tuple(std or _meta_floats(meta, "std") or a.std),
         bands=tuple(meta["bands"].split(",")) if "bands" in meta else a.bands,

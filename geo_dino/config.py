@@ -66,6 +66,9 @@ class BackboneConfig(_Model):
     # gated weights (DINOv3 License) run only when this names their licence exactly, e.g. "DINOv3 License"
     accept_licence: str | None = None
     seed: int = 0  # random initialisation when no checkpoint is given
+    # multispectral input: adapt the patch embedding to this many bands (RGB filters repeated and rescaled,
+    # timm's adapt_input_conv); preprocess.mean/std must then give one value per band. Recorded.
+    in_chans: Annotated[int, Field(ge=1, le=64)] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: Annotated[int, Field(gt=0)] = 8
     threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = torch's default

@@ -176,7 +176,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     update_record(run_dir, licence={"architecture_licence": arch.licence, "gated": arch.gated,
                                     "weights": "checkpoint" if cfg.backbone.checkpoint else "random-init",
                                     "acceptance": acceptance})
-    infos = [open_raster(p, cfg.sources, needed_bands=arch.in_chans) for p in cfg.rasters]
+    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or arch.in_chans) for p in cfg.rasters]
     if len(infos) == 2:
         infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
         if infos[0].dtype != infos[1].dtype:
@@ -217,16 +217,42 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
     }
     _atomic_json(run_dir / STATE, state)
-    update_record(run_dir, inputs=[raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos],
+    inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
+    gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
+    update_record(run_dir, inputs=inputs, gsd=gsd,
                   preprocessing=pre.to_dict() | {"band_mapping": [
-                      {"source_band": b, "source_description": n, "backbone_channel": i, "backbone_band": bb}
-                      for i, (b, n, bb) in enumerate(zip(infos[0].bands, infos[0].band_names, arch.bands,
-                                                         strict=True))]},
+                      {"source_band": b, "source_description": n, "backbone_channel": i,
+                       "backbone_band": arch.bands[i] if i < len(arch.bands) else "extra (adapted patch embedding)"}
+                      for i, (b, n) in enumerate(zip(infos[0].bands, infos[0].band_names, strict=True))]},
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
                             "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
                             "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
     _timed(run_dir, "plan", t0)
     return {"n_tiles": len(tiles), "n_chunks": len(chunks), "region": state["region"]}
+
+
+GSD_TOLERANCE = 2.0  # a factor: input GSD more than 2× finer or coarser than the checkpoint's is warned about
+
+
+def gsd_check(input_gsd: dict[str, Any], checkpoint_gsd_m: float | None) -> dict[str, Any]:
+    """Compare the input's ground sample distance with the checkpoint's training GSD; warn when far apart.
+
+    Nothing is resampled (DINOv3 works at native resolution; a GSD far from training is the user's call):
+    the figures and the warning go into the provenance record.
+    """
+    import warnings
+
+    x_m, y_m = input_gsd.get("x_m"), input_gsd.get("y_m")
+    m = (x_m + y_m) / 2 if x_m and y_m else None
+    out: dict[str, Any] = {"input_m": m, "checkpoint_m": checkpoint_gsd_m, "ratio": None, "warning": None}
+    if m and checkpoint_gsd_m:
+        ratio = m / checkpoint_gsd_m
+        out["ratio"] = round(ratio, 3)
+        if not 1 / GSD_TOLERANCE <= ratio <= GSD_TOLERANCE:
+            out["warning"] = (f"input GSD {m:.2f} m is {ratio:.1f}× the checkpoint's training GSD "
+                              f"{checkpoint_gsd_m} m: features may be less reliable at this scale")
+            warnings.warn(out["warning"], stacklevel=2)
+    return out
 
 
 def _infos(state: dict[str, Any]):  # noqa: ANN202
@@ -253,12 +279,14 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
     if cfg.backbone.threads:
         torch.set_num_threads(cfg.backbone.threads)
     device = pick_device(cfg.backbone.device)
-    key = (cfg.backbone.arch, str(cfg.backbone.checkpoint), cfg.backbone.checkpoint_sha256, cfg.backbone.seed, device)
+    key = (cfg.backbone.arch, str(cfg.backbone.checkpoint), cfg.backbone.checkpoint_sha256, cfg.backbone.seed,
+           cfg.backbone.in_chans, device)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = build_backbone(cfg.backbone.arch, checkpoint=cfg.backbone.checkpoint,
                                       checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed,
-                                      accept_licence=cfg.backbone.accept_licence)
+                                      accept_licence=cfg.backbone.accept_licence,
+                                      in_chans=cfg.backbone.in_chans)
     model, spec = _MODELS[key]
     pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
     return FeatureExtractor(model, pre, device), spec

@@ -48,7 +48,8 @@ def make_preprocessor(dtype: str, bands: tuple[int, ...], cfg: PreprocessConfig,
     mean = tuple(cfg.mean or mean)
     std = tuple(cfg.std or std)
     if len(mean) != n or len(std) != n:
-        raise ConfigError(f"preprocess: mean/std have {len(mean)}/{len(std)} values for {n} bands")
+        raise ConfigError(f"preprocess: mean/std have {len(mean)}/{len(std)} values for {n} bands; give "
+                          "preprocess.mean and preprocess.std with one value per band")
     if any(s <= 0 for s in std):
         raise ConfigError("preprocess.std: every value must be positive")
     kind = cfg.scale

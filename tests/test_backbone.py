@@ -194,3 +194,21 @@ def test_feature_api_dense_global_layers(arch):
     torch.testing.assert_close(out.dense, dense_features(model, x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="do not exist"):
         extract(model, x, layers=(depth,))
+
+
+def test_multispectral_patch_embedding_adaptation():
+    model, spec = build_backbone(ARCH, in_chans=4)
+    assert spec.in_chans == 4 and "3 to 4 bands" in spec.adaptation
+    assert model.patch_embed.proj.weight.shape[1] == 4
+    rgb, _ = build_backbone(ARCH)
+    w3, w4 = rgb.patch_embed.proj.weight, model.patch_embed.proj.weight
+    torch.testing.assert_close(w4[:, 3], w3[:, 0] * 3 / 4)  # the 4th band reuses the first filter, rescaled
+    f = dense_features(model, torch.randn(1, 4, 32, 32))
+    assert f.shape == (1, spec.embed_dim, 2, 2)
+
+
+def test_old_torch_refuses_pth(tmp_path, monkeypatch):
+    _, path = _reference(tmp_path, "pth")
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    with pytest.raises(CheckpointError, match="older than 2.10"):
+        build_backbone(ARCH, checkpoint=path)

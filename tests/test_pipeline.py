@@ -274,3 +274,29 @@ def test_licence_gate_before_any_pixel(tiny_config, tmp_path):
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "failed" and "LicenceError" in rec["error"]
     assert not (run_dir / "work").exists()
+
+
+def test_multispectral_run_needs_per_band_stats(tiny_config):
+    """Four Pucallpa bands into an adapted patch embedding: refused without per-band mean/std, then runs."""
+    cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA[:1], sources={"bands": [1, 2, 3, 4]},
+                      backbone={"in_chans": 4})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    with pytest.raises(ConfigError, match="one value per band"):
+        pl.plan_run(run_dir)
+    cfg["preprocess"] = {"mean": [0.3, 0.4, 0.3, 0.3], "std": [0.2, 0.2, 0.2, 0.2]}
+    run_dir = _run_stages(cfg)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["backbone"]["in_chans"] == 4 and "4 bands" in rec["backbone"]["adaptation"]
+    assert [m["source_band"] for m in rec["preprocessing"]["band_mapping"]] == [1, 2, 3, 4]
+
+
+def test_gsd_recorded_and_warned():
+    from geo_dino.pipeline import gsd_check
+
+    with pytest.warns(UserWarning, match="training GSD"):
+        far = gsd_check({"x_m": 300.0, "y_m": 300.0}, 0.6)
+    assert far["ratio"] == 500.0 and far["warning"]
+    near = gsd_check({"x_m": 0.5, "y_m": 0.5}, 0.6)
+    assert near["warning"] is None and near["ratio"] == pytest.approx(0.833, abs=1e-3)
+    assert gsd_check({"x_m": 30.0, "y_m": 30.0}, None)["warning"] is None  # web weights: no training GSD
