@@ -145,7 +145,7 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     t = time.perf_counter(); pl.screen_aoi(rd); st["screen"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); plan = pl.plan_run(rd); st["plan"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); pl.fit_heads(rd); st["fit_heads (incl. model build)"] = time.perf_counter() - t  # noqa: E702,E501
-    t = time.perf_counter(); pl.init_accumulator(rd); st["init_accumulator"] = time.perf_counter() - t  # noqa: E702
+    t = time.perf_counter(); pl.init_outputs(rd); st["init_outputs"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter()
     for c in range(plan["n_chunks"]):
         pl.infer_chunk(rd, c)
@@ -155,10 +155,10 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     res["stages"] = st
     res["stages_total_s"] = time.perf_counter() - t_all
 
-    # extra repetitions of the inference stage alone (same run folder, fresh accumulator), to see the spread
+    # extra repetitions of the inference stage alone (same run folder, fresh intermediates), to see the spread
     infer_reps = [st["infer (all chunks)"]]
     for _ in range(reps - 1):
-        pl.init_accumulator(rd)
+        pl.init_outputs(rd)
         t = time.perf_counter()
         for c in range(plan["n_chunks"]):
             pl.infer_chunk(rd, c)
@@ -341,20 +341,20 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     screen = stage("screen", pl.screen_aoi, rd)
     plan = stage("plan", pl.plan_run, rd)
     stage("fit_heads", pl.fit_heads, rd)
-    stage("init_accumulator", pl.init_accumulator, rd)
+    stage("init_outputs", pl.init_outputs, rd)
 
     def infer_all() -> None:
         t = time.perf_counter()
+        done = 0
         for c in range(plan["n_chunks"]):
-            pl.infer_chunk(rd, c)
-            if (c + 1) % 25 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
-                done = min((c + 1) * cfg.tiling.chunk_tiles, plan["n_tiles"])
+            done += pl.infer_chunk(rd, c)["tiles"]
+            if (c + 1) % 10 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
                 print(f"  [child] {done}/{plan['n_tiles']} tiles, {done / (time.perf_counter() - t):.1f} tiles/s, "
                       f"peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
 
     stage("infer", infer_all)
-    acc = rd / "work" / "accumulator.tif"
-    acc_sizes = (acc.stat().st_size, acc.stat().st_blocks * 512) if acc.exists() else (None, None)
+    work_files = [p for p in (rd / "work").rglob("*") if p.is_file()]  # intermediates, carry, features
+    acc_sizes = (sum(p.stat().st_size for p in work_files), sum(p.stat().st_blocks * 512 for p in work_files))
     stage("finalize", pl.finalize_outputs, rd)
     stage("complete", pl.complete_run, rd)
     total = time.perf_counter() - t_all
@@ -447,7 +447,7 @@ def report_synthetic_one(r: dict[str, Any]) -> None:
         ("backbone alone (64 tiles)", f'{r["backbone_tiles_per_s"]:.1f} tiles/s -> inference/backbone '
                                       f'{n / inf / r["backbone_tiles_per_s"]:.3f}'),
         ("peak RSS (child)", f'{r["peak_rss_mib"]:.0f} MiB (after imports {r["rss_after_stage"]["after imports"]:.0f})'),
-        ("accumulator", f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
+        ("work files before the COG pass", f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
                         f'{(r["accumulator_bytes_on_disk"] or 0) / 2**30:.2f} GiB on disk'),
     ]
     table(f'synthetic {r["size"]}²', rows)

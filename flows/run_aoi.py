@@ -38,7 +38,7 @@ def plan(run_dir: str) -> dict[str, Any]:
 @task(name="fit-label-free-heads", **_TASK)
 def fit(run_dir: str) -> dict[str, Any]:
     out = pl.fit_heads(Path(run_dir))
-    pl.init_accumulator(Path(run_dir))
+    pl.init_outputs(Path(run_dir))
     return out
 
 

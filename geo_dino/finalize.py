@@ -1,8 +1,10 @@
-"""The final pass: blended accumulator → masked, georeferenced output COGs with styles and tags.
+"""Outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs at the end.
 
-Works block by block over the output grid (bounded memory). A pixel is written as nodata when the input is
+:class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
+and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when the input is
 nodata on any date, when it lies outside the AOI, inside a site the screening policy masks, or when no tile
-covered it. Every output is verified (CRS, transform, nodata, dtype) after writing.
+covered it. :func:`finish_outputs` thresholds the change (Otsu on the histogram gathered while writing),
+turns every intermediate into a COG and verifies it (CRS, transform, nodata, dtype).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from geo_dino.grid import Grid, PixelBox
 BLOCK = 512
 CLASS_NODATA = 255
 HIST_BINS = 1000
+HIST_RANGE = (0.0, 2.0)  # cosine distance
 
 
 def _blocks(grid: Grid, size: int = BLOCK):  # noqa: ANN202
@@ -57,39 +60,24 @@ def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
     return out
 
 
-def write_outputs(run_dir: Path) -> list[dict[str, Any]]:
-    from shapely import wkt
-
+def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
+    """Output name → RasterSpec, the heads and the channel layout of a run."""
     from geo_dino import pipeline as pl
-    from geo_dino.heads import LabelFreeHeads, otsu_threshold
-    from geo_dino.inference import Accumulator
-    from geo_dino.outputs import (RasterSpec, class_colormap, create_intermediate, finalize_cog,
-                                  write_qml_singleband)
+    from geo_dino.heads import LabelFreeHeads
+    from geo_dino.outputs import RasterSpec, class_colormap
     from geo_dino.provenance import geotiff_tags
-    from geo_dino.sources import WindowReader
 
-    cfg = pl.load_run_config(run_dir)
     state = pl._state(run_dir)
     heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
     layout = pl._layout(state, heads)
     out_grid = pl._grid_from_dict(state["out_grid"])
-    region = pl._box(state["region"])
-    infos = pl._infos(state)
-    n_dates = len(infos)
-    aoi_geom = wkt.loads(state["aoi_crs_wkt"]) if state.get("aoi_crs_wkt") else None
-    if aoi_geom is None:
-        from geo_dino.aoi import load_aoi
-
-        aoi_geom = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(out_grid.crs)
-    screen_geoms = _screen_mask_geometries(run_dir, out_grid.crs)
-    record = json.loads((run_dir / pl.RECORD).read_text())
-    tags = geotiff_tags(record)
-    work = run_dir / "work"
+    tags = geotiff_tags(json.loads((run_dir / pl.RECORD).read_text()))
+    n_dates = len(state["rasters"])
 
     def sfx(d: int) -> str:
         return f"_t{d + 1}" if n_dates == 2 else ""
 
-    specs: dict[str, RasterSpec] = {}
+    specs: dict[str, Any] = {}
     for d in range(n_dates):
         if heads.n_pca:
             specs[f"pca_rgb{sfx(d)}"] = RasterSpec(out_grid, 3, "uint8", 0,
@@ -108,75 +96,136 @@ def write_outputs(run_dir: Path) -> list[dict[str, Any]]:
                                           categorical=True,
                                           colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
                                           tags=tags | {"GEO_DINO_PRODUCT": "thresholded feature change"})
+    return specs, heads, layout
 
-    acc = Accumulator(work / "accumulator.tif", out_grid, layout.n_values)
 
-    def block_values(readers: list, box: PixelBox) -> tuple[np.ndarray, np.ndarray]:
-        vals, w = acc.read(box)
-        ok = w > 0
-        src_box = PixelBox(box.row_off + region.row_off, box.col_off + region.col_off, box.height, box.width)
-        for r in readers:
-            ok &= r.read_valid(src_box)
-        ok &= _geometry_mask([aoi_geom], out_grid, box)
-        if screen_geoms:
-            ok &= ~_geometry_mask(screen_geoms, out_grid, box)
-        return vals, ok
+def create_outputs(run_dir: Path) -> list[str]:
+    """Create the (empty) intermediate of every output, uncompressed so row writes never grow the file."""
+    from geo_dino.outputs import create_intermediate
 
-    threshold = None
-    with ExitStack() as stack:
-        readers = [stack.enter_context(WindowReader(i)) for i in infos]
-        stack.enter_context(acc)
-        if layout.has_change:
-            thr = cfg.heads.change.threshold
-            if thr == "otsu":
-                edges = np.linspace(0.0, 2.0, HIST_BINS + 1)
-                hist = np.zeros(HIST_BINS, np.int64)
-                for box in _blocks(out_grid):
-                    vals, ok = block_values(readers, box)
-                    hist += np.histogram(vals[layout.change][ok], bins=edges)[0]
-                threshold = otsu_threshold(hist, edges) if hist.sum() else 1.0
-            else:
-                threshold = float(thr)
-        for name, spec in specs.items():
-            create_intermediate(work / f"{name}.tif", spec)
+    specs, _, _ = _specs(run_dir)
+    for name, spec in specs.items():
+        create_intermediate(run_dir / "work" / f"{name}.tif", spec, compress=None)
+    np.save(run_dir / "work" / "change_hist.npy", np.zeros(HIST_BINS, np.int64))
+    return list(specs)
+
+
+class OutputWriter:
+    """Writes final rows into the intermediates (one open handle per output and per source)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from shapely import wkt
+
+        from geo_dino import pipeline as pl
+
+        self.run_dir = run_dir
+        self.specs, self.heads, self.layout = _specs(run_dir)
+        state = pl._state(run_dir)
+        self.grid = pl._grid_from_dict(state["out_grid"])
+        self.region = pl._box(state["region"])
+        self.infos = pl._infos(state)
+        self.n_dates = len(self.infos)
+        if state.get("aoi_crs_wkt"):
+            self.aoi = wkt.loads(state["aoi_crs_wkt"])
+        else:
+            from geo_dino.aoi import load_aoi
+
+            cfg = pl.load_run_config(run_dir)
+            self.aoi = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(self.grid.crs)
+        self.screen = _screen_mask_geometries(run_dir, self.grid.crs)
+        self.hist_path = run_dir / "work" / "change_hist.npy"
+        self._stack = ExitStack()
+
+    def __enter__(self) -> OutputWriter:
         import rasterio
 
-        dsts = {name: stack.enter_context(rasterio.open(work / f"{name}.tif", "r+")) for name in specs}
+        from geo_dino.outputs import GDAL_WRITE_ENV
+        from geo_dino.sources import WindowReader
+
+        self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
+        self.readers = [self._stack.enter_context(WindowReader(i)) for i in self.infos]
+        self.dsts = {n: self._stack.enter_context(rasterio.open(self.run_dir / "work" / f"{n}.tif", "r+"))
+                     for n in self.specs}
+        self.hist = np.load(self.hist_path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            tmp = self.hist_path.with_name("change_hist.tmp.npy")
+            np.save(tmp, self.hist)
+            tmp.replace(self.hist_path)
+        self._stack.close()
+
+    def _sfx(self, d: int) -> str:
+        return f"_t{d + 1}" if self.n_dates == 2 else ""
+
+    def write_rows(self, row_off: int, vals: np.ndarray, weight: np.ndarray, block: int = 2048) -> None:
+        """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
+        h = vals.shape[1]
+        heads, layout = self.heads, self.layout
         lo = heads.pca_low
         span = None if heads.pca_high is None else np.maximum(heads.pca_high - heads.pca_low, 1e-6)
-        for box in _blocks(out_grid):
-            vals, ok = block_values(readers, box)
+        for c0 in range(0, self.grid.width, block):
+            box = PixelBox(row_off, c0, h, min(block, self.grid.width - c0))
+            v = vals[:, :, c0:box.col_end]
+            ok = weight[:, c0:box.col_end] > 0
+            src = PixelBox(box.row_off + self.region.row_off, box.col_off + self.region.col_off, h, box.width)
+            for r in self.readers:
+                ok &= r.read_valid(src)
+            ok &= _geometry_mask([self.aoi], self.grid, box)
+            if self.screen:
+                ok &= ~_geometry_mask(self.screen, self.grid, box)
             win = box.to_rasterio()
-            for d in range(n_dates):
+            for d in range(self.n_dates):
                 if heads.n_pca:
-                    p = vals[layout.pca(d)]
+                    p = v[layout.pca(d)]
                     rgb = np.clip((p - lo[:, None, None]) / span[:, None, None], 0, 1) * 254 + 1
                     rgb = np.where(ok[None], np.nan_to_num(rgb, nan=0), 0).round().astype(np.uint8)
-                    dsts[f"pca_rgb{sfx(d)}"].write(rgb, window=win)
+                    self.dsts[f"pca_rgb{self._sfx(d)}"].write(rgb, window=win)
                 if heads.k:
-                    s = vals[layout.scores(d)]
-                    cls = np.argmax(np.nan_to_num(s, nan=-np.inf), axis=0).astype(np.uint8)
-                    dsts[f"classes{sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
+                    cls = np.argmax(np.nan_to_num(v[layout.scores(d)], nan=-np.inf), axis=0).astype(np.uint8)
+                    self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
             if layout.has_change:
-                ch = vals[layout.change]
-                dsts["change_magnitude"].write(np.where(ok, ch, np.nan).astype(np.float32)[None], window=win)
-                mask = np.where(ok, (ch > threshold).astype(np.uint8), CLASS_NODATA)
-                dsts["change_mask"].write(mask[None], window=win)
-        for ds in dsts.values():
-            ds.close()
+                ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)
+                self.dsts["change_magnitude"].write(ch[None], window=win)
+                self.hist += np.histogram(ch[ok], bins=HIST_BINS, range=HIST_RANGE)[0]
 
+
+def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
+    """Threshold the change, then make, validate and verify the COGs; styles beside them."""
+    import rasterio
+
+    from geo_dino import pipeline as pl
+    from geo_dino.heads import otsu_threshold
+    from geo_dino.outputs import GDAL_WRITE_ENV, class_colormap, finalize_cog, write_qml_palette, write_qml_singleband
+
+    cfg = pl.load_run_config(run_dir)
+    specs, heads, layout = _specs(run_dir)
+    work = run_dir / "work"
+    threshold = None
+    if layout.has_change:
+        thr = cfg.heads.change.threshold
+        if thr == "otsu":
+            hist = np.load(work / "change_hist.npy")
+            edges = np.linspace(*HIST_RANGE, HIST_BINS + 1)
+            threshold = otsu_threshold(hist, edges) if hist.sum() else 1.0
+        else:
+            threshold = float(thr)
+        grid = specs["change_mask"].grid
+        with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(work / "change_magnitude.tif") as src, \
+                rasterio.open(work / "change_mask.tif", "r+") as dst:
+            for box in _blocks(grid):
+                ch = src.read(1, window=box.to_rasterio())
+                mask = np.where(np.isnan(ch), CLASS_NODATA, (ch > threshold).astype(np.uint8)).astype(np.uint8)
+                dst.write(mask[None], window=box.to_rasterio())
     records = []
     for name, spec in specs.items():
         rec = finalize_cog(work / f"{name}.tif", run_dir / f"{name}.tif", spec, run_dir=run_dir)
         rec["name"] = name
         if name.startswith("classes"):
-            from geo_dino.outputs import write_qml_palette
-
             write_qml_palette(run_dir / f"{name}.qml",
                               [(v, f"cluster {v}", c) for v, c in class_colormap(heads.k).items()], CLASS_NODATA)
         if name == "change_mask":
-            from geo_dino.outputs import write_qml_palette
-
             write_qml_palette(run_dir / "change_mask.qml",
                               [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (220, 30, 30, 255))],
                               CLASS_NODATA)

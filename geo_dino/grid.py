@@ -184,6 +184,15 @@ class TileGrid:
                                self.size, self.size)
                 yield Tile(i * nc + j, i, j, box)
 
+    def row_chunks(self, n: int) -> list[list[list[Tile]]]:
+        """Whole tile rows grouped about ``n`` tiles at a time (at least one row per chunk): the unit of one
+        inference task, so that only the overlap rows carry over from one task to the next."""
+        nr, nc = self.shape
+        rows_per = max(1, n // nc)
+        tiles = list(self)
+        rows = [tiles[i * nc:(i + 1) * nc] for i in range(nr)]
+        return [rows[k:k + rows_per] for k in range(0, nr, rows_per)]
+
     def chunks(self, n: int) -> list[list[Tile]]:
         """Tiles in row-major order, grouped ``n`` at a time (one Prefect task per chunk, not per tile)."""
         tiles = list(self)

@@ -143,67 +143,72 @@ def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowR
     return x
 
 
-class Accumulator:
-    """Weighted sums on disk over ``grid`` (``n_values`` bands + 1 weight band), float32, tiled GeoTIFF."""
+class StripAccumulator:
+    """Weighted sums over the open strip of the output grid: one tile height, the full output width.
 
-    def __init__(self, path: Path, grid: Grid, n_values: int) -> None:
-        self.path = path
+    Tiles arrive row by row. When a tile row is done, the rows above the next tile row's first row can no
+    longer change: :meth:`advance` hands them out (blended) and slides the strip down by the stride. Memory is
+    ``(n_values + 1) × tile size × output width`` floats — it does not grow with the raster's height, and
+    nothing scene-sized is written to disk. Between chunk tasks only the ``overlap`` rows still open are
+    carried (:meth:`save` / :meth:`load`).
+    """
+
+    def __init__(self, grid: Grid, n_values: int, size: int, stride: int) -> None:
         self.grid = grid
-        self.n_bands = n_values + 1
-        self._ds = None
-        self._env = None
-
-    def create(self) -> None:
-        import rasterio
-
-        with rasterio.Env(GDAL_CACHEMAX=256 * 2**20):
-            with rasterio.open(self.path, "w", driver="GTiff", width=self.grid.width, height=self.grid.height,
-                               count=self.n_bands, dtype="float32", crs=self.grid.crs,
-                               transform=self.grid.transform, tiled=True, blockxsize=256, blockysize=256,
-                               interleave="band", BIGTIFF="IF_SAFER", SPARSE_OK="TRUE"):
-                pass
-
-    def __enter__(self) -> Accumulator:
-        import rasterio
-
-        self._env = rasterio.Env(GDAL_CACHEMAX=256 * 2**20)
-        self._env.__enter__()
-        self._ds = rasterio.open(self.path, "r+")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ds is not None:
-            self._ds.close()
-        if self._env is not None:
-            self._env.__exit__(*exc)
+        self.size = size
+        self.stride = stride
+        self.top = 0  # output-grid row of strip row 0
+        self.buf = np.zeros((n_values + 1, size, grid.width), dtype=np.float32)
 
     def add(self, box: PixelBox, values: np.ndarray, weight: np.ndarray) -> None:
         """Add ``values (n, h, w) × weight (h, w)`` and ``weight`` over ``box`` (output-grid pixels, clipped)."""
-        inner = box.intersection(self.grid.box)
+        strip = PixelBox(self.top, 0, self.size, self.grid.width).intersection(self.grid.box)
+        inner = box.intersection(strip) if strip is not None else None
         if inner is None:
             return
+        if inner.row_off < self.top or inner.row_end > self.top + self.size:
+            raise ValueError("a tile outside the open strip: tiles must come row by row")
         rs, cs = inner.relative_to(box).slices()
-        v = values[:, rs, cs] * weight[None, rs, cs]
-        w = weight[None, rs, cs]
-        win = inner.to_rasterio()
-        cur = self._ds.read(window=win)
-        cur[:-1] += v
-        cur[-1:] += w
-        self._ds.write(cur, window=win)
+        dst_r = slice(inner.row_off - self.top, inner.row_end - self.top)
+        dst_c = slice(inner.col_off, inner.col_end)
+        w = weight[rs, cs]
+        self.buf[:-1, dst_r, dst_c] += values[:, rs, cs] * w[None]
+        self.buf[-1, dst_r, dst_c] += w
 
-    def read(self, box: PixelBox) -> tuple[np.ndarray, np.ndarray]:
-        """Blended values ``(n, h, w)`` (NaN where no weight) and the weight ``(h, w)``."""
-        cur = self._ds.read(window=box.to_rasterio())
-        w = cur[-1]
+    def advance(self, last: bool) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(first row, blended values (n, h, W) with NaN where no weight, weight (h, W))`` of the rows that
+        are final now (all open rows when ``last``), then slide the strip by one stride."""
+        h = min(self.size if last else self.stride, self.grid.height - self.top)
+        block = self.buf[:, :h]
+        w = block[-1].copy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            vals = np.where(w > 0, cur[:-1] / np.where(w > 0, w, 1), np.nan)
-        return vals.astype(np.float32), w
+            vals = np.where(w > 0, block[:-1] / np.where(w > 0, w, 1), np.nan).astype(np.float32)
+        top = self.top
+        keep = self.size - self.stride
+        self.buf[:, :keep] = self.buf[:, self.stride:self.size]
+        self.buf[:, keep:] = 0
+        self.top += self.stride
+        return top, vals, w
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride])
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        with np.load(path, allow_pickle=False) as z:
+            self.top = int(z["top"])
+            carry = z["carry"]
+        if carry.shape != (self.buf.shape[0], self.size - self.stride, self.grid.width):
+            raise ValueError(f"{path}: carried strip of shape {carry.shape} does not fit this run")
+        self.buf[:] = 0
+        self.buf[:, :carry.shape[1]] = carry
 
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
-                layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: Accumulator,
+                layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: StripAccumulator,
                 tile_size: int, batch_size: int, cache_dir: Path | None = None) -> int:
-    """Run ``tiles`` through backbone and heads; blend the per-pixel results into ``acc``. Returns tile count."""
+    """Run ``tiles`` (one tile row) through backbone and heads; blend the per-pixel results into ``acc``."""
     import torch
 
     hann = blend_weights(tile_size)

@@ -205,7 +205,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         with WindowReader(infos[0]) as r:
             stats = r.sample_stats(cfg.preprocess.percentiles)
     pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
-    chunks = tiles.chunks(cfg.tiling.chunk_tiles)
+    chunks = tiles.row_chunks(cfg.tiling.chunk_tiles)
     state = {
         "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
                      "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names)} for i in infos],
@@ -328,22 +328,24 @@ def _layout(state: dict[str, Any], heads) -> Any:  # noqa: ANN001
     return ChannelLayout(len(state["rasters"]), heads.n_pca, heads.k)
 
 
-def init_accumulator(run_dir: Path) -> Path:
-    from geo_dino.heads import LabelFreeHeads
-    from geo_dino.inference import Accumulator
+def init_outputs(run_dir: Path) -> list[str]:
+    """Create the outputs' intermediates (filled as tile rows complete) and an empty change histogram."""
+    from geo_dino.finalize import create_outputs
 
-    state = _state(run_dir)
-    heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
-    path = run_dir / "work" / "accumulator.tif"
-    Accumulator(path, _grid_from_dict(state["out_grid"]), _layout(state, heads).n_values).create()
-    return path
+    return create_outputs(run_dir)
+
+
+def _carry_path(run_dir: Path, chunk: int) -> Path:
+    return run_dir / "work" / f"carry_{chunk:05d}.npz"
 
 
 @_records_failure
 def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
-    """Run one chunk of tiles and blend it into the accumulator (chunks run one after another)."""
+    """Run one chunk (whole tile rows) and write the rows that became final. Chunks run in order: each loads
+    the open strip rows the previous chunk carried over, and saves its own for the next."""
+    from geo_dino.finalize import OutputWriter
     from geo_dino.heads import LabelFreeHeads
-    from geo_dino.inference import Accumulator, infer_tiles
+    from geo_dino.inference import StripAccumulator, infer_tiles
     from geo_dino.sources import WindowReader
 
     t0 = time.perf_counter()
@@ -353,13 +355,26 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
     layout = _layout(state, heads)
     grid = _tiles(state)
-    chunk_tiles: list[Tile] = grid.chunks(state["tiling"]["chunk_tiles"])[chunk]
-    acc = Accumulator(run_dir / "work" / "accumulator.tif", _grid_from_dict(state["out_grid"]), layout.n_values)
+    chunks = grid.row_chunks(state["tiling"]["chunk_tiles"])
+    n_rows = grid.shape[0]
+    acc = StripAccumulator(_grid_from_dict(state["out_grid"]), layout.n_values, grid.size, grid.stride)
+    if chunk > 0:
+        prev = _carry_path(run_dir, chunk - 1)
+        if not prev.exists():
+            raise RuntimeError(f"chunk {chunk} needs chunk {chunk - 1} to have run first (no {prev.name})")
+        acc.load(prev)
+    region = _box(state["region"])
+    n = 0
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
-        stack.enter_context(acc)
-        n = infer_tiles(extractor, readers, heads, layout, chunk_tiles, _box(state["region"]), acc,
-                        grid.size, cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
+        writer = stack.enter_context(OutputWriter(run_dir))
+        for row in chunks[chunk]:
+            n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
+                             cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
+            top, vals, weight = acc.advance(last=row[0].grid_row == n_rows - 1)
+            writer.write_rows(top, vals, weight)
+    acc.save(_carry_path(run_dir, chunk))
+    _carry_path(run_dir, chunk - 1).unlink(missing_ok=True)
     dt = time.perf_counter() - t0
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
 
@@ -367,21 +382,22 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
 @_records_failure
 def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
     """Blend → masks (nodata, AOI, screening) → output COGs, verified; styles beside them."""
-    from geo_dino.finalize import write_outputs
+    from geo_dino.finalize import finish_outputs
 
     t0 = time.perf_counter()
-    records = write_outputs(run_dir)
+    records = finish_outputs(run_dir)
     update_record(run_dir, outputs=records)
     _timed(run_dir, "finalize", t0)
     return records
 
 
 def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
-    """Mark the record succeeded and drop the (scene-sized) accumulator; the fitted heads stay in work/."""
-    (run_dir / "work" / "accumulator.tif").unlink(missing_ok=True)
+    """Mark the record succeeded and drop the work files; the fitted heads stay in work/."""
     import shutil
 
     shutil.rmtree(run_dir / "work" / "features", ignore_errors=True)
+    for p in (run_dir / "work").glob("carry_*.npz"):
+        p.unlink()
     update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD
@@ -394,7 +410,7 @@ def run_local(cfg: RunConfig) -> Path:
     screen_aoi(run_dir)
     plan = plan_run(run_dir)
     fit_heads(run_dir)
-    init_accumulator(run_dir)
+    init_outputs(run_dir)
     t_inf = time.perf_counter()
     for c in range(plan["n_chunks"]):
         infer_chunk(run_dir, c)
