@@ -180,10 +180,10 @@ class OutputWriter:
                 if heads.n_pca:
                     p = v[layout.pca(d)]
                     rgb = np.clip((p - lo[:, None, None]) / span[:, None, None], 0, 1) * 254 + 1
-                    rgb = np.where(ok[None], np.nan_to_num(rgb, nan=0), 0).round().astype(np.uint8)
+                    rgb = np.where(ok[None], rgb, 0).round().astype(np.uint8)  # NaN only where not ok
                     self.dsts[f"pca_rgb{self._sfx(d)}"].write(rgb, window=win)
                 if heads.k:
-                    cls = np.argmax(np.nan_to_num(v[layout.scores(d)], nan=-np.inf), axis=0).astype(np.uint8)
+                    cls = np.argmax(v[layout.scores(d)], axis=0).astype(np.uint8)  # NaN rows are masked below
                     self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
             if layout.has_change:
                 ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)

@@ -175,20 +175,23 @@ class StripAccumulator:
         self.buf[:-1, dst_r, dst_c] += values[:, rs, cs] * w[None]
         self.buf[-1, dst_r, dst_c] += w
 
-    def advance(self, last: bool) -> tuple[int, np.ndarray, np.ndarray]:
-        """``(first row, blended values (n, h, W) with NaN where no weight, weight (h, W))`` of the rows that
-        are final now (all open rows when ``last``), then slide the strip by one stride."""
+    def advance(self, last: bool, sink) -> None:  # noqa: ANN001 - sink(first_row, values, weight)
+        """Hand the rows that are final now (all open rows when ``last``) to ``sink`` as ``(first output row,
+        blended values (n, h, W) with NaN where no weight, weight (h, W))``, then slide the strip one stride.
+
+        The values are divided in place in the strip (those rows are dropped right after), so no scene-wide
+        temporary is allocated; ``sink`` must not keep references to them.
+        """
         h = min(self.size if last else self.stride, self.grid.height - self.top)
         block = self.buf[:, :h]
-        w = block[-1].copy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            vals = np.where(w > 0, block[:-1] / np.where(w > 0, w, 1), np.nan).astype(np.float32)
-        top = self.top
+        w = block[-1]
+        inv = np.divide(1.0, w, out=np.full_like(w, np.nan), where=w > 0)  # NaN where nothing was added
+        np.multiply(block[:-1], inv[None], out=block[:-1])
+        sink(self.top, block[:-1], w)
         keep = self.size - self.stride
         self.buf[:, :keep] = self.buf[:, self.stride:self.size]
         self.buf[:, keep:] = 0
         self.top += self.stride
-        return top, vals, w
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")

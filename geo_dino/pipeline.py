@@ -371,8 +371,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
         for row in chunks[chunk]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
                              cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
-            top, vals, weight = acc.advance(last=row[0].grid_row == n_rows - 1)
-            writer.write_rows(top, vals, weight)
+            acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     acc.save(_carry_path(run_dir, chunk))
     _carry_path(run_dir, chunk - 1).unlink(missing_ok=True)
     dt = time.perf_counter() - t0

@@ -43,9 +43,11 @@ def test_strip_equals_full_accumulation(tmp_path_factory, h, w, size_p, ov, seed
                 full[:2, inner.slices()[0], inner.slices()[1]] += vals[:, rs, cs] * wts[rs, cs]
                 full[2, inner.slices()[0], inner.slices()[1]] += wts[rs, cs]
                 strip.add(t.box, vals, wts)
-            top, v, _ = strip.advance(last=row[0].grid_row == tiles.shape[0] - 1)
-            assert np.isnan(out[:, top:top + v.shape[1]]).all()  # every row written once
-            out[:, top:top + v.shape[1]] = v
+            def sink(top, v, _w):
+                assert np.isnan(out[:, top:top + v.shape[1]]).all()  # every row written once
+                out[:, top:top + v.shape[1]] = v
+
+            strip.advance(last=row[0].grid_row == tiles.shape[0] - 1, sink=sink)
     with np.errstate(invalid="ignore", divide="ignore"):
         want = np.where(full[2] > 0, full[:2] / np.where(full[2] > 0, full[2], 1), np.nan)
     covered = full[2] > 0
