@@ -1,9 +1,9 @@
 """Outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs at the end.
 
 :class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
-and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when the input is
-nodata on any date, when it lies outside the AOI, inside a site the screening policy masks, or when no tile
-covered it. :func:`finish_outputs` thresholds the change (Otsu on the histogram gathered while writing),
+and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave
+it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or inside
+a site the screening policy masks. :func:`finish_outputs` thresholds the change (Otsu on the histogram gathered while writing),
 turns every intermediate into a COG and verifies it (CRS, transform, nodata, dtype).
 """
 
@@ -140,10 +140,8 @@ class OutputWriter:
         import rasterio
 
         from geo_dino.outputs import GDAL_WRITE_ENV
-        from geo_dino.sources import WindowReader
 
         self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
-        self.readers = [self._stack.enter_context(WindowReader(i)) for i in self.infos]
         self.dsts = {n: self._stack.enter_context(rasterio.open(self.run_dir / "work" / f"{n}.tif", "r+"))
                      for n in self.specs}
         self.hist = np.load(self.hist_path)
@@ -168,10 +166,7 @@ class OutputWriter:
         for c0 in range(0, self.grid.width, block):
             box = PixelBox(row_off, c0, h, min(block, self.grid.width - c0))
             v = vals[:, :, c0:box.col_end]
-            ok = weight[:, c0:box.col_end] > 0
-            src = PixelBox(box.row_off + self.region.row_off, box.col_off + self.region.col_off, h, box.width)
-            for r in self.readers:
-                ok &= r.read_valid(src)
+            ok = weight[:, c0:box.col_end] > 0  # zero where any date is nodata (see inference.infer_tiles)
             ok &= _geometry_mask([self.aoi], self.grid, box)
             if self.screen:
                 ok &= ~_geometry_mask(self.screen, self.grid, box)

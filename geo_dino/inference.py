@@ -231,8 +231,10 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
         if layout.has_change:
             chans.append(upsampled_cosine_distance(feats[0], feats[1], size))
         values = torch.cat(chans, dim=1).cpu().numpy()
-        inside = np.logical_or.reduce(valids)  # padding outside the raster gets no weight
+        # a pixel counts only where it is valid on every date (padding outside the raster, nodata, masks):
+        # an output pixel with no weight is nodata, so validity needs no second read of the sources
+        valid_all = np.logical_and.reduce(valids)
         for i, box in enumerate(boxes):
-            w = hann * inside[i]
+            w = hann * valid_all[i]
             acc.add(box.relative_to(out_origin), values[i], w)
     return len(tiles)

@@ -300,3 +300,20 @@ def test_gsd_recorded_and_warned():
     near = gsd_check({"x_m": 0.5, "y_m": 0.5}, 0.6)
     assert near["warning"] is None and near["ratio"] == pytest.approx(0.833, abs=1e-3)
     assert gsd_check({"x_m": 30.0, "y_m": 30.0}, None)["warning"] is None  # web weights: no training GSD
+
+
+def test_input_nodata_is_output_nodata(tiny_config):
+    """The Bahamas scene's nodata collar (outside the rotated Landsat footprint) is nodata in every output,
+    and pixels with data inside the AOI are not."""
+    from rasterio.windows import from_bounds
+
+    run_dir = _run_stages(tiny_config("aoi/bahamas_scene.geojson"))
+    with rasterio.open(run_dir / "classes.tif") as out, rasterio.open(BAHAMAS) as src:
+        cls = out.read(1)
+        win = from_bounds(*out.bounds, transform=src.transform).round_offsets().round_lengths()
+        src_valid = src.dataset_mask(window=win) > 0
+        nod = out.nodata
+    assert cls.shape == src_valid.shape
+    assert (~src_valid).sum() > 1000  # the collar is really there
+    assert (cls[~src_valid] == nod).all()
+    assert (cls[src_valid] != nod).mean() > 0.95  # the rest: AOI corners and masked sites only
