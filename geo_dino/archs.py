@@ -99,4 +99,11 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in (
     ArchSpec("vit_tiny_patch16_dinov3_test", "test", "vit_small_patch16_dinov3", 16, 48, 2, 2, 4, True, "mlp",
              "n/a (test architecture, random weights)",
              timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+    # tiny DINOv2-architecture ViTs (learned positions), without and with registers, for the layout tests
+    ArchSpec("vit_tiny_patch14_dinov2_test", "test", "vit_small_patch14_dinov2", 14, 48, 2, 2, 0, False, "mlp",
+             "n/a (test architecture, random weights)",
+             timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+    ArchSpec("vit_tiny_patch14_reg4_dinov2_test", "test", "vit_small_patch14_reg4_dinov2", 14, 48, 2, 2, 4, False,
+             "mlp", "n/a (test architecture, random weights)",
+             timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
 )}

@@ -152,8 +152,11 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         layout = detected.layout
         if detected.qkv_bias and a.rope and not timm_name.endswith("_qkvb"):
             timm_name += "_qkvb"  # DINOv3 with query/value biases
+    kwargs = a.timm_kwargs()
+    if checkpoint is not None and detected.pos_grid:  # learned positions: build at the checkpoint's own grid
+        kwargs["img_size"] = detected.pos_grid * a.patch_size
     torch.manual_seed(seed)
-    model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **a.timm_kwargs())
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
     if checkpoint is not None:
         state = to_timm(state, detected, model)
         expected = model.state_dict()

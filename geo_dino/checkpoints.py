@@ -35,6 +35,7 @@ class Detected:
     mlp: str  # mlp | swiglu
     qkv_bias: bool  # q and v biases present (DINOv3 "qkvb" variants)
     n_params: int
+    pos_grid: int | None = None  # side of the learned position-embedding grid (DINO, DINOv2), None with RoPE
 
     def matches(self, arch: Any) -> list[str]:
         """Differences between this checkpoint and a registry :class:`~geo_dino.archs.ArchSpec` (empty: fits)."""
@@ -89,12 +90,16 @@ def inspect_state(state: dict[str, Any]) -> Detected:
     keys = set(state)
     n_params = int(sum(int(v.numel()) for v in state.values() if hasattr(v, "numel")))
     if layout == "hf":
-        w = state["embeddings.patch_embeddings.weight"]
+        dinov2 = "embeddings.position_embeddings" in keys
+        w = state["embeddings.patch_embeddings.projection.weight" if dinov2 else "embeddings.patch_embeddings.weight"]
         depth = 1 + max(int(_HF_LAYER.match(k).group(1)) for k in keys if _HF_LAYER.match(k))
         regs = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in keys else 0
-        mlp = "swiglu" if any(k.endswith("mlp.gate_proj.weight") for k in keys) else "mlp"
-        qkv_bias = any(k.endswith("attention.q_proj.bias") for k in keys)
-        return Detected("hf", "dinov3", int(w.shape[0]), depth, int(w.shape[-1]), int(regs), mlp, qkv_bias, n_params)
+        mlp = "swiglu" if any(k.endswith(("mlp.gate_proj.weight", "mlp.weights_in.weight")) for k in keys) \
+            else "mlp"
+        qkv_bias = any(k.endswith("attention.q_proj.bias") for k in keys) and not dinov2
+        grid = _grid_side(state["embeddings.position_embeddings"].shape[1] - 1) if dinov2 else None
+        return Detected("hf", "dinov2" if dinov2 else "dinov3", int(w.shape[0]), depth, int(w.shape[-1]), int(regs),
+                        mlp, qkv_bias, n_params, grid)
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(_BLOCK.match(k).group(1)) for k in keys if _BLOCK.match(k))
     reg_key = next((k for k in ("reg_token", "storage_tokens", "register_tokens") if k in keys), None)
@@ -109,8 +114,21 @@ def inspect_state(state: dict[str, Any]) -> Detected:
     swiglu = any(re.search(r"mlp\.(w12|w1|fc1_g|fc1_x)\.weight$", k) for k in keys)
     qkv_bias = any(k.endswith("attn.q_bias") for k in keys) or (
         family == "dinov3" and any(k.endswith("attn.qkv.bias") for k in keys))
+    grid = None
+    if "pos_embed" in keys:
+        n = state["pos_embed"].shape[1]
+        # timm's DINOv2-with-registers keeps no position for the CLS token (no_embed_class); all others do
+        with_cls = not (layout == "timm" and regs > 0 and family == "dinov2")
+        grid = _grid_side(n - 1 if with_cls else n)
     return Detected(layout, family, int(w.shape[0]), depth, int(w.shape[-1]), regs,
-                    "swiglu" if swiglu else "mlp", qkv_bias, n_params)
+                    "swiglu" if swiglu else "mlp", qkv_bias, n_params, grid)
+
+
+def _grid_side(n: int) -> int:
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise CheckpointError(f"position embedding of {n} tokens is not a square grid")
+    return side
 
 
 def _hf_dinov3_to_timm(state: dict[str, Any]) -> dict[str, Any]:
@@ -160,13 +178,65 @@ def _hf_dinov3_to_timm(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hf_dinov2_to_official(state: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` names → the official DINOv2 names (which
+    timm's own filter then converts)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    per_layer: dict[int, dict[str, Any]] = {}
+    top = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+           "embeddings.register_tokens": "register_tokens", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    for k, v in state.items():
+        m = _HF_LAYER.match(k)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[k[m.end():]] = v
+        elif k in top:
+            out[top[k]] = v
+        else:
+            raise CheckpointError(f"unexpected key {k!r} in a Hugging Face DINOv2 checkpoint")
+    if "mask_token" in out and out["mask_token"].dim() == 2:
+        out["mask_token"] = out["mask_token"][None]
+    old_names = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+                 "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+    for i, p in sorted(per_layer.items()):
+        for o, n in old_names.items():  # transformers 4.x names
+            for suffix in (".weight", ".bias"):
+                if o + suffix in p:
+                    p[n + suffix] = p.pop(o + suffix)
+        b = f"blocks.{i}."
+        out[b + "attn.qkv.weight"] = torch.cat([p.pop(f"attention.{c}_proj.weight") for c in "qkv"])
+        out[b + "attn.qkv.bias"] = torch.cat([p.pop(f"attention.{c}_proj.bias") for c in "qkv"])
+        names = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1",
+                 "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
+        for src, dst in names.items():
+            for suffix in (".weight", ".bias"):
+                if src + suffix in p:
+                    out[b + dst + suffix] = p.pop(src + suffix)
+        if "mlp.gate_proj.weight" in p:  # transformers 5.x SwiGLU: gate and up stacked as the packed w12
+            for suffix in (".weight", ".bias"):
+                out[b + "mlp.w12" + suffix] = torch.cat([p.pop("mlp.gate_proj" + suffix), p.pop("mlp.up_proj" + suffix)])
+                out[b + "mlp.w3" + suffix] = p.pop("mlp.down_proj" + suffix)
+        out[b + "ls1.gamma"] = p.pop("layer_scale1.lambda1")
+        out[b + "ls2.gamma"] = p.pop("layer_scale2.lambda1")
+        if p:
+            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} in a Hugging Face DINOv2 checkpoint")
+    out.setdefault("mask_token", torch.zeros(1, 1, out["cls_token"].shape[-1]))  # marks the DINOv2 layout
+    return out
+
+
 def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, Any]:
     """The state dict in timm's names for ``model`` (a timm model of the detected architecture)."""
     state = _strip(state)
     if detected.layout == "timm":
         return state
-    if detected.layout == "hf":
+    if detected.layout == "hf" and detected.family == "dinov3":
         return _hf_dinov3_to_timm(state)
+    if detected.layout == "hf":
+        state = _hf_dinov2_to_official(state)
     if detected.family == "dinov3":
         from timm.models.eva import checkpoint_filter_fn
     else:

@@ -183,3 +183,44 @@ def test_inspect_real_vit_l_shapes_fit_web_and_sat(tmp_path):
         m = timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0)
     state = {k: torch.empty(v.shape) for k, v in m.state_dict().items()}
     assert set(fitting_archs(inspect_state(state))) == {"vit_large_patch16_dinov3", "vit_large_patch16_dinov3_sat"}
+
+
+def _hf_dinov2(registers: bool):
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    kw = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=14, image_size=56,
+              layerscale_value=1.0)
+    torch.manual_seed(1)
+    m = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw)) if registers
+         else Dinov2Model(Dinov2Config(**kw))).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_hf_and_official_layouts_match_transformers(tmp_path, registers):
+    from geo_dino.checkpoints import _hf_dinov2_to_official
+
+    hf = _hf_dinov2(registers)
+    arch = "vit_tiny_patch14_reg4_dinov2_test" if registers else "vit_tiny_patch14_dinov2_test"
+    x = torch.randn(2, 3, 56, 56)  # the checkpoint's native grid: no position interpolation on either side
+    want = _hf_forward(hf, x)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    hf_path = tmp_path / "dinov2_hf.safetensors"
+    save_file(sd, str(hf_path))
+    off_path = tmp_path / "dinov2_official.pth"
+    torch.save(_hf_dinov2_to_official(dict(sd)), off_path)
+    for path, layout in ((hf_path, "hf"), (off_path, "official")):
+        model, spec = build_backbone(arch, checkpoint=path)
+        assert spec.layout == layout
+        d = inspect_state(dict(torch.load(off_path, weights_only=True)) if layout == "official" else sd)
+        assert (d.family, d.n_registers, d.pos_grid) == ("dinov2", 4 if registers else 0, 4)
+        with torch.inference_mode():
+            got = model.forward_features(x)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4, layout
