@@ -57,6 +57,10 @@ class PreprocessConfig(_Model):
     percentiles: tuple[float, float] = (2.0, 98.0)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # resample each tile to the checkpoint's training GSD before the backbone (off by default: DINOv3 works at
+    # native resolution); target_gsd_m overrides the checkpoint's GSD. Outputs stay on the input grid.
+    resample_to_gsd: bool = False
+    target_gsd_m: Annotated[float, Field(gt=0)] | None = None
 
 
 class BackboneConfig(_Model):

@@ -206,19 +206,24 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
             stats = r.sample_stats(cfg.preprocess.percentiles)
     pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
     chunks = tiles.row_chunks(cfg.tiling.chunk_tiles)
+    inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
+    model_size, resampling = None, None
+    if cfg.preprocess.resample_to_gsd:
+        model_size, resampling = gsd_resampling(inputs[0]["gsd"],
+                                                cfg.preprocess.target_gsd_m or arch.gsd_m, tiles.size, arch.patch_size)
     state = {
         "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
                      "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names)} for i in infos],
         "region": [region.row_off, region.col_off, region.height, region.width],
         "out_grid": _grid_to_dict(out_grid),
         "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape), "n_tiles": len(tiles),
-                   "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles},
+                   "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles, "model_size": model_size},
         "preprocess": pre.to_dict(),
         "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
     }
     _atomic_json(run_dir / STATE, state)
-    inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
+    gsd["resampling"] = resampling
     update_record(run_dir, inputs=inputs, gsd=gsd,
                   preprocessing=pre.to_dict() | {"band_mapping": [
                       {"source_band": b, "source_description": n, "backbone_channel": i,
@@ -255,6 +260,29 @@ def gsd_check(input_gsd: dict[str, Any], checkpoint_gsd_m: float | None) -> dict
     return out
 
 
+MAX_GSD_FACTOR = 8.0  # resampling beyond 8× either way invents or throws away too much to be useful
+
+
+def gsd_resampling(input_gsd: dict[str, Any], target_m: float | None, tile: int,
+                   patch: int) -> tuple[int, dict[str, Any]]:
+    """The backbone input size that puts a ``tile``-pixel window at ``target_m`` metres per pixel."""
+    from geo_dino.errors import ConfigError
+
+    if target_m is None:
+        raise ConfigError("preprocess.resample_to_gsd: the checkpoint records no training GSD; set "
+                          "preprocess.target_gsd_m")
+    x_m, y_m = input_gsd.get("x_m"), input_gsd.get("y_m")
+    if not (x_m and y_m):
+        raise ConfigError("preprocess.resample_to_gsd: the input's GSD in metres is unknown")
+    factor = ((x_m + y_m) / 2) / target_m  # > 1: input pixels are coarser than the target, so upsample
+    if not 1 / MAX_GSD_FACTOR <= factor <= MAX_GSD_FACTOR:
+        raise ConfigError(f"preprocess.resample_to_gsd: the input GSD is {factor:.1f}× the target "
+                          f"{target_m} m; resampling by more than {MAX_GSD_FACTOR:g}× is refused")
+    size = max(patch, int(round(tile * factor / patch)) * patch)
+    return size, {"target_m": target_m, "factor": round(factor, 4), "tile_pixels": tile, "model_input": size,
+                  "method": "bilinear with antialiasing, per tile; outputs upsampled back to the input grid"}
+
+
 def _infos(state: dict[str, Any]):  # noqa: ANN202
     from geo_dino.sources import RasterInfo
 
@@ -289,7 +317,7 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
                                       in_chans=cfg.backbone.in_chans)
     model, spec = _MODELS[key]
     pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
-    return FeatureExtractor(model, pre, device), spec
+    return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size")), spec
 
 
 @_records_failure

@@ -317,3 +317,28 @@ def test_input_nodata_is_output_nodata(tiny_config):
     assert (~src_valid).sum() > 1000  # the collar is really there
     assert (cls[~src_valid] == nod).all()
     assert (cls[src_valid] != nod).mean() > 0.95  # the rest: AOI corners and masked sites only
+
+
+def test_resampling_to_a_target_gsd(tiny_config):
+    """Off by default; when asked, tiles are resized to the target GSD before the backbone, the outputs stay on
+    the input grid, and what was done is recorded. Refused without a target or beyond 8×."""
+    base = _run_stages(tiny_config())
+    cfg = tiny_config(preprocess={"resample_to_gsd": True, "target_gsd_m": 600.0})  # Landsat here is ~300 m
+    run_dir = _run_stages(cfg)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    rs = rec["gsd"]["resampling"]
+    assert rs["model_input"] == 32 and 0.45 < rs["factor"] < 0.55  # 64-px tiles at ~300 m → 32 px at 600 m
+    assert json.loads((base / "provenance.json").read_text())["gsd"]["resampling"] is None
+    with rasterio.open(run_dir / "classes.tif") as a, rasterio.open(base / "classes.tif") as b:
+        assert a.transform == b.transform and a.shape == b.shape
+        assert not np.array_equal(a.read(), b.read())  # the features did change
+    with pytest.raises(ConfigError, match="target_gsd_m"):
+        pl.plan_run(_screened(tiny_config(preprocess={"resample_to_gsd": True})))
+    with pytest.raises(ConfigError, match="more than 8"):
+        pl.plan_run(_screened(tiny_config(preprocess={"resample_to_gsd": True, "target_gsd_m": 1.0})))
+
+
+def _screened(cfg: dict) -> Path:
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    return run_dir
