@@ -85,3 +85,17 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
     pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3), "total_flow": round(time.perf_counter() - t0, 3)})
     log.info("wrote %d outputs", len(outputs))
     return run_dir
+
+
+@task(name="resume-chunks-and-outputs", **_TASK)
+def resume(run_dir: str) -> str:
+    return str(pl.resume_run(Path(run_dir)))
+
+
+@flow(name="resume_run", log_prints=True)
+def resume_run(run_dir: str) -> str:
+    """Finish a run killed during inference: the chunks after its last checkpoint, then the outputs."""
+    log = get_run_logger()
+    start = pl.next_chunk(Path(run_dir))
+    log.info("resuming %s from chunk %d", run_dir, start)
+    return resume(run_dir)

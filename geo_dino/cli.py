@@ -77,6 +77,22 @@ def run(
                "tiles.gpkg holds the tile index; provenance.json and screening.json the record and decision.")
 
 
+@app.command()
+def resume(run_dir: Path) -> None:
+    """Finish a run that was killed during inference, from its last chunk checkpoint."""
+    from geo_dino.errors import GeoDinoError
+
+    if not (run_dir / "provenance.json").is_file():
+        _fail(f"{run_dir} is not a run folder (no provenance.json)")
+    from flows.run_aoi import resume_run
+
+    try:
+        out = resume_run(str(run_dir.resolve()))
+    except (GeoDinoError, RuntimeError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.secho(f"Outputs in {out}", fg=typer.colors.GREEN, bold=True)
+
+
 @app.command("validate-aoi")
 def validate_aoi(path: Path, repair: bool = typer.Option(False, help="repair self-intersections")) -> None:
     """Validate a GeoJSON AOI (RFC 7946) and print a summary."""

@@ -106,14 +106,13 @@ def create_outputs(run_dir: Path) -> list[str]:
     specs, _, _ = _specs(run_dir)
     for name, spec in specs.items():
         create_intermediate(run_dir / "work" / f"{name}.tif", spec, compress=None)
-    np.save(run_dir / "work" / "change_hist.npy", np.zeros(HIST_BINS, np.int64))
     return list(specs)
 
 
 class OutputWriter:
     """Writes final rows into the intermediates (one open handle per output and per source)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, hist: np.ndarray | None = None) -> None:
         from shapely import wkt
 
         from geo_dino import pipeline as pl
@@ -133,7 +132,8 @@ class OutputWriter:
             cfg = pl.load_run_config(run_dir)
             self.aoi = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(self.grid.crs)
         self.screen = _screen_mask_geometries(run_dir, self.grid.crs)
-        self.hist_path = run_dir / "work" / "change_hist.npy"
+        # the change histogram travels with the chunk checkpoint (the carried strip), not in a file of its own
+        self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
         self._stack = ExitStack()
 
     def __enter__(self) -> OutputWriter:
@@ -144,14 +144,9 @@ class OutputWriter:
         self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
         self.dsts = {n: self._stack.enter_context(rasterio.open(self.run_dir / "work" / f"{n}.tif", "r+"))
                      for n in self.specs}
-        self.hist = np.load(self.hist_path)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            tmp = self.hist_path.with_name("change_hist.tmp.npy")
-            np.save(tmp, self.hist)
-            tmp.replace(self.hist_path)
         self._stack.close()
 
     def _sfx(self, d: int) -> str:
@@ -186,6 +181,23 @@ class OutputWriter:
                 self.hist += np.histogram(ch[ok], bins=HIST_BINS, range=HIST_RANGE)[0]
 
 
+def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
+    """The output record of a COG finished earlier, after checking it again."""
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from geo_dino.outputs import verify_raster
+    from geo_dino.provenance import sha256_file
+
+    verify_raster(path, spec)
+    with rasterio.open(path) as src:
+        return {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+                "crs": src.crs.to_string(), "transform": [float(v) for v in tuple(src.transform)[:6]],
+                "width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0],
+                "nodata": "nan" if src.nodata is not None and src.nodata != src.nodata else src.nodata,
+                "overviews": list(src.overviews(1)), "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
+
+
 def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
     """Threshold the change, then make, validate and verify the COGs; styles beside them."""
     import rasterio
@@ -201,13 +213,17 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
     if layout.has_change:
         thr = cfg.heads.change.threshold
         if thr == "otsu":
-            hist = np.load(work / "change_hist.npy")
+            last = sorted(work.glob("carry_*.npz"))[-1]
+            with np.load(last, allow_pickle=False) as z:
+                hist = z["hist"]
             edges = np.linspace(*HIST_RANGE, HIST_BINS + 1)
             threshold = otsu_threshold(hist, edges) if hist.sum() else 1.0
         else:
             threshold = float(thr)
         grid = specs["change_mask"].grid
-        with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(work / "change_magnitude.tif") as src, \
+        mag = work / "change_magnitude.tif"
+        mag = mag if mag.exists() else run_dir / "change_magnitude.tif"  # already a COG (a resumed run)
+        with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(mag) as src, \
                 rasterio.open(work / "change_mask.tif", "r+") as dst:
             for box in _blocks(grid):
                 ch = src.read(1, window=box.to_rasterio())
@@ -215,7 +231,10 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
                 dst.write(mask[None], window=box.to_rasterio())
     records = []
     for name, spec in specs.items():
-        rec = finalize_cog(work / f"{name}.tif", run_dir / f"{name}.tif", spec, run_dir=run_dir)
+        if not (work / f"{name}.tif").exists() and (run_dir / f"{name}.tif").exists():
+            rec = _existing_record(run_dir / f"{name}.tif", spec, run_dir)  # converted before a kill
+        else:
+            rec = finalize_cog(work / f"{name}.tif", run_dir / f"{name}.tif", spec, run_dir=run_dir)
         rec["name"] = name
         if name.startswith("classes"):
             write_qml_palette(run_dir / f"{name}.qml",

@@ -199,19 +199,23 @@ class StripAccumulator:
         self.buf[:, keep:] = 0
         self.top += self.stride
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, **extra: np.ndarray) -> None:
+        """Write the open rows (and ``extra`` arrays) atomically: one file is one consistent checkpoint."""
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride])
+        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride], **extra)
         tmp.replace(path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict[str, np.ndarray]:
+        """Restore the open rows; returns the ``extra`` arrays saved with them."""
         with np.load(path, allow_pickle=False) as z:
             self.top = int(z["top"])
             carry = z["carry"]
+            extra = {k: z[k] for k in z.files if k not in ("top", "carry")}
         if carry.shape != (self.buf.shape[0], self.size - self.stride, self.grid.width):
             raise ValueError(f"{path}: carried strip of shape {carry.shape} does not fit this run")
         self.buf[:] = 0
         self.buf[:, :carry.shape[1]] = carry
+        return extra
 
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,

@@ -386,21 +386,23 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     chunks = grid.row_chunks(state["tiling"]["chunk_tiles"])
     n_rows = grid.shape[0]
     acc = StripAccumulator(_grid_from_dict(state["out_grid"]), layout.n_values, grid.size, grid.stride)
+    hist = None
     if chunk > 0:
         prev = _carry_path(run_dir, chunk - 1)
         if not prev.exists():
             raise RuntimeError(f"chunk {chunk} needs chunk {chunk - 1} to have run first (no {prev.name})")
-        acc.load(prev)
+        hist = acc.load(prev)["hist"]
     region = _box(state["region"])
     n = 0
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
-        writer = stack.enter_context(OutputWriter(run_dir))
+        writer = stack.enter_context(OutputWriter(run_dir, hist))
         for row in chunks[chunk]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
                              cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
             acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
-    acc.save(_carry_path(run_dir, chunk))
+    # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it
+    acc.save(_carry_path(run_dir, chunk), hist=writer.hist)
     _carry_path(run_dir, chunk - 1).unlink(missing_ok=True)
     dt = time.perf_counter() - t0
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
@@ -428,6 +430,32 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD
+
+
+def next_chunk(run_dir: Path) -> int:
+    """The first chunk a (killed) run still has to do: one after its newest chunk checkpoint."""
+    done = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "work").glob("carry_*.npz"))
+    return done[-1] + 1 if done else 0
+
+
+def resume_run(run_dir: Path) -> Path:
+    """Finish a run that was killed during inference: the chunks after its last checkpoint, then the outputs.
+
+    Rows of the chunk that was interrupted are simply written again (same inputs, same values)."""
+    rec = json.loads((run_dir / RECORD).read_text())
+    if rec.get("status") == "succeeded":
+        return run_dir
+    if not (run_dir / STATE).exists() or not (run_dir / "work" / "heads.npz").exists():
+        raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
+    state = _state(run_dir)
+    start = next_chunk(run_dir)
+    t0 = time.perf_counter()
+    for c in range(start, state["tiling"]["n_chunks"]):
+        infer_chunk(run_dir, c)
+    finalize_outputs(run_dir)
+    update_record(run_dir, resumed={"from_chunk": start, "at": datetime.now(timezone.utc).isoformat()})
+    complete_run(run_dir, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
+    return run_dir
 
 
 def run_local(cfg: RunConfig) -> Path:

@@ -122,3 +122,15 @@ def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
     assert len(approved) == 1
     dec = json.loads((approved[0] / "screening.json").read_text())
     assert dec["approval"]["approver"] == "B. Reviewer"
+
+
+def test_cli_resume(tmp_path, tiny_config):
+    from geo_dino import pipeline as pl
+    from geo_dino.config import parse_config
+
+    res = runner.invoke(app, ["resume", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run folder" in res.output
+    run_dir = pl.run_local(parse_config(tiny_config()))
+    res = runner.invoke(app, ["resume", str(run_dir)])  # already finished: nothing to do, outputs untouched
+    assert res.exit_code == 0, res.output
+    assert f"Outputs in {run_dir}" in res.output
