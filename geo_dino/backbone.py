@@ -41,12 +41,11 @@ class CheckpointSpec:
         return asdict(self)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_of(path: Path) -> str:
+    """The file's sha256 (one implementation for the whole project: :func:`geo_dino.provenance.sha256_file`)."""
+    from geo_dino.provenance import sha256_file
+
+    return sha256_file(path)
 
 
 def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, Any], dict[str, str]]:
