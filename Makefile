@@ -1,6 +1,8 @@
 # Two commands: `make demo` and `make test`. Both create .venv when absent and reinstall only when
 # pyproject.toml or requirements.lock changed (the stamp file).
 PY ?= python3
+# The embedded Prefect server sends no usage telemetry (machines here reach only package indexes)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

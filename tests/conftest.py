@@ -12,6 +12,7 @@ BAHAMAS = ROOT / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif"
 PUCALLPA = [ROOT / "data" / "rasters" / "pucallpa" / f"landsat_pucallpa_{y}.tif" for y in (1985, 2020)]
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # tests talk to nothing but localhost
 
 
 @pytest.fixture

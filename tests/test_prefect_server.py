@@ -1,0 +1,87 @@
+"""Against a real Prefect server: deploy flows/prefect.yaml, run the demo deployment through a process worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", GEO_DINO_REPO=str(ROOT))
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).json() is True:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the Prefect server did not start in 60 s")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _prefect(env: dict, *args: str, timeout: int = 180) -> str:
+    res = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
+    env = prefect_server
+    api = env["PREFECT_API_URL"]
+    _prefect(env, "work-pool", "create", "geo-dino-cpu", "--type", "process")
+    _prefect(env, "deploy", "--prefect-file", "flows/prefect.yaml", "--all")
+    deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+    by_name = {d["name"]: d for d in deps}
+    assert {"demo-nightly", "change-weekly"} <= set(by_name)
+    sched = by_name["demo-nightly"]["schedules"][0]["schedule"]
+    assert sched["cron"] == "30 2 * * *" and sched["timezone"] == "Europe/Amsterdam"
+    assert by_name["demo-nightly"]["work_pool_name"] == "geo-dino-cpu"
+    out = tmp_path / "runs"
+    overrides = {"backbone": {"arch": "vit_tiny_patch16_dinov3_test"}, "output_dir": str(out),
+                 "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 64}}
+    _prefect(env, "deployment", "run", "run_aoi/demo-nightly", "--param", f"overrides={json.dumps(overrides)}")
+    _prefect(env, "worker", "start", "--pool", "geo-dino-cpu", "--run-once", timeout=300)
+    run_dir = next(out.iterdir())
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "succeeded" and (run_dir / "classes.tif").is_file()
+    flow_run = httpx.get(f"{api}/flow_runs/{rec['prefect']['flow_run_id']}").json()
+    assert flow_run["state_type"] == "COMPLETED"
+    assert flow_run["deployment_id"] == by_name["demo-nightly"]["id"]
+    tasks = httpx.post(f"{api}/task_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
+    names = {t["task_key"].rsplit("-", 1)[0] if "-" in t["task_key"] else t["task_key"] for t in tasks}
+    assert len(tasks) == 5 + rec["pipeline"]["n_chunks"]  # one task per stage, one per chunk of tiles
+    assert len(names) >= 5
