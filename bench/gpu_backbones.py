@@ -154,7 +154,7 @@ def main() -> None:
         cf = torch.compile(mb.forward_features)
         emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="timm compiled (bf16 weights)",
              res=224, batch=B, img_s=round(timed(cf, xb, it, 3), 1))
-    del model, mb
+    model = mb = None  # free the GPU memory before the next models
     torch.cuda.empty_cache()
 
     plain = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0).to(dev).eval().bfloat16()

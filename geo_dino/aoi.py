@@ -466,7 +466,7 @@ def _crosses_antimeridian(ring: list[tuple[float, float]]) -> bool:
     """A jump of more than 180° between consecutive longitudes, not counting an edge from -180 to 180
     (a ring that runs along the antimeridian, e.g. a global band, does not cross it)."""
     return any(abs(b[0] - a[0]) > 180 and not (abs(a[0]) == 180 and abs(b[0]) == 180)
-               for a, b in zip(ring, ring[1:]))
+               for a, b in zip(ring, ring[1:], strict=False))
 
 
 def _split_antimeridian(geom: PolygonalGeometry) -> PolygonalGeometry:

@@ -7,7 +7,6 @@ The architecture is chosen by the config (and checked against the weights' shape
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any

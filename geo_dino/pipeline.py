@@ -22,7 +22,7 @@ import numpy as np
 
 from geo_dino.config import RunConfig
 from geo_dino.errors import AOIError, RunRefused
-from geo_dino.grid import Grid, PixelBox, Tile, TileGrid
+from geo_dino.grid import Grid, PixelBox, TileGrid
 
 STATE = "state.json"
 CONFIG = "config.resolved.json"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from affine import Affine
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyproj import CRS
 

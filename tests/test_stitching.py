@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
-from geo_dino.grid import Grid, PixelBox, TileGrid, blend_weights
+from geo_dino.grid import Grid, TileGrid, blend_weights
 from geo_dino.inference import StripAccumulator
 
 
