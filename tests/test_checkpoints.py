@@ -224,3 +224,18 @@ def test_dinov2_hf_and_official_layouts_match_transformers(tmp_path, registers):
             got = model.forward_features(x)
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-4, layout
+
+
+def test_dino_v1_layout(tmp_path):
+    """DINO's official names are timm's own: a DINO ViT-S/16 file loads with its family and grid detected."""
+    ref, _ = build_backbone("dino_vits16", seed=3)
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    d = inspect_state(torch.load(path, weights_only=True))
+    assert (d.family, d.embed_dim, d.depth, d.patch_size, d.n_registers, d.pos_grid) == ("dino", 384, 12, 16, 0, 14)
+    model, spec = build_backbone("dino_vits16", checkpoint=path)
+    x = torch.randn(1, 3, 64, 48)
+    with torch.inference_mode():
+        assert torch.equal(model.forward_features(x), ref.forward_features(x))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        build_backbone("dinov2_vits14", checkpoint=path)
