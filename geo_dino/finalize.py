@@ -132,6 +132,9 @@ class OutputWriter:
             cfg = pl.load_run_config(run_dir)
             self.aoi = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(self.grid.crs)
         self.screen = _screen_mask_geometries(run_dir, self.grid.crs)
+        import shapely
+
+        shapely.prepare(self.aoi)  # fast contains/intersects per block
         # the change histogram travels with the chunk checkpoint (the carried strip), not in a file of its own
         self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
         self._stack = ExitStack()
@@ -154,6 +157,8 @@ class OutputWriter:
 
     def write_rows(self, row_off: int, vals: np.ndarray, weight: np.ndarray, block: int = 2048) -> None:
         """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
+        from shapely.geometry import box as shp_box
+
         h = vals.shape[1]
         heads, layout = self.heads, self.layout
         lo = heads.pca_low
@@ -162,9 +167,12 @@ class OutputWriter:
             box = PixelBox(row_off, c0, h, min(block, self.grid.width - c0))
             v = vals[:, :, c0:box.col_end]
             ok = weight[:, c0:box.col_end] > 0  # zero where any date is nodata (see inference.infer_tiles)
-            ok &= _geometry_mask([self.aoi], self.grid, box)
-            if self.screen:
-                ok &= ~_geometry_mask(self.screen, self.grid, box)
+            footprint = shp_box(*self.grid.bounds(box))
+            if not self.aoi.contains(footprint):  # rasterise the AOI only where its edge crosses the block
+                ok &= _geometry_mask([self.aoi], self.grid, box)
+            near = [g for g in self.screen if g.intersects(footprint)]
+            if near:
+                ok &= ~_geometry_mask(near, self.grid, box)
             win = box.to_rasterio()
             for d in range(self.n_dates):
                 if heads.n_pca:

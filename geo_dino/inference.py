@@ -167,7 +167,8 @@ class StripAccumulator:
         self.buf = np.zeros((n_values + 1, size, grid.width), dtype=np.float32)
 
     def add(self, box: PixelBox, values: np.ndarray, weight: np.ndarray) -> None:
-        """Add ``values (n, h, w) × weight (h, w)`` and ``weight`` over ``box`` (output-grid pixels, clipped)."""
+        """Add ``values (n, h, w) × weight (h, w)`` and ``weight`` over ``box`` (output-grid pixels, clipped).
+        ``values`` is scaled in place."""
         strip = PixelBox(self.top, 0, self.size, self.grid.width).intersection(self.grid.box)
         inner = box.intersection(strip) if strip is not None else None
         if inner is None:
@@ -178,7 +179,9 @@ class StripAccumulator:
         dst_r = slice(inner.row_off - self.top, inner.row_end - self.top)
         dst_c = slice(inner.col_off, inner.col_end)
         w = weight[rs, cs]
-        self.buf[:-1, dst_r, dst_c] += values[:, rs, cs] * w[None]
+        v = values[:, rs, cs]
+        np.multiply(v, w[None], out=v)  # in place: the caller hands over ``values``
+        self.buf[:-1, dst_r, dst_c] += v
         self.buf[-1, dst_r, dst_c] += w
 
     def advance(self, last: bool, sink) -> None:  # noqa: ANN001 - sink(first_row, values, weight)
