@@ -121,9 +121,7 @@ class OutputWriter:
         self.specs, self.heads, self.layout = _specs(run_dir)
         state = pl._state(run_dir)
         self.grid = pl._grid_from_dict(state["out_grid"])
-        self.region = pl._box(state["region"])
-        self.infos = pl._infos(state)
-        self.n_dates = len(self.infos)
+        self.n_dates = len(state["rasters"])
         if state.get("aoi_crs_wkt"):
             self.aoi = wkt.loads(state["aoi_crs_wkt"])
         else:

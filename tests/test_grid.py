@@ -37,20 +37,16 @@ def raster_and_region(draw, max_side: int = 3000) -> tuple[PixelBox, PixelBox]:
 
 
 @st.composite
-def tiling(draw) -> tuple[int, int, int]:
+def tiling(draw, max_patches: int = 32) -> tuple[int, int, int]:
     """``(size, overlap, patch)`` with size a multiple of patch and overlap in [0, size)."""
     patch = draw(st.sampled_from([8, 14, 16]))
-    size = patch * draw(st.integers(1, 32))
+    size = patch * draw(st.integers(1, max_patches))
     overlap = draw(st.integers(0, size - 1))
     return size, overlap, patch
 
 
-@st.composite
-def small_tiling(draw) -> tuple[int, int, int]:
-    patch = draw(st.sampled_from([8, 14, 16]))
-    size = patch * draw(st.integers(1, 4))
-    overlap = draw(st.integers(0, size - 1))
-    return size, overlap, patch
+def small_tiling() -> st.SearchStrategy[tuple[int, int, int]]:
+    return tiling(max_patches=4)
 
 
 @st.composite
