@@ -95,6 +95,12 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in (
     # DINOv3 SAT-493M (satellite): same architectures, satellite mean/std and GSD
     _dinov3("vit_large_patch16_dinov3_sat", "vit_large_patch16_dinov3", 1024, 24, 16, sat=True),
     _dinov3("vit_7b_patch16_dinov3_sat", "vit_7b_patch16_dinov3", 4096, 40, 32, "swiglu", sat=True),
+    # geo_dino's own small backbone: DINOv3 architecture (RoPE, 4 registers) at ViT-Tiny width, patch 8, for
+    # the weights pretrained by `geo-dino pretrain configs/pretrain_default.yaml` on the bundled public-domain
+    # imagery and shipped in models/ (Apache-2.0: our own weights, no gated licence)
+    ArchSpec("vit_tiny_patch8_geo", "dinov3", "vit_small_patch16_dinov3", 8, 192, 6, 3, 4, True, "mlp",
+             APACHE, training_data="geo_dino DINO pretraining on bundled NAIP (5 m) and Landsat imagery",
+             timm_overrides={"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 8}),
     # a tiny DINOv3-architecture ViT (RoPE, 4 registers) so tests run the whole pipeline in seconds on CPU
     ArchSpec("vit_tiny_patch16_dinov3_test", "test", "vit_small_patch16_dinov3", 16, 48, 2, 2, 4, True, "mlp",
              "n/a (test architecture, random weights)",

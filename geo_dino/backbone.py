@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from geo_dino.archs import ARCHS, DINOV3_LICENCE, ArchSpec  # noqa: F401 - re-exported: the registry lives in archs.py
 from geo_dino.errors import CheckpointError, ConfigError, LicenceError
-
-from geo_dino.archs import ARCHS, ArchSpec  # noqa: F401 - re-exported: the registry lives in archs.py
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,20 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
     return obj, {}
 
 
+def checkpoint_metadata(path: Path | None) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` checkpoint, read from its header only ({} for other files or when
+    unreadable: the full load reports those clearly)."""
+    if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - reported by the full load
+        return {}
+
+
 def adapt_patch_embed(model: Any, in_chans: int) -> str:
     """Give the patch embedding ``in_chans`` input bands: the trained RGB filters repeated over the bands and
     rescaled so the response keeps its magnitude (timm's ``adapt_input_conv``). Returns the record string."""
@@ -106,33 +119,40 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
             f"cyclically and scaled by {old}/{in_chans})")
 
 
-def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None) -> dict[str, Any] | None:
-    """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated)."""
+def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None,
+                  declared: str | None = None) -> dict[str, Any] | None:
+    """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated).
+
+    ``declared``: the licence the checkpoint's metadata states (else the architecture's published weights')."""
     if arch not in ARCHS:
         raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    a = ARCHS[arch]
-    if checkpoint is None or not a.gated:
+    licence = declared or ARCHS[arch].licence
+    if checkpoint is None or licence != DINOV3_LICENCE:
         return None
-    if accept_licence != a.licence:
-        raise LicenceError(f"{arch} weights are distributed under the {a.licence}; running them needs an explicit "
-                           f"acceptance: set backbone.accept_licence: {a.licence!r} in the config or pass "
-                           f"--accept-licence {a.licence!r} on the command line")
-    return {"licence": a.licence, "accepted": True, "statement": accept_licence}
+    if accept_licence != licence:
+        raise LicenceError(f"{arch} weights are distributed under the {licence}; running them needs an explicit "
+                           f"acceptance: set backbone.accept_licence: {licence!r} in the config or pass "
+                           f"--accept-licence {licence!r} on the command line")
+    return {"licence": licence, "accepted": True, "statement": accept_licence}
 
 
 def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha256: str | None = None,
                    seed: int = 0, mean: tuple[float, ...] | None = None,
                    std: tuple[float, ...] | None = None,
                    accept_licence: str | None = None,
-                   in_chans: int | None = None) -> tuple[Any, CheckpointSpec]:
+                   in_chans: int | None = None,
+                   drop_path_rate: float = 0.0) -> tuple[Any, CheckpointSpec]:
     """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such.
 
-    Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence.
+    Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence. The licence
+    is the one the checkpoint's metadata declares (weights pretrained by geo_dino from scratch declare their
+    own), else the architecture's. ``drop_path_rate`` matters only for training.
     """
     import timm
     import torch
 
-    check_licence(arch, checkpoint, accept_licence)
+    if arch not in ARCHS:
+        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     a = ARCHS[arch]
     from geo_dino.checkpoints import inspect_state, to_timm
 
@@ -141,6 +161,14 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     timm_name = a.timm_name
     if checkpoint is not None:
         state, meta = read_state_dict(Path(checkpoint), checkpoint_sha256)
+    check_licence(arch, checkpoint, accept_licence, meta.get("licence"))
+    ckpt_chans = a.in_chans
+    if checkpoint is not None:
+        if "in_chans" in meta:
+            try:
+                ckpt_chans = int(meta["in_chans"])
+            except ValueError:
+                raise CheckpointError(f"{checkpoint}: metadata in_chans {meta['in_chans']!r} is not a number") from None
         detected = inspect_state(state)
         diffs = detected.matches(a)
         if diffs:
@@ -151,6 +179,10 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         if detected.qkv_bias and a.rope and not timm_name.endswith("_qkvb"):
             timm_name += "_qkvb"  # DINOv3 with query/value biases
     kwargs = a.timm_kwargs()
+    if ckpt_chans != a.in_chans:
+        kwargs["in_chans"] = ckpt_chans
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
     if checkpoint is not None and detected.pos_grid:  # learned positions: build at the checkpoint's own grid
         kwargs["img_size"] = detected.pos_grid * a.patch_size
     torch.manual_seed(seed)
@@ -168,11 +200,11 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
                 f"{len(misshaped)} misshaped keys {misshaped[:5]}")
         model.load_state_dict(state, strict=True)
     adaptation = None
-    if in_chans is not None and in_chans != a.in_chans:
+    if in_chans is not None and in_chans != ckpt_chans:
         adaptation = adapt_patch_embed(model, in_chans)
     model.eval()
     spec = CheckpointSpec(
-        arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=in_chans or a.in_chans,
+        arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=in_chans or ckpt_chans,
         n_registers=a.n_registers, adaptation=adaptation,
         mean=tuple(mean or _meta_floats(meta, "mean") or a.mean),
         std=tuple(std or _meta_floats(meta, "std") or a.std),

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ def _box(d: list[int]) -> PixelBox:
     return PixelBox(*d)
 
 
-def _records_failure(stage):  # noqa: ANN001, ANN202
+def _records_failure(stage):
     """Decorator: a stage that raises marks the record ``failed`` with the error before re-raising."""
     import functools
 
@@ -101,13 +101,13 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
     """Create the run folder and write the resolved config before any work starts."""
     from geo_dino.provenance import git_info, software_versions
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     _atomic_json(run_dir / CONFIG, cfg.to_json_dict())
     update_record(run_dir, schema="geo_dino.provenance/1", run_id=run_id,
-                  created_at=datetime.now(timezone.utc).isoformat(),
+                  created_at=datetime.now(UTC).isoformat(),
                   config={"sha256": cfg.sha256(), "path": CONFIG},
                   software=software_versions(), git=git_info(Path(__file__).resolve().parent.parent),
                   prefect={"flow_run_id": flow_run_id}, status="started")
@@ -170,13 +170,17 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         from geo_dino.errors import ConfigError
 
         raise ConfigError(f"backbone.arch: unknown architecture {cfg.backbone.arch!r}; choose one of {sorted(ARCHS)}")
-    from geo_dino.backbone import check_licence
+    from geo_dino.backbone import check_licence, checkpoint_metadata
 
-    acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence)
+    meta = checkpoint_metadata(cfg.backbone.checkpoint)
+    acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence,
+                               meta.get("licence"))
     update_record(run_dir, licence={"architecture_licence": arch.licence, "gated": arch.gated,
+                                    "declared_by_checkpoint": meta.get("licence"),
                                     "weights": "checkpoint" if cfg.backbone.checkpoint else "random-init",
                                     "acceptance": acceptance})
-    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or arch.in_chans) for p in cfg.rasters]
+    ckpt_chans = int(meta["in_chans"]) if meta.get("in_chans", "").isdigit() else arch.in_chans
+    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans) for p in cfg.rasters]
     if len(infos) == 2:
         infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
         if infos[0].dtype != infos[1].dtype:
@@ -283,7 +287,7 @@ def gsd_resampling(input_gsd: dict[str, Any], target_m: float | None, tile: int,
                   "method": "bilinear with antialiasing, per tile; outputs upsampled back to the input grid"}
 
 
-def _infos(state: dict[str, Any]):  # noqa: ANN202
+def _infos(state: dict[str, Any]):
     from geo_dino.sources import RasterInfo
 
     return [RasterInfo(path=r["path"], grid=_grid_from_dict(r["grid"]), count=r["count"], dtype=r["dtype"],
@@ -297,7 +301,7 @@ def _tiles(state: dict[str, Any]) -> TileGrid:
     return TileGrid(_box(state["region"]), t["size"], t["overlap"], g.box)
 
 
-def _extractor(cfg: RunConfig, state: dict[str, Any]):  # noqa: ANN202
+def _extractor(cfg: RunConfig, state: dict[str, Any]):
     import torch
 
     from geo_dino.backbone import build_backbone
@@ -350,7 +354,7 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
     return {"fit_patches": int(samples.shape[0]), "k": heads.k}
 
 
-def _layout(state: dict[str, Any], heads) -> Any:  # noqa: ANN001
+def _layout(state: dict[str, Any], heads) -> Any:
     from geo_dino.inference import ChannelLayout
 
     return ChannelLayout(len(state["rasters"]), heads.n_pca, heads.k)
@@ -427,7 +431,7 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     shutil.rmtree(run_dir / "work" / "features", ignore_errors=True)
     for p in (run_dir / "work").glob("carry_*.npz"):
         p.unlink()
-    update_record(run_dir, status="succeeded", finished_at=datetime.now(timezone.utc).isoformat(),
+    update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
                   timings=timings or {})
     return run_dir / RECORD
 
@@ -453,7 +457,7 @@ def resume_run(run_dir: Path) -> Path:
     for c in range(start, state["tiling"]["n_chunks"]):
         infer_chunk(run_dir, c)
     finalize_outputs(run_dir)
-    update_record(run_dir, resumed={"from_chunk": start, "at": datetime.now(timezone.utc).isoformat()})
+    update_record(run_dir, resumed={"from_chunk": start, "at": datetime.now(UTC).isoformat()})
     complete_run(run_dir, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
     return run_dir
 
