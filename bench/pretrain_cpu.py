@@ -74,22 +74,24 @@ def main() -> None:
 
     prep = prepare_images(ds, patch_size=ARCHS[arch].patch_size)
     results = {}
-    feats = {
-        "pretrained (ours)": backbone_features(prep, arch=arch, checkpoint=ckpt),
-        "random init, same arch": backbone_features(prep, arch=arch, seed=cfg.seed),
-        "raw pixels": pixel_features(prep),
-    }
+    feats = {}
+    for pool in ("cls", "cls+mean"):  # DINO's k-NN reads the CLS token; cls+mean also pools the patches
+        feats[f"pretrained (ours), {pool}"] = backbone_features(prep, arch=arch, checkpoint=ckpt, pool=pool)
+        feats[f"random init, same arch, {pool}"] = backbone_features(prep, arch=arch, seed=cfg.seed, pool=pool)
+    feats["raw pixels"] = pixel_features(prep)
     for name, fs in feats.items():
         results[name] = {m: evaluate_features(fs, m).top1 for m in ("knn", "linear")}
     print(f"\nEuroSAT ({args.eval_data}): {len(ds.train)} train / {len(ds.test)} test images, "
           f"{prep.record['size'][0]}x{prep.record['size'][1]} px")
-    print(f"{'features':28s} {'k-NN top-1':>11s} {'linear top-1':>13s}")
+    print(f"{'features':38s} {'k-NN top-1':>11s} {'linear top-1':>13s}")
     for name, r in results.items():
-        print(f"{name:28s} {r['knn']:11.4f} {r['linear']:13.4f}")
-    ours = results["pretrained (ours)"]
-    for base in ("random init, same arch", "raw pixels"):
-        b = results[base]
-        print(f"ours - {base}: k-NN {ours['knn'] - b['knn']:+.4f}, linear {ours['linear'] - b['linear']:+.4f}")
+        print(f"{name:38s} {r['knn']:11.4f} {r['linear']:13.4f}")
+    for pool in ("cls", "cls+mean"):
+        ours = results[f"pretrained (ours), {pool}"]
+        for base in (f"random init, same arch, {pool}", "raw pixels"):
+            b = results[base]
+            print(f"ours ({pool}) - {base}: k-NN {ours['knn'] - b['knn']:+.4f}, "
+                  f"linear {ours['linear'] - b['linear']:+.4f}")
     last = rows[-1]
     summary = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,

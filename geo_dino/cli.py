@@ -78,6 +78,42 @@ def run(
 
 
 @app.command()
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="YAML pretraining configuration")],
+    nproc: Annotated[int, typer.Option(help="processes (DDP through torchrun: gloo on CPU, NCCL on GPUs)")] = 1,
+    steps: Annotated[Optional[int], typer.Option(help="override recipe.steps")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="where the run folder is created")] = None,
+    name: Annotated[Optional[str], typer.Option(help="override the run name")] = None,
+) -> None:
+    """DINO self-supervised pretraining on rasters; resumes from the run folder's checkpoint when there is one."""
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.pretrain_config import load_pretrain_config
+
+    overrides: dict = {}
+    if steps is not None:
+        overrides["recipe"] = {"steps": steps}
+    if output_dir is not None:
+        overrides["output_dir"] = str(output_dir)
+    if name is not None:
+        overrides["name"] = name
+    if nproc < 1:
+        _fail("--nproc must be at least 1")
+    try:
+        cfg = load_pretrain_config(config, overrides)
+    except GeoDinoError as exc:
+        _fail(str(exc))
+    from flows.pretrain import pretrain_flow
+
+    try:
+        res = pretrain_flow(config=json.loads(cfg.model_dump_json()), nproc=nproc)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.secho(f"Backbone: {res['checkpoint']} (sha256 {res['sha256']})", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"Model card, metrics and checkpoint in {Path(res['checkpoint']).parent}. Use it with "
+               f"backbone.checkpoint: {res['checkpoint']} and backbone.arch: {cfg.backbone.arch}.")
+
+
+@app.command()
 def resume(run_dir: Path) -> None:
     """Finish a run that was killed during inference, from its last chunk checkpoint."""
     from geo_dino.errors import GeoDinoError
@@ -139,6 +175,97 @@ def checkpoint_convert(path: Path, out: Path,
     except GeoDinoError as exc:
         _fail(f"{type(exc).__name__}: {exc}")
     typer.echo(json.dumps(rec, indent=2))
+
+
+eval_app = typer.Typer(help="Evaluate frozen features on labelled images: weighted k-NN and linear probe.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+_DataArg = Annotated[Path, typer.Argument(help="labels CSV (path,class[,class_index],split) or an image folder "
+                                               "(ROOT/train|test/<class>/ or ROOT/<class>/)")]
+_Arch = Annotated[str | None, typer.Option(help="backbone architecture (registry name)")]
+_Ckpt = Annotated[Path | None, typer.Option(help="local checkpoint file (default: seeded random init)")]
+_Sha = Annotated[str | None, typer.Option(help="expected sha256 of the checkpoint")]
+_Licence = Annotated[str | None, typer.Option(help="accept the weights' licence, by its exact name")]
+_Raw = Annotated[bool, typer.Option("--raw-pixels", help="evaluate raw pixels instead of a backbone")]
+_Size = Annotated[int | None, typer.Option(
+    help="resize to SIZE x SIZE (a multiple of the patch size); default: the images' own size rounded up")]
+_Pool = Annotated[str, typer.Option(help="features: cls | mean (of patch tokens) | cls+mean")]
+_Batch = Annotated[int, typer.Option(help="images per forward pass")]
+_Bands = Annotated[str | None, typer.Option(help="1-based bands to use, comma-separated (e.g. 4,3,2)")]
+_Range = Annotated[str | None, typer.Option(
+    help="LOW,HIGH pixel values mapped to 0 and 1 (needed for non-uint8 images)")]
+_Frac = Annotated[float, typer.Option(help="test share per class for ROOT/<class>/ folders (seeded split)")]
+_Seed = Annotated[int, typer.Option(help="seed of random init, folder split and held-out split")]
+_Device = Annotated[str, typer.Option(help="torch device for the backbone")]
+_Out = Annotated[Path | None, typer.Option(help="write the result as JSON here")]
+
+
+def _numbers(text: str | None, kind: type, what: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"{what} {text!r}: give comma-separated numbers")
+    return None
+
+
+def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, checkpoint_sha256: str | None,
+          accept_licence: str | None, raw_pixels: bool, size: int | None, pool: str, batch_size: int,
+          bands: str | None, value_range: str | None, test_fraction: float, seed: int, device: str,
+          out: Path | None, **method_opts: object) -> None:
+    from geo_dino.errors import GeoDinoError
+
+    if raw_pixels == bool(arch):
+        _fail("give --arch ARCH (a backbone) or --raw-pixels (the raw-pixel baseline), one of them")
+    if raw_pixels and (checkpoint or checkpoint_sha256 or accept_licence):
+        _fail("--checkpoint, --checkpoint-sha256 and --accept-licence belong to --arch, not --raw-pixels")
+    band_list = _numbers(bands, int, "--bands")
+    vrange = _numbers(value_range, float, "--value-range")
+    if vrange is not None and len(vrange) != 2:
+        _fail(f"--value-range {value_range!r}: give LOW,HIGH")
+    from geo_dino import evaluation as ev
+
+    try:
+        ds = ev.load_labelled(data, test_fraction=test_fraction, seed=seed)
+        common = {"size": size, "bands": band_list, "value_range": vrange}
+        if raw_pixels:
+            fs = ev.pixel_features(ds, **common)
+        else:
+            fs = ev.backbone_features(ds, arch=arch, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
+                                      accept_licence=accept_licence, seed=seed, device=device, pool=pool,
+                                      batch_size=batch_size, **common)
+        res = ev.evaluate_features(fs, method, seed=seed, **method_opts)
+        if out is not None:
+            res.write_json(out)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(res.summary() + (f" -> {out}" if out is not None else ""))
+
+
+@eval_app.command("knn")
+def eval_knn(data: _DataArg, arch: _Arch = None, checkpoint: _Ckpt = None, checkpoint_sha256: _Sha = None,
+             accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None, pool: _Pool = "cls",
+             k: Annotated[int, typer.Option(help="neighbours")] = 20,
+             temperature: Annotated[float, typer.Option(help="vote weight exp(similarity / T)")] = 0.07,
+             batch_size: _Batch = 64, bands: _Bands = None, value_range: _Range = None, test_fraction: _Frac = 0.25,
+             seed: _Seed = 0, device: _Device = "cpu", out: _Out = None) -> None:
+    """Weighted k-NN accuracy (DINO's eval_knn: cosine similarity, top-k votes weighted exp(sim / T))."""
+    _eval("knn", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool, batch_size,
+          bands, value_range, test_fraction, seed, device, out, k=k, temperature=temperature)
+
+
+@eval_app.command("linear")
+def eval_linear(data: _DataArg, arch: _Arch = None, checkpoint: _Ckpt = None, checkpoint_sha256: _Sha = None,
+                accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None, pool: _Pool = "cls",
+                val_fraction: Annotated[float, typer.Option(
+                    help="share of each training class held out to choose the regularisation")] = 0.2,
+                batch_size: _Batch = 64, bands: _Bands = None, value_range: _Range = None,
+                test_fraction: _Frac = 0.25, seed: _Seed = 0, device: _Device = "cpu", out: _Out = None) -> None:
+    """Linear-probe accuracy (logistic regression on frozen, standardised features; C chosen on held-out data)."""
+    _eval("linear", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool, batch_size,
+          bands, value_range, test_fraction, seed, device, out, val_fraction=val_fraction)
 
 
 def main() -> None:  # pragma: no cover
