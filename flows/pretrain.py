@@ -48,11 +48,13 @@ def _progress_reporter(total: int, artifact_id: Any) -> Any:
 
 
 @task(name="train-chunk", **_TASK)
-def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None) -> dict[str, Any] | None:
+def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None,
+                config_file: str | None = None) -> dict[str, Any] | None:
     from geo_dino.pretrain import pretrain
 
     cfg = PretrainConfig.model_validate(config)
-    res = pretrain(cfg, progress=_progress_reporter(cfg.recipe.steps, artifact_id), stop_after=steps)
+    res = pretrain(cfg, progress=_progress_reporter(cfg.recipe.steps, artifact_id), stop_after=steps,
+                   config_file=config_file)
     if res is None:
         return None
     return {"checkpoint": str(res.checkpoint), "sha256": res.sha256, "run_dir": str(res.run_dir),
@@ -91,15 +93,18 @@ def _relay(metrics: Path, seen: int, report: Any) -> int:
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(config_path: str | None = None, config: dict[str, Any] | None = None,
-                  overrides: dict[str, Any] | None = None, nproc: int = 1) -> dict[str, Any]:
+                  overrides: dict[str, Any] | None = None, nproc: int = 1,
+                  config_file: str | None = None) -> dict[str, Any]:
     """Pretrain a backbone on rasters. Give a YAML ``config_path`` or a ``config`` mapping; ``nproc`` > 1 runs
-    DDP through torchrun. Returns the exported checkpoint's path and sha256."""
+    DDP through torchrun. Returns the exported checkpoint's path and sha256. ``config_file`` names the YAML a
+    ``config`` mapping came from (for the model card)."""
     from prefect.artifacts import create_progress_artifact
 
     from geo_dino.pretrain import run_dir_for
 
     if config_path is not None:
         cfg = load_pretrain_config(config_path, overrides)
+        config_file = config_file or config_path
     elif config is not None:
         cfg = parse_pretrain_config(config)
     else:
@@ -116,5 +121,5 @@ def pretrain_flow(config_path: str | None = None, config: dict[str, Any] | None 
     data = cfg.model_dump(mode="json")
     done = None
     while done is None:
-        done = train_chunk(data, cfg.checkpoint_every, artifact_id)
+        done = train_chunk(data, cfg.checkpoint_every, artifact_id, config_file)
     return done

@@ -141,12 +141,14 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
                    std: tuple[float, ...] | None = None,
                    accept_licence: str | None = None,
                    in_chans: int | None = None,
-                   drop_path_rate: float = 0.0) -> tuple[Any, CheckpointSpec]:
+                   drop_path_rate: float = 0.0,
+                   layerscale_init: float | None = None) -> tuple[Any, CheckpointSpec]:
     """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such.
 
     Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence. The licence
     is the one the checkpoint's metadata declares (weights pretrained by geo_dino from scratch declare their
-    own), else the architecture's. ``drop_path_rate`` matters only for training.
+    own), else the architecture's. ``drop_path_rate`` and ``layerscale_init`` (LayerScale's initial value, for
+    models trained from scratch) matter only for training.
     """
     import timm
     import torch
@@ -183,6 +185,8 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         kwargs["in_chans"] = ckpt_chans
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    if layerscale_init is not None:
+        kwargs["init_values"] = layerscale_init
     if checkpoint is not None and detected.pos_grid:  # learned positions: build at the checkpoint's own grid
         kwargs["img_size"] = detected.pos_grid * a.patch_size
     torch.manual_seed(seed)

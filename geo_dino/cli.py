@@ -105,7 +105,7 @@ def pretrain(
     from flows.pretrain import pretrain_flow
 
     try:
-        res = pretrain_flow(config=json.loads(cfg.model_dump_json()), nproc=nproc)
+        res = pretrain_flow(config=json.loads(cfg.model_dump_json()), nproc=nproc, config_file=str(config))
     except GeoDinoError as exc:
         _fail(f"{type(exc).__name__}: {exc}")
     typer.secho(f"Backbone: {res['checkpoint']} (sha256 {res['sha256']})", fg=typer.colors.GREEN, bold=True)

@@ -62,7 +62,8 @@ def _modules(cfg: PretrainConfig, in_chans: int) -> tuple[Any, Any, dict[str, An
     b = cfg.backbone
     backbone, spec = build_backbone(b.arch, checkpoint=b.checkpoint, checkpoint_sha256=b.checkpoint_sha256,
                                     accept_licence=b.accept_licence, seed=cfg.seed,
-                                    in_chans=b.in_chans or in_chans, drop_path_rate=b.drop_path_rate)
+                                    in_chans=b.in_chans or in_chans, drop_path_rate=b.drop_path_rate,
+                                    layerscale_init=b.layerscale_init if b.checkpoint is None else None)
     dim = backbone.embed_dim
     h = cfg.head
 
@@ -132,10 +133,12 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] | None = None,
-             stop_after: int | None = None, resume: bool = True) -> PretrainResult | None:
+             stop_after: int | None = None, resume: bool = True,
+             config_file: str | None = None) -> PretrainResult | None:
     """Train (or continue training) and export. ``stop_after``: return after that many steps of this call
     (the checkpoint is written first; used by chunked flows and by the resume tests). Returns the result once
-    the schedule is complete, else None. Under ``torchrun`` every rank calls this; rank 0 writes."""
+    the schedule is complete, else None. Under ``torchrun`` every rank calls this; rank 0 writes.
+    ``config_file``: the YAML the config came from, for the model card's "remake" command."""
     import torch
     import torch.distributed as dist
 
@@ -335,7 +338,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     result = None
     if rank == 0:
         result = export(cfg, run_dir, teacher.backbone, spec, source, last, warnings,
-                        device=str(device), bf16=bf16, world=W)
+                        device=str(device), bf16=bf16, world=W, config_file=config_file)
     if distributed:
         dist.barrier()
     return result
@@ -407,7 +410,8 @@ def _knn(cfg: PretrainConfig, backbone: Any, spec: Any, step: int) -> dict[str, 
 
 
 def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source: Any, last: dict[str, Any],
-           warnings: list[str], *, device: str, bf16: bool, world: int) -> PretrainResult:
+           warnings: list[str], *, device: str, bf16: bool, world: int,
+           config_file: str | None = None) -> PretrainResult:
     """Write the teacher backbone as ``.safetensors`` (timm layout, metadata the loader reads) and its model card."""
     import torch
     from safetensors.torch import save_file
@@ -455,7 +459,9 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
         "collapse_warnings": warnings,
         "software": software_versions(),
         "git_commit": git_commit(),
-        "remake": f"geo-dino pretrain {cfg.name}.yaml (resolved config: pretrain_config.json in this folder)",
+        "remake": (f"geo-dino pretrain {config_file}" if config_file else "geo-dino pretrain CONFIG")
+        + (f" --nproc {world}" if world > 1 else "")
+        + " (the resolved config is pretrain_config.json in the run folder)",
     }
     (run_dir / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
     (run_dir / "model_card.md").write_text(model_card_markdown(card, cfg))
@@ -477,8 +483,10 @@ def model_card_markdown(card: dict[str, Any], cfg: PretrainConfig) -> str:
         "", "## Training data", "",
     ]
     for r in d["rasters"]:
+        g = r.get("gsd")
+        gsd = f"{g['x_m']:.3g} m" if isinstance(g, dict) and g.get("x_m") else str(g)
         lines.append(f"- `{Path(r['path']).name}`: sha256 `{r.get('sha256', '?')}`, {r.get('crs', '?')}, "
-                     f"GSD {r.get('gsd', '?')}, bands {r.get('bands', '?')}, {r.get('dtype', '?')}")
+                     f"GSD {gsd}, bands {r.get('bands', '?')}, {r.get('dtype', '?')}")
     for a in d.get("aois", []):
         lines.append(f"- AOI `{Path(a['path']).name}`: sha256 `{a.get('sha256', '?')}`")
     rc = cfg.recipe
@@ -515,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_pretrain_config(args.config)
-    res = pretrain(cfg, stop_after=args.stop_after, resume=not args.no_resume)
+    res = pretrain(cfg, stop_after=args.stop_after, resume=not args.no_resume, config_file=args.config)
     if res is not None:
         print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.sha256}))
     import torch.distributed as dist

@@ -72,6 +72,10 @@ class PretrainBackboneConfig(_Model):
     accept_licence: str | None = None  # gated starting weights (DINOv3 License) need it, as for runs
     in_chans: Annotated[int, Field(ge=1, le=64)] | None = None  # None: the data's band count
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1  # DINO ViT-S/16: 0.1
+    # LayerScale initial value for a model built from scratch (None: the architecture's, 1e-5 for DINOv2/v3).
+    # 1e-5 keeps every block near the identity for the first hundreds of steps: the CLS token is then the same
+    # for every image and centring makes the teacher uniform; short schedules learn faster from 0.1
+    layerscale_init: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class HeadConfig(_Model):

@@ -70,7 +70,7 @@ def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
     assert sched["cron"] == "30 2 * * *" and sched["timezone"] == "Europe/Amsterdam"
     assert by_name["demo-nightly"]["work_pool_name"] == "geo-dino-cpu"
     out = tmp_path / "runs"
-    overrides = {"backbone": {"arch": "vit_tiny_patch16_dinov3_test"}, "output_dir": str(out),
+    overrides = {"output_dir": str(out),  # the demo with its shipped backbone, on small tiles
                  "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 64}}
     _prefect(env, "deployment", "run", "run_aoi/demo-nightly", "--param", f"overrides={json.dumps(overrides)}")
     _prefect(env, "worker", "start", "--pool", "geo-dino-cpu", "--run-once", timeout=300)

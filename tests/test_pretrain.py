@@ -242,3 +242,24 @@ def test_cli_pretrain_runs_the_flow_in_chunks(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     bad = CliRunner().invoke(app, ["pretrain", str(tmp_path / "missing.yaml")])
     assert bad.exit_code != 0 and "not found" in bad.output
+
+
+def test_layerscale_init_applies_to_models_built_from_scratch_only(tmp_path: Path) -> None:
+    from geo_dino.backbone import build_backbone
+
+    model, _ = build_backbone("vit_tiny_patch16_dinov3_test", layerscale_init=0.1)
+    gammas = [p for n, p in model.named_parameters() if "gamma" in n]
+    assert gammas and all(torch.allclose(g, torch.full_like(g, 0.1)) for g in gammas)
+    default, _ = build_backbone("vit_tiny_patch16_dinov3_test")
+    assert all(float(p.abs().max()) < 1e-4 for n, p in default.named_parameters() if "gamma" in n)
+    # continued pretraining keeps the checkpoint's LayerScale values
+    res = pretrain(parse_pretrain_config(tiny(tmp_path, "ls", recipe={"steps": 1})))
+    cont = tiny(tmp_path, "ls2", recipe={"steps": 1})
+    cont["backbone"] = {**cont["backbone"], "checkpoint": str(res.checkpoint), "layerscale_init": 0.5}
+    cfg = parse_pretrain_config(cont)
+    from geo_dino.pretrain import _modules
+
+    student, _, _ = _modules(cfg, 3)
+    start = load_file(str(res.checkpoint))
+    assert all(torch.equal(p.detach(), start[n.removeprefix("backbone.")])
+               for n, p in student.named_parameters() if "gamma" in n)
