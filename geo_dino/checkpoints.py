@@ -48,8 +48,15 @@ class Detected:
         return diffs
 
 
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
 def _strip(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop wrapper prefixes (DDP ``module.``, ``backbone.``) and pick the teacher/model from a training dict."""
+    """Drop wrapper prefixes (DDP ``module.``, ``backbone.``) and pick the teacher/model from a training dict.
+
+    DINOv2's official training code may chunk the blocks (``block_chunks``, used for ViT-g under FSDP): keys
+    ``blocks.<chunk>.<i>.`` where ``i`` is already the global block index (earlier chunks hold Identity
+    placeholders); they are flattened to ``blocks.<i>.``."""
     for key in ("teacher", "model_ema", "model", "state_dict"):
         if key in state and isinstance(state[key], dict):
             state = state[key]
@@ -58,6 +65,7 @@ def _strip(state: dict[str, Any]) -> dict[str, Any]:
     for k, v in state.items():
         for p in ("module.", "backbone.", "_orig_mod."):
             k = k.removeprefix(p)
+        k = _CHUNKED.sub(r"blocks.\1.", k)
         out[k] = v
     return out
 

@@ -239,3 +239,25 @@ def test_dino_v1_layout(tmp_path):
         assert torch.equal(model.forward_features(x), ref.forward_features(x))
     with pytest.raises(CheckpointError, match="another architecture"):
         build_backbone("dinov2_vits14", checkpoint=path)
+
+
+def test_dinov2_block_chunked_official_keys_load_like_flat_ones(tmp_path):
+    """DINOv2 ViT-g official checkpoints from chunked training name blocks ``blocks.<chunk>.<i>.``; they load
+    into the same model as the flat names (checked on the tiny DINOv2 architecture, 2 blocks in 2 chunks)."""
+    import re
+
+    from geo_dino.checkpoints import _hf_dinov2_to_official
+
+    sd = {k: v.contiguous() for k, v in _hf_dinov2(False).state_dict().items()}
+    flat = _hf_dinov2_to_official(dict(sd))
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{m.group(1)}.{m.group(1)}.", k): v
+               for k, v in flat.items()}
+    assert any(k.startswith("blocks.1.1.") for k in chunked) and not any(k.startswith("blocks.1.norm1") for k in chunked)
+    torch.save(flat, tmp_path / "flat.pth")
+    torch.save(chunked, tmp_path / "chunked.pth")
+    a, _ = build_backbone("vit_tiny_patch14_dinov2_test", checkpoint=tmp_path / "flat.pth")
+    b, spec = build_backbone("vit_tiny_patch14_dinov2_test", checkpoint=tmp_path / "chunked.pth")
+    assert spec.layout == "official"
+    x = torch.randn(1, 3, 56, 56)
+    with torch.inference_mode():
+        assert torch.equal(a.forward_features(x), b.forward_features(x))
