@@ -169,8 +169,9 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not use_cuda:
-        # LayerScale (1e-5) and small updates produce subnormal floats, which x86 CPUs compute ~100x slower:
-        # measured here, steps slowed from 26 to 5 images/s within 20 steps without this
+        # subnormal floats (tiny LayerScale products, Adam moments) are slow on x86; flushing them to zero does
+        # not change what training learns. A guard, not a measured speed-up: the slowdowns seen while building
+        # this came from another process on a core the OpenMP threads needed (see bench/RESULTS.md)
         torch.set_flush_denormal(True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
 
