@@ -134,3 +134,21 @@ def test_cli_resume(tmp_path, tiny_config):
     res = runner.invoke(app, ["resume", str(run_dir)])  # already finished: nothing to do, outputs untouched
     assert res.exit_code == 0, res.output
     assert f"Outputs in {run_dir}" in res.output
+
+
+def test_every_deployment_points_at_a_flow_and_a_loadable_config():
+    from geo_dino.config import load_config
+    from geo_dino.pretrain_config import load_pretrain_config
+
+    doc = yaml.safe_load((ROOT / "flows/prefect.yaml").read_text())
+    for dep in doc["deployments"]:
+        module, func = dep["entrypoint"].split(":")
+        src = (ROOT / module).read_text()
+        assert f"def {func}(" in src and "@flow" in src, dep["name"]
+        cfg_path = ROOT / dep["parameters"]["config_path"]
+        if func == "pretrain_flow":
+            cfg = load_pretrain_config(cfg_path)
+            assert all(Path(r).is_file() for r in cfg.data.rasters)
+        else:
+            cfg = load_config(cfg_path)
+            assert all(Path(r).is_file() for r in cfg.rasters)
