@@ -45,3 +45,7 @@ class OutputError(GeoDinoError, OSError):
 
 class LicenceError(GeoDinoError, PermissionError):
     """Weights under a gated licence were asked for without an explicit acceptance of that licence."""
+
+
+class LabelError(GeoDinoError, ValueError):
+    """Labels are unusable: unknown class, missing attribute, bad geometry, no CRS, nothing on the grid."""

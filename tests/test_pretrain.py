@@ -263,3 +263,30 @@ def test_layerscale_init_applies_to_models_built_from_scratch_only(tmp_path: Pat
     start = load_file(str(res.checkpoint))
     assert all(torch.equal(p.detach(), start[n.removeprefix("backbone.")])
                for n, p in student.named_parameters() if "gamma" in n)
+
+
+def test_cli_pretrain_with_two_processes_goes_through_torchrun(tmp_path: Path) -> None:
+    """`geo-dino pretrain --nproc 2`: the flow starts torchrun (two gloo processes) and relays its metrics."""
+    from typer.testing import CliRunner
+
+    from geo_dino.cli import app
+
+    cfg = tiny(tmp_path, "cli2", recipe={"steps": 2}, threads=1)
+    p = tmp_path / "c2.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = CliRunner().invoke(app, ["pretrain", str(p), "--nproc", "2"])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert result.exit_code == 0, result.output
+    rows = metrics(tmp_path / "runs" / "cli2")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
+    card = json.loads((tmp_path / "runs" / "cli2" / "model_card.json").read_text())
+    assert card["hardware"]["processes"] == 2 and "--nproc 2" in card["remake"]
