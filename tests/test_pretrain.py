@@ -290,3 +290,13 @@ def test_cli_pretrain_with_two_processes_goes_through_torchrun(tmp_path: Path) -
     assert [r["step"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
     card = json.loads((tmp_path / "runs" / "cli2" / "model_card.json").read_text())
     assert card["hardware"]["processes"] == 2 and "--nproc 2" in card["remake"]
+
+
+def test_in_training_knn_evaluation_is_logged_and_in_the_model_card(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "knn", recipe={"steps": 2},
+               eval={"data": str(ROOT / "data/eurosat_mini/labels.csv"), "every": 2, "k": 5})
+    res = pretrain(parse_pretrain_config(cfg))
+    rows = metrics(res.run_dir)
+    assert "knn" not in rows[0] and 0.0 <= rows[1]["knn"]["top1"] <= 1.0
+    assert rows[1]["knn"]["n_test"] == 60 and rows[1]["knn"]["k"] == 5
+    assert "k-NN top-1" in (res.run_dir / "model_card.md").read_text()
