@@ -1,0 +1,317 @@
+"""Supervised segmentation heads on frozen backbone features: a linear head, its training loop, its file.
+
+The data flow: tiles of pixels ``(N, bands, H, W)`` in [0, 1] → :func:`tile_features` (the checkpoint's
+mean/std, a frozen backbone, :class:`~geo_dino.backbone.Features` ``.dense``) → patch features ``(N, C, h, w)``
+→ :class:`LinearHead` → logits ``(N, K, h, w)``, upsampled bilinearly to ``(N, K, H, W)``. The head is linear,
+so upsampling its logits equals classifying bilinearly upsampled features (and is ``C / K`` times cheaper).
+
+Labels are ``uint8 (N, H, W)`` class *values* of a :class:`~geo_dino.labels.ClassTable`, with
+:data:`~geo_dino.labels.IGNORE` (255) skipped by the loss and the metrics. Logit channel ``k`` is the table's
+``k``-th class (``table.values[k]``), which need not be ``k``.
+
+A head file is a ``.safetensors`` file (never a pickle): tensors ``weight (K, C, 1, 1)`` and ``bias (K,)``, and
+string metadata holding JSON: the class table, the backbone it was trained on (arch, source, sha256, patch
+size, embed dim, mean, std), the preprocessing and the validation metrics. Importing this module imports
+torch (``import geo_dino`` does not import it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geo_dino.errors import CheckpointError, ConfigError
+from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
+
+__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "evaluate_head", "load_head", "predict_values", "save_head",
+           "tile_features", "train_linear_head"]
+
+IGNORE = 255
+HEAD_FORMAT = "geo_dino.linear_head/1"
+_META_KEYS = ("format", "class_table", "backbone", "preprocessing", "metrics", "embed_dim", "n_classes")
+
+
+class LinearHead(torch.nn.Module):
+    """A 1×1 convolution (no normalisation) from ``embed_dim`` patch features to ``n_classes`` logits.
+
+    Initialised to zero (the softmax problem is convex: no random init is needed, so the seed only orders
+    the mini-batches)."""
+
+    def __init__(self, embed_dim: int, n_classes: int) -> None:
+        super().__init__()
+        if embed_dim < 1 or n_classes < 1:
+            raise ConfigError(f"embed_dim {embed_dim} and n_classes {n_classes} must be positive")
+        self.embed_dim = int(embed_dim)
+        self.n_classes = int(n_classes)
+        self.conv = torch.nn.Conv2d(self.embed_dim, self.n_classes, kernel_size=1, bias=True)
+        torch.nn.init.zeros_(self.conv.weight)
+        torch.nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: Any, out_size: tuple[int, int] | None = None) -> Any:
+        """Logits ``(B, K, h, w)`` of features ``(B, C, h, w)``; bilinearly upsampled to ``out_size``
+        ``(rows, cols)`` when given."""
+        if features.ndim != 4 or features.shape[1] != self.embed_dim:
+            raise ConfigError(f"features {tuple(features.shape)} are not (B, {self.embed_dim}, h, w)")
+        logits = self.conv(features)
+        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
+            logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear",
+                                                     align_corners=False)
+        return logits
+
+
+def predict_values(head: LinearHead, features: Any, out_size: tuple[int, int], values: Sequence[int],
+                   batch_size: int = 64) -> np.ndarray:
+    """Class values ``uint8 (N, rows, cols)`` (the arg-max logit's ``values[k]``) of features ``(N, C, h, w)``."""
+    lut = np.asarray(values, dtype=np.uint8)
+    out = []
+    head.eval()
+    with torch.inference_mode():
+        for i in range(0, features.shape[0], batch_size):
+            out.append(head(features[i:i + batch_size], out_size).argmax(1).numpy())
+    return lut[np.concatenate(out)] if out else np.zeros((0, *out_size), np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def tile_features(model: Any, spec: Any, tiles_pixels: Any, batch_size: int = 32) -> Any:
+    """Dense patch features ``float32 (N, C, H/p, W/p)`` of pixel tiles ``(N, bands, H, W)`` scaled to [0, 1].
+
+    Pixels are normalised with ``spec.mean`` / ``spec.std`` (a :class:`~geo_dino.backbone.CheckpointSpec`);
+    the backbone is frozen (eval mode, ``torch.inference_mode``). Returns a CPU tensor that is a plain
+    (non-inference) tensor, so it can feed training.
+    """
+    from geo_dino.backbone import extract
+
+    x = torch.as_tensor(np.asarray(tiles_pixels, dtype=np.float32) if not torch.is_tensor(tiles_pixels)
+                        else tiles_pixels.float())
+    if x.ndim != 4:
+        raise ConfigError(f"tiles must be (N, bands, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != len(spec.mean) or len(spec.mean) != len(spec.std):
+        raise ConfigError(f"tiles have {x.shape[1]} bands but the checkpoint's mean/std have "
+                          f"{len(spec.mean)}/{len(spec.std)}; select the bands the backbone was trained on")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size {batch_size} must be positive")
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            out.append(extract(model, (x[i:i + batch_size] - mean) / std).dense.float())
+    if not out:
+        raise ConfigError("no tiles given")
+    return torch.cat(out).clone()  # clone outside inference mode: usable by autograd
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The best head (by validation mIoU), its 0-based ``best_epoch``, one ``history`` entry per epoch run
+    (``epoch``, ``train_loss``, ``val_miou``, ``lr``) and the ``metrics`` of the best head on validation."""
+
+    head: LinearHead
+    best_epoch: int
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def _as_tensor(a: Any, dtype: Any) -> Any:
+    return a.to(dtype) if torch.is_tensor(a) else torch.as_tensor(np.asarray(a)).to(dtype)
+
+
+def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table: Any) -> Any:
+    if class_weights is None:
+        return None
+    if isinstance(class_weights, Mapping):
+        unknown = sorted(set(class_weights) - set(table.names))
+        missing = [n for n in table.names if n not in class_weights]
+        if unknown or missing:
+            raise ConfigError(f"class_weights: unknown classes {unknown}, missing classes {missing}; give one "
+                              "weight per class of the table (labels.label_stats(...)['weights'])")
+        class_weights = [class_weights[n] for n in table.names]
+    w = [float(v) for v in class_weights]
+    if len(w) != len(table.names) or any(not np.isfinite(v) or v < 0 for v in w) or not any(w):
+        raise ConfigError(f"class_weights {w} must be {len(table.names)} finite non-negative numbers, not all 0 "
+                          "(labels.label_stats(...)['weight_vector'])")
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def evaluate_head(head: LinearHead, features: Any, labels: Any, table: Any) -> dict[str, Any]:
+    """:func:`~geo_dino.metrics.segmentation_metrics` of the head on features and ``uint8`` label values."""
+    lab = np.asarray(labels)
+    pred = values_to_indices(predict_values(head, features, lab.shape[-2:], table.values), table.values)
+    target = values_to_indices(lab, table.values)
+    return segmentation_metrics(confusion_matrix(pred, target, len(table.values)), table.names)
+
+
+def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
+                      class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
+                      lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
+                      seed: int = 0) -> TrainResult:
+    """Fit a :class:`LinearHead` on frozen features with early stopping on validation mIoU.
+
+    ``*_feats``: ``float32 (N, C, h, w)``; ``*_labels``: ``uint8 (N, H, W)`` class values of ``table`` or
+    :data:`~geo_dino.labels.IGNORE`. Loss: cross-entropy on logits upsampled to ``(H, W)``, ignore index 255,
+    optional ``class_weights`` (ordered as the table, or by name; e.g. from
+    :func:`geo_dino.labels.label_stats`). AdamW; mini-batches shuffled by ``seed``. After each epoch the
+    validation mIoU is measured; the state with the highest one (first reached) is kept, and training stops
+    after ``patience`` epochs without improvement. The same inputs and seed give the same head.
+    """
+    if epochs < 1 or patience < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(f"epochs {epochs}, patience {patience}, batch_size {batch_size} and lr {lr} must be "
+                          "positive")
+    xt, xv = _as_tensor(train_feats, torch.float32), _as_tensor(val_feats, torch.float32)
+    yt_np, yv_np = np.asarray(train_labels), np.asarray(val_labels)
+    for name, x, y in (("train", xt, yt_np), ("val", xv, yv_np)):
+        if x.ndim != 4 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise ConfigError(f"{name}: features {tuple(x.shape)} and labels {y.shape} must be (N, C, h, w) and "
+                              "(N, H, W) with the same N > 0")
+    if xt.shape[1] != xv.shape[1]:
+        raise ConfigError(f"train and val features have {xt.shape[1]} and {xv.shape[1]} channels")
+    yt = torch.as_tensor(values_to_indices(yt_np, table.values).astype(np.int64))
+    if not (yt != IGNORE).any():
+        raise ConfigError("the training labels are all IGNORE: nothing to learn from")
+    weight = _weights(class_weights, table)
+    out_size = tuple(yt.shape[-2:])
+
+    gen = torch.Generator().manual_seed(int(seed))
+    head = LinearHead(int(xt.shape[1]), len(table.values))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)
+    history: list[dict[str, Any]] = []
+    best_miou, best_epoch, best_state, best_metrics = -1.0, -1, None, None
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(xt.shape[0], generator=gen)
+        total, counted = 0.0, 0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            y = yt[idx]
+            if not (y != IGNORE).any():
+                continue
+            loss = loss_fn(head(xt[idx], out_size), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            counted += len(idx)
+        metrics = evaluate_head(head, xv, yv_np, table)
+        miou = metrics["miou"] if metrics["miou"] is not None else 0.0
+        history.append({"epoch": epoch, "train_loss": total / max(counted, 1), "val_miou": miou, "lr": lr})
+        if miou > best_miou:
+            best_miou, best_epoch, best_metrics = miou, epoch, metrics
+            best_state = copy.deepcopy(head.state_dict())
+        elif epoch - best_epoch >= patience:
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    return TrainResult(head=head, best_epoch=best_epoch, history=history, metrics=best_metrics)
+
+
+# --------------------------------------------------------------------------------------------- head files
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return obj
+
+
+def save_head(path: str | Path, head: LinearHead, table: Any, *, backbone_spec: Any, preprocessing: Any,
+              metrics: Mapping[str, Any] | None) -> Path:
+    """Write the head's weights and metadata to a ``.safetensors`` file (atomically) and return its path.
+
+    ``backbone_spec``: the :class:`~geo_dino.backbone.CheckpointSpec` the features came from;
+    ``preprocessing``: a :class:`~geo_dino.preprocess.Preprocessor` or a JSON-able dict; ``metrics``: e.g.
+    :attr:`TrainResult.metrics`.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"{p}: a head file is written as .safetensors")
+    if head.n_classes != len(table.values):
+        raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
+    spec = _jsonable(backbone_spec)
+    backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "patch_size", "embed_dim", "in_chans",
+                                         "mean", "std", "bands")}
+    if backbone["embed_dim"] is not None and int(backbone["embed_dim"]) != head.embed_dim:
+        raise ConfigError(f"the head takes {head.embed_dim} channels but the backbone gives {backbone['embed_dim']}")
+    meta = {
+        "format": HEAD_FORMAT,
+        "class_table": json.dumps(table.to_dict()),
+        "backbone": json.dumps(backbone),
+        "preprocessing": json.dumps(_jsonable(preprocessing)),
+        "metrics": json.dumps(dict(metrics) if metrics is not None else None),
+        "embed_dim": str(head.embed_dim),
+        "n_classes": str(head.n_classes),
+    }
+    tensors = {"weight": head.conv.weight.detach().contiguous().clone(),
+               "bias": head.conv.bias.detach().contiguous().clone()}
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(p)
+    return p
+
+
+def load_head(path: str | Path) -> tuple[LinearHead, Any, dict[str, Any]]:
+    """``(head in eval mode, ClassTable, metadata)`` of a :func:`save_head` file. Never executes code.
+
+    Raises :class:`~geo_dino.errors.CheckpointError` for a missing file, a file that is not safetensors, missing
+    or unreadable metadata, or weights that do not match the class table or the stated embed dim."""
+    from safetensors import SafetensorError, safe_open
+
+    from geo_dino.labels import ClassTable
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"head file not found: {p}")
+    with p.open("rb") as fh:
+        magic = fh.read(2)
+    if magic in (b"\x80\x02", b"PK"):
+        raise CheckpointError(f"{p}: a pickle/zip file; head files are safetensors only (refused)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: not a valid safetensors file: {exc}") from None
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{p}: metadata {missing} missing; not a geo_dino head file (write heads with "
+                              "seg_heads.save_head)")
+    if meta["format"] != HEAD_FORMAT:
+        raise CheckpointError(f"{p}: format {meta['format']!r}, this version reads {HEAD_FORMAT!r}")
+    try:
+        parsed = {k: json.loads(meta[k]) for k in ("class_table", "backbone", "preprocessing", "metrics")}
+        embed_dim, n_classes = int(meta["embed_dim"]), int(meta["n_classes"])
+    except ValueError as exc:
+        raise CheckpointError(f"{p}: unreadable metadata: {exc}") from None
+    try:
+        table = ClassTable.from_dict(parsed["class_table"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{p}: invalid class table in the metadata: {exc}") from None
+    k = len(table.values)
+    if set(tensors) != {"weight", "bias"}:
+        raise CheckpointError(f"{p}: tensors {sorted(tensors)}, expected ['bias', 'weight']")
+    w, b = tensors["weight"], tensors["bias"]
+    if tuple(w.shape) != (k, embed_dim, 1, 1) or tuple(b.shape) != (k,) or n_classes != k:
+        raise CheckpointError(f"{p}: weights {tuple(w.shape)} / bias {tuple(b.shape)} (n_classes {n_classes}) do "
+                              f"not match the class table's {k} classes and embed dim {embed_dim}")
+    head = LinearHead(embed_dim, k)
+    head.conv.weight.data.copy_(w)
+    head.conv.bias.data.copy_(b)
+    head.eval()
+    parsed["format"] = meta["format"]
+    parsed["embed_dim"], parsed["n_classes"] = embed_dim, k
+    return head, table, parsed

@@ -1,0 +1,274 @@
+"""Segmentation metrics (against scikit-learn) and the supervised linear head: training on features of the
+shipped tiny backbone, early stopping, class weights, determinism, and the head file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from sklearn.metrics import confusion_matrix as sk_confusion
+from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
+
+from geo_dino.backbone import build_backbone
+from geo_dino.errors import CheckpointError, ConfigError, LabelError
+from geo_dino.labels import IGNORE, ClassTable, label_stats, spatial_split
+from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
+from geo_dino.seg_heads import (
+    LinearHead,
+    TrainResult,
+    evaluate_head,
+    load_head,
+    predict_values,
+    save_head,
+    tile_features,
+    train_linear_head,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "models" / "vit_tiny_patch8_geo.safetensors"
+TABLE = ClassTable.from_mapping({"bright": 0, "dark": 1, "textured": 2})
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_scikit_learn_with_ignored_pixels() -> None:
+    rng = np.random.default_rng(1)
+    k = 5
+    target = rng.integers(0, k - 1, 4000).astype(np.uint8)  # class 4 never labelled ...
+    pred = np.where(rng.random(4000) < 0.6, target, rng.integers(0, k, 4000)).astype(np.uint8)  # ... but predicted
+    target[rng.random(4000) < 0.2] = IGNORE
+    pred[target == IGNORE] = rng.integers(0, k, int((target == IGNORE).sum()))
+    cm = confusion_matrix(pred, target, k)
+    keep = target != IGNORE
+    t, p = target[keep], pred[keep]
+    np.testing.assert_array_equal(cm, sk_confusion(t, p, labels=list(range(k))))
+    m = segmentation_metrics(cm, [f"c{i}" for i in range(k)])
+    labels = sorted(set(t.tolist()) | set(p.tolist()))
+    assert labels == list(range(k))
+    iou = jaccard_score(t, p, labels=labels, average=None)
+    assert m["miou"] == pytest.approx(float(iou.mean()), abs=1e-12)
+    assert m["macro_f1"] == pytest.approx(f1_score(t, p, average="macro"), abs=1e-12)
+    assert m["overall_accuracy"] == pytest.approx(float((t == p).mean()), abs=1e-12)
+    prec = precision_score(t, p, labels=list(range(k)), average=None, zero_division=0)
+    rec = recall_score(t, p, labels=list(range(k)), average=None, zero_division=0)
+    f1 = f1_score(t, p, labels=list(range(k)), average=None, zero_division=0)
+    for i in range(k):
+        c = m["per_class"][f"c{i}"]
+        assert c["iou"] == pytest.approx(iou[i], abs=1e-12)
+        assert (c["precision"], c["recall"], c["f1"]) == pytest.approx((prec[i], rec[i], f1[i]), abs=1e-12)
+    assert m["per_class"]["c4"]["support"] == 0 and m["per_class"]["c4"]["recall"] == 0.0
+    assert m["pixels"] == int(keep.sum())
+    json.dumps(m, allow_nan=False)
+
+
+def test_absent_class_is_left_out_of_the_mean_and_perfect_prediction_scores_one() -> None:
+    target = np.array([[0, 0, 1], [1, IGNORE, IGNORE]], np.uint8)
+    pred = np.array([[0, 0, 1], [1, 2, 0]], np.uint8)  # wrong only where ignored
+    m = segmentation_metrics(confusion_matrix(pred, target, 3), ["a", "b", "c"])
+    assert m["miou"] == 1.0 and m["macro_f1"] == 1.0 and m["overall_accuracy"] == 1.0
+    assert m["present"] == ["a", "b"] and m["per_class"]["c"]["iou"] is None
+    assert m["pixels"] == 4
+    empty = segmentation_metrics(confusion_matrix(pred, np.full_like(target, IGNORE), 3), ["a", "b", "c"])
+    assert empty["miou"] is None and empty["pixels"] == 0
+
+
+def test_metric_input_errors() -> None:
+    with pytest.raises(ConfigError, match="outside"):
+        confusion_matrix(np.array([3]), np.array([0]), 3)
+    with pytest.raises(ConfigError, match="shape"):
+        confusion_matrix(np.array([0, 1]), np.array([0]), 3)
+    np.testing.assert_array_equal(values_to_indices(np.array([7, 3, 255, 0], np.uint8), (0, 3, 7)), [2, 1, 255, 0])
+    with pytest.raises(LabelError, match=r"\[5\]"):
+        values_to_indices(np.array([5], np.uint8), (0, 3, 7))
+
+
+# --------------------------------------------------------------------------------------------- a learnable problem
+
+
+def _scene(seed: int, n: int = 8, tile: int = 32, cell: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """An ``n × n`` grid of ``tile``-pixel tiles; each ``cell``-pixel square is bright, dark or a 2-pixel
+    checkerboard (classes 0, 1, 2), with noise; 10 % of label pixels IGNORE. Returns tiles ``(n², 3, t, t)``
+    in [0, 1] and labels ``(n², t, t)``, tile ``(r, c)`` at index ``r * n + c``."""
+    rng = np.random.default_rng(seed)
+    size = n * tile
+    cls = np.kron(rng.integers(0, 3, (size // cell, size // cell)), np.ones((cell, cell), int))
+    yy, xx = np.mgrid[0:size, 0:size]
+    checker = ((yy // 2 + xx // 2) % 2).astype(np.float32)
+    img = np.where(cls == 0, 0.85, np.where(cls == 1, 0.15, 0.2 + 0.6 * checker)).astype(np.float32)
+    img = np.clip(img[None] + rng.normal(0, 0.05, (3, size, size)), 0, 1).astype(np.float32)
+    lab = cls.astype(np.uint8)
+    lab[rng.random(lab.shape) < 0.1] = IGNORE
+    tiles = img.reshape(3, n, tile, n, tile).transpose(1, 3, 0, 2, 4).reshape(n * n, 3, tile, tile)
+    labels = lab.reshape(n, tile, n, tile).transpose(0, 2, 1, 3).reshape(n * n, tile, tile)
+    return tiles, labels
+
+
+@pytest.fixture(scope="module")
+def learnable() -> dict:
+    model, spec = build_backbone("vit_tiny_patch8_geo", checkpoint=CKPT)
+    tiles, labels = _scene(0)
+    feats = tile_features(model, spec, tiles, batch_size=16)
+    train, val, _ = spatial_split([(r, c) for r in range(8) for c in range(8)], 0.25, block=2, buffer=1, seed=0)
+    ti, vi = [r * 8 + c for r, c in train], [r * 8 + c for r, c in val]
+    return {"model": model, "spec": spec, "tiles": tiles, "feats": feats, "labels": labels, "ti": ti, "vi": vi}
+
+
+def test_tile_features_are_the_normalised_dense_features(learnable: dict) -> None:
+    from geo_dino.backbone import extract
+
+    f, spec = learnable["feats"], learnable["spec"]
+    assert tuple(f.shape) == (64, spec.embed_dim, 4, 4) and f.dtype == torch.float32 and not f.is_inference()
+    x = torch.from_numpy(learnable["tiles"][:2])
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(f[:2], extract(learnable["model"], (x - mean) / std).dense)
+    assert not torch.allclose(f[:2], extract(learnable["model"], x).dense)  # normalisation matters
+    with pytest.raises(ConfigError, match="bands"):
+        tile_features(learnable["model"], spec, learnable["tiles"][:1, :2])
+
+
+def test_linear_head_learns_and_early_stopping_keeps_the_best_epoch(learnable: dict) -> None:
+    f, y, ti, vi = learnable["feats"], learnable["labels"], learnable["ti"], learnable["vi"]
+    # Majority-class baseline: the most common training class predicted everywhere on validation.
+    counts = label_stats(y[ti], TABLE)["counts"]
+    majority = TABLE.values[TABLE.names.index(max(counts, key=counts.get))]
+    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3), TABLE.names)
+    res = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, epochs=60, lr=1.0, patience=5, batch_size=4, seed=0)
+    assert res.metrics["miou"] > base["miou"] + 0.5 and res.metrics["miou"] > 0.9
+    mious = [h["val_miou"] for h in res.history]
+    assert [h["epoch"] for h in res.history] == list(range(len(mious)))
+    assert res.best_epoch == int(np.argmax(mious))  # the first best
+    assert len(mious) == res.best_epoch + 5 + 1 < 60  # stopped `patience` epochs after the best
+    assert mious[-1] < mious[res.best_epoch]  # the last epoch was worse: keeping the best matters here
+    again = evaluate_head(res.head, f[vi], y[vi], TABLE)
+    assert again["miou"] == mious[res.best_epoch] == res.metrics["miou"]
+
+
+def test_training_is_deterministic_with_the_seed(learnable: dict) -> None:
+    f, y, ti, vi = learnable["feats"], learnable["labels"], learnable["ti"], learnable["vi"]
+    kw = {"epochs": 3, "lr": 1e-2, "patience": 5, "batch_size": 4}
+    a = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, seed=3, **kw)
+    b = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, seed=3, **kw)
+    c = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, seed=4, **kw)
+    assert a.history == b.history and a.best_epoch == b.best_epoch
+    for k, v in a.head.state_dict().items():
+        assert torch.equal(v, b.head.state_dict()[k])
+    assert not torch.equal(a.head.conv.weight, c.head.conv.weight)  # the seed orders the mini-batches
+
+
+def test_class_weights_raise_rare_class_recall() -> None:
+    rng = np.random.default_rng(5)
+
+    def data(n: int) -> tuple[torch.Tensor, np.ndarray]:
+        patch = (rng.random((n, 4, 4)) < 0.06).astype(np.uint8)  # class 1 ("rare") on ~6 % of patches
+        x = rng.normal(0, 1, (n, 8, 4, 4)).astype(np.float32)
+        x[:, 0] += 1.2 * patch  # overlapping classes: the decision threshold follows the class balance
+        return torch.from_numpy(x), np.kron(patch, np.ones((1, 4, 4), np.uint8))
+
+    (xt, yt), (xv, yv) = data(60), data(60)
+    table = ClassTable.from_mapping({"common": 0, "rare": 1})
+    weights = label_stats(yt, table)["weight_vector"]
+    assert weights[1] > 5 * weights[0]
+    kw = {"epochs": 30, "lr": 5e-2, "patience": 30, "batch_size": 8, "seed": 0}
+    plain = train_linear_head(xt, yt, xv, yv, table, **kw)
+    weighted = train_linear_head(xt, yt, xv, yv, table, class_weights=weights, **kw)
+    r_plain = plain.metrics["per_class"]["rare"]["recall"]
+    r_weighted = weighted.metrics["per_class"]["rare"]["recall"]
+    assert r_weighted > r_plain + 0.2, (r_plain, r_weighted)
+    by_name = train_linear_head(xt, yt, xv, yv, table, class_weights=label_stats(yt, table)["weights"], **kw)
+    assert torch.equal(by_name.head.conv.weight, weighted.head.conv.weight)
+    with pytest.raises(ConfigError, match="class_weights"):
+        train_linear_head(xt, yt, xv, yv, table, class_weights=[1.0], **kw)
+
+
+def test_ignored_pixels_do_not_train_the_head() -> None:
+    """Tiles labelled only IGNORE added to a full batch leave the head unchanged; labelled, they change it."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(0, 1, (6, 8, 2, 2)).astype(np.float32))
+    y = rng.integers(0, 2, (6, 8, 8)).astype(np.uint8)
+    y[:, :4] = IGNORE
+    extra = torch.from_numpy(rng.normal(3, 1, (3, 8, 2, 2)).astype(np.float32))
+    table = ClassTable.from_mapping({"a": 0, "b": 1})
+    kw = {"epochs": 3, "lr": 1e-2, "batch_size": 16, "seed": 0}
+    a = train_linear_head(x, y, x, y, table, **kw)
+    ignored = np.full((3, 8, 8), IGNORE, np.uint8)
+    b = train_linear_head(torch.cat([x, extra]), np.concatenate([y, ignored]), x, y, table, **kw)
+    c = train_linear_head(torch.cat([x, extra]), np.concatenate([y, ignored * 0]), x, y, table, **kw)
+    torch.testing.assert_close(a.head.conv.weight, b.head.conv.weight, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a.head.conv.weight, c.head.conv.weight, rtol=1e-3, atol=1e-4)
+    assert a.metrics["pixels"] == int((y != IGNORE).sum())
+    with pytest.raises(LabelError):
+        train_linear_head(x, np.where(y == IGNORE, 7, y).astype(np.uint8), x, y, table, **kw)
+    with pytest.raises(ConfigError, match="all IGNORE"):
+        train_linear_head(x, np.full_like(y, IGNORE), x, y, table, **kw)
+
+
+# --------------------------------------------------------------------------------------------- head files
+
+
+def _trained(learnable: dict) -> TrainResult:
+    f, y, ti, vi = learnable["feats"], learnable["labels"], learnable["ti"], learnable["vi"]
+    return train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, epochs=3, lr=1e-1, batch_size=8)
+
+
+def test_save_and_load_round_trip(learnable: dict, tmp_path: Path) -> None:
+    res = _trained(learnable)
+    spec = learnable["spec"]
+    pre = {"scale": "uint8", "mean": list(spec.mean), "std": list(spec.std)}
+    path = save_head(tmp_path / "head.safetensors", res.head, TABLE, backbone_spec=spec, preprocessing=pre,
+                     metrics=res.metrics)
+    head, table, meta = load_head(path)
+    assert table == TABLE
+    f = learnable["feats"][:4]
+    assert torch.equal(head(f, (32, 32)), res.head(f, (32, 32)))
+    assert meta["backbone"]["arch"] == "vit_tiny_patch8_geo" and meta["backbone"]["sha256"] == spec.sha256
+    assert meta["backbone"]["mean"] == list(spec.mean)
+    assert meta["preprocessing"] == pre and meta["metrics"] == res.metrics
+    np.testing.assert_array_equal(predict_values(head, f, (32, 32), table.values),
+                                  predict_values(res.head, f, (32, 32), TABLE.values))
+
+
+def test_linear_head_upsampling_equals_classifying_upsampled_features() -> None:
+    torch.manual_seed(0)
+    head = LinearHead(6, 3)
+    torch.nn.init.normal_(head.conv.weight)
+    torch.nn.init.normal_(head.conv.bias)
+    f = torch.randn(2, 6, 3, 5)
+    up = torch.nn.functional.interpolate(f, size=(12, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(head(f, (12, 20)), head(up))
+
+
+def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
+    res = _trained(learnable)
+    good = save_head(tmp_path / "good.safetensors", res.head, TABLE, backbone_spec=learnable["spec"],
+                     preprocessing={}, metrics=None)
+    tensors = {"weight": res.head.conv.weight.detach().clone(), "bias": res.head.conv.bias.detach().clone()}
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as fh:
+        meta = dict(fh.metadata())
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare))
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_head(bare)
+
+    four = ClassTable.from_mapping({"a": 0, "b": 1, "c": 2, "d": 3})
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong), metadata={**meta, "class_table": json.dumps(four.to_dict()), "n_classes": "4"})
+    with pytest.raises(CheckpointError, match="4 classes"):
+        load_head(wrong)
+
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save(tensors, pickled)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_head(pickled)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_head(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="classes"):
+        save_head(tmp_path / "x.safetensors", res.head, four, backbone_spec=learnable["spec"], preprocessing={},
+                  metrics=None)
