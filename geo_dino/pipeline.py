@@ -225,6 +225,17 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         "preprocess": pre.to_dict(),
         "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
     }
+    coreg = None
+    if len(infos) == 2:  # after screening: this reads pixels
+        from geo_dino.coregistration import check_pair
+
+        with WindowReader(infos[0]) as r1, WindowReader(infos[1]) as r2:
+            coreg = check_pair([r1, r2], region, pixel_size_m=(inputs[0].get("gsd") or {}).get("x_m"))
+        if coreg["warning"]:
+            import warnings
+
+            warnings.warn(coreg["warning"], stacklevel=2)
+        state["coregistration"] = coreg
     _atomic_json(run_dir / STATE, state)
     gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
     gsd["resampling"] = resampling
@@ -233,6 +244,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                       {"source_band": b, "source_description": n, "backbone_channel": i,
                        "backbone_band": arch.bands[i] if i < len(arch.bands) else "extra (adapted patch embedding)"}
                       for i, (b, n) in enumerate(zip(infos[0].bands, infos[0].band_names, strict=True))]},
+                  coregistration=coreg,
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
                             "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
                             "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
