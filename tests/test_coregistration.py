@@ -39,7 +39,7 @@ def test_unrelated_images_give_a_weak_peak() -> None:
     assert phase_shift(a, b)[2] < 0.1 < phase_shift(a, ndimage.shift(a, (1, 1), order=3))[2]
 
 
-def _write(path: Path, data: np.ndarray, src) -> None:  # noqa: ANN001
+def _write(path: Path, data: np.ndarray, src) -> None:
     profile = src.profile | {"driver": "GTiff", "count": data.shape[0]}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
