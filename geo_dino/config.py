@@ -178,8 +178,10 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:
     return cfg.resolved(base or Path.cwd())
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config file; relative paths in it are relative to the current working directory."""
+def read_yaml_mapping(path: str | Path, what: str = "run configuration",
+                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML file's top-level mapping with ``overrides`` merged in; clear errors for a missing file, bad YAML
+    or a top level that is not a mapping (``what`` names the kind of file in them)."""
     import yaml
 
     p = Path(path)
@@ -190,9 +192,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a run configuration must be a mapping of keys to values")
-    data = _merge(data, overrides or {})
-    return parse_config(data, Path.cwd())
+        raise ConfigError(f"{p}: a {what} must be a mapping of keys to values")
+    return _merge(data, overrides or {})
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config file; relative paths in it are relative to the current working directory."""
+    return parse_config(read_yaml_mapping(path, "run configuration", overrides), Path.cwd())
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

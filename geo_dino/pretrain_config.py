@@ -200,24 +200,12 @@ def parse_pretrain_config(data: dict[str, Any], base: Path | None = None) -> Pre
         cfg = PretrainConfig.model_validate(data)
     except ValidationError as exc:
         msg = _format_error(exc).replace("run configuration", "pretraining configuration")
-        raise ConfigError(msg.replace("configs/demo.yaml", "configs/pretrain_demo.yaml")) from None
+        raise ConfigError(msg.replace("configs/demo.yaml", "configs/pretrain_default.yaml")) from None
     return cfg.resolved(base or Path.cwd())
 
 
 def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """Read a YAML pretraining config; relative paths are relative to the working directory (as for runs)."""
-    import yaml
+    from geo_dino.config import read_yaml_mapping
 
-    from geo_dino.config import _merge
-    from geo_dino.errors import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a pretraining configuration must be a mapping of keys to values")
-    return parse_pretrain_config(_merge(data, overrides or {}), Path.cwd())
+    return parse_pretrain_config(read_yaml_mapping(path, "pretraining configuration", overrides), Path.cwd())
