@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,12 +125,6 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path) -> None:
         pretrain(changed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     """torchrun with two gloo processes of batch 2 trains exactly as one process of batch 4: the same samples
     (indices s*B*W + r*B + j), gradients averaged by DDP, centres all-reduced. KoLeo (a per-process batch
@@ -148,8 +141,9 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tmp_path:
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(ddp_cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "-m", "geo_dino.pretrain", str(path)]
+    # --standalone: the rendezvous store binds a free port itself (no race for a port picked beforehand)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "geo_dino.pretrain", str(path)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp_rows = metrics(tmp_path / "runs" / "ddp")
