@@ -114,6 +114,26 @@ def tile_features(model: Any, spec: Any, tiles_pixels: Any, batch_size: int = 32
 # --------------------------------------------------------------------------------------------- training
 
 
+SIAMESE_MODES = ("diff", "concat", "concat+diff")
+
+
+def siamese_features(f1: Any, f2: Any, mode: str = "concat+diff") -> Any:
+    """Change-detection input from two dates' patch features ``(N, C, h, w)`` of the same backbone and grid:
+    ``diff`` = ``|f1 − f2|`` (C channels), ``concat`` = ``[f1, f2]`` (2C), ``concat+diff`` = ``[f1, f2, |f1 − f2|]``
+    (3C). A :class:`LinearHead` on it gives change logits (classes from the change labels' table)."""
+    if mode not in SIAMESE_MODES:
+        raise ConfigError(f"siamese mode {mode!r}: choose one of {list(SIAMESE_MODES)}")
+    if tuple(f1.shape) != tuple(f2.shape):
+        raise ConfigError(f"the two dates' features differ in shape: {tuple(f1.shape)} vs {tuple(f2.shape)}; "
+                          "both dates must lie on one grid and go through the same backbone")
+    diff = (f1 - f2).abs()
+    if mode == "diff":
+        return diff
+    if mode == "concat":
+        return torch.cat([f1, f2], dim=1)
+    return torch.cat([f1, f2, diff], dim=1)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """The best head (by validation mIoU), its 0-based ``best_epoch``, one ``history`` entry per epoch run

@@ -272,3 +272,22 @@ def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="classes"):
         save_head(tmp_path / "x.safetensors", res.head, four, backbone_spec=learnable["spec"], preprocessing={},
                   metrics=None)
+
+
+def test_siamese_features_shapes_symmetry_and_errors() -> None:
+    from geo_dino.errors import ConfigError
+    from geo_dino.seg_heads import siamese_features
+
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    d = siamese_features(f1, f2, "diff")
+    assert d.shape == (2, 4, 3, 3) and torch.equal(d, siamese_features(f2, f1, "diff"))  # order-free
+    assert float(siamese_features(f1, f1, "diff").abs().max()) == 0.0  # no change, no signal
+    c = siamese_features(f1, f2, "concat")
+    assert c.shape == (2, 8, 3, 3) and torch.equal(c[:, :4], f1) and torch.equal(c[:, 4:], f2)
+    cd = siamese_features(f1, f2)
+    assert cd.shape == (2, 12, 3, 3) and torch.equal(cd[:, 8:], d)
+    with pytest.raises(ConfigError, match="one grid"):
+        siamese_features(f1, f2[:, :, :2])
+    with pytest.raises(ConfigError, match="choose one of"):
+        siamese_features(f1, f2, "sum")
