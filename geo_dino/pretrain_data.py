@@ -241,7 +241,7 @@ class TileSource:
                 if region is not None:
                     shapely.prepare(region)
         if k not in self._readers:
-            self._readers[k] = self._stack.enter_context(_SerialReader(self.infos[k]))  # type: ignore[union-attr]
+            self._readers[k] = self._stack.enter_context(WindowReader(self.infos[k], threads=1))  # type: ignore[union-attr]
         return self._readers[k]
 
     def close(self) -> None:
@@ -280,26 +280,6 @@ class TileSource:
         return {"rasters": rasters, "aois": list(self.aois), "tile_size": self.cfg.tile_size,
                 "min_valid_fraction": self.cfg.min_valid_fraction, "max_tries": self.cfg.max_tries,
                 "seed": self.seed, "n_bands": self.n_bands}
-
-
-class _SerialReader(WindowReader):
-    """A :class:`WindowReader` that decodes on the calling thread (GTiff open option ``NUM_THREADS=1``).
-
-    GDAL's block-decoding thread pool is a process-wide singleton: a DataLoader worker forked after the parent
-    used it (``GDAL_NUM_THREADS=ALL_CPUS``) waits forever for threads that do not exist in the child. Serial
-    decoding never touches the pool, and one thread per worker is what a DataLoader wants anyway.
-    """
-
-    def __enter__(self) -> Self:
-        import rasterio
-
-        from geo_dino.sources import _driver_for, gdal_env
-
-        self._env = gdal_env()
-        self._env.__enter__()
-        self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)), NUM_THREADS="1")
-        self._mask_mode = self._choose_mask_mode()
-        return self
 
 
 def _check_preprocess(pre: PreprocessConfig) -> None:
@@ -346,20 +326,14 @@ def _region(info: RasterInfo, aois: list[Any]) -> BaseGeometry:
 
 def _candidates(info: RasterInfo, region: BaseGeometry | None, size: int) -> _Candidates:
     """Candidate cells from one decimated read of the validity mask, clipped to where a window fits."""
-    import rasterio
     from affine import Affine
     from rasterio.features import geometry_mask
-
-    from geo_dino.sources import _driver_for, gdal_env
 
     g = info.grid
     f = max(1, math.ceil(max(g.height, g.width) / OVERVIEW_SIDE))
     ch, cw = math.ceil(g.height / f), math.ceil(g.width / f)
-    shape = (len(info.bands), ch, cw)
-    with gdal_env(), rasterio.open(info.path, driver=_driver_for(Path(info.path))) as src:
-        ok = np.any(src.read_masks(list(info.bands), out_shape=shape) > 0, axis=0)  # GDAL's dataset-mask rule
-        if np.dtype(info.dtype).kind == "f":
-            ok &= np.all(np.isfinite(src.read(list(info.bands), out_shape=shape)), axis=0)
+    with WindowReader(info, threads=1) as reader:
+        _, ok = reader.decimated(ch, cw, values=False)
     if region is not None:
         touched = geometry_mask([region], out_shape=(ch, cw), all_touched=True, invert=True,
                                 transform=g.transform @ Affine.scale(g.width / cw, g.height / ch))

@@ -206,8 +206,13 @@ def _valid_from_masks(masks: np.ndarray) -> np.ndarray:
 class WindowReader:
     """One dataset handle (not thread-safe: one reader per worker) reading padded windows."""
 
-    def __init__(self, info: RasterInfo) -> None:
+    def __init__(self, info: RasterInfo, *, threads: int | None = None) -> None:
+        """``threads``: GTiff block-decoding threads for this handle (open option ``NUM_THREADS``); None uses
+        ``GDAL_NUM_THREADS`` (all CPUs). ``threads=1`` decodes on the calling thread and never touches GDAL's
+        process-wide thread pool: a process forked after the parent used that pool (a DataLoader worker) waits
+        forever for threads that do not exist in the child."""
         self.info = info
+        self.threads = threads
         self._env = None
         self._src = None
 
@@ -216,7 +221,8 @@ class WindowReader:
 
         self._env = gdal_env()
         self._env.__enter__()
-        self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)))
+        opts = {"NUM_THREADS": str(self.threads)} if self.threads else {}
+        self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)), **opts)
         self._mask_mode = self._choose_mask_mode()
         return self
 
@@ -311,18 +317,27 @@ class WindowReader:
             valid[rs, cs] = self._valid(self._src.read(list(self.info.bands), window=w), w)
         return valid
 
-    def sample_stats(self, percentiles: tuple[float, float], max_side: int = 1024) -> np.ndarray:
-        """Per-band percentiles ``(bands, 2)`` of valid pixels from a decimated read (bounded memory)."""
+    def decimated(self, height: int, width: int, *, values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """The whole raster read at ``height`` × ``width`` (bounded memory): ``(data or None, valid)``, with the
+        same validity as :meth:`read` (GDAL's dataset-mask rule, no band NaN/inf). ``values=False`` reads the
+        data only when it is needed for validity (floating-point rasters)."""
         if self._src is None:
             raise SourceError("WindowReader used outside its `with` block")
+        shape = (len(self.info.bands), height, width)
+        ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), out_shape=shape))
+        arr = None
+        if values or np.dtype(self.info.dtype).kind == "f":
+            arr = self._src.read(list(self.info.bands), out_shape=shape)
+            if arr.dtype.kind == "f":
+                ok &= np.all(np.isfinite(arr), axis=0)
+        return arr, ok
+
+    def sample_stats(self, percentiles: tuple[float, float], max_side: int = 1024) -> np.ndarray:
+        """Per-band percentiles ``(bands, 2)`` of valid pixels from a decimated read (bounded memory)."""
         g = self.info.grid
         f = max(1, math.ceil(max(g.height, g.width) / max_side))
-        shape = (len(self.info.bands), max(1, g.height // f), max(1, g.width // f))
-        arr = self._src.read(list(self.info.bands), out_shape=shape)
-        # the same validity as read(): GDAL's dataset-mask rule, and no band NaN/inf
-        ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), out_shape=shape))
-        if arr.dtype.kind == "f":
-            ok &= np.all(np.isfinite(arr), axis=0)
+        arr, ok = self.decimated(max(1, g.height // f), max(1, g.width // f))
+        shape = arr.shape
         out = np.zeros((shape[0], 2), dtype=np.float64)
         for b in range(shape[0]):
             vals = arr[b][ok]
