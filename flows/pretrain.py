@@ -68,27 +68,32 @@ def train_torchrun(config_file: str, nproc: int, run_dir: str, total: int, artif
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "geo_dino.pretrain", config_file]
     metrics = Path(run_dir) / "metrics.jsonl"
+    log_path = Path(run_dir) / "torchrun.log"  # a file, not a pipe: a pipe nobody reads fills and blocks ranks
     seen = 0
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        out_lines: list[str] = []
+    with log_path.open("w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
         while proc.poll() is None:
             time.sleep(1.0)
             seen = _relay(metrics, seen, report)
-        out_lines = proc.stdout.read().splitlines() if proc.stdout else []
         seen = _relay(metrics, seen, report)
+    out_lines = log_path.read_text().splitlines()
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {proc.returncode}:\n" + "\n".join(out_lines[-40:]))
-    result = json.loads(next(line for line in reversed(out_lines) if line.startswith("{")))
+        raise RuntimeError(f"torchrun exited with {proc.returncode} (whole log: {log_path}):\n"
+                           + "\n".join(out_lines[-40:]))
+    result = json.loads(next(line for line in reversed(out_lines) if line.startswith('{"checkpoint"')))
     return result | {"run_dir": run_dir}
 
 
-def _relay(metrics: Path, seen: int, report: Any) -> int:
+def _relay(metrics: Path, offset: int, report: Any) -> int:
+    """Report the complete lines written to ``metrics`` since byte ``offset``; return the new offset."""
     if not metrics.exists():
-        return seen
-    lines = metrics.read_text().splitlines()
-    for line in lines[seen:]:
+        return offset
+    with metrics.open("rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+    for line in chunk[:end].decode().splitlines():
         report(json.loads(line))
-    return len(lines)
+    return offset + end
 
 
 @flow(name="pretrain", log_prints=True)

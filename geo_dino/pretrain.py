@@ -302,10 +302,11 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
             now = time.perf_counter()
             mon = collapse_monitors(out["logits_g"].chunk(2)[1].detach(), t_probs.chunk(2)[0], r.student_temp,
                                     t_cls.detach(), cfg.head.out_dim)
-            if distributed:
-                mon = _mean_across_ranks(mon, device)
-                losses = {k: float(_mean_across_ranks({"v": float(v)}, device)["v"]) for k, v in losses.items()}
             losses = {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in losses.items()}
+            if distributed:  # one all-reduce for every logged figure
+                both = _mean_across_ranks(mon | {f"loss_{k}": v for k, v in losses.items()}, device)
+                mon = {k: both[k] for k in mon}
+                losses = {k: both[f"loss_{k}"] for k in losses}
             rec = {"step": done, "loss": float(sum(losses.values())),
                    **{f"loss_{k}": v for k, v in losses.items()},
                    "lr": float(lr_sched[step]), "weight_decay": float(wd_sched[step]), "teacher_momentum": m,
