@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from geo_dino.errors import ConfigError, LabelError
+from geo_dino.labels import IGNORE  # one ignore index for labels, heads and metrics
 
 __all__ = ["confusion_matrix", "segmentation_metrics", "values_to_indices"]
-
-IGNORE = 255  # the same value as geo_dino.labels.IGNORE (not imported: labels.py pulls the grid module)
 
 
 def values_to_indices(labels: np.ndarray, values: Sequence[int], ignore: int = IGNORE) -> np.ndarray:

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from geo_dino.errors import CheckpointError, ConfigError
+from geo_dino.labels import IGNORE
 from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 
 __all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "evaluate_head", "load_head", "predict_values", "save_head",
            "tile_features", "train_linear_head"]
 
-IGNORE = 255
 HEAD_FORMAT = "geo_dino.linear_head/1"
 _META_KEYS = ("format", "class_table", "backbone", "preprocessing", "metrics", "embed_dim", "n_classes")
 
