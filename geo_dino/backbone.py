@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from geo_dino.archs import ARCHS, DINOV3_LICENCE, ArchSpec  # noqa: F401 - re-exported: the registry lives in archs.py
+from geo_dino.archs import ARCHS, DINOV3_LICENCE, ArchSpec  # ARCHS re-exported: the registry lives in archs.py
 from geo_dino.errors import CheckpointError, ConfigError, LicenceError
 
 
@@ -119,14 +119,19 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
             f"cyclically and scaled by {old}/{in_chans})")
 
 
+def arch_spec(arch: str) -> ArchSpec:
+    """The registry entry, or a clear error listing the registered names."""
+    if arch not in ARCHS:
+        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    return ARCHS[arch]
+
+
 def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None,
                   declared: str | None = None) -> dict[str, Any] | None:
     """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated).
 
     ``declared``: the licence the checkpoint's metadata states (else the architecture's published weights')."""
-    if arch not in ARCHS:
-        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    licence = declared or ARCHS[arch].licence
+    licence = declared or arch_spec(arch).licence
     if checkpoint is None or licence != DINOV3_LICENCE:
         return None
     if accept_licence != licence:
@@ -153,9 +158,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     import timm
     import torch
 
-    if arch not in ARCHS:
-        raise ConfigError(f"backbone.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    a = ARCHS[arch]
+    a = arch_spec(arch)
     from geo_dino.checkpoints import inspect_state, to_timm
 
     meta: dict[str, str] = {}

@@ -157,7 +157,6 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
 def plan_run(run_dir: Path) -> dict[str, Any]:
     """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor, save the plan."""
     from geo_dino.aoi import load_aoi
-    from geo_dino.backbone import ARCHS
     from geo_dino.outputs import write_tile_index
     from geo_dino.preprocess import make_preprocessor
     from geo_dino.provenance import raster_input_record
@@ -165,12 +164,9 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cfg = load_run_config(run_dir)
-    arch = ARCHS[cfg.backbone.arch] if cfg.backbone.arch in ARCHS else None
-    if arch is None:
-        from geo_dino.errors import ConfigError
+    from geo_dino.backbone import arch_spec, check_licence, checkpoint_metadata
 
-        raise ConfigError(f"backbone.arch: unknown architecture {cfg.backbone.arch!r}; choose one of {sorted(ARCHS)}")
-    from geo_dino.backbone import check_licence, checkpoint_metadata
+    arch = arch_spec(cfg.backbone.arch)
 
     meta = checkpoint_metadata(cfg.backbone.checkpoint)
     acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence,
