@@ -86,9 +86,8 @@ def tokens(model: Any, x: torch.Tensor, mask: torch.Tensor | None = None,
     return out[:, 0], out[:, npt:]
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between the centred, sharpened teacher distribution of each global crop and the student's
-    distribution of every other crop (DINO eq. 1 and ``DINOLoss``); centre updated with momentum 0.9."""
+class _CentredLoss(nn.Module):
+    """A teacher distribution made by centring (an EMA ``center`` of the teacher's outputs) and sharpening."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
@@ -98,6 +97,11 @@ class DINOLoss(nn.Module):
 
     def teacher_probs(self, teacher_out: torch.Tensor, temp: float) -> torch.Tensor:
         return F.softmax((teacher_out.float() - self.center) / temp, dim=-1)
+
+
+class DINOLoss(_CentredLoss):
+    """Cross-entropy between the centred, sharpened teacher distribution of each global crop and the student's
+    distribution of every other crop (DINO eq. 1 and ``DINOLoss``); centre updated with momentum 0.9."""
 
     def forward(self, student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
         """``student_out``: logits of each crop ``(B, K)`` (globals first); ``teacher_probs``: of each global."""
@@ -118,20 +122,11 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(_CentredLoss):
     """iBOT masked-image-modelling loss (Zhou et al. 2022; DINOv2 ``ibot_patch_loss.py``, ``forward_masked``,
     with softmax centering): at the masked patches of the student's global crops, the student predicts the
     teacher's centred distribution of the same, unmasked patch. Each image's loss is averaged over its masked
     patches, then summed over images and divided by the number of images."""
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def teacher_probs(self, teacher_patch_out: torch.Tensor, temp: float) -> torch.Tensor:
-        return F.softmax((teacher_patch_out.float() - self.center) / temp, dim=-1)
 
     def forward(self, student_masked: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``student_masked``/``teacher_probs``: ``(M, K)`` for the ``M`` masked patches, in ``masks[masks]``
