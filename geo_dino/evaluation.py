@@ -412,9 +412,7 @@ def _read_tiff(path: Path, bands: Sequence[int] | None, limits: ImageLimits) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # chips need no georeference here
-            with gdal_env(), rasterio.open(path) as src:
-                if src.driver != "GTiff":
-                    raise SourceError(f"{path}: driver {src.driver}; only GeoTIFF is read")
+            with gdal_env(), rasterio.open(path, driver="GTiff") as src:  # no other driver is ever tried
                 if src.width * src.height > limits.max_pixels or src.count > limits.max_bands:
                     raise SourceError(f"{path}: {src.width}x{src.height} pixels x {src.count} bands is beyond the "
                                       f"limits ({limits.max_pixels} pixels, {limits.max_bands} bands); refused")
