@@ -9,10 +9,15 @@ Labels are ``uint8 (N, H, W)`` class *values* of a :class:`~geo_dino.labels.Clas
 :data:`~geo_dino.labels.IGNORE` (255) skipped by the loss and the metrics. Logit channel ``k`` is the table's
 ``k``-th class (``table.values[k]``), which need not be ``k``.
 
-A head file is a ``.safetensors`` file (never a pickle): tensors ``weight (K, C, 1, 1)`` and ``bias (K,)``, and
-string metadata holding JSON: the class table, the backbone it was trained on (arch, source, sha256, patch
-size, embed dim, mean, std), the preprocessing and the validation metrics. Importing this module imports
-torch (``import geo_dino`` does not import it).
+Heads: :class:`LinearHead` (one 1×1 convolution) and :class:`~geo_dino.dpt_head.DPTHead` (several backbone
+layers, DPT-style fusion). Both take ``(B, C_in, h, w)`` and return logits; what ``C_in`` is made of (which
+layers, one date or two combined by :func:`siamese_features`) is the head's ``inputs`` record
+(:func:`head_inputs`). One training loop (:func:`train_head`) serves both.
+
+A head file is a ``.safetensors`` file (never a pickle): the head's ``state_dict`` tensors, and string metadata
+holding JSON: the head config, its inputs, the class table, the backbone it was trained on (arch, source,
+sha256, patch size, embed dim, mean, std), the preprocessing, the validation metrics and the training lineage.
+Importing this module imports torch (``import geo_dino`` does not import it).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from geo_dino.errors import CheckpointError, ConfigError
 from geo_dino.labels import IGNORE
 from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 
-__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "evaluate_head", "load_head", "predict_values", "save_head",
-           "tile_features", "train_linear_head"]
+__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "build_head", "evaluate_head", "head_inputs", "input_channels",
+           "load_head", "predict_values", "save_head", "siamese_features", "tile_features", "train_head",
+           "train_linear_head"]
 
-HEAD_FORMAT = "geo_dino.linear_head/1"
-_META_KEYS = ("format", "class_table", "backbone", "preprocessing", "metrics", "embed_dim", "n_classes")
+HEAD_FORMAT = "geo_dino.head/1"
+_META_KEYS = ("format", "head", "inputs", "class_table", "backbone", "preprocessing", "metrics", "lineage",
+              "n_classes")
 
 
 class LinearHead(torch.nn.Module):
@@ -54,6 +61,16 @@ class LinearHead(torch.nn.Module):
         torch.nn.init.zeros_(self.conv.weight)
         torch.nn.init.zeros_(self.conv.bias)
 
+    kind = "linear"
+
+    @property
+    def in_channels(self) -> int:
+        return self.embed_dim
+
+    def config(self) -> dict[str, Any]:
+        """What :func:`build_head` needs to make this head again (stored in head files)."""
+        return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes}
+
     def forward(self, features: Any, out_size: tuple[int, int] | None = None) -> Any:
         """Logits ``(B, K, h, w)`` of features ``(B, C, h, w)``; bilinearly upsampled to ``out_size``
         ``(rows, cols)`` when given."""
@@ -64,6 +81,26 @@ class LinearHead(torch.nn.Module):
             logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear",
                                                      align_corners=False)
         return logits
+
+
+HEAD_TYPES = ("linear", "dpt")
+
+
+def build_head(config: Mapping[str, Any]) -> torch.nn.Module:
+    """A fresh head from its :meth:`config` (``type`` ``linear`` or ``dpt`` and its sizes)."""
+    from geo_dino.dpt_head import DPTHead
+
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    try:
+        if kind == "linear":
+            return LinearHead(int(cfg["embed_dim"]), int(cfg["n_classes"]))
+        if kind == "dpt":
+            return DPTHead(int(cfg["embed_dim"]), int(cfg["n_classes"]), int(cfg.get("n_layers", 4)),
+                           int(cfg.get("hidden", 64)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"head config {config}: {exc}") from None
+    raise ConfigError(f"head type {kind!r}: choose one of {list(HEAD_TYPES)}")
 
 
 def predict_values(head: LinearHead, features: Any, out_size: tuple[int, int], values: Sequence[int],
@@ -177,19 +214,37 @@ def evaluate_head(head: LinearHead, features: Any, labels: Any, table: Any) -> d
 def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
                       class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
                       lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
-                      seed: int = 0) -> TrainResult:
-    """Fit a :class:`LinearHead` on frozen features with early stopping on validation mIoU.
+                      seed: int = 0, eval_every: int | None = None) -> TrainResult:
+    """:func:`train_head` with a fresh :class:`LinearHead` sized from the features and the table."""
+    x = _as_tensor(train_feats, torch.float32)
+    head = LinearHead(int(x.shape[1]) if x.ndim == 4 else 1, len(table.values))  # shapes checked in train_head
+    return train_head(head, train_feats, train_labels, val_feats, val_labels, table, class_weights=class_weights,
+                      epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
+                      seed=seed, eval_every=eval_every)
+
+
+def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
+               class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
+               lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
+               seed: int = 0, eval_every: int | None = None) -> TrainResult:
+    """Fit ``head`` (a :class:`LinearHead` or :class:`~geo_dino.dpt_head.DPTHead`) on frozen features with early
+    stopping on validation mIoU.
 
     ``*_feats``: ``float32 (N, C, h, w)``; ``*_labels``: ``uint8 (N, H, W)`` class values of ``table`` or
     :data:`~geo_dino.labels.IGNORE`. Loss: cross-entropy on logits upsampled to ``(H, W)``, ignore index 255,
     optional ``class_weights`` (ordered as the table, or by name; e.g. from
-    :func:`geo_dino.labels.label_stats`). AdamW; mini-batches shuffled by ``seed``. After each epoch the
-    validation mIoU is measured; the state with the highest one (first reached) is kept, and training stops
-    after ``patience`` epochs without improvement. The same inputs and seed give the same head.
+    :func:`geo_dino.labels.label_stats`). AdamW; mini-batches shuffled by ``seed``.
+
+    The validation mIoU is measured every ``eval_every`` optimiser steps (``None``: after each epoch) and at the
+    end; the state with the highest one (first reached) is kept, and training stops after ``patience``
+    measurements without improvement — so with ``eval_every`` the patience is ``patience × eval_every`` steps,
+    whatever the number of tiles (on one small chip an epoch is only a few steps). The same inputs and seed
+    give the same head. ``history`` has one entry per measurement (``step``, ``epoch``, ``train_loss`` since
+    the previous one, ``val_miou``, ``lr``).
     """
-    if epochs < 1 or patience < 1 or batch_size < 1 or lr <= 0:
-        raise ConfigError(f"epochs {epochs}, patience {patience}, batch_size {batch_size} and lr {lr} must be "
-                          "positive")
+    if epochs < 1 or patience < 1 or batch_size < 1 or lr <= 0 or (eval_every is not None and eval_every < 1):
+        raise ConfigError(f"epochs {epochs}, patience {patience}, batch_size {batch_size}, lr {lr} and eval_every "
+                          f"{eval_every} must be positive")
     xt, xv = _as_tensor(train_feats, torch.float32), _as_tensor(val_feats, torch.float32)
     yt_np, yv_np = np.asarray(train_labels), np.asarray(val_labels)
     for name, x, y in (("train", xt, yt_np), ("val", xv, yv_np)):
@@ -198,6 +253,10 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
                               "(N, H, W) with the same N > 0")
     if xt.shape[1] != xv.shape[1]:
         raise ConfigError(f"train and val features have {xt.shape[1]} and {xv.shape[1]} channels")
+    if xt.shape[1] != head.in_channels:
+        raise ConfigError(f"the features have {xt.shape[1]} channels; the head takes {head.in_channels}")
+    if head.n_classes != len(table.values):
+        raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
     yt = torch.as_tensor(values_to_indices(yt_np, table.values).astype(np.int64))
     if not (yt != IGNORE).any():
         raise ConfigError("the training labels are all IGNORE: nothing to learn from")
@@ -205,15 +264,30 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
     out_size = tuple(yt.shape[-2:])
 
     gen = torch.Generator().manual_seed(int(seed))
-    head = LinearHead(int(xt.shape[1]), len(table.values))
+    torch.manual_seed(int(seed))  # a DPT head's random init; a linear head starts at zero
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)
     history: list[dict[str, Any]] = []
-    best_miou, best_epoch, best_state, best_metrics = -1.0, -1, None, None
+    best = {"miou": -1.0, "index": -1, "epoch": -1, "state": None, "metrics": None}
+    window = {"loss": 0.0, "n": 0}
+    step = 0
+
+    def measure(epoch: int) -> bool:  # True: stop (patience spent)
+        metrics = evaluate_head(head, xv, yv_np, table)
+        miou = metrics["miou"] if metrics["miou"] is not None else 0.0
+        history.append({"step": step, "epoch": epoch, "train_loss": window["loss"] / max(window["n"], 1),
+                        "val_miou": miou, "lr": lr})
+        window.update(loss=0.0, n=0)
+        if miou > best["miou"]:
+            best.update(miou=miou, index=len(history) - 1, epoch=epoch, metrics=metrics,
+                        state=copy.deepcopy(head.state_dict()))
+        head.train()
+        return len(history) - 1 - best["index"] >= patience
+
+    stop = False
     for epoch in range(epochs):
         head.train()
         order = torch.randperm(xt.shape[0], generator=gen)
-        total, counted = 0.0, 0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             y = yt[idx]
@@ -223,19 +297,21 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            counted += len(idx)
-        metrics = evaluate_head(head, xv, yv_np, table)
-        miou = metrics["miou"] if metrics["miou"] is not None else 0.0
-        history.append({"epoch": epoch, "train_loss": total / max(counted, 1), "val_miou": miou, "lr": lr})
-        if miou > best_miou:
-            best_miou, best_epoch, best_metrics = miou, epoch, metrics
-            best_state = copy.deepcopy(head.state_dict())
-        elif epoch - best_epoch >= patience:
+            step += 1
+            window["loss"] += float(loss.detach()) * len(idx)
+            window["n"] += len(idx)
+            if eval_every is not None and step % eval_every == 0 and measure(epoch):
+                stop = True
+                break
+        if stop:
             break
-    head.load_state_dict(best_state)
+        if eval_every is None and measure(epoch):
+            break
+    if not history or history[-1]["step"] != step:
+        measure(epochs - 1 if not stop else history[-1]["epoch"])
+    head.load_state_dict(best["state"])
     head.eval()
-    return TrainResult(head=head, best_epoch=best_epoch, history=history, metrics=best_metrics)
+    return TrainResult(head=head, best_epoch=best["epoch"], history=history, metrics=best["metrics"])
 
 
 # --------------------------------------------------------------------------------------------- head files
@@ -247,13 +323,44 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_head(path: str | Path, head: LinearHead, table: Any, *, backbone_spec: Any, preprocessing: Any,
-              metrics: Mapping[str, Any] | None) -> Path:
-    """Write the head's weights and metadata to a ``.safetensors`` file (atomically) and return its path.
+SIAMESE_FACTOR = {"diff": 1, "concat": 2, "concat+diff": 3}
 
-    ``backbone_spec``: the :class:`~geo_dino.backbone.CheckpointSpec` the features came from;
-    ``preprocessing``: a :class:`~geo_dino.preprocess.Preprocessor` or a JSON-able dict; ``metrics``: e.g.
-    :attr:`TrainResult.metrics`.
+
+def head_inputs(task: str = "segmentation", layers: Sequence[int] = (), siamese: str | None = None,
+                positive_class: int | None = None) -> dict[str, Any]:
+    """How a head's input is made from backbone features (stored in head files, read by the pipeline).
+
+    ``task``: ``segmentation`` (one date) or ``change`` (two dates, combined by :func:`siamese_features` with
+    mode ``siamese``); ``layers``: 0-based backbone blocks whose dense features are concatenated, in this order
+    (empty: the last block's normed output, :attr:`~geo_dino.backbone.Features.dense`); ``positive_class``:
+    for change heads, the class value that means "changed" (its probability is the change probability).
+    """
+    if task not in ("segmentation", "change"):
+        raise ConfigError(f"task {task!r}: choose 'segmentation' or 'change'")
+    if (task == "change") != (siamese is not None):
+        raise ConfigError("a change head needs a siamese mode, a segmentation head none")
+    if siamese is not None and siamese not in SIAMESE_MODES:
+        raise ConfigError(f"siamese mode {siamese!r}: choose one of {list(SIAMESE_MODES)}")
+    return {"task": task, "layers": [int(i) for i in layers], "siamese": siamese,
+            "positive_class": None if positive_class is None else int(positive_class)}
+
+
+def input_channels(embed_dim: int, inputs: Mapping[str, Any]) -> int:
+    """Channels of a head's input: ``embed_dim`` × layers × the siamese factor."""
+    return int(embed_dim) * max(len(inputs.get("layers") or ()), 1) * SIAMESE_FACTOR.get(inputs.get("siamese"), 1)
+
+
+def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, preprocessing: Any,
+              metrics: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None = None,
+              lineage: Mapping[str, Any] | None = None) -> Path:
+    """Write a head's weights and metadata to a ``.safetensors`` file (atomically) and return its path.
+
+    ``head``: a :class:`LinearHead` or :class:`~geo_dino.dpt_head.DPTHead`; ``backbone_spec``: the
+    :class:`~geo_dino.backbone.CheckpointSpec` the features came from; ``preprocessing``: a
+    :class:`~geo_dino.preprocess.Preprocessor` or a JSON-able dict (the pixels' scaling and mean/std: a run
+    with this head uses them); ``metrics``: e.g. :attr:`TrainResult.metrics`; ``inputs``: :func:`head_inputs`
+    (default: one date, the last block); ``lineage``: JSON-able training record (labels and their sha256,
+    rasters, split, training settings).
     """
     from safetensors.torch import save_file
 
@@ -262,33 +369,36 @@ def save_head(path: str | Path, head: LinearHead, table: Any, *, backbone_spec: 
         raise ConfigError(f"{p}: a head file is written as .safetensors")
     if head.n_classes != len(table.values):
         raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
+    inputs = dict(inputs) if inputs is not None else head_inputs()
     spec = _jsonable(backbone_spec)
     backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "patch_size", "embed_dim", "in_chans",
                                          "mean", "std", "bands")}
-    if backbone["embed_dim"] is not None and int(backbone["embed_dim"]) != head.embed_dim:
-        raise ConfigError(f"the head takes {head.embed_dim} channels but the backbone gives {backbone['embed_dim']}")
+    if backbone["embed_dim"] is not None and input_channels(backbone["embed_dim"], inputs) != head.in_channels:
+        raise ConfigError(f"the head takes {head.in_channels} channels but the backbone's {backbone['embed_dim']} "
+                          f"with inputs {inputs} give {input_channels(backbone['embed_dim'], inputs)}")
     meta = {
         "format": HEAD_FORMAT,
+        "head": json.dumps(head.config()),
+        "inputs": json.dumps(inputs),
         "class_table": json.dumps(table.to_dict()),
         "backbone": json.dumps(backbone),
         "preprocessing": json.dumps(_jsonable(preprocessing)),
         "metrics": json.dumps(dict(metrics) if metrics is not None else None),
-        "embed_dim": str(head.embed_dim),
+        "lineage": json.dumps(dict(lineage) if lineage is not None else None),
         "n_classes": str(head.n_classes),
     }
-    tensors = {"weight": head.conv.weight.detach().contiguous().clone(),
-               "bias": head.conv.bias.detach().contiguous().clone()}
+    tensors = {k: v.detach().contiguous().clone() for k, v in head.state_dict().items()}
     tmp = p.with_name(p.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(p)
     return p
 
 
-def load_head(path: str | Path) -> tuple[LinearHead, Any, dict[str, Any]]:
+def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """``(head in eval mode, ClassTable, metadata)`` of a :func:`save_head` file. Never executes code.
 
     Raises :class:`~geo_dino.errors.CheckpointError` for a missing file, a file that is not safetensors, missing
-    or unreadable metadata, or weights that do not match the class table or the stated embed dim."""
+    or unreadable metadata, or weights that do not match the head's config or the class table."""
     from safetensors import SafetensorError, safe_open
 
     from geo_dino.labels import ClassTable
@@ -313,25 +423,26 @@ def load_head(path: str | Path) -> tuple[LinearHead, Any, dict[str, Any]]:
     if meta["format"] != HEAD_FORMAT:
         raise CheckpointError(f"{p}: format {meta['format']!r}, this version reads {HEAD_FORMAT!r}")
     try:
-        parsed = {k: json.loads(meta[k]) for k in ("class_table", "backbone", "preprocessing", "metrics")}
-        embed_dim, n_classes = int(meta["embed_dim"]), int(meta["n_classes"])
+        parsed = {k: json.loads(meta[k]) for k in ("head", "inputs", "class_table", "backbone", "preprocessing",
+                                                   "metrics", "lineage")}
+        n_classes = int(meta["n_classes"])
     except ValueError as exc:
         raise CheckpointError(f"{p}: unreadable metadata: {exc}") from None
     try:
         table = ClassTable.from_dict(parsed["class_table"])
+        head = build_head(parsed["head"])
     except ConfigError as exc:
-        raise CheckpointError(f"{p}: invalid class table in the metadata: {exc}") from None
+        raise CheckpointError(f"{p}: invalid metadata: {exc}") from None
     k = len(table.values)
-    if set(tensors) != {"weight", "bias"}:
-        raise CheckpointError(f"{p}: tensors {sorted(tensors)}, expected ['bias', 'weight']")
-    w, b = tensors["weight"], tensors["bias"]
-    if tuple(w.shape) != (k, embed_dim, 1, 1) or tuple(b.shape) != (k,) or n_classes != k:
-        raise CheckpointError(f"{p}: weights {tuple(w.shape)} / bias {tuple(b.shape)} (n_classes {n_classes}) do "
-                              f"not match the class table's {k} classes and embed dim {embed_dim}")
-    head = LinearHead(embed_dim, k)
-    head.conv.weight.data.copy_(w)
-    head.conv.bias.data.copy_(b)
+    if head.n_classes != k or n_classes != k:
+        raise CheckpointError(f"{p}: the head's {head.n_classes} outputs (n_classes {n_classes}) do not match the "
+                              f"class table's {k} classes")
+    try:
+        head.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{p}: weights do not match the head config {parsed['head']}: {exc}") from None
     head.eval()
     parsed["format"] = meta["format"]
-    parsed["embed_dim"], parsed["n_classes"] = embed_dim, k
+    parsed["n_classes"] = k
+    parsed["embed_dim"] = head.embed_dim
     return head, table, parsed

@@ -246,7 +246,7 @@ def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
     res = _trained(learnable)
     good = save_head(tmp_path / "good.safetensors", res.head, TABLE, backbone_spec=learnable["spec"],
                      preprocessing={}, metrics=None)
-    tensors = {"weight": res.head.conv.weight.detach().clone(), "bias": res.head.conv.bias.detach().clone()}
+    tensors = {k: v.detach().clone() for k, v in res.head.state_dict().items()}
     from safetensors import safe_open
 
     with safe_open(str(good), framework="pt") as fh:
