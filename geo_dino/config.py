@@ -94,10 +94,28 @@ class ChangeConfig(_Model):
     threshold: float | Literal["otsu"] = "otsu"  # cosine distance above which a pixel is "changed"
 
 
+class VectorsConfig(_Model):
+    """Polygons of the supervised classes / changes (``vectors.gpkg``)."""
+
+    min_area_m2: Annotated[float, Field(ge=0)] = 0.0  # smaller polygons are dropped
+    simplify_m: Annotated[float, Field(ge=0)] = 0.0  # simplification tolerance in metres (0: pixel edges kept)
+    skip_classes: list[str] = Field(default_factory=list)  # class names not vectorised (e.g. a background class)
+
+
+class SupervisedHeadConfig(_Model):
+    """A head trained with ``geo-dino train-head`` (its ``head.safetensors``)."""
+
+    path: Path
+    sha256: str | None = None  # when set, a head file with other bytes refuses the run
+    vectors: VectorsConfig | None = Field(default_factory=VectorsConfig)  # None: no polygons
+
+
 class HeadsConfig(_Model):
     pca: bool = True
     kmeans: KMeansConfig | None = Field(default_factory=KMeansConfig)
     change: ChangeConfig = Field(default_factory=ChangeConfig)
+    supervised: SupervisedHeadConfig | None = None
+    cube: bool = False  # also write the dense patch features as a Zarr cube (features.zarr) for search by example
 
 
 class RunConfig(_Model):
@@ -147,6 +165,8 @@ class RunConfig(_Model):
             "sources": self.sources.model_copy(update={
                 "allowed_roots": [fix(r) for r in self.sources.allowed_roots]}),
             "backbone": self.backbone.model_copy(update={"checkpoint": fix(self.backbone.checkpoint)}),
+            "heads": self.heads if self.heads.supervised is None else self.heads.model_copy(update={
+                "supervised": self.heads.supervised.model_copy(update={"path": fix(self.heads.supervised.path)})}),
         })
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -177,6 +177,24 @@ class CubeWriter:
             template.to_zarr(self.path, mode="w-", compute=False, zarr_format=3, consolidated=False)
         self.closed = False
 
+    @classmethod
+    def reopen(cls, run_dir: Path, name: str) -> CubeWriter:
+        """A writer for a cube created earlier and not yet closed (the pipeline fills one per chunk task)."""
+        import zarr
+
+        from geo_dino.outputs import safe_output_path
+
+        path = safe_output_path(Path(run_dir), name)
+        try:
+            arr = zarr.open_group(str(path), mode="r")[CUBE_VAR]
+        except (FileNotFoundError, KeyError) as exc:
+            raise CubeError(f"{path}: no cube to reopen ({exc})") from None
+        self = cls.__new__(cls)
+        da = open_cube(path, allow_incomplete=True)
+        self.path, self.grid, self.n_features = path, cube_grid(da), int(arr.shape[0])
+        self.dtype, self.chunk, self.closed = str(arr.dtype), int(arr.chunks[1]), False
+        return self
+
     def write(self, row_off: int, col_off: int, array: Any, *, scheduler: str = "threads",
               num_workers: int | None = None) -> None:
         """Write ``array`` ``(F, h, w)`` (numpy or dask) at cell ``(row_off, col_off)``; NaN means nodata."""

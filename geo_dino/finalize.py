@@ -88,6 +88,26 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
                                                    categorical=True, colormap=class_colormap(heads.k),
                                                    tags=tags | {"GEO_DINO_PRODUCT": f"k-means k={heads.k} "
                                                                 "on patch features (label-free)"})
+    info = state.get("head")
+    if info:
+        palette = {v: (*c, 255) for v, c in zip(info["values"], info["colours"], strict=True)}
+        product = f"supervised head ({Path(info['path']).name})"
+        if info["task"] == "segmentation":
+            for d in range(n_dates):
+                specs[f"seg_classes{sfx(d)}"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("class value",),
+                                                           categorical=True, colormap=palette,
+                                                           tags=tags | {"GEO_DINO_PRODUCT": f"classes, {product}"})
+                specs[f"seg_probability{sfx(d)}"] = RasterSpec(
+                    out_grid, 1, "float32", float("nan"), ("probability of the predicted class",),
+                    tags=tags | {"GEO_DINO_PRODUCT": f"class probability, {product}"})
+        else:
+            specs["change_probability"] = RasterSpec(out_grid, 1, "float32", float("nan"),
+                                                     ("probability of change",),
+                                                     tags=tags | {"GEO_DINO_PRODUCT": f"change probability, {product}"})
+            specs["change_binary"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("changed (1) / unchanged (0)",),
+                                                categorical=True,
+                                                colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
+                                                tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
     if layout.has_change:
         specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"),
                                                ("cosine distance between dates' features",),
@@ -122,6 +142,7 @@ class OutputWriter:
         state = pl._state(run_dir)
         self.grid = pl._grid_from_dict(state["out_grid"])
         self.n_dates = len(state["rasters"])
+        self.info = state.get("head")
         if state.get("aoi_crs_wkt"):
             self.aoi = wkt.loads(state["aoi_crs_wkt"])
         else:
@@ -153,6 +174,9 @@ class OutputWriter:
     def _sfx(self, d: int) -> str:
         return f"_t{d + 1}" if self.n_dates == 2 else ""
 
+    def _write_head(self, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
+        _head_rows(self, v, ok, win)
+
     def write_rows(self, row_off: int, vals: np.ndarray, weight: np.ndarray, block: int = 2048) -> None:
         """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
         from shapely.geometry import box as shp_box
@@ -181,10 +205,34 @@ class OutputWriter:
                 if heads.k:
                     cls = np.argmax(v[layout.scores(d)], axis=0).astype(np.uint8)  # NaN rows are masked below
                     self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
+            if self.info:
+                self._write_head(v, ok, win)
             if layout.has_change:
                 ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)
                 self.dsts["change_magnitude"].write(ch[None], window=win)
                 self.hist += np.histogram(ch[ok], bins=HIST_BINS, range=HIST_RANGE)[0]
+
+
+def _head_rows(writer: OutputWriter, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
+    from geo_dino.run_heads import probabilities
+
+    info, layout = writer.info, writer.layout
+    if info["task"] == "segmentation":
+        lut = np.asarray(info["values"], np.uint8)
+        for d in range(writer.n_dates):
+            prob = probabilities(v[layout.seg(d)])
+            idx = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0)
+            cls = np.where(ok, lut[idx], CLASS_NODATA).astype(np.uint8)
+            conf = np.where(ok, np.take_along_axis(prob, idx[None], 0)[0], np.nan).astype(np.float32)
+            writer.dsts[f"seg_classes{writer._sfx(d)}"].write(cls[None], window=win)
+            writer.dsts[f"seg_probability{writer._sfx(d)}"].write(conf[None], window=win)
+    else:
+        prob = probabilities(v[layout.change_logits])
+        pos = info["positive_index"]
+        p = np.where(ok, prob[pos], np.nan).astype(np.float32)
+        changed = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0) == pos
+        writer.dsts["change_probability"].write(p[None], window=win)
+        writer.dsts["change_binary"].write(np.where(ok, changed, CLASS_NODATA).astype(np.uint8)[None], window=win)
 
 
 def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
@@ -251,6 +299,15 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
                               CLASS_NODATA)
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold
+        info = pl._state(run_dir).get("head")
+        if name.startswith("seg_classes") or name == "change_binary":
+            entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
+                                                             strict=True)]
+                       if name.startswith("seg_classes") else
+                       [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (230, 120, 0, 255))])
+            write_qml_palette(run_dir / f"{name}.qml", entries, CLASS_NODATA)
+        if name.startswith("seg_probability") or name == "change_probability":
+            write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, 1.0)
         if name == "change_magnitude":
             hi = threshold * 2 if threshold and math.isfinite(threshold) else 1.0
             write_qml_singleband(run_dir / "change_magnitude.qml", 1, 0.0, float(min(max(hi, 0.05), 2.0)))

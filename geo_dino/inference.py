@@ -21,15 +21,18 @@ from geo_dino.sources import WindowReader
 
 @dataclass(frozen=True)
 class ChannelLayout:
-    """Which accumulator band holds what: per date PCA then class scores, then change, then the weight."""
+    """Which accumulator band holds what: per date PCA, k-means scores and a segmentation head's logits; then
+    the label-free change; then a change head's logits; then the weight."""
 
     n_dates: int
     n_pca: int
     k: int
+    n_seg: int = 0  # a supervised segmentation head's classes (logits per date)
+    n_change_logits: int = 0  # a supervised change head's classes
 
     @property
     def per_date(self) -> int:
-        return self.n_pca + self.k
+        return self.n_pca + self.k + self.n_seg
 
     @property
     def has_change(self) -> bool:
@@ -37,7 +40,16 @@ class ChannelLayout:
 
     @property
     def n_values(self) -> int:
-        return self.n_dates * self.per_date + int(self.has_change)
+        return self.n_dates * self.per_date + int(self.has_change) + self.n_change_logits
+
+    def seg(self, date: int) -> slice:
+        s = date * self.per_date + self.n_pca + self.k
+        return slice(s, s + self.n_seg)
+
+    @property
+    def change_logits(self) -> slice:
+        s = self.n_dates * self.per_date + int(self.has_change)
+        return slice(s, s + self.n_change_logits)
 
     def pca(self, date: int) -> slice:
         return slice(date * self.per_date, date * self.per_date + self.n_pca)
@@ -84,6 +96,10 @@ class FeatureExtractor:
         self.model = model.to(device=device, dtype=self.dtype)
         self.pre = preprocessor
         self.device = device
+
+    def deepest(self, f):  # noqa: ANN001, ANN201 - torch tensors
+        """The deepest hooked layer's part of :meth:`features` (what the label-free heads use)."""
+        return f[:, -self.model.embed_dim:] if self.layers else f
 
     def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors (B, bands, H, W) -> (B, C·L, h, w)
         """Dense features of preprocessed pixels: the last block's, or the concatenated :attr:`layers`."""
@@ -151,6 +167,7 @@ def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowR
         boxes = [t.box for t in batch]
         for d, reader in enumerate(readers):
             f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch), store=True)
+            f = extractor.deepest(f)
             frac = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(valid).float()[:, None],
                                                            tuple(f.shape[-2:]))[:, 0]
             keep = (frac >= 0.75).cpu().numpy()
@@ -235,8 +252,12 @@ class StripAccumulator:
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
                 layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: StripAccumulator,
-                tile_size: int, batch_size: int, cache_dir: Path | None = None) -> int:
-    """Run ``tiles`` (one tile row) through backbone and heads; blend the per-pixel results into ``acc``."""
+                tile_size: int, batch_size: int, cache_dir: Path | None = None, runner=None,  # noqa: ANN001
+                cube=None) -> int:  # noqa: ANN001
+    """Run ``tiles`` (one tile row) through backbone and heads; blend the per-pixel results into ``acc``.
+
+    ``runner``: a :class:`~geo_dino.run_heads.HeadRunner` (a trained head) or None; ``cube``: a callable
+    ``cube(tiles, features of date 1)`` that stores the patch features (the feature cube) or None."""
     import torch
 
     hann = blend_weights(tile_size)
@@ -251,10 +272,19 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
             valids.append(valid)
         # linear heads at patch resolution, then upsampled: equal to the heads of upsampled features
         size = (tile_size, tile_size)
-        chans = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear", align_corners=False)
-                 for f in feats]
+        deep = [extractor.deepest(f) for f in feats]
+        if cube is not None:
+            cube(batch, deep[0], valids[0])
+        per_date = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear",
+                                                    align_corners=False) for f in deep]
+        logits = runner.logits(feats, size) if runner is not None else []
+        if runner is not None and not runner.change:
+            per_date = [torch.cat([p, lg], dim=1) for p, lg in zip(per_date, logits, strict=True)]
+        chans = list(per_date)
         if layout.has_change:
-            chans.append(upsampled_cosine_distance(feats[0], feats[1], size))
+            chans.append(upsampled_cosine_distance(deep[0], deep[1], size))
+        if runner is not None and runner.change:
+            chans.append(logits[0])
         values = torch.cat(chans, dim=1).cpu().numpy()
         # a pixel counts only where it is valid on every date (padding outside the raster, nodata, masks):
         # an output pixel with no weight is nodata, so validity needs no second read of the sources

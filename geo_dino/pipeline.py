@@ -197,6 +197,11 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         raise AOIError("the AOI covers no pixel of the raster")
     tiles = TileGrid.cover(region, grid.box, size=cfg.tiling.size, overlap=cfg.tiling.overlap,
                            patch=arch.patch_size)
+    if cfg.heads.cube and cfg.tiling.overlap % arch.patch_size:
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError(f"heads.cube: tiling.overlap ({cfg.tiling.overlap}) must be a multiple of the patch size "
+                          f"({arch.patch_size}) so that tiles share whole patches")
     out_grid = grid.subgrid(region)
     write_tile_index(run_dir / "tiles.gpkg", "tiles", grid, [(t.index, t.box) for t in tiles],
                      extra={"grid_row": [t.grid_row for t in tiles], "grid_col": [t.grid_col for t in tiles]})
@@ -205,6 +210,16 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         with WindowReader(infos[0]) as r:
             stats = r.sample_stats(cfg.preprocess.percentiles)
     pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
+    head_state = None
+    if cfg.heads.supervised is not None:  # a trained head: checked against this backbone, scales pixels its way
+        from geo_dino.run_heads import head_preprocessor, plan_head
+
+        head_state, head_record = plan_head(cfg, len(infos))
+        if head_record["preprocessing"].get("scale") == "percentile" and stats is None:
+            with WindowReader(infos[0]) as r:
+                stats = r.sample_stats(cfg.preprocess.percentiles)
+        pre = head_preprocessor(head_record["preprocessing"], infos[0].dtype, infos[0].bands, stats)
+        update_record(run_dir, supervised_head=head_record)
     chunks = tiles.row_chunks(cfg.tiling.chunk_tiles)
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     model_size, resampling = None, None
@@ -220,6 +235,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                    "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles, "model_size": model_size},
         "preprocess": pre.to_dict(),
         "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
+        "head": head_state,
+        "patch_size": arch.patch_size,
     }
     coreg = None
     if len(infos) == 2:  # after screening: this reads pixels
@@ -329,7 +346,24 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]):
                                       in_chans=cfg.backbone.in_chans)
     model, spec = _MODELS[key]
     pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
-    return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size")), spec
+    layers = tuple((state.get("head") or {}).get("layers") or ())
+    return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"), layers=layers), spec
+
+
+_RUNNERS: dict[str, Any] = {}  # one trained head per process
+
+
+def _runner(state: dict[str, Any]):  # noqa: ANN202 - a HeadRunner or None
+    from geo_dino.run_heads import HeadRunner
+
+    info = state.get("head")
+    if not info:
+        return None
+    key = json.dumps(info, sort_keys=True)
+    if key not in _RUNNERS:
+        _RUNNERS.clear()
+        _RUNNERS[key] = HeadRunner(info)
+    return _RUNNERS[key]
 
 
 @_records_failure
@@ -365,14 +399,28 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
 def _layout(state: dict[str, Any], heads) -> Any:
     from geo_dino.inference import ChannelLayout
 
-    return ChannelLayout(len(state["rasters"]), heads.n_pca, heads.k)
+    info = state.get("head") or {}
+    k = len(info.get("values") or ())
+    change = info.get("task") == "change"
+    return ChannelLayout(len(state["rasters"]), heads.n_pca, heads.k, n_seg=0 if change else k,
+                         n_change_logits=k if change else 0)
 
 
 def init_outputs(run_dir: Path) -> list[str]:
     """Create the outputs' intermediates (filled as tile rows complete) and an empty change histogram."""
     from geo_dino.finalize import create_outputs
 
-    return create_outputs(run_dir)
+    names = create_outputs(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.heads.cube:
+        from geo_dino.cube_stage import CUBE_NAME, create_cube
+
+        bb = json.loads((run_dir / RECORD).read_text())["backbone"]
+        create_cube(run_dir, _state(run_dir), int(bb["embed_dim"]),
+                    attrs={"backbone_arch": bb["arch"], "backbone_sha256": bb.get("sha256") or "random-init",
+                           "patch_size": int(bb["patch_size"]), "date": 1})
+        names.append(CUBE_NAME)
+    return names
 
 
 def _carry_path(run_dir: Path, chunk: int) -> Path:
@@ -409,9 +457,15 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
         writer = stack.enter_context(OutputWriter(run_dir, hist))
+        cube = None
+        if cfg.heads.cube:
+            from geo_dino.cube_stage import CubeSink
+
+            cube = stack.enter_context(CubeSink(run_dir, state))
         for row in chunks[chunk]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
-                             cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features")
+                             cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features",
+                             runner=_runner(state), cube=cube)
             acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it
     acc.save(_carry_path(run_dir, chunk), hist=writer.hist)
@@ -427,6 +481,15 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
     t0 = time.perf_counter()
     records = finish_outputs(run_dir)
+    if load_run_config(run_dir).heads.cube:
+        from geo_dino.cube import open_cube
+        from geo_dino.cube_stage import CUBE_NAME, close_cube
+
+        close_cube(run_dir)
+        cube = open_cube(run_dir / CUBE_NAME)
+        records.append({"name": "features", "path": CUBE_NAME, "kind": "zarr feature cube",
+                        "shape": [int(v) for v in cube.shape], "dims": list(cube.dims),
+                        "chunks": [int(c[0]) for c in cube.chunks], "dtype": str(cube.dtype)})
     update_record(run_dir, outputs=records)
     _timed(run_dir, "finalize", t0)
     return records

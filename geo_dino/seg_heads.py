@@ -371,7 +371,7 @@ def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, pr
         raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
     inputs = dict(inputs) if inputs is not None else head_inputs()
     spec = _jsonable(backbone_spec)
-    backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "patch_size", "embed_dim", "in_chans",
+    backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "seed", "patch_size", "embed_dim", "in_chans",
                                          "mean", "std", "bands")}
     if backbone["embed_dim"] is not None and input_channels(backbone["embed_dim"], inputs) != head.in_channels:
         raise ConfigError(f"the head takes {head.in_channels} channels but the backbone's {backbone['embed_dim']} "

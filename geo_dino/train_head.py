@@ -54,7 +54,7 @@ def hooked_layers(kind: str, layers: list[int] | None, depth: int) -> tuple[int,
         bad = [i for i in layers if not -depth <= i < depth]
         if bad:
             raise ConfigError(f"head.layers {bad}: the backbone has blocks 0..{depth - 1}")
-        return tuple(i % depth for i in layers)
+        return tuple(sorted({i % depth for i in layers}))  # shallow to deep: the deepest is the last chunk
     if kind == "dpt":
         return tuple(sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}))
     return ()
@@ -103,7 +103,7 @@ def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, di
     if lab.raster is not None:
         mapping = None if lab.mapping is None else {k: IGNORE if v == "ignore" else v for k, v in lab.mapping.items()}
         return read_label_raster(lab.raster, grid, mapping=mapping, reproject=lab.reproject, table=table,
-                                 sources=cfg.sources)
+                                 sources=cfg.sources.model_copy(update={"bands": None}))  # one band of labels
     arr = rasterize_polygons(lab.polygons, lab.attribute, table, grid, layer=lab.layer, all_touched=lab.all_touched)
     return arr, {"path": str(lab.polygons), "sha256": sha256_file(lab.polygons), "attribute": lab.attribute,
                  "layer": lab.layer, "all_touched": lab.all_touched, "labelled_pixels": int((arr != IGNORE).sum())}

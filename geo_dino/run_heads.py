@@ -1,0 +1,114 @@
+"""A trained head in a run: checked against the run's backbone at plan time, applied per tile, finished per pixel.
+
+* **Plan** (:func:`plan_head`): the head file is read (safetensors, optionally pinned by sha256), and refused
+  unless it was trained on this run's backbone (same architecture and the same checkpoint bytes, or the same
+  random-init seed) and suits the dates (a change head needs two). The run's pixels are scaled as the head's
+  were: the head's mean/std and scaling (percentile bounds are taken from the run's own raster, as in
+  training). Everything is recorded.
+* **Tiles** (:class:`HeadRunner`): per date (segmentation) or per pair of dates (change, the head's siamese
+  mode layer by layer), the head's logits at the tile's pixel size go into the run's blended accumulator. A
+  linear head's logits are computed at patch resolution and upsampled, which equals classifying upsampled
+  features (it is linear); a DPT head returns pixel-resolution logits itself.
+* **Pixels** (:func:`probabilities`): the blended logits → softmax → class (the arg-max's class *value*) and its
+  probability; for a change head the positive class's probability and the binary change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geo_dino.errors import CheckpointError, ConfigError
+
+
+def _sha256(path: Path) -> str:
+    from geo_dino.provenance import sha256_file
+
+    return sha256_file(path)
+
+
+def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state entry, provenance record entry)`` of the run's supervised head; raises when it does not fit."""
+    from geo_dino.seg_heads import load_head
+
+    hc = cfg.heads.supervised
+    digest = _sha256(hc.path) if Path(hc.path).is_file() else None
+    if hc.sha256 and digest and digest != hc.sha256.lower():
+        raise CheckpointError(f"{hc.path}: sha256 {digest} does not match heads.supervised.sha256 {hc.sha256}")
+    head, table, meta = load_head(hc.path)
+    bb, inputs = meta["backbone"], meta["inputs"]
+    if bb.get("arch") != cfg.backbone.arch:
+        raise ConfigError(f"heads.supervised: the head was trained on backbone {bb.get('arch')!r}, this run uses "
+                          f"{cfg.backbone.arch!r}; train a head on this backbone (geo-dino train-head)")
+    if bb.get("sha256"):
+        run_digest = _sha256(cfg.backbone.checkpoint) if cfg.backbone.checkpoint else None
+        if run_digest != bb["sha256"]:
+            raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, this "
+                              f"run's backbone is {run_digest or 'random-init'}: features would not match")
+    elif cfg.backbone.checkpoint is not None or bb.get("seed") not in (None, cfg.backbone.seed):
+        raise ConfigError("heads.supervised: the head was trained on a random-init backbone "
+                          f"(seed {bb.get('seed')}); this run's backbone differs")
+    if inputs["task"] == "change" and n_dates != 2:
+        raise ConfigError("heads.supervised: a change head needs two rasters (two dates)")
+    values = list(table.values)
+    positive = inputs.get("positive_class")
+    state = {"path": str(hc.path), "task": inputs["task"], "layers": list(inputs.get("layers") or []),
+             "siamese": inputs.get("siamese"), "values": values, "names": list(table.names),
+             "colours": [list(c.colour) for c in table.classes],
+             "positive_index": values.index(positive) if positive is not None else None}
+    record = {"path": str(hc.path), "sha256": digest, "format": meta["format"], "config": meta["head"],
+              "inputs": inputs, "class_table": table.to_dict(), "metrics": meta.get("metrics"),
+              "lineage": meta.get("lineage"), "preprocessing": meta.get("preprocessing")}
+    return state, record
+
+
+def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...], stats: np.ndarray | None) -> Any:
+    """The run's :class:`~geo_dino.preprocess.Preprocessor` from the head's recorded one: same scaling kind and
+    mean/std; fixed bounds kept, percentile bounds measured on the run's raster."""
+    from geo_dino.preprocess import Preprocessor
+
+    mean, std = tuple(meta_pre["mean"]), tuple(meta_pre["std"])
+    if len(mean) != len(bands):
+        raise ConfigError(f"heads.supervised: the head was trained on {len(mean)} bands, the run reads {len(bands)}")
+    low, high = tuple(meta_pre["low"]), tuple(meta_pre["high"])
+    if meta_pre["scale"] == "percentile":
+        if stats is None:
+            raise ConfigError("heads.supervised: the head scales by percentiles; the run needs band statistics")
+        low = tuple(float(v) for v in stats[:, 0])
+        high = tuple(float(max(h, lo + 1e-6)) for lo, h in zip(stats[:, 0], stats[:, 1], strict=True))
+    return Preprocessor(meta_pre["scale"], low, high, mean, std, tuple(bands))
+
+
+class HeadRunner:
+    """The head of a run's ``state["head"]``, loaded once per process; logits of a batch of tiles."""
+
+    def __init__(self, state_head: dict[str, Any]) -> None:
+        from geo_dino.seg_heads import load_head
+
+        self.info = state_head
+        self.head, self.table, _ = load_head(state_head["path"])
+        self.n_classes = len(self.table.values)
+
+    @property
+    def change(self) -> bool:
+        return self.info["task"] == "change"
+
+    def logits(self, feats: list[Any], size: tuple[int, int]) -> list[Any]:
+        """Per date (segmentation) or one (change) logits ``(B, K, H, W)`` of features ``(B, L·C, h, w)``."""
+        import torch
+
+        from geo_dino.train_head import combine_dates
+
+        with torch.inference_mode():
+            if self.change:
+                x = combine_dates(feats[0], feats[1], self.info["siamese"], max(len(self.info["layers"]), 1))
+                return [self.head(x, size)]
+            return [self.head(f, size) for f in feats]
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of blended logits ``(K, h, w)`` (NaN where no tile gave weight stays NaN)."""
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)

@@ -1,0 +1,169 @@
+"""STAC Items and Collections of real tiny runs, validated offline against the bundled schemas."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import rasterio
+
+from geo_dino import pipeline as pl
+from geo_dino import stac
+from geo_dino.config import parse_config
+from tests.conftest import PUCALLPA
+
+_RUNS: dict[str, Path] = {}  # one real run per kind per session; each test gets its own copy of the folder
+
+
+def _run_copy(kind: str, cfg: dict, dest: Path) -> Path:
+    if kind not in _RUNS:
+        _RUNS[kind] = pl.run_local(parse_config(cfg))
+    return Path(shutil.copytree(_RUNS[kind], dest / _RUNS[kind].name))  # run folders are movable
+
+
+@pytest.fixture
+def change_run(tiny_config, tmp_path) -> Path:
+    """A two-date Pucallpa run: PCA, k-means and change outputs with their styles."""
+    cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]})
+    return _run_copy("change", cfg, tmp_path / "moved")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket use fails loudly: validation must never go to the network."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted during STAC validation")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def _write_json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_bundled_schema_ids_match_their_urls():
+    for url, rel in stac.SCHEMA_FILES.items():
+        doc = json.loads((Path(stac.__file__).parent / "schemas" / rel).read_text())
+        if url.endswith("common.json"):  # upstream v1.1.0 typo: "$id" ends in "commonjson"
+            continue
+        assert doc["$id"].rstrip("#") == url, rel
+
+
+def test_item_of_a_change_run(change_run, no_network):
+    item_path = stac.write_item(change_run)
+    assert item_path == change_run / "stac_item.json"
+    passed = stac.validate_item(item_path)
+    item = json.loads(item_path.read_text())
+    assert passed[0].endswith("item-spec/json-schema/item.json")
+    assert set(passed[1:]) == set(item["stac_extensions"])
+    wanted = {stac.PROJECTION, stac.RASTER, stac.FILE, stac.PROCESSING, stac.MLM}
+    assert wanted <= set(item["stac_extensions"])
+
+    rec = json.loads((change_run / "provenance.json").read_text())
+    assert item["id"] == rec["run_id"] and item["properties"]["datetime"].startswith(rec["created_at"][:19])
+    assert {o["name"] for o in rec["outputs"]} <= set(item["assets"])
+    assert {"change_magnitude", "change_mask", "provenance", "tiles", "heads"} <= set(item["assets"])
+    for key, asset in item["assets"].items():
+        href = asset["href"]
+        assert not Path(href).is_absolute() and "://" not in href and ".." not in href, key
+        target = change_run / href
+        assert target.exists(), key
+        if target.is_file():
+            assert asset["file:checksum"] == "1220" + hashlib.sha256(target.read_bytes()).hexdigest(), key
+            assert asset["file:size"] == target.stat().st_size
+    for out in rec["outputs"]:
+        asset = item["assets"][out["name"]]
+        assert asset["type"] == stac.COG
+        with rasterio.open(change_run / out["path"]) as ds:
+            assert asset["proj:code"] == ds.crs.to_string()
+            assert asset["proj:shape"] == [ds.height, ds.width]
+            assert asset["proj:transform"] == pytest.approx(list(ds.transform)[:6])
+            assert asset["proj:bbox"] == pytest.approx(list(ds.bounds))
+            assert len(asset["raster:bands"]) == ds.count
+            assert asset["raster:bands"][0]["data_type"] == ds.dtypes[0]
+    assert item["assets"]["change_mask_style"]["type"] == "text/xml"
+    assert item["assets"]["pca_rgb_t1"]["roles"] == ["visual", "overview"]
+    assert item["assets"]["change_magnitude"]["raster:bands"][0]["nodata"] == "nan"
+    props = item["properties"]
+    assert props["mlm:input"][0]["bands"] == ["red", "green", "blue"]
+    assert {o["name"] for o in props["mlm:output"]} == {"features", "kmeans", "change"}
+    assert props["processing:software"]["rasterio"] == rasterio.__version__
+    w, s, e, n = item["bbox"]
+    aw, as_, ae, an = rec["aoi"]["bounds"]
+    assert aw - 1e-3 <= w < e <= ae + 1e-3 and as_ - 1e-3 <= s < n <= an + 1e-3
+
+
+def test_broken_items_fail_with_clear_errors(change_run, tmp_path, no_network):
+    good = json.loads(stac.write_item(change_run).read_text())
+
+    bad = copy.deepcopy(good)
+    bad["assets"]["change_mask"]["proj:shape"] = "335x645"
+    msg = r"projection/v2\.0\.0.*change_mask\['proj:shape'\]: '335x645' is not of type"
+    with pytest.raises(stac.STACError, match=msg):
+        stac.validate_item(_write_json(tmp_path / "a.json", bad))
+
+    bad = copy.deepcopy(good)
+    del bad["assets"]["classes_t1"]["href"]
+    with pytest.raises(stac.STACError, match=r"item\.json.*'href' is a required property"):
+        stac.validate_item(_write_json(tmp_path / "b.json", bad))
+
+    bad = copy.deepcopy(good)
+    bad["assets"]["classes_t1"]["file:checksum"] = "SHA256:xyz"
+    with pytest.raises(stac.STACError, match=r"file/v2\.1\.0"):
+        stac.validate_item(_write_json(tmp_path / "c.json", bad))
+
+    bad = copy.deepcopy(good)
+    bad["stac_extensions"].append("https://stac-extensions.github.io/eo/v2.0.0/schema.json")
+    with pytest.raises(stac.STACError, match="not bundled"):
+        stac.validate_item(_write_json(tmp_path / "d.json", bad))
+
+    bad = copy.deepcopy(good)  # a $ref to an unbundled schema is refused, not fetched
+    bad["assets"]["change_mask"]["proj:projjson"] = {"type": "GeographicCRS"}
+    with pytest.raises(stac.STACError, match="proj.org/schemas"):
+        stac.validate_item(_write_json(tmp_path / "e.json", bad))
+
+
+def test_collection_over_two_runs(tiny_config, change_run, tmp_path, no_network):
+    other = _run_copy("bahamas", tiny_config(), tmp_path / "moved")
+    out = tmp_path / "catalog"
+    path = stac.write_collection([change_run, other], out, id="tests", description="two tiny runs",
+                                 license="other")
+    assert stac.validate_collection(path)
+    coll = json.loads(path.read_text())
+    (bbox,) = coll["extent"]["spatial"]["bbox"]
+    items = [json.loads((out / link["href"]).read_text()) for link in coll["links"] if link["rel"] == "item"]
+    assert len(items) == 2
+    for it in items:
+        stac.validate_item(tmp_path / "moved" / it["id"] / "stac_item.json")
+        assert bbox[0] <= it["bbox"][0] and bbox[1] <= it["bbox"][1]
+        assert bbox[2] >= it["bbox"][2] and bbox[3] >= it["bbox"][3]
+    start, end = coll["extent"]["temporal"]["interval"][0]
+    assert start <= min(i["properties"]["datetime"] for i in items) <= end
+    assert all(not Path(link["href"]).is_absolute() for link in coll["links"])
+
+
+def test_write_item_refuses_unfinished_runs(tmp_path):
+    with pytest.raises(stac.STACError, match="no provenance.json"):
+        stac.write_item(tmp_path)
+    (tmp_path / "provenance.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(stac.STACError, match="finish"):
+        stac.write_item(tmp_path)
+
+
+def test_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, geo_dino.stac; "
+            "print(any(m in sys.modules for m in ('pystac', 'jsonschema', 'rasterio')))")
+    res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert res.stdout.strip() == "False"
