@@ -30,8 +30,15 @@ def run(
     checkpoint: Annotated[Optional[Path], typer.Option(help="local checkpoint file")] = None,
     accept_licence: Annotated[Optional[str], typer.Option(
         help="accept the weights' licence, by its exact name (e.g. 'DINOv3 License')")] = None,
+    head: Annotated[Optional[Path], typer.Option(help="a trained head (head.safetensors of geo-dino train-head)")] = None,
+    cube: Annotated[bool, typer.Option(help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
 ) -> None:
     """Run the pipeline on an AOI and one or two rasters."""
+    _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head, cube)
+
+
+def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint,  # noqa: ANN001
+         accept_licence, head, cube, need_two: bool = False) -> None:  # noqa: ANN001
     from geo_dino.errors import GeoDinoError, RunRefused
 
     overrides: dict = {}
@@ -48,8 +55,12 @@ def run(
     if arch or checkpoint or accept_licence:
         overrides["backbone"] = {k: str(v) for k, v in (("arch", arch), ("checkpoint", checkpoint),
                                                          ("accept_licence", accept_licence)) if v}
+    if head is not None or cube:
+        overrides["heads"] = ({"supervised": {"path": str(head)}} if head is not None else {}) | (
+            {"cube": True} if cube else {})
     if config is None and not (aoi and raster):
-        _fail("give --config FILE, or --aoi FILE with one or two --raster FILE")
+        _fail("give --config FILE, or --aoi FILE with " + ("two --raster FILE (the dates)" if need_two else
+                                                           "one or two --raster FILE"))
 
     from geo_dino.config import load_config, parse_config
 
@@ -57,6 +68,8 @@ def run(
         cfg = load_config(config, overrides) if config else parse_config(overrides)
     except GeoDinoError as exc:
         _fail(str(exc))
+    if need_two and len(cfg.rasters) != 2:
+        _fail(f"change needs two rasters (two dates); got {len(cfg.rasters)}")
     from flows.run_aoi import run_aoi
 
     try:
@@ -72,9 +85,84 @@ def run(
     for p in sorted(run_dir.glob("*")):
         if p.is_file():
             typer.echo(f"  {p.name}")
-    typer.echo("\nOpen in QGIS: Layer > Add Layer > Add Raster Layer… and pick the .tif files (each .qml style "
-               "beside a class raster is applied automatically), or drag the folder's .tif files onto the map. "
-               "tiles.gpkg holds the tile index; provenance.json and screening.json the record and decision.")
+    if (run_dir / "run.qgs").exists():
+        typer.echo(f"\nOpen in QGIS: Project > Open… {run_dir / 'run.qgs'} (every output, grouped and styled).")
+    typer.echo("Or add the .tif files as layers (each .qml style beside a raster is applied automatically). "
+               "provenance.json is the run's record, stac_item.json its STAC Item, screening.json the decision.")
+
+
+@app.command()
+def change(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")] = None,
+    aoi: Annotated[Optional[Path], typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
+    raster: Annotated[Optional[list[Path]], typer.Option(help="the two dates: --raster BEFORE --raster AFTER")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="where run folders are created")] = None,
+    approve_by: Annotated[Optional[str], typer.Option(help="approver's name for require_approval sites")] = None,
+    approve_reason: Annotated[Optional[str], typer.Option(help="reason for the approval")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="backbone architecture")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="local checkpoint file")] = None,
+    accept_licence: Annotated[Optional[str], typer.Option(help="accept the weights' licence by name")] = None,
+    head: Annotated[Optional[Path], typer.Option(help="a trained change head (else label-free change only)")] = None,
+) -> None:
+    """Change between two dates: label-free feature change (cosine distance, Otsu threshold), and a trained
+    change head's probability and binary change when --head is given."""
+    _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
+         False, need_two=True)
+
+
+@app.command("train-head")
+def train_head_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML head training configuration")],
+    output_dir: Annotated[Optional[Path], typer.Option(help="where the run folder is created")] = None,
+    head_type: Annotated[Optional[str], typer.Option("--type", help="linear or dpt")] = None,
+) -> None:
+    """Train a segmentation or change head on frozen backbone features from georeferenced labels."""
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.head_config import load_head_config
+
+    overrides: dict = {}
+    if output_dir is not None:
+        overrides["output_dir"] = str(output_dir)
+    if head_type is not None:
+        overrides["head"] = {"type": head_type}
+    try:
+        cfg = load_head_config(config, overrides)
+    except GeoDinoError as exc:
+        _fail(str(exc))
+    from flows.train_head import train_head_flow
+
+    try:
+        res = train_head_flow(config=json.loads(cfg.model_dump_json()))
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.secho(f"Head: {res['head']}", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"Held-out test mIoU {res['test_miou']:.3f}, macro F1 {res['test_macro_f1']:.3f} "
+               f"(metrics.json and split.gpkg in {res['run_dir']}). Use it with: geo-dino run --head {res['head']} …")
+
+
+@app.command()
+def similar(
+    cube: Annotated[Path, typer.Option(help="a run folder with features.zarr (geo-dino run --cube), or the cube")],
+    example: Annotated[Path, typer.Option(help="GeoJSON polygon(s) of the example (EPSG:4326)")],
+    top_k: Annotated[int, typer.Option(help="how many matching places")] = 10,
+    min_separation: Annotated[int, typer.Option(help="cells between matches")] = 4,
+    name: Annotated[str, typer.Option(help="output name in the run folder")] = "similarity",
+) -> None:
+    """Search by example: cosine similarity of every place's features to the example's mean feature (a COG) and
+    the top-k matching places (a GeoPackage), written into the cube's run folder."""
+    from geo_dino.errors import GeoDinoError
+
+    cube_path = cube / "features.zarr" if (cube / "features.zarr").exists() else cube
+    try:
+        from geo_dino.similar import load_example, similarity
+
+        res = similarity(cube_path, load_example(example), run_dir=cube_path.parent, name=name, top_k=top_k,
+                         min_separation_cells=min_separation)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.secho(f"Similarity: {cube_path.parent / (name + '.tif')}", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"Top {res['matches']['count']} places in {res['matches']['path']}; best scores "
+               f"{', '.join(f'{s:.3f}' for s in res['top_scores'][:5])}")
 
 
 @app.command()

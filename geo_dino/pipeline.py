@@ -490,9 +490,49 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
         records.append({"name": "features", "path": CUBE_NAME, "kind": "zarr feature cube",
                         "shape": [int(v) for v in cube.shape], "dims": list(cube.dims),
                         "chunks": [int(c[0]) for c in cube.chunks], "dtype": str(cube.dtype)})
-    update_record(run_dir, outputs=records)
+    vectors = _vectorise_head_outputs(run_dir)
+    update_record(run_dir, outputs=records, **({"vectors": vectors} if vectors else {}))
+    from geo_dino.qgis_project import write_project  # reads the outputs from the record: after it
+
+    project = write_project(run_dir)
+    update_record(run_dir, qgis_project={"path": project.name, "context": "context.gpkg"})
     _timed(run_dir, "finalize", t0)
     return records
+
+
+def _vectorise_head_outputs(run_dir: Path) -> list[dict[str, Any]]:
+    """Polygons of a trained head's classes (per date) or changes in ``vectors.gpkg``, styled."""
+    from geo_dino.vectorize import vectorize_classes
+
+    cfg = load_run_config(run_dir)
+    info = _state(run_dir).get("head")
+    sup = cfg.heads.supervised
+    if not info or sup is None or sup.vectors is None:
+        return []
+    v = sup.vectors
+    unknown = sorted(set(v.skip_classes) - set(info["names"]))
+    if unknown:
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError(f"heads.supervised.vectors.skip_classes: {unknown} are not classes of the head "
+                          f"({info['names']})")
+    skip = {val for val, n in zip(info["values"], info["names"], strict=True) if n in v.skip_classes}
+    jobs = []
+    if info["task"] == "segmentation":
+        from geo_dino.labels import ClassTable
+
+        table = ClassTable.from_dict({"classes": [{"name": n, "value": val, "colour": c} for val, n, c in
+                                                  zip(info["values"], info["names"], info["colours"], strict=True)]})
+        sfxs = [""] if len(_state(run_dir)["rasters"]) == 1 else ["_t1", "_t2"]
+        jobs += [(f"seg_classes{x}", f"seg_probability{x}", f"seg_polygons{x}", table, skip) for x in sfxs]
+    else:
+        jobs.append(("change_binary", "change_probability", "change_polygons", {1: "changed"}, {0}))
+    out = []
+    for cls, conf, layer, classes, skip_values in jobs:
+        out.append(vectorize_classes(run_dir / f"{cls}.tif", run_dir=run_dir, gpkg_name="vectors.gpkg", layer=layer,
+                                     classes=classes, confidence_cog=run_dir / f"{conf}.tif", skip_values=skip_values,
+                                     min_area_m2=v.min_area_m2, simplify_m=v.simplify_m))
+    return out
 
 
 def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
@@ -503,7 +543,10 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     for p in (run_dir / "work").glob("carry_*.npz"):
         p.unlink()
     update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
-                  timings=timings or {})
+                  timings=timings or {}, stac_item="stac_item.json")
+    from geo_dino.stac import write_item, validate_item  # after the last write to the record: the Item hashes it
+
+    validate_item(write_item(run_dir))
     return run_dir / RECORD
 
 

@@ -215,6 +215,8 @@ def write_item(run_dir: Path | str) -> Path:
     assets: dict[str, pystac.Asset] = {}
     lons, lats = [], []
     for out in rec.get("outputs") or []:
+        if not str(out["path"]).endswith(".tif"):
+            continue  # a Zarr cube: listed with the other data folders below
         fields, bounds, crs = _cog_asset(run_dir, out)
         assets[out["name"]] = pystac.Asset(out["path"], title=out["name"], media_type=COG,
                                            roles=_roles(out["name"]), extra_fields=fields)

@@ -16,12 +16,14 @@
 Emitting a polygon maps it to the raster CRS with the grid's affine transform, measures ``area_m2`` (planar
 area × unit factor² for projected CRSs; geodesic area on the CRS's ellipsoid with :class:`pyproj.Geod` for
 geographic ones; always of the *unsimplified* pixel polygon), drops it if below ``min_area_m2``, then
-simplifies it. Simplification is per polygon (Douglas–Peucker with ``preserve_topology``): each polygon stays
-valid, but neighbours may no longer share boundaries exactly. The tolerance ``simplify_m`` is converted to CRS
+simplifies it. Simplification is per polygon: each polygon stays valid, but neighbours may no longer share
+boundaries exactly (use ``simplify_m=0`` for an exact, gap-free coverage). The tolerance ``simplify_m`` is converted to CRS
 units; for geographic CRSs it becomes degrees at the polygon's centroid latitude using the larger of the
 metres-per-degree along the meridian and the parallel, so the ground tolerance never exceeds ``simplify_m``.
-A simplified polygon that is invalid is repaired with ``make_valid`` (polygonal part); one that becomes empty
-or changes type falls back to the unsimplified polygon. Both are counted in the record.
+Plain Douglas–Peucker is used when its result is valid with all the polygon's parts (holes narrower than the
+tolerance may close); otherwise the topology-preserving variant; a result still invalid is repaired with
+``make_valid`` (polygonal part); one that is empty or changes type falls back to the unsimplified polygon.
+Repairs and fallbacks are counted in the record.
 
 With 4-connectivity the layer is ``Polygon``; with 8-connectivity GDAL's polygons may touch themselves at a
 corner, so they are made valid and the layer is ``MultiPolygon`` (one feature per 8-connected component).
@@ -171,17 +173,14 @@ class _Sink:
             self.flush()
 
     def _simplify(self, geom: Any, tol: float) -> Any:
-        """Plain Douglas–Peucker when it keeps the polygon valid with all its parts and holes (fast on huge
-        polygons), else topology-preserving; ``make_valid`` repairs; the original if the result is empty."""
+        """Plain Douglas–Peucker when it keeps the polygon valid with all its parts (fast on huge polygons;
+        holes narrower than ``tol`` may close), else topology-preserving; ``make_valid`` repairs; the original if
+        the result is empty."""
         import shapely
 
-        def same(g: Any) -> bool:
-            return (g.is_valid and not g.is_empty and (self.multi or g.geom_type == "Polygon")
-                    and shapely.get_num_geometries(g) == shapely.get_num_geometries(geom)
-                    and shapely.get_num_interior_rings(g) == shapely.get_num_interior_rings(geom))
-
         simple = shapely.simplify(geom, tol, preserve_topology=False)
-        if same(simple):
+        if (simple.is_valid and not simple.is_empty and (self.multi or simple.geom_type == "Polygon")
+                and shapely.get_num_geometries(simple) == shapely.get_num_geometries(geom)):
             return simple
         simple = shapely.simplify(geom, tol, preserve_topology=True)
         if not simple.is_valid:
@@ -506,8 +505,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
         "parameters": {
             "class_cog": str(class_cog), "confidence_cog": None if confidence_cog is None else str(confidence_cog),
             "skip_values": sorted(skip), "min_area_m2": float(min_area_m2), "simplify_m": float(simplify_m),
-            "simplify_method": "per-polygon Douglas-Peucker, preserve_topology=True; make_valid repairs, "
-                               "unsimplified fallback when empty",
+            "simplify_method": "per-polygon Douglas-Peucker (topology-preserving where plain DP breaks "
+                               "validity or parts); make_valid repairs; unsimplified fallback when empty",
             "area_method": "geodesic (pyproj.Geod)" if crs.is_geographic else "planar",
             "block": block, "connectivity": connectivity,
         },
