@@ -10,8 +10,9 @@
 2. A component that touches no *inner* window edge is complete: it is emitted at once. One that touches an
    inner edge is kept; pixels of the same class facing each other across a window edge (and, with
    8-connectivity, diagonally, window corners included) link their components in a union-find.
-3. At the end each union-find group is ``shapely.union_all``-ed into one polygon, its counts and sums added.
-   The result equals polygonising the whole raster at once (tested with 7- and 16-pixel blocks).
+3. At the end each union-find group is merged into one polygon (:func:`_merge`: a union of the shells with
+   the holes put back for 4-connectivity, ``shapely.union_all`` for 8), its counts and sums added. The result
+   equals polygonising the whole raster at once (tested with 5- to 16-pixel blocks).
 
 Emitting a polygon maps it to the raster CRS with the grid's affine transform, measures ``area_m2`` (planar
 area × unit factor² for projected CRSs; geodesic area on the CRS's ellipsoid with :class:`pyproj.Geod` for
@@ -84,9 +85,10 @@ def _grid(ds: Any) -> Grid:
 
 def _class_table(classes: Any) -> tuple[dict[int, str], dict[int, tuple[int, int, int, int]]]:
     """``{value: name}`` and ``{value: rgba}`` of a ``{value: name}`` mapping or a ClassTable."""
+    from geo_dino.labels import ClassTable
     from geo_dino.outputs import class_colormap
 
-    if hasattr(classes, "qml_classes"):
+    if isinstance(classes, ClassTable):
         entries = classes.qml_classes()
         return {v: n for v, n, _ in entries}, {v: tuple(c) for v, _, c in entries}  # type: ignore[misc]
     if not isinstance(classes, Mapping) or not classes:
@@ -293,32 +295,38 @@ def _polygons(ids: np.ndarray, box: PixelBox, connectivity: int) -> dict[int, An
     return out
 
 
-def _merge(pieces: list[Any]) -> Any:
-    """The union of one component's pieces from different windows (global pixel coordinates).
+def _merge(pieces: list[Any], diagonal: bool) -> Any:
+    """The union of one component's pieces from different windows (global pixel coordinates, so exact).
 
-    A piece's holes never reach its window's edge (they would not be holes), so they cannot meet another
-    piece: only the shells are unioned (cheap even for a scene-wide polygon with thousands of holes) and the
-    holes are put back. ``simplify(0)`` drops the collinear vertices left on window edges.
+    4-connectivity: a piece's holes never reach its window's edge (they would not be holes) and hold no part
+    of the component, so only the shells are unioned (cheap even for a scene-wide polygon with thousands of
+    holes) and the holes are put back. 8-connectivity: a part can sit in a hole of another part of the same
+    component (touching it diagonally), so the pieces are unioned whole. ``simplify(0)`` drops the collinear
+    vertices left on window edges.
     """
     import shapely
 
-    parts = [p for g in pieces for p in getattr(g, "geoms", [g])]
-    shells = shapely.union_all([shapely.Polygon(p.exterior) for p in parts])
+    if diagonal:
+        return shapely.simplify(shapely.union_all(pieces), 0.0, preserve_topology=False)
+    shells = shapely.union_all([shapely.Polygon(p.exterior) for p in pieces])
     shells = shapely.simplify(shells, 0.0, preserve_topology=False)
-    holes = [h for p in parts for h in p.interiors]
-    if shells.geom_type == "Polygon":
-        return shapely.Polygon(shells.exterior, [*shells.interiors, *holes])
-    return shapely.difference(shells, shapely.union_all([shapely.Polygon(h) for h in holes])) if holes else shells
+    if shells.geom_type != "Polygon":
+        raise OutputError(f"merging {len(pieces)} pieces gave a {shells.geom_type}; this is a bug in "
+                          "geo_dino.vectorize, please report it with the raster")
+    return shapely.Polygon(shells.exterior, [*shells.interiors, *(h for p in pieces for h in p.interiors)])
 
 
-def _edges(g: np.ndarray, c: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {"top": (g[0], c[0]), "bottom": (g[-1], c[-1]), "left": (g[:, 0], c[:, 0]),
-            "right": (g[:, -1], c[:, -1])}
+def _edges(ids: np.ndarray, cls: np.ndarray, base: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``(global ids, classes)`` of a window's four border pixel lines (id 0: no component)."""
+    def line(k: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.where(k > 0, k.astype(np.int64) + base, 0), c.astype(np.int64)
+
+    return {"top": line(ids[0], cls[0]), "bottom": line(ids[-1], cls[-1]), "left": line(ids[:, 0], cls[:, 0]),
+            "right": line(ids[:, -1], cls[:, -1])}
 
 
 def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectivity: int, sink: _Sink) -> set[int]:
     """Polygonise ``src`` window by window into ``sink``; return the class values found."""
-
     height, width, diagonal = grid.height, grid.width, connectivity == 8
     uf, kept = _UnionFind(), {}  # kept: global id -> [value, geometry, pixels, conf sum, conf count]
     bottoms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -342,8 +350,7 @@ def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectiv
                 ok = (ids > 0) & ~np.ma.getmaskarray(cv) & np.isfinite(cv.data)
                 csum = np.bincount(ids[ok], weights=cv.data[ok].astype(np.float64), minlength=n + 1)
                 cn = np.bincount(ids[ok], minlength=n + 1)
-            g = np.where(ids > 0, ids.astype(np.int64) + base, 0)
-            e = _edges(g, cls.astype(np.int64))
+            e = _edges(ids, cls, base)
             inner = [e[s][0] for s, on in (("top", r0 > 0), ("bottom", box.row_end < height),
                                            ("left", c0 > 0), ("right", box.col_end < width)) if on]
             on_edge = set(np.unique(np.concatenate(inner)).tolist()) - {0} if inner else set()
@@ -378,10 +385,7 @@ def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectiv
         if len(recs) == 1:
             sink.add(*recs[0])
             continue
-        geom = _merge([r[1] for r in recs])  # exact: integer pixel coordinates
-        if geom.geom_type != "Polygon" and not diagonal:
-            raise OutputError(f"merging {len(recs)} pieces of class {recs[0][0]} gave a {geom.geom_type}; "
-                              "this is a bug in geo_dino.vectorize, please report it with the raster")
+        geom = _merge([r[1] for r in recs], diagonal)
         sink.add(recs[0][0], geom, sum(r[2] for r in recs), sum(r[3] for r in recs), sum(r[4] for r in recs))
     return found
 

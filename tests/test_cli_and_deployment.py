@@ -149,6 +149,11 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
         if func == "pretrain_flow":
             cfg = load_pretrain_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.data.rasters)
+        elif func == "train_head_flow":
+            from geo_dino.head_config import load_head_config
+
+            cfg = load_head_config(cfg_path)
+            assert all(Path(r).is_file() for r in cfg.rasters) and Path(cfg.labels.raster).is_file()
         else:
             cfg = load_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.rasters)

@@ -183,6 +183,8 @@ def test_project_stays_inside_the_run_folder(tiny_config, tmp_path):
         qp.write_project(run_dir, name=str(tmp_path / "abs.qgs"))
     outside = tmp_path / "outside.qgs"
     outside.write_text("keep")
+    (run_dir / "run.qgs").unlink()  # the run wrote its project; put a link in its place
+    (run_dir / "context.gpkg").unlink()
     (run_dir / "run.qgs").symlink_to(outside)
     with pytest.raises(OutputError):
         qp.write_project(run_dir)

@@ -46,13 +46,15 @@ def _run(tmp_path: Path, arr: np.ndarray, layer: str = "classes", grid: tuple[st
     return rec, gpd.read_file(run / "vectors.gpkg", layer=layer)
 
 
-def _blobs(seed: int = 0, shape: tuple[int, int] = (61, 73)) -> np.ndarray:
-    """Seeded blobby classes 0..3 with a nodata corner: many shapes, holes and diagonal contacts."""
+def _blobs(seed: int = 0, shape: tuple[int, int] = (90, 110)) -> np.ndarray:
+    """Seeded blobby classes 0..3 with a nodata corner and nodata specks: many shapes, holes, islands in holes
+    and diagonal contacts."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     arr = ndimage.median_filter((rng.random(shape) * 4).astype(np.uint8), 3).astype(np.uint8)
     arr[:4, :5] = 255
+    arr[rng.random(shape) < 0.02] = 255
     return arr
 
 
@@ -72,10 +74,11 @@ def test_square_has_exact_area_attributes_and_crs(tmp_path):
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
-def test_blockwise_equals_whole_raster(tmp_path, connectivity):
-    arr = _blobs()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blockwise_equals_whole_raster(tmp_path, connectivity, seed):
+    arr = _blobs(seed)
     whole = {}
-    for block in (4096, 16, 7):
+    for block in (4096, 16, 8, 7, 5):
         rec, gdf = _run(tmp_path, arr, layer=f"b{block}", block=block, connectivity=connectivity)
         assert gdf.is_valid.all() and rec["features"] == len(gdf)
         whole.setdefault("ref", gdf)
@@ -147,10 +150,11 @@ def test_mean_confidence_equals_numpy_mean_over_the_pixels(tmp_path):
 
 def test_nodata_and_skip_values_are_never_polygons(tmp_path):
     arr = _blobs(seed=5)
-    rec, gdf = _run(tmp_path, arr, skip_values={0, 3}, block=9)
+    rec, gdf = _run(tmp_path, arr, skip_values={0, 3}, block=9, classes={1: "forest"})
     assert set(gdf.class_value) == {1, 2}
     assert gdf.pixel_count.sum() == np.isin(arr, [1, 2]).sum()
     assert rec["parameters"]["skip_values"] == [0, 3]
+    assert set(gdf[gdf.class_value == 2].class_name) == {"class_2"} and rec["unnamed_values"] == [2]
 
 
 def test_geographic_grid_gets_geodesic_areas(tmp_path):
@@ -292,3 +296,11 @@ def test_qgis_loads_the_layer_with_its_default_style(tmp_path):
     assert info["valid"] and info["features"] == rec["features"] == 2
     assert info["renderer"] == "categorizedSymbol" and info["labels"] == ["forest", "water"]
     assert info["colours"] == {"1": "#228833", "2": "#4477aa"} and info["crs"] == "EPSG:32617"
+
+
+def test_nothing_to_vectorise_writes_an_empty_styled_layer(tmp_path):
+    rec, gdf = _run(tmp_path, np.zeros((9, 9), np.uint8), skip_values={0})
+    assert rec["features"] == len(gdf) == 0 and rec["classes"] == {}
+    gpkg = tmp_path / "run" / "vectors.gpkg"
+    assert dict(pyogrio.list_layers(gpkg).tolist())["classes"] == "Polygon"
+    assert CRS.from_user_input(pyogrio.read_info(gpkg, layer="classes")["crs"]) == CRS.from_epsg(32617)
