@@ -149,12 +149,7 @@ class RunConfig(_Model):
         """A copy with every relative path made absolute against ``base``."""
 
         def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
-            s = str(p)
-            if "://" in s or s.startswith("/vsi"):
-                return p  # remote/virtual: kept verbatim, the source checks refuse it unless allowed
-            return p if p.is_absolute() else (base / p).resolve()
+            return resolve_path(p, base)
 
         return self.model_copy(update={
             "aoi": fix(self.aoi),
@@ -174,6 +169,17 @@ class RunConfig(_Model):
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def resolve_path(p: Path | None, base: Path) -> Path | None:
+    """``p`` made absolute against ``base``; remote and GDAL-virtual paths are kept verbatim (the source checks
+    refuse them unless allowed)."""
+    if p is None:
+        return None
+    s = str(p)
+    if "://" in s or s.startswith("/vsi"):
+        return p
+    return p if p.is_absolute() else (base / p).resolve()
 
 
 def _format_error(exc: ValidationError) -> str:

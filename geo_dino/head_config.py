@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from geo_dino.config import BackboneConfig, PreprocessConfig, SourceConfig, _format_error, _Model, read_yaml_mapping
+from geo_dino.config import (BackboneConfig, PreprocessConfig, SourceConfig, _format_error, _Model, read_yaml_mapping,
+                             resolve_path)
 from geo_dino.errors import ConfigError
 
 
@@ -98,12 +99,7 @@ class HeadTrainConfig(_Model):
 
     def resolved(self, base: Path) -> HeadTrainConfig:
         def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
-            s = str(p)
-            if "://" in s or s.startswith("/vsi"):
-                return p
-            return p if p.is_absolute() else (base / p).resolve()
+            return resolve_path(p, base)
 
         return self.model_copy(update={
             "rasters": [fix(r) for r in self.rasters],
