@@ -47,6 +47,9 @@ class SourceConfig(_Model):
     allow_vrt: bool = False
     max_pixels: Annotated[int, Field(gt=0)] = 4_000_000_000  # width × height × bands budget, checked before reading
     bands: list[int | str] | None = None  # 1-based indexes or band descriptions; None = first three / all
+    # two dates on different grids: refuse (default), or reproject the second onto the first's grid with this
+    # resampling (recorded in the provenance record; the co-registration check then measures what is left)
+    align_dates: Literal["refuse", "nearest", "bilinear", "cubic"] = "refuse"
 
 
 class PreprocessConfig(_Model):

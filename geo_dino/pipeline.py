@@ -177,8 +177,9 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                                     "acceptance": acceptance})
     ckpt_chans = int(meta["in_chans"]) if meta.get("in_chans", "").isdigit() else arch.in_chans
     infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans) for p in cfg.rasters]
+    alignment = None
     if len(infos) == 2:
-        infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
+        infos, alignment = _align_dates(infos, cfg.sources.align_dates)
         if infos[0].dtype != infos[1].dtype:
             raise AOIError(f"the two dates have different data types ({infos[0].dtype}, {infos[1].dtype})")
     grid = infos[0].grid
@@ -228,7 +229,9 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                                                 cfg.preprocess.target_gsd_m or arch.gsd_m, tiles.size, arch.patch_size)
     state = {
         "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
-                     "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names)} for i in infos],
+                     "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names),
+                     "warped_from": None if i.warped_from is None else _grid_to_dict(i.warped_from),
+                     "resampling": i.resampling} for i in infos],
         "region": [region.row_off, region.col_off, region.height, region.width],
         "out_grid": _grid_to_dict(out_grid),
         "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape), "n_tiles": len(tiles),
@@ -257,7 +260,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                       {"source_band": b, "source_description": n, "backbone_channel": i,
                        "backbone_band": arch.bands[i] if i < len(arch.bands) else "extra (adapted patch embedding)"}
                       for i, (b, n) in enumerate(zip(infos[0].bands, infos[0].band_names, strict=True))]},
-                  coregistration=coreg,
+                  coregistration=coreg, alignment=alignment,
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
                             "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
                             "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
@@ -316,8 +319,30 @@ def _infos(state: dict[str, Any]):
     from geo_dino.sources import RasterInfo
 
     return [RasterInfo(path=r["path"], grid=_grid_from_dict(r["grid"]), count=r["count"], dtype=r["dtype"],
-                       nodata=r["nodata"], bands=tuple(r["bands"]), band_names=tuple(r["band_names"]))
+                       nodata=r["nodata"], bands=tuple(r["bands"]), band_names=tuple(r["band_names"]),
+                       warped_from=_grid_from_dict(r["warped_from"]) if r.get("warped_from") else None,
+                       resampling=r.get("resampling", "bilinear"))
             for r in state["rasters"]]
+
+
+def _align_dates(infos: list[Any], how: str) -> tuple[list[Any], dict[str, Any] | None]:
+    """Both dates on the first's grid: as they are, or (``how`` = a resampling) the second warped onto it."""
+    import dataclasses
+
+    from geo_dino.errors import CRSMismatchError
+
+    try:
+        infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
+        return infos, None
+    except CRSMismatchError as exc:
+        if how == "refuse":
+            raise CRSMismatchError(f"{exc}; set sources.align_dates to a resampling (bilinear, nearest, cubic) to "
+                                   "reproject the second date onto the first's grid") from None
+        reason = str(exc)
+    second = dataclasses.replace(infos[1], grid=infos[0].grid, warped_from=infos[1].grid, resampling=how)
+    return [infos[0], second], {"reprojected": Path(infos[1].path).name, "onto": Path(infos[0].path).name,
+                                "resampling": how, "reason": reason,
+                                "source_grid": _grid_to_dict(infos[1].grid), "target_grid": _grid_to_dict(infos[0].grid)}
 
 
 def _tiles(state: dict[str, Any]) -> TileGrid:

@@ -122,6 +122,10 @@ class RasterInfo:
     nodata: float | None
     bands: tuple[int, ...]  # the selected bands, 1-based
     band_names: tuple[str, ...]
+    # read through a warp onto ``grid`` (a second date on another grid, reprojected explicitly): the source's
+    # own grid and the resampling; None: read as it is
+    warped_from: Grid | None = None
+    resampling: str = "bilinear"
 
     @property
     def is_geographic(self) -> bool:
@@ -223,6 +227,14 @@ class WindowReader:
         self._env.__enter__()
         opts = {"NUM_THREADS": str(self.threads)} if self.threads else {}
         self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)), **opts)
+        self._base = None
+        if self.info.warped_from is not None:  # windows of the target grid, warped from the source on read
+            from rasterio.enums import Resampling
+            from rasterio.vrt import WarpedVRT
+
+            g = self.info.grid
+            self._base, self._src = self._src, WarpedVRT(self._src, crs=g.crs, transform=g.transform, width=g.width,
+                                                         height=g.height, resampling=Resampling[self.info.resampling])
         self._mask_mode = self._choose_mask_mode()
         return self
 
@@ -255,6 +267,8 @@ class WindowReader:
     def __exit__(self, *exc: object) -> None:
         if self._src is not None:
             self._src.close()
+        if getattr(self, "_base", None) is not None:
+            self._base.close()
         if self._env is not None:
             self._env.__exit__(*exc)
 
