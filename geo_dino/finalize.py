@@ -174,8 +174,6 @@ class OutputWriter:
     def _sfx(self, d: int) -> str:
         return f"_t{d + 1}" if self.n_dates == 2 else ""
 
-    def _write_head(self, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
-        _head_rows(self, v, ok, win)
 
     def write_rows(self, row_off: int, vals: np.ndarray, weight: np.ndarray, block: int = 2048) -> None:
         """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
@@ -206,7 +204,7 @@ class OutputWriter:
                     cls = np.argmax(v[layout.scores(d)], axis=0).astype(np.uint8)  # NaN rows are masked below
                     self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
             if self.info:
-                self._write_head(v, ok, win)
+                _head_rows(self, v, ok, win)
             if layout.has_change:
                 ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)
                 self.dsts["change_magnitude"].write(ch[None], window=win)
@@ -262,6 +260,7 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
     cfg = pl.load_run_config(run_dir)
     specs, heads, layout = _specs(run_dir)
+    info = pl._state(run_dir).get("head")
     work = run_dir / "work"
     threshold = None
     if layout.has_change:
@@ -299,7 +298,6 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
                               CLASS_NODATA)
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold
-        info = pl._state(run_dir).get("head")
         if name.startswith("seg_classes") or name == "change_binary":
             entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
                                                              strict=True)]

@@ -530,7 +530,8 @@ def _vectorise_head_outputs(run_dir: Path) -> list[dict[str, Any]]:
     from geo_dino.vectorize import vectorize_classes
 
     cfg = load_run_config(run_dir)
-    info = _state(run_dir).get("head")
+    state = _state(run_dir)
+    info = state.get("head")
     sup = cfg.heads.supervised
     if not info or sup is None or sup.vectors is None:
         return []
@@ -548,7 +549,7 @@ def _vectorise_head_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
         table = ClassTable.from_dict({"classes": [{"name": n, "value": val, "colour": c} for val, n, c in
                                                   zip(info["values"], info["names"], info["colours"], strict=True)]})
-        sfxs = [""] if len(_state(run_dir)["rasters"]) == 1 else ["_t1", "_t2"]
+        sfxs = [""] if len(state["rasters"]) == 1 else ["_t1", "_t2"]
         jobs += [(f"seg_classes{x}", f"seg_probability{x}", f"seg_polygons{x}", table, skip) for x in sfxs]
     else:
         jobs.append(("change_binary", "change_probability", "change_polygons", {1: "changed"}, {0}))

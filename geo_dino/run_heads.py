@@ -43,7 +43,9 @@ def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f"heads.supervised: the head was trained on backbone {bb.get('arch')!r}, this run uses "
                           f"{cfg.backbone.arch!r}; train a head on this backbone (geo-dino train-head)")
     if bb.get("sha256"):
-        run_digest = _sha256(cfg.backbone.checkpoint) if cfg.backbone.checkpoint else None
+        # a pinned checkpoint hash is verified when the backbone loads: no second pass over a large file here
+        pinned = (cfg.backbone.checkpoint_sha256 or "").lower() or None
+        run_digest = None if not cfg.backbone.checkpoint else pinned or _sha256(cfg.backbone.checkpoint)
         if run_digest != bb["sha256"]:
             raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, this "
                               f"run's backbone is {run_digest or 'random-init'}: features would not match")
@@ -66,19 +68,16 @@ def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...], stats: np.ndarray | None) -> Any:
     """The run's :class:`~geo_dino.preprocess.Preprocessor` from the head's recorded one: same scaling kind and
-    mean/std; fixed bounds kept, percentile bounds measured on the run's raster."""
-    from geo_dino.preprocess import Preprocessor
+    mean/std; fixed bounds kept, percentile bounds measured on the run's raster (by ``make_preprocessor``)."""
+    from geo_dino.config import PreprocessConfig
+    from geo_dino.preprocess import Preprocessor, make_preprocessor
 
     mean, std = tuple(meta_pre["mean"]), tuple(meta_pre["std"])
     if len(mean) != len(bands):
         raise ConfigError(f"heads.supervised: the head was trained on {len(mean)} bands, the run reads {len(bands)}")
-    low, high = tuple(meta_pre["low"]), tuple(meta_pre["high"])
     if meta_pre["scale"] == "percentile":
-        if stats is None:
-            raise ConfigError("heads.supervised: the head scales by percentiles; the run needs band statistics")
-        low = tuple(float(v) for v in stats[:, 0])
-        high = tuple(float(max(h, lo + 1e-6)) for lo, h in zip(stats[:, 0], stats[:, 1], strict=True))
-    return Preprocessor(meta_pre["scale"], low, high, mean, std, tuple(bands))
+        return make_preprocessor(dtype, bands, PreprocessConfig(scale="percentile"), mean, std, stats)
+    return Preprocessor(meta_pre["scale"], tuple(meta_pre["low"]), tuple(meta_pre["high"]), mean, std, tuple(bands))
 
 
 class HeadRunner:
