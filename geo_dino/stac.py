@@ -36,7 +36,8 @@ PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 RASTER = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
 FILE = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
 PROCESSING = "https://stac-extensions.github.io/processing/v1.1.0/schema.json"
-MLM = "https://stac-extensions.github.io/mlm/v1.3.0/schema.json"
+MLM = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
+_MLM_1_3 = "https://stac-extensions.github.io/mlm/v1.3.0/schema.json"  # Items written before v1.4.0
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
 _SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 #: Every schema URL we may meet -> bundled file (relative to ``geo_dino/schemas``).
@@ -50,7 +51,7 @@ SCHEMA_FILES: dict[str, str] = {
     "https://geojson.org/schema/Geometry.json": "geojson/Geometry.json",
     PROJECTION: "extensions/projection-v2.0.0.json", RASTER: "extensions/raster-v1.1.0.json",
     FILE: "extensions/file-v2.1.0.json", PROCESSING: "extensions/processing-v1.1.0.json",
-    MLM: "extensions/mlm-v1.3.0.json",
+    MLM: "extensions/mlm-v1.4.0.json", _MLM_1_3: "extensions/mlm-v1.3.0.json",
 }
 #: Files in a run folder that become assets when present: name -> (key, media type, roles).
 _SIDECARS = {RECORD: ("provenance", "application/json", ["metadata"]),
@@ -240,10 +241,11 @@ def write_item(run_dir: Path | str) -> Path:
     mlm = _mlm(rec)
     heads = run_dir / _HEADS
     if heads.is_file():  # the run's own fitted model: MLM requires one asset with the mlm:model role
-        names = [{"name": b} for b in mlm["mlm:input"][0]["bands"]]
+        names = [{"name": b} for b in mlm["mlm:input"][0]["bands"]]  # and that asset its artifact type
         assets["heads"] = pystac.Asset(_HEADS, title="fitted heads (PCA, k-means)", roles=["mlm:model"],
                                        media_type="application/octet-stream",
-                                       extra_fields={**_file_fields(heads), "raster:bands": names})
+                                       extra_fields={**_file_fields(heads), "raster:bands": names,
+                                                     "mlm:artifact_type": "numpy.savez"})
     if lons:
         bbox = [min(lons), min(lats), max(lons), max(lats)]
         w, s, e, n = bbox

@@ -58,6 +58,21 @@ def test_bundled_schema_ids_match_their_urls():
         assert doc["$id"].rstrip("#") == url, rel
 
 
+def test_published_extension_schemas_are_bundled_unchanged():
+    """Byte lengths of the published texts (the Content-Length the URLs serve); see schemas/README.md."""
+    published = {stac.PROJECTION: 4374, stac.RASTER: 6318, stac.MLM: 33494}
+    for url, size in published.items():
+        assert (Path(stac.__file__).parent / "schemas" / stac.SCHEMA_FILES[url]).stat().st_size == size, url
+
+
+def test_items_of_the_previous_mlm_version_still_validate(change_run, tmp_path, no_network):
+    item = json.loads(stac.write_item(change_run).read_text())
+    old = "https://stac-extensions.github.io/mlm/v1.3.0/schema.json"
+    item["stac_extensions"] = [old if u == stac.MLM else u for u in item["stac_extensions"]]
+    del item["assets"]["heads"]["mlm:artifact_type"]  # not in MLM v1.3.0
+    assert old in stac.validate_item(_write_json(tmp_path / "old.json", item))
+
+
 def test_item_of_a_change_run(change_run, no_network):
     item_path = stac.write_item(change_run)
     assert item_path == change_run / "stac_item.json"
@@ -93,6 +108,8 @@ def test_item_of_a_change_run(change_run, no_network):
     assert item["assets"]["change_mask_style"]["type"] == "text/xml"
     assert item["assets"]["pca_rgb_t1"]["roles"] == ["visual", "overview"]
     assert item["assets"]["change_magnitude"]["raster:bands"][0]["nodata"] == "nan"
+    assert item["assets"]["heads"]["roles"] == ["mlm:model"]
+    assert item["assets"]["heads"]["mlm:artifact_type"] == "numpy.savez"
     props = item["properties"]
     assert props["mlm:input"][0]["bands"] == ["red", "green", "blue"]
     assert {o["name"] for o in props["mlm:output"]} == {"features", "kmeans", "change"}
@@ -125,6 +142,16 @@ def test_broken_items_fail_with_clear_errors(change_run, tmp_path, no_network):
     bad["stac_extensions"].append("https://stac-extensions.github.io/eo/v2.0.0/schema.json")
     with pytest.raises(stac.STACError, match="not bundled"):
         stac.validate_item(_write_json(tmp_path / "d.json", bad))
+
+    bad = copy.deepcopy(good)  # MLM v1.4.0: the mlm:model asset must say how the model was saved
+    del bad["assets"]["heads"]["mlm:artifact_type"]
+    with pytest.raises(stac.STACError, match=r"mlm/v1\.4\.0.*'mlm:artifact_type' is a required property"):
+        stac.validate_item(_write_json(tmp_path / "f.json", bad))
+
+    bad = copy.deepcopy(good)  # ... and only that asset
+    bad["assets"]["classes_t1"]["mlm:artifact_type"] = "numpy.savez"
+    with pytest.raises(stac.STACError, match=r"mlm/v1\.4\.0.*classes_t1"):
+        stac.validate_item(_write_json(tmp_path / "g.json", bad))
 
     bad = copy.deepcopy(good)  # a $ref to an unbundled schema is refused, not fetched
     bad["assets"]["change_mask"]["proj:projjson"] = {"type": "GeographicCRS"}
