@@ -380,10 +380,14 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
                                          np.stack([v for _, v in reads[k:k + bs]])))
           for k in range(0, len(reads), bs)]
     dense_features(extractor.model, xs[0])
-    t = time.perf_counter()
-    for x in xs:
-        dense_features(extractor.model, x)
-    out["backbone_tiles_per_s"] = len(reads) / (time.perf_counter() - t)
+    rates = []
+    for _ in range(2):  # twice; the faster pass is the baseline (the conservative choice for the ratios)
+        t = time.perf_counter()
+        for x in xs:
+            dense_features(extractor.model, x)
+        rates.append(len(reads) / (time.perf_counter() - t))
+    out["backbone_tiles_per_s"] = max(rates)
+    out["backbone_passes_tiles_per_s"] = rates
     return out
 
 
@@ -443,8 +447,12 @@ def report_synthetic_one(r: dict[str, Any]) -> None:
         ("inference", f"{n / inf:.1f} tiles/s, {r['km2'] / inf:.1f} km²/s"),
         ("end-to-end (stages, no Prefect)", f'{r["total_s"]:.1f} s -> {n / r["total_s"]:.1f} tiles/s, '
                                             f'{r["km2"] / r["total_s"]:.1f} km²/s'),
-        ("backbone alone (64 tiles)", f'{r["backbone_tiles_per_s"]:.1f} tiles/s -> inference/backbone '
-                                      f'{n / inf / r["backbone_tiles_per_s"]:.3f}'),
+        ("backbone alone (64 tiles, faster of 2 passes)",
+         f'{r["backbone_tiles_per_s"]:.1f} tiles/s (passes: '
+         f'{", ".join(f"{v:.1f}" for v in r.get("backbone_passes_tiles_per_s", []))}) -> inference/backbone '
+         f'{n / inf / r["backbone_tiles_per_s"]:.3f}'),
+        ("RATIO end-to-end / backbone alone", f'{n / r["total_s"] / r["backbone_tiles_per_s"]:.3f} (goal >= 0.90) '
+                                              f'[{"MET" if n / r["total_s"] / r["backbone_tiles_per_s"] >= 0.9 else "MISSED"}]'),
         ("peak RSS (child)", f'{r["peak_rss_mib"]:.0f} MiB (after imports {r["rss_after_stage"]["after imports"]:.0f})'),
         ("work files before the COG pass", f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
                         f'{(r["accumulator_bytes_on_disk"] or 0) / 2**30:.2f} GiB on disk'),

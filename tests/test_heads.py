@@ -40,6 +40,25 @@ def test_projection_commutes_with_upsampling():
     assert torch.equal(fast[:, 3:].argmax(1), cos.argmax(1))
 
 
+def test_projection_is_pca_transform_and_centroid_dot_products():
+    """``project`` (one 1×1 convolution) equals sklearn's PCA transform and the dot products, per patch."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(400, 12)) + 5.0).astype(np.float32)  # off-centre: the PCA mean matters
+    heads = fit_label_free(x, pca=True, k=3, seed=0)
+    f = torch.from_numpy(rng.normal(size=(2, 12, 3, 4)).astype(np.float32) + 5.0)
+    got = heads.project(f)
+    flat = f.permute(0, 2, 3, 1).reshape(-1, 12).numpy()
+    pca = PCA(n_components=3, random_state=0).fit(x)
+    want_pca = pca.transform(flat)
+    signs = np.sign((pca.components_ * heads.pca_components).sum(1))  # sklearn may flip a component's sign
+    want = np.concatenate([want_pca * signs, flat @ heads.centroids.T], axis=1)
+    got_flat = got.permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    np.testing.assert_allclose(got_flat, want, atol=2e-4, rtol=1e-4)
+    assert fit_label_free(x, pca=False, k=None, seed=0).project(f).shape == (2, 0, 3, 4)
+
+
 def test_kmeans_centroids_unit_and_sorted_by_size():
     rng = np.random.default_rng(1)
     big = rng.normal(size=(300, 8)) + np.eye(8)[0] * 10
