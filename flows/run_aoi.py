@@ -21,8 +21,8 @@ _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="prepare-run", **_TASK)
-def prepare(cfg: RunConfig, flow_run_id: str | None) -> str:
-    return str(pl.prepare_run(cfg, flow_run_id=flow_run_id))
+def prepare(cfg: RunConfig, flow_run_id: str | None, deployment: str | None = None) -> str:
+    return str(pl.prepare_run(cfg, flow_run_id=flow_run_id, deployment=deployment))
 
 
 @task(name="validate-and-screen-aoi", **_TASK)
@@ -56,7 +56,7 @@ def finalize(run_dir: str) -> list[dict[str, Any]]:
 def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None,
             overrides: dict[str, Any] | None = None) -> str:
     """Run the pipeline for one AOI. Give a YAML ``config_path`` or a ``config`` mapping. Returns the run folder."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
     log = get_run_logger()
     if config_path is not None:
@@ -65,7 +65,7 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
         cfg = parse_config(config)
     else:
         raise ValueError("give config_path or config")
-    run_dir = prepare(cfg, flow_run.get_id())
+    run_dir = prepare(cfg, flow_run.get_id(), deployment.name)  # name None unless a deployment started it
     log.info("run folder: %s", run_dir)
     t0 = time.perf_counter()
     decision = screen(run_dir)

@@ -97,8 +97,10 @@ def _records_failure(stage):
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | None = None) -> Path:
-    """Create the run folder and write the resolved config before any work starts."""
+def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | None = None,
+                deployment: str | None = None) -> Path:
+    """Create the run folder and write the resolved config before any work starts. ``deployment``: the
+    Prefect deployment that started the run (its runs share one STAC Collection), or None."""
     from geo_dino.provenance import git_info, software_versions
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -110,7 +112,7 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
                   created_at=datetime.now(UTC).isoformat(),
                   config={"sha256": cfg.sha256(), "path": CONFIG},
                   software=software_versions(), git=git_info(Path(__file__).resolve().parent.parent),
-                  prefect={"flow_run_id": flow_run_id}, status="started")
+                  prefect={"flow_run_id": flow_run_id, "deployment": deployment}, status="started")
     return run_dir
 
 
@@ -452,6 +454,11 @@ def _carry_path(run_dir: Path, chunk: int) -> Path:
     return run_dir / "work" / f"carry_{chunk:05d}.npz"
 
 
+# the open strip a chunk left behind (one entry: run folder and chunk -> strip, change histogram); its carry
+# file holds the same, and is what a resumed or distributed run reads
+_STRIPS: dict[tuple[str, int], tuple[Any, np.ndarray]] = {}
+
+
 @_records_failure
 def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     """Run one chunk (whole tile rows) and write the rows that became final. Chunks run in order: each loads
@@ -470,13 +477,23 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     grid = _tiles(state)
     chunks = grid.row_chunks(state["tiling"]["chunk_tiles"])
     n_rows = grid.shape[0]
-    acc = StripAccumulator(_grid_from_dict(state["out_grid"]), layout.n_values, grid.size, grid.stride)
-    hist = None
+    out_grid = _grid_from_dict(state["out_grid"])
+    key = str(run_dir.resolve())
+    # the strip the previous chunk left in this process, if it is that chunk's (taken: a failure drops it)
+    mine = _STRIPS.pop((key, chunk - 1), None)
+    _STRIPS.clear()
+    acc, hist = None, None
     if chunk > 0:
         prev = _carry_path(run_dir, chunk - 1)
         if not prev.exists():
             raise RuntimeError(f"chunk {chunk} needs chunk {chunk - 1} to have run first (no {prev.name})")
-        hist = acc.load(prev)["hist"]
+        if mine is not None and mine[0].buf.shape == (layout.n_values + 1, grid.size, out_grid.width):
+            acc, hist = mine  # equal to what the carry file holds: it was saved from this very strip
+        else:
+            acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
+            hist = acc.load(prev)["hist"]
+    if acc is None:
+        acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
     region = _box(state["region"])
     n = 0
     with ExitStack() as stack:
@@ -495,6 +512,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it
     acc.save(_carry_path(run_dir, chunk), hist=writer.hist)
     _carry_path(run_dir, chunk - 1).unlink(missing_ok=True)
+    if chunk + 1 < len(chunks):  # kept for the next chunk in this process: no reallocation, no reload
+        _STRIPS[(key, chunk)] = (acc, np.array(writer.hist, copy=True))
     dt = time.perf_counter() - t0
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
 
@@ -568,11 +587,16 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     shutil.rmtree(run_dir / "work" / "features", ignore_errors=True)
     for p in (run_dir / "work").glob("carry_*.npz"):
         p.unlink()
-    update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
-                  timings=timings or {}, stac_item="stac_item.json")
-    from geo_dino.stac import write_item, validate_item  # after the last write to the record: the Item hashes it
+    from geo_dino import stac
 
-    validate_item(write_item(run_dir))
+    key = stac.collection_key(run_dir)
+    update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
+                  timings=timings or {}, stac_item=stac.ITEM_FILE,
+                  stac_collection=stac.collection_href(key, from_run=True))
+    # after the last write to the record (the Item holds its checksum); then the Collection of the run's
+    # deployment (or config name) in the output folder, rewritten over all of its finished runs
+    stac.validate_item(stac.write_item(run_dir, collection=key))
+    stac.validate_collection(stac.update_collection(run_dir.parent, key))
     return run_dir / RECORD
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,8 @@ from geo_dino.errors import GeoDinoError
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
+#: where a run's Collection lives, relative to the output folder that holds the run folders
+COLLECTIONS_DIR = "collections"
 RECORD = "provenance.json"
 STAC_VERSION = "1.1.0"
 _CORE = f"https://schemas.stacspec.org/v{STAC_VERSION}"
@@ -195,11 +198,13 @@ def _mlm(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_item(run_dir: Path | str) -> Path:
+def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
     """Write ``<run_dir>/stac_item.json`` for a finished run and return its path.
 
-    Call it after the last change to ``provenance.json`` (its checksum is in the Item). Raises
-    :class:`STACError` when the folder has no provenance record or no succeeded run.
+    Call it after the last change to ``provenance.json`` (its checksum is in the Item). ``collection``: the
+    id of the Collection the run belongs to (:func:`update_collection`); the Item then names it and links to
+    ``../collections/<id>/collection.json``. Raises :class:`STACError` when the folder has no provenance
+    record or no succeeded run.
     """
     import pystac
     from pystac.extensions.file import FileExtension
@@ -278,7 +283,11 @@ def write_item(run_dir: Path | str) -> Path:
     }
     if rec.get("supervised_head"):
         props["geo_dino:supervised_head"] = rec["supervised_head"]
-    item = pystac.Item(rec["run_id"], geometry, bbox, created, props, assets=assets)
+    item = pystac.Item(rec["run_id"], geometry, bbox, created, props, assets=assets,
+                       collection=_safe_key(collection) if collection else None)
+    if collection:
+        item.add_link(pystac.Link("collection", collection_href(collection, from_run=True),
+                                  media_type="application/json", title=collection))
     for asset in item.assets.values():  # register the extensions the asset fields use
         if "proj:shape" in asset.extra_fields:
             ProjectionExtension.ext(asset, add_if_missing=True)
@@ -335,8 +344,66 @@ def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: 
         coll["providers"] = providers
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / COLLECTION_FILE
-    path.write_text(json.dumps(coll, indent=2, allow_nan=False))
+    tmp = path.with_name(f".{path.name}.tmp")  # runs finishing together: each replaces a whole file
+    tmp.write_text(json.dumps(coll, indent=2, allow_nan=False))
+    os.replace(tmp, path)
     return path
+
+
+def _safe_key(key: str) -> str:
+    """A Collection id that is also one safe folder name (Prefect deployment names may hold spaces)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(key)).strip("-.")[:64]
+    if not safe:
+        raise STACError(f"{key!r} cannot name a Collection: use letters, digits, '_', '.' or '-'")
+    return safe
+
+
+def collection_href(key: str, *, from_run: bool = False) -> str:
+    """``collections/<id>/collection.json`` relative to the output folder (``from_run``: to a run folder)."""
+    rel = f"{COLLECTIONS_DIR}/{_safe_key(key)}/{COLLECTION_FILE}"
+    return f"../{rel}" if from_run else rel
+
+
+def collection_key(run_dir: Path | str) -> str:
+    """The Collection a run belongs to: its Prefect deployment's name when a deployment started it, else its
+    config's ``name`` (so the scheduled runs of one deployment, or the runs of one config, share one)."""
+    run_dir = Path(run_dir)
+    try:
+        rec = json.loads((run_dir / RECORD).read_text())
+        key = (rec.get("prefect") or {}).get("deployment")
+        if not key:
+            key = json.loads((run_dir / "config.resolved.json").read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise STACError(f"{run_dir}: cannot tell the run's Collection (no readable record and config): "
+                        f"{exc}") from exc
+    return _safe_key(key)
+
+
+def update_collection(output_dir: Path | str, key: str, *, description: str | None = None) -> Path:
+    """(Re)write ``<output_dir>/collections/<key>/collection.json`` over every succeeded run folder directly
+    in ``output_dir`` that belongs to ``key`` (:func:`collection_key`) and has its Item; return its path.
+
+    Folders that are not readable runs are skipped (a run still going, a failed one, another tool's folder).
+    The file is replaced whole, so two runs finishing together leave a valid Collection; the later one
+    lists both.
+    """
+    output_dir = Path(output_dir).resolve()
+    key = _safe_key(key)
+    items = []
+    for item in sorted(output_dir.glob(f"*/{ITEM_FILE}")):
+        run = item.parent
+        try:
+            rec = json.loads((run / RECORD).read_text())
+            if rec.get("status") != "succeeded" or collection_key(run) != key:
+                continue
+        except (OSError, ValueError, STACError):
+            continue
+        items.append(item)
+    if not items:
+        raise STACError(f"{output_dir}: no finished run belongs to Collection {key!r}")
+    return write_collection(items, output_dir / COLLECTIONS_DIR / key, id=key,
+                            description=description or f"geo_dino runs of {key!r} (one Item per run)",
+                            title=f"geo_dino: {key}")
 
 
 def _registry() -> Any:

@@ -37,3 +37,8 @@ def tiny_config(tmp_path: Path):
         return cfg
 
     return make
+
+
+def run_folders(out: Path) -> list[Path]:
+    """The run folders in an output folder (each has its provenance record; ``collections/`` is not one)."""
+    return sorted(p for p in Path(out).iterdir() if (p / "provenance.json").is_file())

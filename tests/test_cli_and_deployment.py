@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from geo_dino.cli import app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folders
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def test_cli_run_end_to_end(tmp_path, monkeypatch):
                               "--raster", "data/rasters/landsat7_bahamas_RGB.byte.tif",
                               "--arch", "vit_tiny_patch16_dinov3_test", "--output-dir", str(out)])
     assert res.exit_code == 0, res.output
-    run_dir = next(out.iterdir())
+    (run_dir,) = run_folders(out)
     assert f"Outputs in {run_dir}" in res.output and "QGIS" in res.output
     assert (run_dir / "classes.tif").is_file() and (run_dir / "pca_rgb.tif").is_file()
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "succeeded"
@@ -113,12 +113,12 @@ def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
                    f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
     res = runner.invoke(app, ["run", "--config", str(cfg)])
     assert res.exit_code == 3 and "refused" in res.output and "approver" in res.output
-    run_dir = next((tmp_path / "runs").iterdir())
+    (run_dir,) = run_folders(tmp_path / "runs")
     assert not list(run_dir.glob("*.tif"))
     res = runner.invoke(app, ["run", "--config", str(cfg), "--approve-by", "B. Reviewer",
                               "--approve-reason", "port authority request #42"])
     assert res.exit_code == 0, res.output
-    approved = [d for d in (tmp_path / "runs").iterdir() if (d / "classes.tif").exists()]
+    approved = [d for d in run_folders(tmp_path / "runs") if (d / "classes.tif").exists()]
     assert len(approved) == 1
     dec = json.loads((approved[0] / "screening.json").read_text())
     assert dec["approval"]["approver"] == "B. Reviewer"

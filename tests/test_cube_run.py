@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from geo_dino import pipeline as pl
 from geo_dino.cli import app
 from geo_dino.config import parse_config
-from tests.conftest import PUCALLPA, ROOT
+from tests.conftest import PUCALLPA, ROOT, run_folders
 
 runner = CliRunner()
 
@@ -127,6 +127,6 @@ def test_change_cli_needs_two_dates_and_train_head_cli(tmp_path: Path) -> None:
                    f"tiling: {{size: 128, overlap: 32}}\n")
     res = runner.invoke(app, ["change", "--config", str(cfg), "--head", str(head)])
     assert res.exit_code == 0, res.output
-    run = next((tmp_path / "runs").iterdir())
+    (run,) = run_folders(tmp_path / "runs")
     assert (run / "change_probability.tif").exists() and (run / "change_mask.tif").exists()
     assert torch.is_grad_enabled()

@@ -14,7 +14,7 @@ from pyproj import CRS, Transformer
 from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError, SourceError
-from tests.conftest import BAHAMAS, PUCALLPA, ROOT
+from tests.conftest import BAHAMAS, PUCALLPA, ROOT, run_folders
 
 
 def _run_stages(cfg_dict: dict) -> Path:
@@ -22,7 +22,7 @@ def _run_stages(cfg_dict: dict) -> Path:
 
 
 def _only_run(tmp_path: Path) -> Path:
-    runs = list((tmp_path / "runs").iterdir())
+    runs = run_folders(tmp_path / "runs")
     assert len(runs) == 1
     return runs[0]
 

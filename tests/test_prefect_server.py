@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folders
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -74,9 +74,18 @@ def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
                  "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 64}}
     _prefect(env, "deployment", "run", "run_aoi/demo-nightly", "--param", f"overrides={json.dumps(overrides)}")
     _prefect(env, "worker", "start", "--pool", "geo-dino-cpu", "--run-once", timeout=300)
-    run_dir = next(out.iterdir())
+    (run_dir,) = run_folders(out)
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "succeeded" and (run_dir / "classes.tif").is_file()
+    # the deployment's runs share one STAC Collection, named after it
+    assert rec["prefect"]["deployment"] == "demo-nightly"
+    coll = out / "collections" / "demo-nightly" / "collection.json"
+    from geo_dino import stac
+
+    assert stac.validate_collection(coll)
+    links = json.loads(coll.read_text())["links"]
+    assert [(coll.parent / lk["href"]).resolve() for lk in links if lk["rel"] == "item"] == [
+        (run_dir / "stac_item.json").resolve()]
     flow_run = httpx.get(f"{api}/flow_runs/{rec['prefect']['flow_run_id']}").json()
     assert flow_run["state_type"] == "COMPLETED"
     assert flow_run["deployment_id"] == by_name["demo-nightly"]["id"]

@@ -178,6 +178,41 @@ def test_collection_over_two_runs(tiny_config, change_run, tmp_path, no_network)
     assert all(not Path(link["href"]).is_absolute() for link in coll["links"])
 
 
+def test_each_finished_run_joins_its_collection(tiny_config, tmp_path, no_network):
+    """Runs of one config (or one Prefect deployment) share ``collections/<name>/collection.json`` in their
+    output folder, rewritten by each run as it finishes; Items name it and link to it."""
+    out = tmp_path / "runs"
+    first = pl.run_local(parse_config(tiny_config(name="coastal", output_dir=str(out))))
+    second = pl.run_local(parse_config(tiny_config(name="coastal", output_dir=str(out))))
+    other = pl.run_local(parse_config(tiny_config(name="inland", output_dir=str(out))))
+    coll_path = out / "collections" / "coastal" / "collection.json"
+    assert stac.validate_collection(coll_path)
+    coll = json.loads(coll_path.read_text())
+    assert coll["id"] == "coastal"
+    hrefs = sorted((coll_path.parent / lk["href"]).resolve() for lk in coll["links"] if lk["rel"] == "item")
+    assert hrefs == sorted([first / "stac_item.json", second / "stac_item.json"])  # not the other config's run
+    for run in (first, second):
+        item = json.loads((run / "stac_item.json").read_text())
+        assert item["collection"] == "coastal"
+        (link,) = [lk for lk in item["links"] if lk["rel"] == "collection"]
+        assert (run / link["href"]).resolve() == coll_path.resolve()
+        rec = json.loads((run / "provenance.json").read_text())
+        assert (run / rec["stac_collection"]).resolve() == coll_path.resolve()
+        assert rec["prefect"]["deployment"] is None  # run locally: the config's name names the Collection
+    other_coll = json.loads((out / "collections" / "inland" / "collection.json").read_text())
+    assert [lk["title"] for lk in other_coll["links"] if lk["rel"] == "item"] == [other.name]
+    # a run that did not finish is left out when the Collection is rewritten
+    rec = json.loads((second / "provenance.json").read_text())
+    (second / "provenance.json").write_text(json.dumps({**rec, "status": "failed"}))
+    stac.update_collection(out, "coastal")
+    coll = json.loads(coll_path.read_text())
+    assert [lk["title"] for lk in coll["links"] if lk["rel"] == "item"] == [first.name]
+    with pytest.raises(stac.STACError, match="no finished run"):
+        stac.update_collection(out, "nobody")
+    with pytest.raises(stac.STACError, match="cannot name a Collection"):
+        stac.update_collection(out, "../..")
+
+
 def test_write_item_refuses_unfinished_runs(tmp_path):
     with pytest.raises(stac.STACError, match="no provenance.json"):
         stac.write_item(tmp_path)
