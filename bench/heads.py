@@ -163,6 +163,7 @@ def linear_head(feats: Any, labels: np.ndarray, split: dict[str, Any], table: Cl
     image (logits upsampled bilinearly over the whole chip), score on test."""
     import torch
 
+    from geo_dino.head_config import TrainConfig
     from geo_dino.seg_heads import train_linear_head
 
     t0 = time.perf_counter()
@@ -170,8 +171,10 @@ def linear_head(feats: Any, labels: np.ndarray, split: dict[str, Any], table: Cl
     xf, yf = feature_tiles(feats, labels, split["fit_tiles"], tile, p)
     xs, ys = feature_tiles(feats, labels, split["stop_tiles"], tile, p)
     weights = label_stats(yf, table)["weight_vector"]
-    res = train_linear_head(xf, yf, xs, ys, table, class_weights=weights, epochs=50, lr=1e-2, batch_size=16,
-                            patience=5, seed=SEED)
+    tc = TrainConfig()  # the defaults of `geo-dino train-head` (early stopping counted in optimiser steps)
+    res = train_linear_head(xf, yf, xs, ys, table, class_weights=weights, epochs=tc.epochs, lr=tc.lr,
+                            weight_decay=tc.weight_decay, batch_size=tc.batch_size, patience=tc.patience,
+                            eval_every=tc.eval_every, seed=SEED)
     with torch.inference_mode():
         logits = res.head(feats, tuple(labels.shape))
     pred = np.asarray(table.values, dtype=np.uint8)[logits.argmax(1)[0].numpy()]
@@ -391,8 +394,9 @@ def main() -> None:
         "protocol": {"split": "tiles; spatial_split(val_fraction=0.3, block=2, buffer=1, seed=0) -> test; rest "
                               "spatial_split(0.2, block=1, buffer=0, seed=1) -> fit / early-stop",
                      "scored": "labelled pixels of test tiles only",
-                     "head": "train_linear_head(epochs=50, lr=1e-2, batch_size=16, patience=5, seed=0, "
-                             "inverse-frequency class weights of the fit tiles)",
+                     "head": "train_linear_head with geo-dino train-head's defaults (epochs 200, lr 1e-2, "
+                             "batch 16, validation every 10 steps, patience 10 measurements, seed 0), "
+                             "inverse-frequency class weights of the fit tiles",
                      "logreg": "sklearn StandardScaler + LogisticRegression(class_weight='balanced'), <=60k "
                                "pixels of fit+stop tiles"},
         "results": results,
