@@ -5,10 +5,12 @@
 screening context into ``context.gpkg`` (layers ``aoi`` and ``masked_sites``, in the outputs' CRS, their
 styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with ``xml.etree``, so
 the pipeline needs no PyQGIS. Datasources are ``./name`` paths with ``Paths/Absolute`` false, so the folder
-can be moved or zipped whole. The input rasters are not referenced: they live outside the run folder, and a
-``../..`` path would break as soon as the folder moves.
+can be moved or zipped whole. The input rasters live outside the run folder: the ``Inputs`` group refers to
+them by their absolute paths (from the provenance record), hidden at first, so a run folder moved on the same
+machine still finds them; an input that is gone is left out with a warning.
 
-Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``.
+Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``,
+``Inputs``.
 Each layer's style is embedded in its ``<maplayer>``: the ``<pipe>`` of the ``.qml`` beside a raster when
 there is one, else one made here (paletted from the colour table, a min/max pseudocolour stretch, multiband
 colour for ``pca_rgb``); for GeoPackage layers the default style of the file's ``layer_styles`` table.
@@ -31,7 +33,7 @@ from geo_dino.errors import CRSMismatchError, OutputError
 
 PROJECT = "run.qgs"
 CONTEXT = "context.gpkg"
-GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features")
+GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features", "Inputs")
 _QGIS_VERSION = "3.22.0-Białowieża"
 _DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
 
@@ -181,6 +183,73 @@ def _raster_layer(run_dir: Path, path: Path, group: str, kind: str) -> MapLayer:
             raise OutputError(f"{path.name} has no CRS; every output raster must carry one")
         return MapLayer(path.stem, f"./{path.relative_to(run_dir.resolve()).as_posix()}", "gdal", group,
                         CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds), _raster_style(path, kind, ds))
+
+
+def _percentiles(ds: Any, band: int, lo: float = 2.0, hi: float = 98.0, n: int = 4, size: int = 256) -> tuple[float, float]:
+    """Percentiles of a band's valid pixels from ``n × n`` windows of ``size`` px spread over the raster: a
+    few blocks read whatever the raster's size (an input may be a whole scene without overviews)."""
+    import numpy as np
+    from rasterio.windows import Window
+
+    vals = []
+    h, w = min(size, ds.height), min(size, ds.width)
+    for r in np.linspace(0, ds.height - h, n).astype(int):
+        for c in np.linspace(0, ds.width - w, n).astype(int):
+            a = ds.read(band, window=Window(int(c), int(r), w, h), masked=True)
+            vals.append(np.asarray(a.compressed(), dtype="float64"))
+    v = np.concatenate(vals)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    a, b = (float(x) for x in np.percentile(v, [lo, hi]))
+    return (a, b) if b > a else (a, a + 1.0)
+
+
+def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
+    """The run's input rasters (``Inputs`` group, hidden at first): absolute local paths from the record, the
+    run's selected bands as red, green, blue (or grey) stretched over their 2–98 % range."""
+    import rasterio
+    from pyproj import CRS
+
+    from geo_dino.outputs import _qml_document
+
+    inputs = record.get("inputs") or []
+    out = []
+    for i, inp in enumerate(inputs):
+        raw = str(inp.get("path") or "")
+        path = Path(raw)
+        if "://" in raw or raw.startswith("/vsi") or not path.is_absolute() or not path.is_file():
+            warnings.warn(f"input raster {raw!r} is not a local file here; the project leaves it out",
+                          stacklevel=3)
+            continue
+        with rasterio.open(path, driver="GTiff") as ds:  # what the run read: GeoTIFF/COG only
+            if ds.crs is None:
+                continue
+            bands = [int(b) for b in (inp.get("bands") or range(1, ds.count + 1))]
+            if len(bands) >= 3:
+                parts = []
+                for colour, b in zip(("red", "green", "blue"), bands[:3], strict=False):
+                    lo, hi = _percentiles(ds, b)
+                    parts.append(f"      <{colour}ContrastEnhancement>\n        <minValue>{lo!r}</minValue>\n"
+                                 f"        <maxValue>{hi!r}</maxValue>\n"
+                                 "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
+                                 f"      </{colour}ContrastEnhancement>\n")
+                renderer = ('    <rasterrenderer type="multibandcolor" redBand="{}" greenBand="{}" blueBand="{}" '
+                            'opacity="1" alphaBand="-1" nodataColor="">\n      <rasterTransparency/>\n'
+                            .format(*bands[:3]) + "".join(parts) + "    </rasterrenderer>\n")
+            else:
+                lo, hi = _percentiles(ds, bands[0])
+                renderer = (f'    <rasterrenderer type="singlebandgray" grayBand="{bands[0]}" '
+                            'gradient="BlackToWhite" opacity="1" alphaBand="-1" nodataColor="">\n'
+                            "      <rasterTransparency/>\n      <contrastEnhancement>\n"
+                            f"        <minValue>{lo!r}</minValue>\n        <maxValue>{hi!r}</maxValue>\n"
+                            "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
+                            "      </contrastEnhancement>\n    </rasterrenderer>\n")
+            sfx = f"_t{i + 1}" if len(inputs) == 2 else ""
+            out.append(MapLayer(f"input{sfx}_{path.stem}", path.resolve().as_posix(), "gdal", "Inputs",
+                                CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds),
+                                _qml_children(_qml_document(renderer), ("pipe", "blendMode")), visible=False))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- vectors
@@ -428,6 +497,7 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     if record and (run_dir / "screening.json").exists():  # AOI outline and masked sites
         layers += _vector_layers(run_dir, write_context(run_dir, crs), "Screening")
+    layers += _input_layers(run_dir, record)  # after the extent's rasters: an input may cover far more
     extent = (min(r.extent[0] for r in rasters), min(r.extent[1] for r in rasters),
               max(r.extent[2] for r in rasters), max(r.extent[3] for r in rasters))
     root = _project_tree(layers, crs, extent, str(record.get("run_id", run_dir.name)))

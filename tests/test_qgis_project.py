@@ -95,7 +95,7 @@ def _add_future_outputs(run_dir: Path, seg_classes: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------- without QGIS
 def test_project_xml_relative_grouped_and_styled(tiny_config):
-    one_date = {"Screening", "Vectors", "Classes", "Features"}
+    one_date = {"Screening", "Vectors", "Classes", "Features", "Inputs"}
     runs = ((_bahamas(tiny_config), one_date), (_pucallpa(tiny_config), one_date | {"Change"}))
     for run_dir, groups in runs:
         project = qp.write_project(run_dir)
@@ -105,12 +105,25 @@ def test_project_xml_relative_grouped_and_styled(tiny_config):
         assert root.findtext("properties/Paths/Absolute") == "false"
         assert list(_groups(project)) == [g for g in qp.GROUPS if g in groups]
         layers = _layers(project)
+        record = json.loads((run_dir / "provenance.json").read_text())
+        inputs = _groups(project)["Inputs"]
         for name, m in layers.items():
             src = m.findtext("datasource")
+            if name in inputs:  # the inputs stay where they are: absolute paths to what the run read
+                continue
             assert src.startswith("./"), src
             path = (run_dir / src[2:].split("|")[0]).resolve()
             assert path.is_file() and path.is_relative_to(run_dir.resolve()), src
-        record = json.loads((run_dir / "provenance.json").read_text())
+        # every input raster, by its recorded absolute path, hidden at first, the run's bands as RGB
+        assert [layers[n].findtext("datasource") for n in inputs] == [i["path"] for i in record["inputs"]]
+        tree = {n.get("name"): n.get("checked") for n in root.iter("layer-tree-layer")}
+        for n, inp in zip(inputs, record["inputs"], strict=True):
+            assert tree[n] == "Qt::Unchecked"
+            renderer = layers[n].find("pipe/rasterrenderer")
+            assert renderer.get("type") == "multibandcolor"
+            assert [int(renderer.get(f"{c}Band")) for c in ("red", "green", "blue")] == inp["bands"][:3]
+            lo, hi = (float(renderer.findtext(f"redContrastEnhancement/{k}")) for k in ("minValue", "maxValue"))
+            assert 0 <= lo < hi <= 255  # a 2-98 % stretch of uint8 data
         sources = {m.findtext("datasource") for m in layers.values()}
         assert {f"./{o['path']}" for o in record["outputs"]} <= sources
         assert {"tiles", "aoi", "masked_sites"} <= set(layers)
@@ -231,13 +244,18 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
             authid = ds.crs.to_string()
         assert out["read"] and out["saved"] and not out["errors"] and out["project_crs"] == authid
         tifs = sorted(p.stem for p in run_dir.glob("*.tif"))
-        assert set(layers) == set(tifs) | {"tiles", "aoi", "masked_sites"} | (
-            {"change_polygons"} if run_dir == moved else set())
         groups = _groups(run_dir / "run.qgs")
+        record = json.loads((run_dir / "provenance.json").read_text())
+        assert len(groups["Inputs"]) == len(record["inputs"]) >= 1
+        assert set(layers) == set(tifs) | {"tiles", "aoi", "masked_sites"} | set(groups["Inputs"]) | (
+            {"change_polygons"} if run_dir == moved else set())
         for name, info in layers.items():
-            assert info["valid"] and info["crs"] == authid, name
-            assert info["source"].startswith("./"), info["source"]
+            assert info["valid"] and info["crs"] == authid, name  # the inputs too, after the folder moved
             assert name in groups[info["group"]]
+            if info["group"] == "Inputs":
+                assert info["renderer"] == "multibandcolor", name
+                continue
+            assert info["source"].startswith("./"), info["source"]
             if name in tifs:
                 with rasterio.open(run_dir / f"{name}.tif") as ds:
                     bounds = ds.bounds
