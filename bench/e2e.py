@@ -232,7 +232,7 @@ def report_demo(r: dict[str, Any]) -> None:
                                     f'backbone-only bound for all forwards: '
                                     f'{bb_med * (n + r["fit_tiles"]) / n:.2f} s'),
     ]
-    table("demo job (bundled Landsat 7, ViT-S random init)", rows)
+    table(f"demo job (configs/demo.yaml: bundled Landsat 7, {r['arch']})", rows)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
@@ -357,21 +357,50 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     stage("fit_heads", pl.fit_heads, rd)
     stage("init_outputs", pl.init_outputs, rd)
 
+    # the backbone alone, interleaved with the run: 16 of the run's tiles, read and preprocessed once here,
+    # go through dense_features after every few chunks, timed apart from the run (and left out of its
+    # stage times), so that the baseline and the pipeline share the machine's state over the same minutes
+    import torch
+
+    from geo_dino.backbone import dense_features
+    from geo_dino.sources import WindowReader
+
+    state0 = json.loads((rd / "state.json").read_text())
+    extractor0, _ = pl._extractor(cfg, state0)
+    tiles0 = list(pl._tiles(state0))
+    pick = np.linspace(0, len(tiles0) - 1, min(16, len(tiles0))).round().astype(int)
+    with WindowReader(pl._infos(state0)[0]) as r:
+        reads0 = [r.read(tiles0[i].box) for i in pick]
+    bs0 = cfg.backbone.batch_size
+    xs0 = [torch.from_numpy(extractor0.pre(np.stack([d for d, _ in reads0[k:k + bs0]]),
+                                           np.stack([v for _, v in reads0[k:k + bs0]])))
+           for k in range(0, len(reads0), bs0)]
+    every = max(1, plan["n_chunks"] // 12)
+    interleaved = {"tiles": 0, "seconds": 0.0, "passes": 0}
+
     def infer_all() -> None:
         t = time.perf_counter()
         done = 0
         for c in range(plan["n_chunks"]):
             done += pl.infer_chunk(rd, c)["tiles"]
+            if (c + 1) % every == 0 or c == plan["n_chunks"] - 1:
+                tb = time.perf_counter()
+                for x in xs0:
+                    dense_features(extractor0.model, x)
+                interleaved["seconds"] += time.perf_counter() - tb
+                interleaved["tiles"] += len(reads0)
+                interleaved["passes"] += 1
             if (c + 1) % 10 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
                 print(f"  [child] {done}/{plan['n_tiles']} tiles, {done / (time.perf_counter() - t):.1f} tiles/s, "
                       f"peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
 
     stage("infer", infer_all)
+    st["infer"] -= interleaved["seconds"]  # the run's own time only
     work_files = [p for p in (rd / "work").rglob("*") if p.is_file()]  # intermediates, carry, features
     acc_sizes = (sum(p.stat().st_size for p in work_files), sum(p.stat().st_blocks * 512 for p in work_files))
     stage("finalize", pl.finalize_outputs, rd)
     stage("complete", pl.complete_run, rd)
-    total = time.perf_counter() - t_all
+    total = time.perf_counter() - t_all - interleaved["seconds"]
     state = json.loads((rd / "state.json").read_text())
     peak = peak_rss_mib()
     out = {"screen": screen, "n_tiles": state["tiling"]["n_tiles"], "km2": km2(state["out_grid"]),
@@ -379,12 +408,9 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
            "rss_after_stage": rss, "total_s": total, "peak_rss_mib": peak,
            "accumulator_bytes_apparent": acc_sizes[0], "accumulator_bytes_on_disk": acc_sizes[1]}
 
-    # backbone alone on 64 of the run's tiles (after the peak was recorded), same batch size, for context
-    import torch
-
-    from geo_dino.backbone import dense_features
-    from geo_dino.sources import WindowReader
-
+    out["interleaved_backbone_tiles_per_s"] = interleaved["tiles"] / interleaved["seconds"]
+    out["interleaved_passes"] = interleaved["passes"]
+    # backbone alone on 64 of the run's tiles after the run (after the peak was recorded), same batch size
     extractor, _ = pl._extractor(cfg, state)
     tiles = list(pl._tiles(state))
     idx = np.linspace(0, len(tiles) - 1, min(64, len(tiles))).round().astype(int)
@@ -462,12 +488,17 @@ def report_synthetic_one(r: dict[str, Any]) -> None:
         ("inference", f"{n / inf:.1f} tiles/s, {r['km2'] / inf:.1f} km²/s"),
         ("end-to-end (stages, no Prefect)", f'{r["total_s"]:.1f} s -> {n / r["total_s"]:.1f} tiles/s, '
                                             f'{r["km2"] / r["total_s"]:.1f} km²/s'),
-        ("backbone alone (64 tiles, faster of 2 passes)",
+        ("backbone alone after the run (64 tiles, faster of 2 passes)",
          f'{r["backbone_tiles_per_s"]:.1f} tiles/s (passes: '
          f'{", ".join(f"{v:.1f}" for v in r.get("backbone_passes_tiles_per_s", []))}) -> inference/backbone '
-         f'{n / inf / r["backbone_tiles_per_s"]:.3f}'),
-        ("RATIO end-to-end / backbone alone", f'{n / r["total_s"] / r["backbone_tiles_per_s"]:.3f} (goal >= 0.90) '
-                                              f'[{"MET" if n / r["total_s"] / r["backbone_tiles_per_s"] >= 0.9 else "MISSED"}]'),
+         f'{n / inf / r["backbone_tiles_per_s"]:.3f}, end-to-end/backbone '
+         f'{n / r["total_s"] / r["backbone_tiles_per_s"]:.3f}'),
+        (f'backbone alone interleaved ({r["interleaved_passes"]} passes of 16 tiles during the run)',
+         f'{r["interleaved_backbone_tiles_per_s"]:.1f} tiles/s -> inference/backbone '
+         f'{n / inf / r["interleaved_backbone_tiles_per_s"]:.3f}'),
+        ("RATIO end-to-end / backbone alone (interleaved)",
+         f'{n / r["total_s"] / r["interleaved_backbone_tiles_per_s"]:.3f} (goal >= 0.90) '
+         f'[{"MET" if n / r["total_s"] / r["interleaved_backbone_tiles_per_s"] >= 0.9 else "MISSED"}]'),
         ("peak RSS (child)", f'{r["peak_rss_mib"]:.0f} MiB (after imports {r["rss_after_stage"]["after imports"]:.0f})'),
         ("work files before the COG pass", f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
                         f'{(r["accumulator_bytes_on_disk"] or 0) / 2**30:.2f} GiB on disk'),
