@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -157,3 +158,20 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
         else:
             cfg = load_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.rasters)
+
+
+def test_flows_turn_prefect_telemetry_off_by_default():
+    """The ephemeral server a run starts sends no usage telemetry unless the user asks for it."""
+    import subprocess
+    import sys
+
+    code = ("import flows.run_aoi; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip().splitlines()[-1] == "False"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"  # the user's own choice wins
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip().splitlines()[-1] == "True"
