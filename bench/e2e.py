@@ -331,10 +331,29 @@ def synthetic_config(raster: Path, aoi: Path, out: Path, arch: str, batch: int) 
     }
 
 
+def baseline_batches(cfg: Any, state: dict[str, Any], n: int) -> tuple[Any, list[Any], int]:
+    """``(extractor, batches, n_tiles)``: ``n`` of the run's tiles spread over it, read and preprocessed up
+    front into the run's batch size, for the backbone-alone baseline."""
+    import numpy as np
+    import torch
+
+    from geo_dino import pipeline as pl
+    from geo_dino.sources import WindowReader
+
+    extractor, _ = pl._extractor(cfg, state)
+    tiles = list(pl._tiles(state))
+    idx = np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)
+    with WindowReader(pl._infos(state)[0]) as r:
+        reads = [r.read(tiles[i].box) for i in idx]
+    bs = cfg.backbone.batch_size
+    xs = [torch.from_numpy(extractor.pre(np.stack([d for d, _ in reads[k:k + bs]]),
+                                         np.stack([v for _, v in reads[k:k + bs]])))
+          for k in range(0, len(reads), bs)]
+    return extractor, xs, len(reads)
+
+
 def child_synthetic(cfg_json: str) -> dict[str, Any]:
     """Run in a fresh process: the pipeline stage by stage (no Prefect) on one synthetic raster."""
-    import numpy as np
-
     from geo_dino import pipeline as pl
     from geo_dino.config import parse_config
 
@@ -360,21 +379,9 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     # the backbone alone, interleaved with the run: 16 of the run's tiles, read and preprocessed once here,
     # go through dense_features after every few chunks, timed apart from the run (and left out of its
     # stage times), so that the baseline and the pipeline share the machine's state over the same minutes
-    import torch
-
     from geo_dino.backbone import dense_features
-    from geo_dino.sources import WindowReader
 
-    state0 = json.loads((rd / "state.json").read_text())
-    extractor0, _ = pl._extractor(cfg, state0)
-    tiles0 = list(pl._tiles(state0))
-    pick = np.linspace(0, len(tiles0) - 1, min(16, len(tiles0))).round().astype(int)
-    with WindowReader(pl._infos(state0)[0]) as r:
-        reads0 = [r.read(tiles0[i].box) for i in pick]
-    bs0 = cfg.backbone.batch_size
-    xs0 = [torch.from_numpy(extractor0.pre(np.stack([d for d, _ in reads0[k:k + bs0]]),
-                                           np.stack([v for _, v in reads0[k:k + bs0]])))
-           for k in range(0, len(reads0), bs0)]
+    extractor0, xs0, n0 = baseline_batches(cfg, json.loads((rd / "state.json").read_text()), 16)
     every = max(1, plan["n_chunks"] // 12)
     interleaved = {"tiles": 0, "seconds": 0.0, "passes": 0}
 
@@ -388,7 +395,7 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
                 for x in xs0:
                     dense_features(extractor0.model, x)
                 interleaved["seconds"] += time.perf_counter() - tb
-                interleaved["tiles"] += len(reads0)
+                interleaved["tiles"] += n0
                 interleaved["passes"] += 1
             if (c + 1) % 10 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
                 print(f"  [child] {done}/{plan['n_tiles']} tiles, {done / (time.perf_counter() - t):.1f} tiles/s, "
@@ -411,22 +418,14 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     out["interleaved_backbone_tiles_per_s"] = interleaved["tiles"] / interleaved["seconds"]
     out["interleaved_passes"] = interleaved["passes"]
     # backbone alone on 64 of the run's tiles after the run (after the peak was recorded), same batch size
-    extractor, _ = pl._extractor(cfg, state)
-    tiles = list(pl._tiles(state))
-    idx = np.linspace(0, len(tiles) - 1, min(64, len(tiles))).round().astype(int)
-    with WindowReader(pl._infos(state)[0]) as r:
-        reads = [r.read(tiles[i].box) for i in idx]
-    bs = cfg.backbone.batch_size
-    xs = [torch.from_numpy(extractor.pre(np.stack([d for d, _ in reads[k:k + bs]]),
-                                         np.stack([v for _, v in reads[k:k + bs]])))
-          for k in range(0, len(reads), bs)]
+    extractor, xs, n_bl = baseline_batches(cfg, state, 64)
     dense_features(extractor.model, xs[0])
     rates = []
     for _ in range(2):  # twice; the faster pass is the baseline (the conservative choice for the ratios)
         t = time.perf_counter()
         for x in xs:
             dense_features(extractor.model, x)
-        rates.append(len(reads) / (time.perf_counter() - t))
+        rates.append(n_bl / (time.perf_counter() - t))
     out["backbone_tiles_per_s"] = max(rates)
     out["backbone_passes_tiles_per_s"] = rates
     return out
