@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 from affine import Affine
 
-from geo_dino.errors import ConfigError, CRSMismatchError, GeoDinoError
+from geo_dino.errors import ConfigError, CRSMismatchError, CubeError
 from geo_dino.grid import Grid, PixelBox
 
 if TYPE_CHECKING:
@@ -54,10 +54,6 @@ CUBE_VERSION = 1
 _DTYPES = ("float32", "float16")
 _RESERVED = ("geo_dino_kind", "geo_dino_cube_version", "axis_order", "nodata", "complete")
 _MAX_CHUNK_BYTES = 64 * 2**20
-
-
-class CubeError(GeoDinoError, ValueError):
-    """A path is not a (complete) geo_dino feature cube, or a write does not fit the cube."""
 
 
 # ------------------------------------------------------------------------------------------------ grids

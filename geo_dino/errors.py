@@ -49,3 +49,11 @@ class LicenceError(GeoDinoError, PermissionError):
 
 class LabelError(GeoDinoError, ValueError):
     """Labels are unusable: unknown class, missing attribute, bad geometry, no CRS, nothing on the grid."""
+
+
+class CubeError(GeoDinoError, ValueError):
+    """A path is not a (complete) geo_dino feature cube, or a write does not fit the cube."""
+
+
+class STACError(GeoDinoError, ValueError):
+    """A STAC document could not be built or does not validate against its (bundled) schemas."""

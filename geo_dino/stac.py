@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from geo_dino.errors import GeoDinoError
+from geo_dino.errors import STACError
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
@@ -62,10 +62,6 @@ _SIDECARS = {RECORD: ("provenance", "application/json", ["metadata"]),
              "run.qgs": ("qgis_project", "application/x-qgis", ["metadata", "visual"]),
              "tiles.gpkg": ("tiles", "application/geopackage+sqlite3", ["metadata"])}
 _HEADS = "work/heads.npz"
-
-
-class STACError(GeoDinoError, ValueError):
-    """A STAC document could not be built or does not validate against its (bundled) schemas."""
 
 
 def _sha256(path: Path) -> str:
