@@ -555,8 +555,7 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
 
     from torch.utils.data import DataLoader
     from torchgeo.datasets import RasterDataset, stack_samples
-    from torchgeo.samplers import GridGeoSampler
-    from torchgeo.samplers import Units
+    from torchgeo.samplers import GridGeoSampler, Units
 
     class Synthetic(RasterDataset):
         filename_glob = raster.name

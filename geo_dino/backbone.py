@@ -11,7 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from geo_dino.archs import ARCHS, DINOV3_LICENCE, ArchSpec  # ARCHS re-exported: the registry lives in archs.py
+from geo_dino.archs import (  # ARCHS re-exported: the registry lives in archs.py
+    ARCHS,
+    DINOV3_LICENCE,
+    ArchSpec,
+)
 from geo_dino.errors import CheckpointError, ConfigError, LicenceError
 
 

@@ -256,7 +256,13 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
     from geo_dino import pipeline as pl
     from geo_dino.heads import otsu_threshold
-    from geo_dino.outputs import GDAL_WRITE_ENV, class_colormap, finalize_cog, write_qml_palette, write_qml_singleband
+    from geo_dino.outputs import (
+        GDAL_WRITE_ENV,
+        class_colormap,
+        finalize_cog,
+        write_qml_palette,
+        write_qml_singleband,
+    )
 
     cfg = pl.load_run_config(run_dir)
     specs, heads, layout = _specs(run_dir)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from affine import Affine
 
-from geo_dino.errors import AOIError, CRSMismatchError, ConfigError
+from geo_dino.errors import AOIError, ConfigError, CRSMismatchError
 
 
 @dataclass(frozen=True)

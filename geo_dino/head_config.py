@@ -15,8 +15,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from geo_dino.config import (BackboneConfig, PreprocessConfig, SourceConfig, _format_error, _Model, read_yaml_mapping,
-                             resolve_path)
+from geo_dino.config import (
+    BackboneConfig,
+    PreprocessConfig,
+    SourceConfig,
+    _format_error,
+    _Model,
+    read_yaml_mapping,
+    resolve_path,
+)
 from geo_dino.errors import ConfigError
 
 

@@ -143,7 +143,7 @@ def _tmp_sibling(dst: Path, suffix: str) -> Path:
     return tmp
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     tmp = _tmp_sibling(path, path.suffix)
     try:
@@ -376,7 +376,7 @@ def _hex(rgb: tuple[int, ...]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
 
 
-def _qml_document(renderer: str) -> str:
+def qml_document(renderer: str) -> str:
     """A complete QGIS 3 raster layer style around one ``<rasterrenderer>`` element."""
     return (
         _QML_HEAD
@@ -428,7 +428,7 @@ def write_qml_palette(path: Path, classes: list[tuple[int, str, tuple[int, int, 
         + "      <colorPalette>\n" + entries + "      </colorPalette>\n"
         "    </rasterrenderer>\n"
     )
-    return _write_text_atomic(Path(path), _qml_document(renderer))
+    return write_text_atomic(Path(path), qml_document(renderer))
 
 
 def write_qml_singleband(path: Path, band: int, vmin: float, vmax: float, ramp: str = "viridis") -> Path:
@@ -463,7 +463,7 @@ def write_qml_singleband(path: Path, band: int, vmin: float, vmax: float, ramp: 
         + items
         + "        </colorrampshader>\n      </rastershader>\n    </rasterrenderer>\n"
     )
-    return _write_text_atomic(Path(path), _qml_document(renderer))
+    return write_text_atomic(Path(path), qml_document(renderer))
 
 
 # --------------------------------------------------------------------------------------------- vectors

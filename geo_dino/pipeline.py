@@ -32,7 +32,7 @@ _MODELS: dict[tuple, Any] = {}  # one model per process, reused by every chunk t
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _atomic_json(path: Path, obj: Any) -> Path:
+def atomic_json(path: Path, obj: Any) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -56,7 +56,7 @@ def update_record(run_dir: Path, **sections: Any) -> Path:
             rec.setdefault("timings", {}).update(v)
         else:
             rec[k] = v
-    return _atomic_json(path, rec)
+    return atomic_json(path, rec)
 
 
 def _timed(run_dir: Path, stage: str, t0: float) -> None:
@@ -77,7 +77,7 @@ def _box(d: list[int]) -> PixelBox:
     return PixelBox(*d)
 
 
-def _records_failure(stage):
+def records_failure(stage):
     """Decorator: a stage that raises marks the record ``failed`` with the error before re-raising."""
     import functools
 
@@ -107,7 +107,7 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
     run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
-    _atomic_json(run_dir / CONFIG, cfg.to_json_dict())
+    atomic_json(run_dir / CONFIG, cfg.to_json_dict())
     update_record(run_dir, schema="geo_dino.provenance/1", run_id=run_id,
                   created_at=datetime.now(UTC).isoformat(),
                   config={"sha256": cfg.sha256(), "path": CONFIG},
@@ -130,7 +130,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
         aoi = load_aoi(cfg.aoi, cfg.aoi_options)
     except AOIError as exc:
         refusal = {"action": "refused", "allowed": False, "hits": [], "reason": f"invalid AOI: {exc}"}
-        _atomic_json(run_dir / "screening.json", refusal)
+        atomic_json(run_dir / "screening.json", refusal)
         update_record(run_dir, status="failed", error=str(exc), screening=refusal)
         raise
     update_record(run_dir, aoi=aoi.to_record())
@@ -140,7 +140,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
     except Exception as exc:
         refusal = {"action": "refused", "allowed": False, "hits": [],
                    "reason": f"the screen cannot run (fails closed): {exc}"}
-        _atomic_json(run_dir / "screening.json", refusal)
+        atomic_json(run_dir / "screening.json", refusal)
         update_record(run_dir, status="refused", screening=refusal)
         raise
     decision = screen(aoi.geometry, registry, policy, approval=cfg.screening.approval, aoi_sha256=aoi.sha256)
@@ -155,7 +155,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
     return {"action": decision.action, "allowed": decision.allowed, "hits": len(decision.hits)}
 
 
-@_records_failure
+@records_failure
 def plan_run(run_dir: Path) -> dict[str, Any]:
     """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor, save the plan."""
     from geo_dino.aoi import load_aoi
@@ -254,7 +254,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
 
             warnings.warn(coreg["warning"], stacklevel=2)
         state["coregistration"] = coreg
-    _atomic_json(run_dir / STATE, state)
+    atomic_json(run_dir / STATE, state)
     gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
     gsd["resampling"] = resampling
     update_record(run_dir, inputs=inputs, gsd=gsd,
@@ -393,7 +393,7 @@ def _runner(state: dict[str, Any]):  # noqa: ANN202 - a HeadRunner or None
     return _RUNNERS[key]
 
 
-@_records_failure
+@records_failure
 def fit_heads(run_dir: Path) -> dict[str, Any]:
     """Fit PCA and k-means on patch features of tiles spread evenly over the region."""
     from geo_dino.heads import fit_label_free
@@ -459,7 +459,7 @@ def _carry_path(run_dir: Path, chunk: int) -> Path:
 _STRIPS: dict[tuple[str, int], tuple[Any, np.ndarray]] = {}
 
 
-@_records_failure
+@records_failure
 def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     """Run one chunk (whole tile rows) and write the rows that became final. Chunks run in order: each loads
     the open strip rows the previous chunk carried over, and saves its own for the next."""
@@ -518,7 +518,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
 
 
-@_records_failure
+@records_failure
 def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
     """Blend → masks (nodata, AOI, screening) → output COGs, verified; styles beside them."""
     from geo_dino.finalize import finish_outputs

@@ -136,7 +136,7 @@ def _stats(ds: Any, band: int) -> tuple[float, float]:
 
 def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
     """``<pipe>`` and ``<blendMode>`` for a raster: its sidecar ``.qml`` first, else made from the data."""
-    from geo_dino.outputs import _qml_document, class_colormap, write_qml_palette, write_qml_singleband
+    from geo_dino.outputs import class_colormap, qml_document, write_qml_palette, write_qml_singleband
 
     sidecar = path.with_suffix(".qml")
     if sidecar.is_file():
@@ -157,7 +157,7 @@ def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
                          f"        <maxValue>{hi!r}</maxValue>\n"
                          "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
                          f"      </{colour}ContrastEnhancement>\n")
-        qml = _qml_document(
+        qml = qml_document(
             '    <rasterrenderer type="multibandcolor" redBand="1" greenBand="2" blueBand="3" opacity="1" '
             'alphaBand="-1" nodataColor="">\n      <rasterTransparency/>\n' + "".join(bands)
             + "    </rasterrenderer>\n")
@@ -211,7 +211,7 @@ def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
     import rasterio
     from pyproj import CRS
 
-    from geo_dino.outputs import _qml_document
+    from geo_dino.outputs import qml_document
 
     inputs = record.get("inputs") or []
     out = []
@@ -248,7 +248,7 @@ def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
             sfx = f"_t{i + 1}" if len(inputs) == 2 else ""
             out.append(MapLayer(f"input{sfx}_{path.stem}", path.resolve().as_posix(), "gdal", "Inputs",
                                 CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds),
-                                _qml_children(_qml_document(renderer), ("pipe", "blendMode")), visible=False))
+                                _qml_children(qml_document(renderer), ("pipe", "blendMode")), visible=False))
     return out
 
 
@@ -478,7 +478,7 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
     """
     import json
 
-    from geo_dino.outputs import _write_text_atomic, safe_output_path
+    from geo_dino.outputs import safe_output_path, write_text_atomic
 
     run_dir = Path(run_dir).resolve()
     dst = safe_output_path(run_dir, name)
@@ -502,4 +502,4 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
               max(r.extent[2] for r in rasters), max(r.extent[3] for r in rasters))
     root = _project_tree(layers, crs, extent, str(record.get("run_id", run_dir.name)))
     ET.indent(root)
-    return _write_text_atomic(dst, _DOCTYPE + ET.tostring(root, encoding="unicode") + "\n")
+    return write_text_atomic(dst, _DOCTYPE + ET.tostring(root, encoding="unicode") + "\n")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from geo_dino.head_config import HeadTrainConfig
-from geo_dino.pipeline import CONFIG, RECORD, _atomic_json, _records_failure, update_record
+from geo_dino.pipeline import CONFIG, RECORD, atomic_json, records_failure, update_record
 
 HEAD_FILE = "head.safetensors"
 METRICS = "metrics.json"
@@ -87,7 +87,7 @@ def prepare_training(cfg: HeadTrainConfig, run_id: str | None = None, flow_run_i
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "work").mkdir()
-    _atomic_json(run_dir / CONFIG, cfg.to_json_dict())
+    atomic_json(run_dir / CONFIG, cfg.to_json_dict())
     update_record(run_dir, schema="geo_dino.head_training/1", run_id=run_id, kind="train-head",
                   created_at=datetime.now(UTC).isoformat(), config={"sha256": cfg.sha256(), "path": CONFIG},
                   software=software_versions(), git=git_info(Path(__file__).resolve().parent.parent),
@@ -109,7 +109,7 @@ def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, di
                  "layer": lab.layer, "all_touched": lab.all_touched, "labelled_pixels": int((arr != IGNORE).sum())}
 
 
-@_records_failure
+@records_failure
 def extract_training_features(run_dir: Path) -> dict[str, Any]:
     """Labels on the grid, labelled tiles, their frozen features (``work/``) and the spatial split."""
     from contextlib import ExitStack
@@ -193,7 +193,7 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                      extra={"role": roles, "grid_row": [t.grid_row for t in used], "grid_col": [t.grid_col for t in used],
                             "labelled_pixels": [int((y != IGNORE).sum()) for y in y_all]})
     split = {r: [i for i, role in enumerate(roles) if role == r] for r in ("fit", "early_stopping", "test", "dropped")}
-    _atomic_json(run_dir / "work" / "split.json", split)
+    atomic_json(run_dir / "work" / "split.json", split)
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     update_record(run_dir, inputs=inputs, labels=label_record | {"stats": label_stats(labels, table)},
                   backbone=spec.to_dict() | {"device": extractor.device, "layers": list(layers)},
@@ -206,7 +206,7 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     return {"tiles": len(used), "channels": int(x_all.shape[1]), **{r: len(v) for r, v in split.items()}}
 
 
-@_records_failure
+@records_failure
 def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     """Train the head on the fit tiles (early stopping on their neighbours' blocks), score it on the test tiles,
     write ``head.safetensors`` and ``metrics.json``."""
@@ -215,8 +215,15 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     from geo_dino.labels import label_stats
     from geo_dino.metrics import confusion_matrix, values_to_indices
     from geo_dino.provenance import sha256_file
-    from geo_dino.seg_heads import SIAMESE_FACTOR, build_head, evaluate_head, head_inputs, predict_values, \
-        save_head, train_head
+    from geo_dino.seg_heads import (
+        SIAMESE_FACTOR,
+        build_head,
+        evaluate_head,
+        head_inputs,
+        predict_values,
+        save_head,
+        train_head,
+    )
 
     t0 = time.perf_counter()
     cfg = load_training_config(run_dir)
@@ -261,7 +268,7 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     spec = rec["backbone"]
     save_head(run_dir / HEAD_FILE, res.head, table, backbone_spec=spec, preprocessing=rec["preprocessing"],
               metrics={"test": test_metrics}, inputs=inputs, lineage=lineage)
-    _atomic_json(run_dir / METRICS, metrics)
+    atomic_json(run_dir / METRICS, metrics)
     for name in ("features.npy", "labels.npy"):
         (run_dir / "work" / name).unlink(missing_ok=True)
     update_record(run_dir, head={"path": HEAD_FILE, "sha256": sha256_file(run_dir / HEAD_FILE),

@@ -16,9 +16,9 @@ from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError
 from geo_dino.screening import (
     ACTIONS,
     Decision,
+    enforce,
     load_policy,
     load_registry,
-    enforce,
     screen,
     write_decision,
 )
