@@ -291,3 +291,31 @@ def test_siamese_features_shapes_symmetry_and_errors() -> None:
         siamese_features(f1, f2[:, :, :2])
     with pytest.raises(ConfigError, match="choose one of"):
         siamese_features(f1, f2, "sum")
+
+
+def test_dpt_head_learns_from_four_layers(learnable: dict) -> None:
+    """The multi-layer head reaches what the linear head reaches on the same task, from four blocks'
+    features, and keeps the best early-stopping state."""
+    from geo_dino.backbone import extract
+    from geo_dino.dpt_head import DPTHead
+    from geo_dino.seg_heads import train_head
+
+    spec, model, y, ti, vi = learnable["spec"], learnable["model"], learnable["labels"], learnable["ti"], \
+        learnable["vi"]
+    x = torch.from_numpy(learnable["tiles"])
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    layers = (0, 2, 3, 5)
+    with torch.inference_mode():
+        got = extract(model, (x - mean) / std, layers).layers
+    f = torch.cat([got[i] for i in layers], dim=1).clone()  # (64, 4·192, 4, 4), a plain tensor
+    counts = label_stats(y[ti], TABLE)["counts"]
+    majority = TABLE.values[TABLE.names.index(max(counts, key=counts.get))]
+    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3), TABLE.names)
+    torch.manual_seed(0)
+    head = DPTHead(spec.embed_dim, 3, n_layers=4, hidden=16)
+    res = train_head(head, f[ti], y[ti], f[vi], y[vi], TABLE, epochs=40, lr=3e-3, batch_size=8, eval_every=4,
+                     patience=6, seed=0)
+    assert res.metrics["miou"] > base["miou"] + 0.4 and res.metrics["miou"] > 0.8, res.metrics
+    assert evaluate_head(res.head, f[vi], y[vi], TABLE)["miou"] == res.metrics["miou"]  # the kept state
+    with pytest.raises(Exception, match="channels|shape|size"):  # one layer's features do not fit a 4-layer head
+        res.head(f[:1, :spec.embed_dim], (32, 32))

@@ -168,6 +168,18 @@ def test_dpt_head_trains_on_several_layers(tmp_path) -> None:
     m = json.loads((run / METRICS).read_text())
     assert m["test"]["pixels"] > 0 and m["history"] and all(h["step"] % 4 == 0 or h is m["history"][-1]
                                                             for h in m["history"])
+    # and over the whole chip in a run: the run hooks the head's four layers and writes its outputs
+    out = pl.run_local(parse_config(_run_cfg(tmp_path, "aoi/sen1floods11_spain.geojson",
+                                             [FLOODS / "Spain_7370579_S2_B4B3B2.tif"], run)))
+    state = json.loads((out / "state.json").read_text())
+    assert state["head"]["layers"] == [0, 2, 3, 5]
+    with rasterio.open(out / "seg_classes.tif") as c, rasterio.open(out / "seg_probability.tif") as pr:
+        cls, prob = c.read(1), pr.read(1)
+        assert c.crs is not None and c.nodata == 255
+    ok = cls != 255
+    assert ok.mean() > 0.9 and set(np.unique(cls[ok])) <= {0, 1}
+    assert np.all((prob[ok] >= 0.5 - 1e-6) & (prob[ok] <= 1))
+    assert json.loads((out / "provenance.json").read_text())["supervised_head"]["config"]["type"] == "dpt"
 
 
 def test_hooked_layers_and_config_errors(tmp_path) -> None:
