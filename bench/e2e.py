@@ -84,7 +84,7 @@ def machine_info() -> dict[str, Any]:
     for mod in ("timm", "torchgeo", "prefect", "rio_cogeo", "numpy"):
         try:
             vers[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+        except Exception:
             vers[mod] = "n/a"
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram": ram,
@@ -143,7 +143,7 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     t = time.perf_counter(); rd = pl.prepare_run(cfg); st["prepare"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); pl.screen_aoi(rd); st["screen"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); plan = pl.plan_run(rd); st["plan"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); pl.fit_heads(rd); st["fit_heads (incl. model build)"] = time.perf_counter() - t  # noqa: E702,E501
+    t = time.perf_counter(); pl.fit_heads(rd); st["fit_heads (incl. model build)"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); pl.init_outputs(rd); st["init_outputs"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter()
     for c in range(plan["n_chunks"]):
@@ -363,7 +363,7 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     rss: dict[str, float] = {"after imports": base}
     t_all = time.perf_counter()
 
-    def stage(name: str, fn, *a):  # noqa: ANN001, ANN202
+    def stage(name: str, fn, *a):
         t = time.perf_counter()
         out = fn(*a)
         st[name] = time.perf_counter() - t
@@ -540,7 +540,7 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
         with WindowReader(info) as r:
             s = 0
             for k in range(0, n, batch):
-                for d, v in r.read_many(boxes[k:k + batch]):
+                for d, _v in r.read_many(boxes[k:k + batch]):
                     s += int(d[0, 0, 0])
         return time.perf_counter() - t
 

@@ -58,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
 
-def autotuned(out, fused, xb, batch: int, iters: int) -> None:  # noqa: ANN001
+def autotuned(out, fused, xb, batch: int, iters: int) -> None:
     """Ours compiled with max-autotune (minutes of compilation): compile time and images/s."""
     fm = torch.compile(fused.forward_features, mode="max-autotune-no-cudagraphs")
     t0 = time.time()

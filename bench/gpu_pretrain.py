@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build(arch: str, out_dim: int, device: str, smoke: bool):  # noqa: ANN201
+def build(arch: str, out_dim: int, device: str, smoke: bool):
     import copy
 
     import timm
@@ -42,7 +42,7 @@ def build(arch: str, out_dim: int, device: str, smoke: bool):  # noqa: ANN201
     return student, teacher
 
 
-def make_step(student, teacher, loss_fn, opt, n_local: int, bf16: bool, foreach_ema: bool):  # noqa: ANN001, ANN201
+def make_step(student, teacher, loss_fn, opt, n_local: int, bf16: bool, foreach_ema: bool):
     import torch
 
     from geo_dino.dino import tokens
@@ -62,7 +62,7 @@ def make_step(student, teacher, loss_fn, opt, n_local: int, bf16: bool, foreach_
     s_params = [p for p in student.parameters()]
     t_params = [p for p in teacher.parameters()]
 
-    def step(g: torch.Tensor, loc: torch.Tensor, tf, sl) -> float:  # noqa: ANN001
+    def step(g: torch.Tensor, loc: torch.Tensor, tf, sl) -> float:
         t_logits = tf(g)
         t_probs = loss_fn.teacher_probs(t_logits, 0.04)
         loss = sl(g, loc, t_probs)

@@ -41,10 +41,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np
+import numpy as np  # noqa: E402 - after the path set-up above
 
-from geo_dino.labels import IGNORE, ClassTable, label_stats, read_label_raster, spatial_split
-from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
+from geo_dino.labels import IGNORE, ClassTable, label_stats, read_label_raster, spatial_split  # noqa: E402
+from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices  # noqa: E402
 
 DATA = Path("/work/shared/data")
 ARCH, CKPT = "vit_tiny_patch8_geo", ROOT / "models" / "vit_tiny_patch8_geo.safetensors"
@@ -380,7 +380,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             results[name] = runners[name](model, spec)
-        except Exception as exc:  # noqa: BLE001 - a benchmark reports what failed and goes on
+        except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         results[name]["wall_s"] = round(time.perf_counter() - t0, 2)
         print(f"[{name}] done in {results[name]['wall_s']} s", flush=True)

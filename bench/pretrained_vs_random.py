@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _rgb(path: Path, bands: tuple[int, ...] = (1, 2, 3)):  # noqa: ANN202
+def _rgb(path: Path, bands: tuple[int, ...] = (1, 2, 3)):
     import numpy as np
     import rasterio
 
@@ -27,7 +27,7 @@ def _rgb(path: Path, bands: tuple[int, ...] = (1, 2, 3)):  # noqa: ANN202
     return a.transpose(1, 2, 0)
 
 
-def _classes(path: Path):  # noqa: ANN202
+def _classes(path: Path):
     import numpy as np
     import rasterio
 

@@ -79,7 +79,7 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
                               "(CVE-2026-24747); convert the checkpoint to safetensors or upgrade torch")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad/unsafe files
+    except Exception as exc:
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {exc}") from None
     for key in ("model", "state_dict", "teacher"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -100,7 +100,7 @@ def checkpoint_metadata(path: Path | None) -> dict[str, str]:
 
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - reported by the full load
+    except Exception:
         return {}
 
 

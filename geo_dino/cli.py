@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,17 +20,17 @@ def _fail(msg: str, code: int = 2) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")] = None,
-    aoi: Annotated[Optional[Path], typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
-    raster: Annotated[Optional[list[Path]], typer.Option(help="one raster, or two for change (repeat)")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="where run folders are created")] = None,
-    approve_by: Annotated[Optional[str], typer.Option(help="approver's name for require_approval sites")] = None,
-    approve_reason: Annotated[Optional[str], typer.Option(help="reason for the approval")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="backbone architecture")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="local checkpoint file")] = None,
-    accept_licence: Annotated[Optional[str], typer.Option(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
+    aoi: Annotated[Path | None, typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
+    raster: Annotated[list[Path] | None, typer.Option(help="one raster, or two for change (repeat)")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where run folders are created")] = None,
+    approve_by: Annotated[str | None, typer.Option(help="approver's name for require_approval sites")] = None,
+    approve_reason: Annotated[str | None, typer.Option(help="reason for the approval")] = None,
+    arch: Annotated[str | None, typer.Option(help="backbone architecture")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local checkpoint file")] = None,
+    accept_licence: Annotated[str | None, typer.Option(
         help="accept the weights' licence, by its exact name (e.g. 'DINOv3 License')")] = None,
-    head: Annotated[Optional[Path], typer.Option(help="a trained head (head.safetensors of geo-dino train-head)")] = None,
+    head: Annotated[Path | None, typer.Option(help="a trained head (head.safetensors of geo-dino train-head)")] = None,
     cube: Annotated[bool, typer.Option(help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
 ) -> None:
     """Run the pipeline on an AOI and one or two rasters."""
@@ -93,16 +93,16 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
 
 @app.command()
 def change(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")] = None,
-    aoi: Annotated[Optional[Path], typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
-    raster: Annotated[Optional[list[Path]], typer.Option(help="the two dates: --raster BEFORE --raster AFTER")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="where run folders are created")] = None,
-    approve_by: Annotated[Optional[str], typer.Option(help="approver's name for require_approval sites")] = None,
-    approve_reason: Annotated[Optional[str], typer.Option(help="reason for the approval")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="backbone architecture")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="local checkpoint file")] = None,
-    accept_licence: Annotated[Optional[str], typer.Option(help="accept the weights' licence by name")] = None,
-    head: Annotated[Optional[Path], typer.Option(help="a trained change head (else label-free change only)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
+    aoi: Annotated[Path | None, typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
+    raster: Annotated[list[Path] | None, typer.Option(help="the two dates: --raster BEFORE --raster AFTER")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where run folders are created")] = None,
+    approve_by: Annotated[str | None, typer.Option(help="approver's name for require_approval sites")] = None,
+    approve_reason: Annotated[str | None, typer.Option(help="reason for the approval")] = None,
+    arch: Annotated[str | None, typer.Option(help="backbone architecture")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local checkpoint file")] = None,
+    accept_licence: Annotated[str | None, typer.Option(help="accept the weights' licence by name")] = None,
+    head: Annotated[Path | None, typer.Option(help="a trained change head (else label-free change only)")] = None,
 ) -> None:
     """Change between two dates: label-free feature change (cosine distance, Otsu threshold), and a trained
     change head's probability and binary change when --head is given."""
@@ -113,8 +113,8 @@ def change(
 @app.command("train-head")
 def train_head_cmd(
     config: Annotated[Path, typer.Argument(help="YAML head training configuration")],
-    output_dir: Annotated[Optional[Path], typer.Option(help="where the run folder is created")] = None,
-    head_type: Annotated[Optional[str], typer.Option("--type", help="linear or dpt")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where the run folder is created")] = None,
+    head_type: Annotated[str | None, typer.Option("--type", help="linear or dpt")] = None,
 ) -> None:
     """Train a segmentation or change head on frozen backbone features from georeferenced labels."""
     from geo_dino.errors import GeoDinoError
@@ -169,9 +169,9 @@ def similar(
 def pretrain(
     config: Annotated[Path, typer.Argument(help="YAML pretraining configuration")],
     nproc: Annotated[int, typer.Option(help="processes (DDP through torchrun: gloo on CPU, NCCL on GPUs)")] = 1,
-    steps: Annotated[Optional[int], typer.Option(help="override recipe.steps")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="where the run folder is created")] = None,
-    name: Annotated[Optional[str], typer.Option(help="override the run name")] = None,
+    steps: Annotated[int | None, typer.Option(help="override recipe.steps")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where the run folder is created")] = None,
+    name: Annotated[str | None, typer.Option(help="override the run name")] = None,
 ) -> None:
     """DINO self-supervised pretraining on rasters; resumes from the run folder's checkpoint when there is one."""
     from geo_dino.errors import GeoDinoError
@@ -253,7 +253,7 @@ def checkpoint_inspect(path: Path) -> None:
 
 @checkpoint_app.command("convert")
 def checkpoint_convert(path: Path, out: Path,
-                       arch: Annotated[Optional[str], typer.Option(help="registry architecture")] = None) -> None:
+                       arch: Annotated[str | None, typer.Option(help="registry architecture")] = None) -> None:
     """Convert any readable layout to timm-layout safetensors with metadata (and OUT.json)."""
     from geo_dino.checkpoints import convert_file
     from geo_dino.errors import GeoDinoError

@@ -685,14 +685,14 @@ def linear_probe(train: Any, train_labels: Any, test: Any, *, n_classes: int,
         clf, _ = fit(fit_x, y[~val], c)
         scores.append(float((clf.predict(val_x) == y[val]).mean()))
         iters.append(int(clf.n_iter_.max()))
-    best = min(zip(candidates, scores), key=lambda cs: (-cs[1], cs[0]))[0]
+    best = min(zip(candidates, scores, strict=True), key=lambda cs: (-cs[1], cs[0]))[0]
     all_x, test_x = _standardise(x, xt)
     clf, converged = fit(all_x, y, best)
     proba = np.zeros((len(xt), n_classes))
     proba[:, clf.classes_] = clf.predict_proba(test_x)
-    info = {"C": best, "candidates": list(candidates), "val_accuracy": dict(zip(map(str, candidates), scores)),
+    info = {"C": best, "candidates": list(candidates), "val_accuracy": dict(zip(map(str, candidates), scores, strict=True)),
             "val_fraction": val_fraction, "n_val": int(val.sum()), "seed": seed, "converged": converged,
-            "max_iter": max_iter, "iterations": dict(zip(map(str, candidates), iters)),
+            "max_iter": max_iter, "iterations": dict(zip(map(str, candidates), iters, strict=True)),
             "final_iterations": int(clf.n_iter_.max()),
             "at_grid_edge": len(candidates) > 1 and best in (min(candidates), max(candidates)), "classifier": "sklearn LogisticRegression (lbfgs, L2, multinomial) on features "
                                                 "standardised with the training mean/std"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,12 +159,12 @@ def upsampled_cosine_distance(a, b, size: tuple[int, int]):  # noqa: ANN001, ANN
     rows = ((i0, wy0.to(a.dtype)), (i1, wy1.to(a.dtype)))
     cols = ((j0, wx0.to(a.dtype)), (j1, wx1.to(a.dtype)))
 
-    def gram(f, g):  # (B, 3, 3, h, w): <f(i, j), g(i + dy, j + dx)>, edges clamped (never used there)
+    def gram(f: Any, g: Any) -> Any:  # (B, 3, 3, h, w): <f(i, j), g(i + dy, j + dx)>, edges clamped (never used there)
         gp = torch.nn.functional.pad(g, (1, 1, 1, 1), mode="replicate")
         return torch.stack([torch.stack([(f * gp[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]).sum(1)
                                          for dx in (-1, 0, 1)], 1) for dy in (-1, 0, 1)], 1)
 
-    def inner(k):  # (B, 3, 3, h, w) -> (B, H, W)
+    def inner(k: Any) -> Any:  # (B, 3, 3, h, w) -> (B, H, W)
         out = torch.zeros((B, H, W), dtype=a.dtype, device=a.device)
         for ia, wa in rows:
             for jb, wb in cols:

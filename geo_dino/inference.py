@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,7 @@ class FeatureExtractor:
         return torch.cat([got[i % depth] for i in self.layers], dim=1)
 
     def features(self, reader: WindowReader, boxes: Sequence[PixelBox],
-                 cache: Sequence[Path | None] | None = None, store: bool = False):  # noqa: ANN201
+                 cache: Sequence[Path | None] | None = None, store: bool = False) -> tuple[Any, np.ndarray]:
         """``(feats (B, C, h, w) float32, valid (B, H, W) bool numpy)`` for one date.
 
         ``cache`` (one path or None per box): features already computed for a box are loaded from its

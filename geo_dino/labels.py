@@ -241,7 +241,7 @@ def _check_vector(path: str | Path, max_bytes: int) -> Path:
     return real
 
 
-def _read_vector(real: Path, layer: str | None, source: str):
+def _read_vector(real: Path, layer: str | None, source: str) -> Any:
     import geopandas as gpd
     import pyogrio
     from pyogrio.errors import DataLayerError, DataSourceError, FeatureError, FieldError, GeometryError

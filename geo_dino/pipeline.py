@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,7 +78,7 @@ def _box(d: list[int]) -> PixelBox:
     return PixelBox(*d)
 
 
-def records_failure(stage):
+def records_failure(stage: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: a stage that raises marks the record ``failed`` with the error before re-raising."""
     import functools
 
@@ -317,7 +318,7 @@ def gsd_resampling(input_gsd: dict[str, Any], target_m: float | None, tile: int,
                   "method": "bilinear with antialiasing, per tile; outputs upsampled back to the input grid"}
 
 
-def _infos(state: dict[str, Any]):
+def _infos(state: dict[str, Any]) -> list[Any]:
     from geo_dino.sources import RasterInfo
 
     return [RasterInfo(path=r["path"], grid=_grid_from_dict(r["grid"]), count=r["count"], dtype=r["dtype"],
@@ -353,7 +354,7 @@ def _tiles(state: dict[str, Any]) -> TileGrid:
     return TileGrid(_box(state["region"]), t["size"], t["overlap"], g.box)
 
 
-def _extractor(cfg: RunConfig, state: dict[str, Any]):
+def _extractor(cfg: RunConfig, state: dict[str, Any]) -> tuple[Any, Any]:
     import torch
 
     from geo_dino.backbone import build_backbone
@@ -423,7 +424,7 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
     return {"fit_patches": int(samples.shape[0]), "k": heads.k}
 
 
-def _layout(state: dict[str, Any], heads) -> Any:
+def _layout(state: dict[str, Any], heads: Any) -> Any:
     from geo_dino.inference import ChannelLayout
 
     info = state.get("head") or {}

@@ -128,7 +128,7 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
 
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:
         raise CheckpointError(f"{path}: not a readable training checkpoint: {exc}") from None
 
 
@@ -244,7 +244,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     for step, batch in zip(range(start, end), loader, strict=False):
         torch.manual_seed(_seeded(cfg.seed, step, rank))  # drop-path and any other draw: exact on resume
         gen = torch.Generator().manual_seed(_seeded(cfg.seed, step, rank, 1))
-        for i, g in enumerate(opt.param_groups):
+        for g in opt.param_groups:
             g["lr"] = float(lr_sched[step])
             if not g.get("no_wd"):
                 g["weight_decay"] = float(wd_sched[step])

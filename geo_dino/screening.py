@@ -30,7 +30,7 @@ import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -382,7 +382,7 @@ class Decision:
         }
 
 
-def _xy_func(tr: Any, inverse: bool = False):
+def _xy_func(tr: Any, inverse: bool = False) -> Any:
     """A coordinate function for :func:`shapely.transform` applying the pyproj transformer ``tr``."""
     import numpy as np
 
@@ -586,7 +586,7 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
 
     hits.sort(key=lambda h: (-_severity(h.action), h.distance_m, h.site_id))
     action = hits[0].action if hits else "allow"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     approval_rec = None
     if action == "deny":
         allowed = False

@@ -413,7 +413,7 @@ def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{p}: not a valid safetensors file: {exc}") from None
     missing = [k for k in _META_KEYS if k not in meta]

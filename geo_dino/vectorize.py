@@ -469,7 +469,7 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
             if dst.exists():
                 try:
                     before = {str(n) for n in pyogrio.list_layers(dst)[:, 0]}
-                except Exception as exc:  # noqa: BLE001 - any GDAL failure means "not a GeoPackage"
+                except Exception as exc:
                     raise OutputError(f"{dst} exists but is not a readable GeoPackage ({exc}); remove it or choose "
                                       "another gpkg_name") from None
                 shutil.copyfile(dst, tmp)

@@ -194,8 +194,8 @@ def test_projected_coordinates_detected():
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_literals_refused(tmp_path, literal):
-    text = ('{"type": "Polygon", "coordinates": [[[%s, 24.9], [-77.2, 24.9], [-77.2, 25.2], '
-            '[-77.6, 25.2], [-77.6, 24.9]]]}' % literal)
+    text = ('{"type": "Polygon", "coordinates": [[[' + literal + ', 24.9], [-77.2, 24.9], [-77.2, 25.2], '
+            '[-77.6, 25.2], [-77.6, 24.9]]]}')
     with pytest.raises(AOIError, match=f"{literal} is not valid JSON"):
         load_aoi(write(tmp_path, text))
 

@@ -262,7 +262,7 @@ def test_label_raster_same_grid_with_nodata(tmp_path):
     labels, rec = read_label_raster(path, GRID, table=TABLE)
     np.testing.assert_array_equal(labels, np.where(raw == 9, IGNORE, raw))
     assert rec["ignored"] == 3 * GRID.width
-    assert rec["counts"] == {n: int(np.count_nonzero(raw == v)) for n, v in zip(TABLE.names, TABLE.values)}
+    assert rec["counts"] == {n: int(np.count_nonzero(raw == v)) for n, v in zip(TABLE.names, TABLE.values, strict=True)}
     assert rec["sha256"] == sha256_file(path) and rec["reprojected"] is None
     assert json.loads(json.dumps(rec)) == rec
     with pytest.raises(LabelError, match=r"raw values \[9\] are not in the mapping"):
