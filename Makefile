@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean qgis
+.PHONY: setup demo test lint bench clean qgis
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ qgis:
 	    echo "installing QGIS (python3-qgis) for the QGIS tests"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-qgis qgis-providers >/dev/null; \
 	  else echo "QGIS (python3-qgis) not installed: the QGIS tests will be skipped"; fi; }
+
+# the style checks alone (the test suite runs them too: tests/test_lint.py)
+lint: $(STAMP)
+	$(BIN)/python -m ruff check geo_dino flows tests bench
+	$(BIN)/python -m mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/e2e.py

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from geo_dino.pretrain_config import PretrainConfig, load_pretrain_config, parse_pretrain_config
 
-_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+_TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 def _fmt(rec: dict[str, Any]) -> str:

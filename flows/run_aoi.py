@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from geo_dino import pipeline as pl
 from geo_dino.config import RunConfig, load_config, parse_config
 
-_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+
+class _TaskOptions(TypedDict):
+    cache_policy: CachePolicy
+    persist_result: bool
+
+
+_TASK: _TaskOptions = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="prepare-run", **_TASK)

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from geo_dino import train_head as th
 from geo_dino.head_config import HeadTrainConfig, load_head_config, parse_head_config
 
-_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+_TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="prepare-head-training", **_TASK)

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import shapely
@@ -42,7 +42,7 @@ from geo_dino.errors import AOIError
 
 __all__ = ["AOI", "geodesic_area_m2", "load_aoi", "validate_geojson"]
 
-PolygonalGeometry = Polygon | MultiPolygon
+PolygonalGeometry: TypeAlias = Polygon | MultiPolygon
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
@@ -101,7 +101,8 @@ class AOI:
 
     def bounds(self) -> tuple[float, float, float, float]:
         """``(min_lon, min_lat, max_lon, max_lat)``; a split antimeridian AOI spans -180..180."""
-        return tuple(float(v) for v in self.geometry.bounds)  # type: ignore[return-value]
+        min_lon, min_lat, max_lon, max_lat = (float(v) for v in self.geometry.bounds)
+        return min_lon, min_lat, max_lon, max_lat
 
     def area_m2(self) -> float:
         """Geodesic area on the WGS84 ellipsoid, in square metres."""
@@ -110,7 +111,7 @@ class AOI:
     def to_record(self) -> dict[str, Any]:
         """A small JSON-able summary for provenance."""
         change: float | str | None = self.area_change
-        if change is not None and not math.isfinite(change):
+        if self.area_change is not None and not math.isfinite(self.area_change):
             change = "inf"
         return {
             "sha256": self.sha256,

@@ -117,6 +117,7 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, proj.weight.detach().clone()))
         if proj.bias is not None:
+            assert new.bias is not None  # created with bias=True just above
             new.bias.copy_(proj.bias)
     model.patch_embed.proj = new
     return (f"patch embedding adapted from {old} to {in_chans} bands (timm adapt_input_conv: filters repeated "

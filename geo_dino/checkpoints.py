@@ -100,7 +100,7 @@ def inspect_state(state: dict[str, Any]) -> Detected:
     if layout == "hf":
         dinov2 = "embeddings.position_embeddings" in keys
         w = state["embeddings.patch_embeddings.projection.weight" if dinov2 else "embeddings.patch_embeddings.weight"]
-        depth = 1 + max(int(_HF_LAYER.match(k).group(1)) for k in keys if _HF_LAYER.match(k))
+        depth = 1 + max(int(m.group(1)) for k in keys if (m := _HF_LAYER.match(k)))
         regs = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in keys else 0
         mlp = "swiglu" if any(k.endswith(("mlp.gate_proj.weight", "mlp.weights_in.weight")) for k in keys) \
             else "mlp"
@@ -109,7 +109,7 @@ def inspect_state(state: dict[str, Any]) -> Detected:
         return Detected("hf", "dinov2" if dinov2 else "dinov3", int(w.shape[0]), depth, int(w.shape[-1]), int(regs),
                         mlp, qkv_bias, n_params, grid)
     w = state["patch_embed.proj.weight"]
-    depth = 1 + max(int(_BLOCK.match(k).group(1)) for k in keys if _BLOCK.match(k))
+    depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
     reg_key = next((k for k in ("reg_token", "storage_tokens", "register_tokens") if k in keys), None)
     regs = int(state[reg_key].shape[1]) if reg_key else 0
     rope = "rope_embed.periods" in keys or "storage_tokens" in keys or "blocks.0.gamma_1" in keys
@@ -246,9 +246,11 @@ def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, 
     if detected.layout == "hf":
         state = _hf_dinov2_to_official(state)
     if detected.family == "dinov3":
-        from timm.models.eva import checkpoint_filter_fn
-    else:
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        from timm.models.eva import checkpoint_filter_fn as eva_filter_fn
+
+        return eva_filter_fn(dict(state), model)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     return checkpoint_filter_fn(dict(state), model)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -13,7 +13,7 @@ app = typer.Typer(help="DINO-family backbones from an area of interest to screen
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -73,13 +73,12 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     from flows.run_aoi import run_aoi
 
     try:
-        run_dir = run_aoi(config=json.loads(cfg.model_dump_json()))
+        run_dir = Path(run_aoi(config=json.loads(cfg.model_dump_json())))
     except RunRefused as exc:
         _fail(f"run refused by the sensitive-site screen: {exc}\n(the decision and the provenance record are "
               f"in the run folder under {cfg.output_dir})", 3)
     except GeoDinoError as exc:
         _fail(f"{type(exc).__name__}: {exc}")
-    run_dir = Path(run_dir)
     typer.echo("")
     typer.secho(f"Outputs in {run_dir}", fg=typer.colors.GREEN, bold=True)
     for p in sorted(run_dir.glob("*")):
@@ -302,7 +301,7 @@ def _numbers(text: str | None, kind: type, what: str) -> tuple | None:
 def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, checkpoint_sha256: str | None,
           accept_licence: str | None, raw_pixels: bool, size: int | None, pool: str, batch_size: int,
           bands: str | None, value_range: str | None, test_fraction: float, seed: int, device: str,
-          out: Path | None, **method_opts: object) -> None:
+          out: Path | None, **method_opts: Any) -> None:
     from geo_dino.errors import GeoDinoError
 
     if raw_pixels == bool(arch):
@@ -317,10 +316,11 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
 
     try:
         ds = ev.load_labelled(data, test_fraction=test_fraction, seed=seed)
-        common = {"size": size, "bands": band_list, "value_range": vrange}
+        common: dict[str, Any] = {"size": size, "bands": band_list, "value_range": vrange}
         if raw_pixels:
             fs = ev.pixel_features(ds, **common)
         else:
+            assert arch is not None  # checked above: exactly one of --arch, --raw-pixels
             fs = ev.backbone_features(ds, arch=arch, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
                                       accept_licence=accept_licence, seed=seed, device=device, pool=pool,
                                       batch_size=batch_size, **common)

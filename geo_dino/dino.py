@@ -71,8 +71,10 @@ def tokens(model: Any, x: torch.Tensor, mask: torch.Tensor | None = None,
     if h.ndim == 4:  # dynamic_img_size: (B, H, W, C)
         gh, gw = h.shape[1], h.shape[2]
         if mask is not None:
+            assert mask_token is not None, "a mask needs a mask_token"
             h = torch.where(mask.view(b, gh, gw, 1), mask_token.to(h.dtype).view(1, 1, 1, -1), h)
     elif mask is not None:
+        assert mask_token is not None, "a mask needs a mask_token"
         h = torch.where(mask.unsqueeze(-1), mask_token.to(h.dtype).view(1, 1, -1), h)
     out = model._pos_embed(h)
     rope = None
@@ -88,6 +90,8 @@ def tokens(model: Any, x: torch.Tensor, mask: torch.Tensor | None = None,
 
 class _CentredLoss(nn.Module):
     """A teacher distribution made by centring (an EMA ``center`` of the teacher's outputs) and sharpening."""
+
+    center: torch.Tensor  # a registered buffer
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
@@ -105,7 +109,8 @@ class DINOLoss(_CentredLoss):
 
     def forward(self, student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
         """``student_out``: logits of each crop ``(B, K)`` (globals first); ``teacher_probs``: of each global."""
-        total, n = 0.0, 0
+        total: torch.Tensor | float = 0.0
+        n = 0
         for iq, q in enumerate(teacher_probs):
             for v, s in enumerate(student_out):
                 if v == iq:
@@ -113,7 +118,9 @@ class DINOLoss(_CentredLoss):
                 loss = torch.sum(-q * F.log_softmax(s.float() / self.student_temp, dim=-1), dim=-1)
                 total = total + loss.mean()
                 n += 1
-        return total / n
+        mean = total / n
+        assert isinstance(mean, torch.Tensor)  # at least one pair of different views was summed
+        return mean
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:

@@ -386,15 +386,16 @@ def _read_pillow(path: Path, limits: ImageLimits) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path, formats=["JPEG", "PNG"]) as im:
-            w, h = im.size
+        with Image.open(path, formats=["JPEG", "PNG"]) as src:
+            w, h = src.size
             if w * h > limits.max_pixels:
                 raise SourceError(f"{path}: {w}x{h} pixels, more than the limit of {limits.max_pixels}; refused")
-            mode = im.mode
+            mode = src.mode
+            im: Image.Image = src
             if mode in ("RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")  # alpha and palettes are not spectral bands
+                im = src.convert("RGB")  # alpha and palettes are not spectral bands
             elif mode in ("LA", "La", "1"):
-                im = im.convert("L")
+                im = src.convert("L")
             arr = np.asarray(im)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise SourceError(f"{path}: cannot be decoded as JPEG/PNG: {exc}") from None

@@ -33,13 +33,15 @@ def _rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, half: bool) -
 class FusedRopeViT(nn.Module):
     """A timm DINOv3 ``Eva`` model with the RoPE of every block applied over the full token sequence."""
 
+    rotate_half: bool  # the rotation layout (timm's ``rotate_half``); not ``half``, which is nn.Module's fp16 cast
+
     def __init__(self, model: Any) -> None:
         super().__init__()
         if getattr(model, "rope", None) is None:
             raise TypeError("FusedRopeViT needs a RoPE ViT (timm Eva with use_rot_pos_emb)")
         self.model = model
         self.npt = model.num_prefix_tokens
-        self.half = bool(getattr(model.blocks[0].attn, "rotate_half", False))
+        self.rotate_half = bool(getattr(model.blocks[0].attn, "rotate_half", False))
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rope_tables(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +66,8 @@ class FusedRopeViT(nn.Module):
             qkv = attn.qkv(x)
         q, k, v = qkv.view(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        q = _rotate(q, sin, cos, self.half).type_as(v)
-        k = _rotate(k, sin, cos, self.half).type_as(v)
+        q = _rotate(q, sin, cos, self.rotate_half).type_as(v)
+        k = _rotate(k, sin, cos, self.rotate_half).type_as(v)
         o = F.scaled_dot_product_attention(q, k, v)
         o = attn.norm(o.transpose(1, 2).reshape(B, N, -1))
         return attn.proj(o)

@@ -196,6 +196,7 @@ class OutputWriter:
             win = box.to_rasterio()
             for d in range(self.n_dates):
                 if heads.n_pca:
+                    assert lo is not None and span is not None  # fitted with the components
                     p = v[layout.pca(d)]
                     rgb = np.clip((p - lo[:, None, None]) / span[:, None, None], 0, 1) * 254 + 1
                     rgb = np.where(ok[None], rgb, 0).round().astype(np.uint8)  # NaN only where not ok
@@ -215,6 +216,7 @@ def _head_rows(writer: OutputWriter, v: np.ndarray, ok: np.ndarray, win: Any) ->
     from geo_dino.run_heads import probabilities
 
     info, layout = writer.info, writer.layout
+    assert info is not None  # called only for a run with a supervised head
     if info["task"] == "segmentation":
         lut = np.asarray(info["values"], np.uint8)
         for d in range(writer.n_dates):
@@ -305,6 +307,7 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold
         if name.startswith("seg_classes") or name == "change_binary":
+            assert info is not None  # these outputs exist only for a run with a supervised head
             entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
                                                              strict=True)]
                        if name.startswith("seg_classes") else

@@ -141,13 +141,14 @@ class FeatureExtractor:
                 return f, valid  # nothing cached, nothing to store: the batch as computed
             for j, i in enumerate(need):
                 out[i] = f[j]
-                if store and cache[i] is not None:
-                    tmp = cache[i].with_name(cache[i].name + ".tmp.npy")
+                path = cache[i]
+                if store and path is not None:
+                    tmp = path.with_name(path.name + ".tmp.npy")
                     np.save(tmp, f[j].numpy())
-                    tmp.replace(cache[i])
-        for i, h in enumerate(have):
-            if h:
-                out[i] = torch.from_numpy(np.load(cache[i]))
+                    tmp.replace(path)
+        for i, (h, path) in enumerate(zip(have, cache, strict=True)):
+            if h and path is not None:  # have[i] implies a path
+                out[i] = torch.from_numpy(np.load(path))
         return torch.stack(out), valid
 
 
@@ -246,7 +247,8 @@ class StripAccumulator:
     def save(self, path: Path, **extra: np.ndarray) -> None:
         """Write the open rows (and ``extra`` arrays) atomically: one file is one consistent checkpoint."""
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride], **extra)
+        arrays: dict[str, Any] = extra  # numpy's stub would match **extra against savez's allow_pickle: bool
+        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride], **arrays)
         tmp.replace(path)
 
     def load(self, path: Path) -> dict[str, np.ndarray]:

@@ -506,7 +506,8 @@ def spatial_split(tiles: TileGrid | Iterable[tuple[int, int] | Tile], val_fracti
             break
         val.update(blocks[keys[int(k)]])
     rest = [t for t in idx if t not in val]
-    dropped, train = [], []
+    dropped: list[tuple[int, int]] = []
+    train: list[tuple[int, int]] = []
     for r, c in rest:
         near = any((r + dr, c + dc) in val for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
         (dropped if near else train).append((r, c))

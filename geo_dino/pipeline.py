@@ -373,7 +373,9 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]) -> tuple[Any, Any]:
                                       accept_licence=cfg.backbone.accept_licence,
                                       in_chans=cfg.backbone.in_chans)
     model, spec = _MODELS[key]
-    pre = Preprocessor(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()})
+    pre_args: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                for k, v in state["preprocess"].items()}
+    pre = Preprocessor(**pre_args)
     layers = tuple((state.get("head") or {}).get("layers") or ())
     return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"), layers=layers), spec
 
@@ -532,6 +534,7 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
         close_cube(run_dir)
         cube = open_cube(run_dir / CUBE_NAME)
+        assert cube.chunks is not None  # open_cube returns a dask-backed array
         records.append({"name": "features", "path": CUBE_NAME, "kind": "zarr feature cube",
                         "shape": [int(v) for v in cube.shape], "dims": list(cube.dims),
                         "chunks": [int(c[0]) for c in cube.chunks], "dtype": str(cube.dtype)})
@@ -563,7 +566,7 @@ def _vectorise_head_outputs(run_dir: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"heads.supervised.vectors.skip_classes: {unknown} are not classes of the head "
                           f"({info['names']})")
     skip = {val for val, n in zip(info["values"], info["names"], strict=True) if n in v.skip_classes}
-    jobs = []
+    jobs: list[tuple[str, str, str, ClassTable | dict[int, str], set[int]]] = []
     if info["task"] == "segmentation":
         from geo_dino.labels import ClassTable
 

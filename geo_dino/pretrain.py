@@ -100,7 +100,8 @@ def _modules(cfg: PretrainConfig, in_chans: int) -> tuple[Any, Any, dict[str, An
 
 def _param_groups(model: Any) -> list[dict[str, Any]]:
     """DINO ``get_params_groups``: no weight decay on biases and 1-d parameters (norms)."""
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -269,11 +270,12 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                                                         if locals_ is not None else [])
             losses = {"dino": dino_loss(s_chunks, list(t_probs.chunk(2)))}
             if masks is not None and ibot_loss is not None:
+                assert r.ibot is not None and t_patch_logits is not None  # masks are drawn only with ibot
                 losses["ibot"] = r.ibot.loss_weight * ibot_loss(
                     out["patch_logits"], ibot_loss.teacher_probs(t_patch_logits, temp), masks)
             if r.koleo_weight:
                 losses["koleo"] = r.koleo_weight * sum(koleo_loss(c) for c in out["cls"].chunk(2))
-            if g_patch is not None and step >= r.gram.start_step:
+            if g_patch is not None and r.gram is not None and step >= r.gram.start_step:
                 losses["gram"] = r.gram.loss_weight * gram_loss(out["patches"], g_patch)
             loss = sum(losses.values())
         if not math.isfinite(float(loss.detach())):
@@ -294,7 +296,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
             dino_loss.update_center(t_logits)
             if ibot_loss is not None and t_patch_logits is not None:
                 ibot_loss.update_center(t_patch_logits)
-            if gram_teacher is not None and step + 1 >= r.gram.start_step and (step + 1) % r.gram.update_every == 0:
+            if (gram_teacher is not None and r.gram is not None and step + 1 >= r.gram.start_step
+                    and (step + 1) % r.gram.update_every == 0):
                 gram_teacher.load_state_dict(teacher.backbone.state_dict())
         imgs_window += B * W
         done = step + 1
@@ -307,13 +310,15 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                 both = _mean_across_ranks(mon | {f"loss_{k}": v for k, v in losses.items()}, device)
                 mon = {k: both[k] for k in mon}
                 losses = {k: both[f"loss_{k}"] for k in losses}
-            rec = {"step": done, "loss": float(sum(losses.values())),
-                   **{f"loss_{k}": v for k, v in losses.items()},
-                   "lr": float(lr_sched[step]), "weight_decay": float(wd_sched[step]), "teacher_momentum": m,
-                   "teacher_temp": temp, "grad_norm": float(grad_norm), **mon,
-                   "images_per_s": imgs_window / max(now - t_window, 1e-9),
-                   "crops_per_image": n_crops, "world_size": W,
-                   "tiles_skipped_low_valid": int(source.counters["skipped_low_valid"]), "time": time.time()}
+            rec: dict[str, Any] = {"step": done, "loss": float(sum(losses.values())),
+                                   **{f"loss_{k}": v for k, v in losses.items()},
+                                   "lr": float(lr_sched[step]), "weight_decay": float(wd_sched[step]),
+                                   "teacher_momentum": m, "teacher_temp": temp, "grad_norm": float(grad_norm),
+                                   **mon,
+                                   "images_per_s": imgs_window / max(now - t_window, 1e-9),
+                                   "crops_per_image": n_crops, "world_size": W,
+                                   "tiles_skipped_low_valid": int(source.counters["skipped_low_valid"]),
+                                   "time": time.time()}
             t_window, imgs_window = now, 0
             warn = collapse_warnings(mon) if done > r.warmup else []  # at init (LayerScale) features are constant
             for w in warn:
@@ -403,11 +408,13 @@ def _knn(cfg: PretrainConfig, backbone: Any, spec: Any, step: int) -> dict[str, 
     """Weighted k-NN top-1 of the teacher on the labelled images (decoded once per process)."""
     from geo_dino.evaluation import evaluate_model, load_labelled, prepare_images
 
-    key = (str(cfg.eval.data), cfg.eval.size, spec.patch_size)
+    ev = cfg.eval
+    assert ev is not None  # called only when the config has an eval section
+    key = (str(ev.data), ev.size, spec.patch_size)
     if key not in _PREPARED:
-        _PREPARED[key] = prepare_images(load_labelled(cfg.eval.data), size=cfg.eval.size, patch_size=spec.patch_size)
-    res = evaluate_model(backbone, spec, _PREPARED[key], method="knn", k=cfg.eval.k, extra={"step": step})
-    return {"top1": res.top1, "top5": res.top5, "k": cfg.eval.k, "data": str(cfg.eval.data),
+        _PREPARED[key] = prepare_images(load_labelled(ev.data), size=ev.size, patch_size=spec.patch_size)
+    res = evaluate_model(backbone, spec, _PREPARED[key], method="knn", k=ev.k, extra={"step": step})
+    return {"top1": res.top1, "top5": res.top5, "k": ev.k, "data": str(ev.data),
             "n_train": res.n_train, "n_test": res.n_test}
 
 

@@ -529,8 +529,8 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if radius < 1 or sigma <= 0:
         return x
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
-    k = (k / k.sum()).tolist()
+    g = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k: list[float] = (g / g.sum()).tolist()
     for dim in (-1, -2):
         n = x.shape[dim]
         idx = torch.tensor(list(range(radius, 0, -1)) + list(range(n)) + list(range(n - 2, n - 2 - radius, -1)))

@@ -142,7 +142,8 @@ def raster_input_record(path: Path | str) -> dict[str, Any]:
             epsg = crs.to_epsg()
             crs_s = f"EPSG:{epsg}" if epsg else crs.to_wkt()
             if crs.is_geographic:
-                geod = Geod(ellps="WGS84") if crs.get_geod() is None else crs.get_geod()
+                crs_geod = crs.get_geod()
+                geod = Geod(ellps="WGS84") if crs_geod is None else crs_geod
                 cx, cy = src.transform @ (src.width / 2, src.height / 2)
                 _, _, dx = geod.inv(cx - gsd["x"] / 2, cy, cx + gsd["x"] / 2, cy)
                 _, _, dy = geod.inv(cx, cy - gsd["y"] / 2, cx, cy + gsd["y"] / 2)

@@ -314,7 +314,11 @@ def _vector_layers(run_dir: Path, gpkg: Path, group: str) -> list[MapLayer]:
         if info["crs"] is None:
             raise OutputError(f"{gpkg.name}|{layer} has no CRS; every output layer must carry one")
         bounds = info.get("total_bounds")
-        ext = (0.0, 0.0, 0.0, 0.0) if bounds is None or not info["features"] else tuple(map(float, bounds))
+        if bounds is None or not info["features"]:
+            ext = (0.0, 0.0, 0.0, 0.0)
+        else:
+            x0, y0, x1, y1 = (float(b) for b in bounds)
+            ext = (x0, y0, x1, y1)
         qml = _stored_style(gpkg, layer) or _STYLES.get(layer, _STYLES[""])
         kind = "Polygon" if "Polygon" in geom else "Line" if "Line" in geom else "Point"
         source = f"./{gpkg.relative_to(run_dir.resolve()).as_posix()}|layername={layer}"
@@ -435,7 +439,8 @@ def _maplayer(layer: MapLayer) -> ET.Element:
     return el
 
 
-def _project_tree(layers: list[MapLayer], crs: Any, extent: tuple[float, ...], title: str) -> ET.Element:
+def _project_tree(layers: list[MapLayer], crs: Any, extent: tuple[float, float, float, float],
+                  title: str) -> ET.Element:
     root = ET.Element("qgis", projectname=title, version=_QGIS_VERSION)
     _sub(root, "homePath", path="")
     _sub(root, "title", title)

@@ -59,6 +59,7 @@ class LinearHead(torch.nn.Module):
         self.n_classes = int(n_classes)
         self.conv = torch.nn.Conv2d(self.embed_dim, self.n_classes, kernel_size=1, bias=True)
         torch.nn.init.zeros_(self.conv.weight)
+        assert self.conv.bias is not None  # bias=True
         torch.nn.init.zeros_(self.conv.bias)
 
     kind = "linear"
@@ -268,7 +269,7 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)
     history: list[dict[str, Any]] = []
-    best = {"miou": -1.0, "index": -1, "epoch": -1, "state": None, "metrics": None}
+    best: dict[str, Any] = {"miou": -1.0, "index": -1, "epoch": -1, "state": None, "metrics": None}
     window = {"loss": 0.0, "n": 0}
     step = 0
 
@@ -290,10 +291,10 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
         order = torch.randperm(xt.shape[0], generator=gen)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            y = yt[idx]
-            if not (y != IGNORE).any():
+            yb = yt[idx]
+            if not (yb != IGNORE).any():
                 continue
-            loss = loss_fn(head(xt[idx], out_size), y)
+            loss = loss_fn(head(xt[idx], out_size), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -347,7 +348,9 @@ def head_inputs(task: str = "segmentation", layers: Sequence[int] = (), siamese:
 
 def input_channels(embed_dim: int, inputs: Mapping[str, Any]) -> int:
     """Channels of a head's input: ``embed_dim`` × layers × the siamese factor."""
-    return int(embed_dim) * max(len(inputs.get("layers") or ()), 1) * SIAMESE_FACTOR.get(inputs.get("siamese"), 1)
+    siamese = inputs.get("siamese")
+    factor = SIAMESE_FACTOR.get(siamese, 1) if siamese is not None else 1
+    return int(embed_dim) * max(len(inputs.get("layers") or ()), 1) * factor
 
 
 def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, preprocessing: Any,

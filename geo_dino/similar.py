@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from geo_dino.errors import AOIError, ConfigError, CRSMismatchError
 
 if TYPE_CHECKING:
     import xarray as xr
+    from numpy.typing import ArrayLike
     from shapely.geometry.base import BaseGeometry
 
     from geo_dino.aoi import AOI
@@ -252,7 +253,8 @@ def similarity(cube: xr.DataArray | Path | str, example: BaseGeometry | AOI, *, 
     create_intermediate(inter, spec)
     try:
         with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(inter, "r+") as ds:
-            store = da.store(sim, _WindowTarget(ds), lock=True, compute=False)
+            # dask types store targets as ArrayLike, but documents (and needs) only ``target[region] = block``
+            store = da.store(sim, cast("ArrayLike", _WindowTarget(ds)), lock=True, compute=False)
             _, *cands = dask.compute(store, *cand_jobs, scheduler=scheduler, num_workers=num_workers)
     except BaseException:
         inter.unlink(missing_ok=True)

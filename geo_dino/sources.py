@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -217,8 +218,8 @@ class WindowReader:
         forever for threads that do not exist in the child."""
         self.info = info
         self.threads = threads
-        self._env = None
-        self._src = None
+        self._env: Any = None  # rasterio.Env while inside the `with` block (rasterio ships no type stubs)
+        self._src: Any = None  # the open rasterio dataset (or WarpedVRT) while inside the `with` block
 
     def __enter__(self) -> WindowReader:
         import rasterio
@@ -227,7 +228,7 @@ class WindowReader:
         self._env.__enter__()
         opts = {"NUM_THREADS": str(self.threads)} if self.threads else {}
         self._src = rasterio.open(self.info.path, driver=_driver_for(Path(self.info.path)), **opts)
-        self._base = None
+        self._base: Any = None  # the source dataset under a WarpedVRT, when the raster is warped on read
         if self.info.warped_from is not None:  # windows of the target grid, warped from the source on read
             from rasterio.enums import Resampling
             from rasterio.vrt import WarpedVRT
@@ -351,6 +352,7 @@ class WindowReader:
         g = self.info.grid
         f = max(1, math.ceil(max(g.height, g.width) / max_side))
         arr, ok = self.decimated(max(1, g.height // f), max(1, g.width // f))
+        assert arr is not None  # values=True (the default) always reads the data
         shape = arr.shape
         out = np.zeros((shape[0], 2), dtype=np.float64)
         for b in range(shape[0]):

@@ -409,7 +409,7 @@ def _registry() -> Any:
     from referencing.exceptions import NoSuchResource
 
     def refuse(uri: str) -> Resource:
-        raise NoSuchResource(ref=uri)
+        raise NoSuchResource(uri)  # positional: mypy does not see the attrs-generated __init__(ref)
 
     resources = [(url, Resource.from_contents(json.loads((_SCHEMA_DIR / rel).read_text())))
                  for url, rel in SCHEMA_FILES.items()]

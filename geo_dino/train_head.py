@@ -104,6 +104,7 @@ def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, di
         mapping = None if lab.mapping is None else {k: IGNORE if v == "ignore" else v for k, v in lab.mapping.items()}
         return read_label_raster(lab.raster, grid, mapping=mapping, reproject=lab.reproject, table=table,
                                  sources=cfg.sources.model_copy(update={"bands": None}))  # one band of labels
+    assert lab.polygons is not None and lab.attribute is not None  # validated: polygons with an attribute
     arr = rasterize_polygons(lab.polygons, lab.attribute, table, grid, layer=lab.layer, all_touched=lab.all_touched)
     return arr, {"path": str(lab.polygons), "sha256": sha256_file(lab.polygons), "attribute": lab.attribute,
                  "layer": lab.layer, "all_touched": lab.all_touched, "labelled_pixels": int((arr != IGNORE).sum())}
@@ -174,8 +175,10 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                 f, v = extractor.features(reader, [t.box for t in batch])
                 per_date.append(f)
                 valid = v if valid is None else valid & v
-            x = per_date[0] if len(per_date) == 1 else combine_dates(*per_date, cfg.head.siamese, max(len(layers), 1))
+            x = (per_date[0] if len(per_date) == 1
+                 else combine_dates(per_date[0], per_date[1], cfg.head.siamese, max(len(layers), 1)))
             y = np.stack([tile_labels[t.index] for t in batch])
+            assert valid is not None  # one reader at least
             feats.append(x.numpy().astype(np.float32))
             labs.append(np.where(valid, y, IGNORE).astype(np.uint8))
     x_all, y_all = np.concatenate(feats), np.concatenate(labs)

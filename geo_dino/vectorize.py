@@ -38,10 +38,10 @@ import math
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -200,7 +200,8 @@ class _Sink:
         import pandas as pd
         import pyogrio
 
-        cols = list(zip(*self.rows, strict=True)) if self.rows else [[] for _ in range(6)]
+        cols: list[Sequence[Any]] = (list(zip(*self.rows, strict=True)) if self.rows else
+                                     [[] for _ in range(6)])
         frame = gpd.GeoDataFrame({
             "class_value": np.asarray(cols[0], dtype=np.int32),
             "class_name": pd.Series(cols[1], dtype=object),
@@ -348,7 +349,9 @@ def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectiv
             if conf is not None:
                 cv = conf.read(1, window=win, masked=True)
                 ok = (ids > 0) & ~np.ma.getmaskarray(cv) & np.isfinite(cv.data)
-                csum = np.bincount(ids[ok], weights=cv.data[ok].astype(np.float64), minlength=n + 1)
+                # numpy's stub types every bincount as integer; with float64 weights it is float64
+                csum = cast("np.ndarray[Any, np.dtype[np.float64]]",
+                            np.bincount(ids[ok], weights=cv.data[ok].astype(np.float64), minlength=n + 1))
                 cn = np.bincount(ids[ok], minlength=n + 1)
             e = _edges(ids, cls, base)
             inner = [e[s][0] for s, on in (("top", r0 > 0), ("bottom", box.row_end < height),
@@ -479,7 +482,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
             sink.flush(final=True)
             unnamed = sorted(found - set(names))
             if style:
-                entries = [(v, names[v], colours[v]) for v in sorted(names) if v not in skip]
+                entries: list[tuple[int, str, tuple[int, ...]]] = [
+                    (v, names[v], colours[v]) for v in sorted(names) if v not in skip]
                 entries += [(v, f"class_{v}", (128, 128, 128, 255)) for v in unnamed]
                 write_layer_style(tmp, layer, layer_style_qml(entries), name=layer)
             info = pyogrio.read_info(tmp, layer=layer)

@@ -44,7 +44,9 @@ def test_fused_equals_timm(name, size):
 def test_interleaved_rotation_layout_too():
     """timm also builds DINOv3-like models with the interleaved rotation; the wrapper follows the flag."""
     m = _model("vit_small_patch16_dinov3", rope_rotate_half=False, **SMALL)
-    assert FusedRopeViT(m).half is False
+    assert FusedRopeViT(m).rotate_half is False
+    cast = FusedRopeViT(_model("vit_small_patch16_dinov3", rope_rotate_half=False, **SMALL)).half()
+    assert next(cast.parameters()).dtype == torch.float16  # nn.Module's fp16 cast is not shadowed
     x = torch.randn(1, 3, 32, 48)
     with torch.inference_mode():
         torch.testing.assert_close(FusedRopeViT(m).forward_features(x), m.forward_features(x), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The house style is checked by a tool: ruff, with the rule set of ``[tool.ruff.lint]`` in pyproject.toml."""
+"""The house style is checked by tools: ruff (the rule set of ``[tool.ruff.lint]``) and mypy (``[tool.mypy]``),
+both configured in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def test_ruff_catches_what_it_is_configured_for(tmp_path):
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 1
     assert "F401" in res.stdout and "ANN001" in res.stdout and "ANN201" in res.stdout
+
+
+def test_mypy_finds_nothing(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "Success: no issues found" in res.stdout
