@@ -2,8 +2,8 @@
 
 :func:`write_project` discovers a run folder's outputs by name (``pca_rgb*``, ``classes*``, ``seg_*``,
 ``change_*``, ``similarity``, ``*.gpkg``; ``features.zarr`` and JSON files are not map layers), writes the
-screening context into ``context.gpkg`` (layers ``aoi`` and ``masked_sites``, in the outputs' CRS, their
-styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with ``xml.etree``, so
+screening context into ``context.gpkg`` (layers ``aoi``, ``masked_sites`` and the ``sites_hit``, in the
+outputs' CRS, their styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with ``xml.etree``, so
 the pipeline needs no PyQGIS. Datasources are ``./name`` paths with ``Paths/Absolute`` false, so the folder
 can be moved or zipped whole. The input rasters live outside the run folder: the ``Inputs`` group refers to
 them by their absolute paths (from the provenance record), hidden at first, so a run folder moved on the same
@@ -268,12 +268,26 @@ def _symbol(*fills: dict[str, str], name: str = "0") -> ET.Element:
     return sym
 
 
-def _vector_qml(*fills: dict[str, str]) -> str:
-    """A QGIS 3 vector layer style (single fill symbol) as a QML document."""
+def _marker(props: dict[str, str], name: str = "0") -> ET.Element:
+    """A QGIS marker ``<symbol>`` of one ``SimpleMarker`` symbol layer."""
+    sym = ET.Element("symbol", {"type": "marker", "name": name, "alpha": "1", "clip_to_extent": "1",
+                                "force_rhr": "0"})
+    layer = _sub(sym, "layer", **{"class": "SimpleMarker", "enabled": "1", "locked": "0", "pass": "0"})
+    opts = _sub(layer, "Option", type="Map")
+    base = {"name": "star", "color": "255,255,255,255", "outline_color": "0,0,0,255", "outline_style": "solid",
+            "outline_width": "0.4", "outline_width_unit": "MM", "size": "4.5", "size_unit": "MM", "angle": "0",
+            "offset": "0,0", "offset_unit": "MM", "joinstyle": "miter", "scale_method": "diameter"}
+    for k, v in (base | props).items():
+        _sub(opts, "Option", name=k, value=v, type="QString")
+    return sym
+
+
+def _vector_qml(*fills: dict[str, str], marker: dict[str, str] | None = None) -> str:
+    """A QGIS 3 vector layer style (single fill symbol, or ``marker`` for points) as a QML document."""
     root = ET.Element("qgis", version=_QGIS_VERSION, styleCategories="AllStyleCategories")
     renderer = _sub(root, "renderer-v2", type="singleSymbol", symbollevels="0", forceraster="0",
                     enableorderby="0")
-    _sub(renderer, "symbols").append(_symbol(*fills))
+    _sub(renderer, "symbols").append(_marker(marker) if marker is not None else _symbol(*fills))
     _sub(root, "blendMode", 0)
     _sub(root, "featureBlendMode", 0)
     _sub(root, "layerOpacity", 1)
@@ -285,6 +299,10 @@ _STYLES: dict[str, str] = {
     "masked_sites": _vector_qml(  # semi-transparent red under a red diagonal hatch
         {"color": "220,30,30,90", "outline_color": "200,0,0,255", "outline_width": "0.5"},
         {"color": "200,0,0,255", "style": "b_diagonal", "outline_style": "no"}),
+    # every site the screen hit, whatever its action: white stars, and orange dashed outlines for areas
+    "sites_hit": _vector_qml(marker={}),
+    "sites_hit_areas": _vector_qml({"style": "no", "outline_color": "230,120,0,255", "outline_width": "0.6",
+                                    "outline_style": "dash"}),
     "tiles": _vector_qml({"style": "no", "outline_color": "90,90,90,200", "outline_width": "0.15"}),
     "": _vector_qml({"color": "255,255,255,40", "outline_color": "40,40,40,255", "outline_width": "0.3"}),
 }
@@ -329,10 +347,12 @@ def _vector_layers(run_dir: Path, gpkg: Path, group: str) -> list[MapLayer]:
 
 
 def write_context(run_dir: Path, crs: Any) -> Path:
-    """Write ``context.gpkg``: the AOI outline and the screening's masked sites, in ``crs``, styles stored.
+    """Write ``context.gpkg``: the AOI outline, the screening's masked sites and the sites it hit, in ``crs``,
+    styles stored.
 
     ``masked_sites`` holds the buffered sites of ``screening.json`` ``mask_4326`` with the hit's name and
-    action (sites hit without a mask have no geometry in the decision and are only in ``screening.json``).
+    action; ``sites_hit`` (points) and ``sites_hit_areas`` (polygons) hold every site of ``sites_4326``, the
+    sites themselves, with category, action, buffer and distance (written when there are any).
     """
     import json
     import os
@@ -359,6 +379,17 @@ def write_context(run_dir: Path, crs: Any) -> Path:
         "masked_sites": gpd.GeoDataFrame({k: [props.get(k) for props in site_props] for k in columns},
                                          geometry=[shape(f["geometry"]) for f in feats], crs="EPSG:4326"),
     }
+    geometry_types = {"aoi": "MultiPolygon", "masked_sites": "MultiPolygon"}
+    hit_cols = ("site_id", "name", "category", "action", "buffer_m", "distance_m")
+    hit_feats = [(f["properties"], shape(f["geometry"]))
+                 for f in (screening.get("sites_4326") or {}).get("features", [])]
+    for name, kinds, gtype in (("sites_hit", ("Point", "MultiPoint"), "MultiPoint"),
+                               ("sites_hit_areas", ("Polygon", "MultiPolygon"), "MultiPolygon")):
+        part = [(props, g) for props, g in hit_feats if g.geom_type in kinds]
+        if part:
+            layers[name] = gpd.GeoDataFrame({k: [props.get(k) for props, _ in part] for k in hit_cols},
+                                            geometry=[g for _, g in part], crs="EPSG:4326")
+            geometry_types[name] = gtype
     tmp = _tmp_sibling(dst, ".gpkg")
     try:
         for name, gdf in layers.items():
@@ -367,7 +398,7 @@ def write_context(run_dir: Path, crs: Any) -> Path:
             if gdf.crs.is_geographic and len(gdf):  # straight lon/lat edges stay right once projected
                 gdf = gdf.set_geometry(shapely.segmentize(gdf.geometry.values, 0.01))
             gdf = gdf.to_crs(crs)
-            gdf.to_file(tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="MultiPolygon",
+            gdf.to_file(tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type=geometry_types[name],
                         promote_to_multi=True)
             write_layer_style(tmp, name, _STYLES[name], name=f"{name} (geo_dino)")
         os.replace(tmp, dst)

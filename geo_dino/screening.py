@@ -334,6 +334,8 @@ class Decision:
     decided_at: str
     reason: str
     masked: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
+    # every hit site's own geometry (EPSG:4326, unbuffered), whatever its action: the map of what was hit
+    sites: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     def mask_geometry(self, crs: Any) -> Any:
         """Union of the buffered sites whose action is ``mask``, in ``crs`` (always_xy); None when none.
@@ -360,7 +362,8 @@ class Decision:
         return shapely.make_valid(out) if not out.is_valid else out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict, with ``mask_4326``: a GeoJSON FeatureCollection of the masked, buffered sites."""
+        """A JSON-able dict, with ``mask_4326``: a GeoJSON FeatureCollection of the masked, buffered sites, and
+        ``sites_4326``: one of every site hit (its own geometry, with the hit's fields)."""
         import shapely
 
         by_id = {h.site_id: h for h in self.hits}
@@ -368,6 +371,8 @@ class Decision:
                      "properties": {"site_id": sid, "category": by_id[sid].category,
                                     "buffer_m": by_id[sid].buffer_m},
                      "geometry": json.loads(shapely.to_geojson(g))} for sid, g in self.masked]
+        sites = [{"type": "Feature", "properties": asdict(by_id[sid]),
+                  "geometry": json.loads(shapely.to_geojson(g))} for sid, g in self.sites if sid in by_id]
         return {
             "action": self.action,
             "allowed": self.allowed,
@@ -379,6 +384,7 @@ class Decision:
             "aoi_sha256": self.aoi_sha256,
             "decided_at": self.decided_at,
             "mask_4326": {"type": "FeatureCollection", "features": features},
+            "sites_4326": {"type": "FeatureCollection", "features": sites},
         }
 
 
@@ -555,6 +561,7 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
     # 2. exact metric test on each candidate, in an azimuthal equidistant projection centred on the site
     hits: list[SiteHit] = []
     masked: list[tuple[str, Any]] = []
+    sites: list[tuple[str, Any]] = []
     geoms = gdf.geometry.values
     shapely.prepare(aoi)
     touching = shapely.intersects(aoi, geoms[idx]) if len(idx) else np.zeros(0, dtype=bool)
@@ -578,6 +585,7 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
         hit = SiteHit(site_id=str(gdf["site_id"].iat[i]), name=str(gdf["name"].iat[i]), category=cat,
                       action=rule.action, buffer_m=rule.buffer_m, distance_m=round(dist, 3))
         hits.append(hit)
+        sites.append((hit.site_id, site))
         if rule.action == "mask":
             if site_m is None:
                 fwd, inv = _aeqd(site)
@@ -603,6 +611,7 @@ def screen(aoi_geometry_4326: Any, registry: Registry, policy: Policy, *,
         aoi_sha256=aoi_sha256, decided_at=now,
         reason=_reason(action, hits, registry.n_sites, approval_rec),
         masked=tuple(sorted(masked, key=lambda m: m[0])),
+        sites=tuple(sorted(sites, key=lambda m: m[0])),
     )
 
 

@@ -96,6 +96,7 @@ def _add_future_outputs(run_dir: Path, seg_classes: bool = True) -> None:
 # ------------------------------------------------------------------------------------- without QGIS
 def test_project_xml_relative_grouped_and_styled(tiny_config):
     one_date = {"Screening", "Vectors", "Classes", "Features", "Inputs"}
+    hit_runs: list[Path] = []
     runs = ((_bahamas(tiny_config), one_date), (_pucallpa(tiny_config), one_date | {"Change"}))
     for run_dir, groups in runs:
         project = qp.write_project(run_dir)
@@ -159,11 +160,24 @@ def test_project_xml_relative_grouped_and_styled(tiny_config):
         assert rasterio.crs.CRS.from_user_input(context_crs) == crs
         with sqlite3.connect(run_dir / "context.gpkg") as db:
             styles = dict(db.execute("SELECT f_table_name, styleQML FROM layer_styles WHERE useAsDefault"))
-        assert set(styles) == {"aoi", "masked_sites"} and "b_diagonal" in styles["masked_sites"]
+        # every site hit (whatever its action) as itself: points here (airport, port), markers in the project
+        points = [f for f in screening["sites_4326"]["features"] if f["geometry"]["type"] == "Point"]
+        hit_layers = {"sites_hit"} if points else set()
+        assert set(styles) == {"aoi", "masked_sites"} | hit_layers and "b_diagonal" in styles["masked_sites"]
+        if points:
+            hit_runs.append(run_dir)
+            info = pyogrio.read_info(run_dir / "context.gpkg", layer="sites_hit")
+            assert info["features"] == len(points) == len(screening["hits"])
+            assert rasterio.crs.CRS.from_user_input(info["crs"]) == crs
+            assert layers["sites_hit"].find("renderer-v2/symbols/symbol").get("type") == "marker"
+            assert "sites_hit" in _groups(project)["Screening"]
+        else:
+            assert "sites_hit" not in layers
         masked = ET.tostring(layers["masked_sites"].find("renderer-v2"), encoding="unicode")
         assert masked.count('class="SimpleFill"') == 2 and "b_diagonal" in masked
     assert len(screening["mask_4326"]["features"]) == 0
     assert qp.write_project(run_dir).read_bytes() == project.read_bytes()  # deterministic
+    assert hit_runs == [runs[0][0]]  # the Bahamas scene hits Nassau's airport and port
 
 
 def test_project_finds_outputs_by_name(tiny_config):
@@ -247,7 +261,9 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
         groups = _groups(run_dir / "run.qgs")
         record = json.loads((run_dir / "provenance.json").read_text())
         assert len(groups["Inputs"]) == len(record["inputs"]) >= 1
-        assert set(layers) == set(tifs) | {"tiles", "aoi", "masked_sites"} | set(groups["Inputs"]) | (
+        screening = json.loads((run_dir / "screening.json").read_text())
+        hits = {"sites_hit"} if screening["sites_4326"]["features"] else set()
+        assert set(layers) == set(tifs) | {"tiles", "aoi", "masked_sites"} | set(groups["Inputs"]) | hits | (
             {"change_polygons"} if run_dir == moved else set())
         for name, info in layers.items():
             assert info["valid"] and info["crs"] == authid, name  # the inputs too, after the folder moved
@@ -268,8 +284,10 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
                     want = ("singlebandpseudocolor", "singlebandgray")
                 assert info["renderer"] in want, (name, info["renderer"])
         state = json.loads((run_dir / "state.json").read_text())
-        screening = json.loads((run_dir / "screening.json").read_text())
         assert layers["tiles"]["features"] == state["tiling"]["n_tiles"]
+        if hits:  # the sites hit, drawn as markers in the project and from the file's stored style alike
+            assert layers["sites_hit"]["features"] == len(screening["sites_4326"]["features"])
+            assert layers["sites_hit"]["stored_style"]["renderer"] == layers["sites_hit"]["renderer"]
         assert layers["aoi"]["features"] == 1 and layers["aoi"]["renderer"] == "singleSymbol"
         assert layers["masked_sites"]["features"] == len(screening["mask_4326"]["features"])
         # fill + hatch, in the project and in context.gpkg's layer_styles (what QGIS loads for the file alone)

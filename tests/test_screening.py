@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pyproj import Geod, Transformer
-from shapely.geometry import Point, box
+from shapely.geometry import Point, box, shape
 
 from geo_dino.config import Approval
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError
@@ -164,6 +164,13 @@ def test_military_airport_is_denied_even_with_approval(registry, policy):
         enforce(d)
     assert "CFB Edmonton" in str(exc.value) and "cannot be approved" in str(exc.value)
     assert exc.value.decision is d
+    # every site hit is in the decision with its own geometry, whatever its action (none is masked here)
+    sites = d.to_dict()["sites_4326"]["features"]
+    assert [f["properties"]["site_id"] for f in sites] == sorted(h.site_id for h in d.hits)
+    assert not d.to_dict()["mask_4326"]["features"]
+    mil = next(f for f in sites if f["properties"]["category"] == "military")
+    assert mil["properties"]["action"] == "deny" and mil["geometry"]["type"] == "Point"
+    assert shape(mil["geometry"]).distance(Point(*CFB_EDMONTON)) < 0.05  # the site itself, not a buffer
 
 
 def test_require_approval_blocks_without_and_passes_with_approval(registry, policy):
