@@ -38,7 +38,8 @@ def main() -> None:
     npt = model.num_prefix_tokens
     with torch.inference_mode():
         ref = model.forward_features(x)
-        inter = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True, output_fmt="NCHW")[-1]
+        inter = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True,
+                                            output_fmt="NCHW")[-1]
         ours = fused.dense_features(x)
     diff_ours = (ours.flatten(2).transpose(1, 2) - ref[:, npt:]).abs().max().item()
     diff_inter = (inter.flatten(2).transpose(1, 2) - ref[:, npt:]).abs().max().item()
@@ -65,7 +66,8 @@ def main() -> None:
     for k, r in rate.items():
         print(f"  {k:36s} {r:7.2f} tiles/s  (runs: {', '.join(f'{args.batch / t:.2f}' for t in times[k])})")
     base = rate["timm eager forward_features"]
-    print(f"RATIO ours / timm eager = {rate['ours FusedRopeViT.dense_features'] / base:.3f} (goal >= 1: not slower)")
+    print(f"RATIO ours / timm eager = {rate['ours FusedRopeViT.dense_features'] / base:.3f} "
+          "(goal >= 1: not slower)")
 
 
 if __name__ == "__main__":

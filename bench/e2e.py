@@ -49,8 +49,8 @@ SYN_RES = 10.0
 # ------------------------------------------------------------------------------------------------ helpers
 def peak_rss_mib() -> float:
     """Peak RSS of this process in MiB: VmHWM of /proc/self/status (the high-water mark of this process's own
-    address space). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: on Linux it carries over across exec, so a
-    child started with vfork/exec by a big parent would report the parent's peak."""
+    address space). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: on Linux it carries over across exec, so
+    a child started with vfork/exec by a big parent would report the parent's peak."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -177,7 +177,8 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
         valid = np.stack([v for _, v in reads[k:k + bs]])
         batches.append(torch.from_numpy(extractor.pre(data, valid)))
     model = extractor.model
-    dense_features(model, batches[0])  # warm-up (the pipeline's inference also runs after fit_heads warmed up)
+    # warm-up (the pipeline's inference also runs after fit_heads warmed up)
+    dense_features(model, batches[0])
     bb = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -201,34 +202,40 @@ def report_demo(r: dict[str, Any]) -> None:
     e2e_stage = r["stages_total_s"]
     rows = [
         ("job", f'configs/demo.yaml, {r["arch"]}, batch {r["batch_size"]}, {n} tiles of 224² '
-                f'(+{r["fit_tiles"]} tiles re-run by fit_heads), output grid {r["out_grid"]}, {r["km2"]:.0f} km²'),
+                f'(+{r["fit_tiles"]} tiles re-run by fit_heads), output grid {r["out_grid"]}, '
+                f'{r["km2"]:.0f} km²'),
         ("Prefect flow: end-to-end", f'{r["flow_wall_s"]:.2f} s  -> {n / r["flow_wall_s"]:.2f} tiles/s, '
-                                     f'{r["km2"] / r["flow_wall_s"]:.0f} km²/s (incl. ephemeral server start)'),
-        ("Prefect flow: total_flow", f'{r["flow_timings"].get("total_flow", float("nan")):.2f} s (screen→finalize, '
-                                     'from provenance)'),
-        ("Prefect flow: inference", f'{flow_inf:.2f} s  -> {n / flow_inf:.2f} tiles/s' if flow_inf else "n/a"),
+                                     f'{r["km2"] / r["flow_wall_s"]:.0f} km²/s '
+                                     '(incl. ephemeral server start)'),
+        ("Prefect flow: total_flow", f'{r["flow_timings"].get("total_flow", float("nan")):.2f} s '
+                                     '(screen→finalize, from provenance)'),
+        ("Prefect flow: inference",
+         f'{flow_inf:.2f} s  -> {n / flow_inf:.2f} tiles/s' if flow_inf else "n/a"),
         ("Prefect flow: peak RSS", f'{r["flow_peak_rss_mib"]:.0f} MiB (this process; the Prefect server is a '
                                    'separate process)'),
     ]
     for k, v in r["stages"].items():
         rows.append((f"stage {k}", f"{v:.3f} s"))
     rows += [
-        ("stages: end-to-end", f'{e2e_stage:.2f} s -> {n / e2e_stage:.2f} tiles/s, {r["km2"] / e2e_stage:.0f} km²/s'),
+        ("stages: end-to-end", f'{e2e_stage:.2f} s -> {n / e2e_stage:.2f} tiles/s, '
+                               f'{r["km2"] / e2e_stage:.0f} km²/s'),
         ("stages: inference reps", ", ".join(f"{v:.2f}" for v in r["infer_reps_s"])
          + f" s (median {inf_med:.2f} -> {n / inf_med:.2f} tiles/s, {r['km2'] / inf_med:.0f} km²/s)"),
         ("backbone alone reps", ", ".join(f"{v:.2f}" for v in r["backbone_reps_s"])
          + f" s (median {bb_med:.2f} -> {n / bb_med:.2f} tiles/s; best {n / bb_best:.2f})"),
         ("RATIO inference / backbone", f"{bb_med / inf_med:.3f} (median/median; goal >= 0.90) "
-                                       f"[{'MET' if bb_med / inf_med >= 0.9 else 'MISSED'}]; vs best backbone "
-                                       f"{bb_best / inf_med:.3f}"),
+                                       f"[{'MET' if bb_med / inf_med >= 0.9 else 'MISSED'}]; "
+                                       f"vs best backbone {bb_best / inf_med:.3f}"),
     ]
     if flow_inf:
-        rows.append(("RATIO flow inference / backbone", f"{bb_med / flow_inf:.3f} (incl. Prefect task overhead)"))
+        rows.append(("RATIO flow inference / backbone",
+                     f"{bb_med / flow_inf:.3f} (incl. Prefect task overhead)"))
     rows += [
         ("RATIO end-to-end(stages) / backbone", f"{bb_med / e2e_stage:.3f} (incl. screen, plan, fit_heads, "
                                                 "finalize)"),
         ("RATIO end-to-end(flow) / backbone", f'{bb_med / r["flow_wall_s"]:.3f} (incl. Prefect)'),
-        ("fit_heads backbone work", f'{r["fit_tiles"]} extra tile forwards = {r["fit_tiles"] / n:.0%} of the job; '
+        ("fit_heads backbone work", f'{r["fit_tiles"]} extra tile forwards = '
+                                    f'{r["fit_tiles"] / n:.0%} of the job; '
                                     f'backbone-only bound for all forwards: '
                                     f'{bb_med * (n + r["fit_tiles"]) / n:.2f} s'),
     ]
@@ -278,7 +285,8 @@ def make_raster(path: Path, size: int, *, block: int = 1024, seed: int = 0, comp
                     cols = np.arange(c0, c0 + w, dtype=np.float32)
                     v = 0.55 * noise(lat2, cell2, rows, cols) + 0.3 * noise(lat, cell, rows, cols)
                     for b in range(3):
-                        ph = (cols[None, :] * np.cos(angles[b]) + rows[:, None] * np.sin(angles[b])) / periods[b]
+                        ph = ((cols[None, :] * np.cos(angles[b]) + rows[:, None] * np.sin(angles[b]))
+                              / periods[b])
                         v[b] += 0.12 * np.sin(2 * np.pi * ph)
                     wrng = np.random.default_rng((seed, r0, c0))
                     v += wrng.normal(0, 0.03, v.shape).astype(np.float32)
@@ -398,7 +406,8 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
                 interleaved["tiles"] += n0
                 interleaved["passes"] += 1
             if (c + 1) % 10 == 0:  # progress on stderr (passed through by the parent), in case of a timeout
-                print(f"  [child] {done}/{plan['n_tiles']} tiles, {done / (time.perf_counter() - t):.1f} tiles/s, "
+                print(f"  [child] {done}/{plan['n_tiles']} tiles, "
+                      f"{done / (time.perf_counter() - t):.1f} tiles/s, "
                       f"peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
 
     stage("infer", infer_all)
@@ -438,14 +447,16 @@ def bench_synthetic(tmp: Path, sizes: list[int], arch: str, batch: int, raster_d
         gen = None
         if not raster.exists():
             gen = make_raster(raster, size)
-            print(f"(generated {raster.name} in {gen:.1f} s; running the pipeline in a child process)", flush=True)
+            print(f"(generated {raster.name} in {gen:.1f} s; running the pipeline in a child process)",
+                  flush=True)
         aoi = tmp / f"aoi_{size}.geojson"
         write_aoi(raster, aoi)
         out = tmp / f"runs_{size}"
         out.mkdir(exist_ok=True)
         cfg = synthetic_config(raster, aoi, out, arch, batch)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-synthetic", json.dumps(cfg)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-synthetic",
+                               json.dumps(cfg)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t0
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_TAG)), None)
@@ -465,8 +476,9 @@ def bench_synthetic(tmp: Path, sizes: list[int], arch: str, batch: int, raster_d
         lo, hi = min(results), max(results)
         ratio = results[hi]["peak_rss_mib"] / results[lo]["peak_rss_mib"]
         table("synthetic: bounded memory", [
-            (f"RATIO peak RSS {hi}² / {lo}²", f'{results[hi]["peak_rss_mib"]:.0f} / {results[lo]["peak_rss_mib"]:.0f}'
-                                              f" MiB = {ratio:.2f} (goal <= 1.5) [{'MET' if ratio <= 1.5 else 'MISSED'}]"),
+            (f"RATIO peak RSS {hi}² / {lo}²",
+             f'{results[hi]["peak_rss_mib"]:.0f} / {results[lo]["peak_rss_mib"]:.0f}'
+             f" MiB = {ratio:.2f} (goal <= 1.5) [{'MET' if ratio <= 1.5 else 'MISSED'}]"),
             ("pixels ratio", f"{(hi / lo) ** 2:.0f}x"),
         ])
     return results
@@ -477,8 +489,10 @@ def report_synthetic_one(r: dict[str, Any]) -> None:
     inf = s["infer"]
     rows = [
         ("raster", f'{r["size"]}² uint8 x3, COG (512-px tiles, DEFLATE, overviews; validated), '
-                   f'{r["raster_bytes"] / 2**20:.0f} MiB' + (f', generated in {r["gen_s"]:.1f} s' if r["gen_s"] else "")),
-        ("job", f'{r["arch"]}, batch {r["batch"]}, {n} tiles, output grid {r["out_grid"]}, {r["km2"]:.0f} km², '
+                   f'{r["raster_bytes"] / 2**20:.0f} MiB'
+                   + (f', generated in {r["gen_s"]:.1f} s' if r["gen_s"] else "")),
+        ("job", f'{r["arch"]}, batch {r["batch"]}, {n} tiles, output grid {r["out_grid"]}, '
+                f'{r["km2"]:.0f} km², '
                 f'screen: {r["screen"]["action"]} ({r["screen"]["hits"]} hits)'),
     ]
     for k, v in s.items():
@@ -498,9 +512,11 @@ def report_synthetic_one(r: dict[str, Any]) -> None:
         ("RATIO end-to-end / backbone alone (interleaved)",
          f'{n / r["total_s"] / r["interleaved_backbone_tiles_per_s"]:.3f} (goal >= 0.90) '
          f'[{"MET" if n / r["total_s"] / r["interleaved_backbone_tiles_per_s"] >= 0.9 else "MISSED"}]'),
-        ("peak RSS (child)", f'{r["peak_rss_mib"]:.0f} MiB (after imports {r["rss_after_stage"]["after imports"]:.0f})'),
-        ("work files before the COG pass", f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
-                        f'{(r["accumulator_bytes_on_disk"] or 0) / 2**30:.2f} GiB on disk'),
+        ("peak RSS (child)", f'{r["peak_rss_mib"]:.0f} MiB '
+                             f'(after imports {r["rss_after_stage"]["after imports"]:.0f})'),
+        ("work files before the COG pass",
+         f'{(r["accumulator_bytes_apparent"] or 0) / 2**30:.2f} GiB apparent, '
+         f'{(r["accumulator_bytes_on_disk"] or 0) / 2**30:.2f} GiB on disk'),
     ]
     table(f'synthetic {r["size"]}²', rows)
 
@@ -520,7 +536,8 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
     size = 224
     info = open_raster(raster, SourceConfig(allowed_roots=[raster.parent], bands=[1, 2, 3]), needed_bands=3)
     H, W = info.grid.height, info.grid.width
-    boxes = [PixelBox(r, c, size, size) for r in range(0, H - size + 1, size) for c in range(0, W - size + 1, size)]
+    boxes = [PixelBox(r, c, size, size)
+             for r in range(0, H - size + 1, size) for c in range(0, W - size + 1, size)]
     boxes = boxes[:cap]
     n = len(boxes)
     res: dict[str, Any] = {"n_windows": n, "raster": f"{H}x{W}"}
@@ -596,7 +613,8 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
                 assert x.shape[0] == len(reads)
         return time.perf_counter() - t
 
-    methods = {"ours: WindowReader.read_many (pipeline)": ours_many, "ours: WindowReader.read, one window": ours,
+    methods = {"ours: WindowReader.read_many (pipeline)": ours_many,
+               "ours: WindowReader.read, one window": ours,
                "ours + batch + preprocess": ours_batched,
                "plain rasterio read": plain, "torchgeo RasterDataset+GridGeoSampler+DataLoader": tg}
     times: dict[str, list[float]] = {k: [] for k in methods}
@@ -615,10 +633,13 @@ def report_reads(r: dict[str, Any]) -> None:
     rows = [("windows", f'{n} windows of 224² (stride 224) over {r["raster"]}, uint8 x3; '
                         f'torchgeo samples {r.get("torchgeo_sample_shape")}')]
     for k, v in rate.items():
-        rows.append((k, f"{v:,.0f} windows/s  (runs: " + ", ".join(f"{n / t:,.0f}" for t in r["times"][k]) + ")"))
-    ours, tgk = rate["ours: WindowReader.read_many (pipeline)"], rate["torchgeo RasterDataset+GridGeoSampler+DataLoader"]
+        rows.append((k, f"{v:,.0f} windows/s  (runs: "
+                     + ", ".join(f"{n / t:,.0f}" for t in r["times"][k]) + ")"))
+    ours, tgk = (rate["ours: WindowReader.read_many (pipeline)"],
+                 rate["torchgeo RasterDataset+GridGeoSampler+DataLoader"])
     rows += [
-        ("RATIO ours / torchgeo", f"{ours / tgk:.2f}x (goal >= 4) [{'MET' if ours / tgk >= 4 else 'MISSED'}]"),
+        ("RATIO ours / torchgeo",
+         f"{ours / tgk:.2f}x (goal >= 4) [{'MET' if ours / tgk >= 4 else 'MISSED'}]"),
         ("RATIO ours+preprocess / torchgeo", f'{rate["ours + batch + preprocess"] / tgk:.2f}x'),
         ("RATIO ours / plain rasterio", f'{ours / rate["plain rasterio read"]:.2f}'),
         ("RATIO ours one window / torchgeo", f'{rate["ours: WindowReader.read, one window"] / tgk:.2f}x'),
@@ -631,9 +652,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the 16384² raster")
     ap.add_argument("--only", choices=("demo", "synthetic", "reads"), help="run one section")
-    ap.add_argument("--sizes", type=int, nargs="+", help="synthetic sizes (default 4096 16384; 4096 with --quick)")
+    ap.add_argument("--sizes", type=int, nargs="+",
+                    help="synthetic sizes (default 4096 16384; 4096 with --quick)")
     ap.add_argument("--arch", default="vit_tiny_patch16_dinov3_test", help="backbone for the synthetic runs")
-    ap.add_argument("--batch", type=int, default=8, help="batch size of the synthetic runs and torchgeo loader")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="batch size of the synthetic runs and torchgeo loader")
     ap.add_argument("--reads-size", type=int, default=None, help="raster for the read benchmark "
                     "(default 16384, or 4096 with --quick)")
     ap.add_argument("--reads-cap", type=int, default=2000, help="windows per read method")
@@ -650,7 +673,8 @@ def main() -> None:
     info = machine_info()
     table("machine", [("platform", info["platform"]), ("cpu", f'{info["cpu"]} ({info["machine"]})'),
                       ("cores", str(info["cores"])), ("torch threads", str(info["torch_threads"])),
-                      ("RAM", info["ram"]), ("load average at start", " ".join(f"{v:.2f}" for v in info["load_avg"])),
+                      ("RAM", info["ram"]),
+                      ("load average at start", " ".join(f"{v:.2f}" for v in info["load_avg"])),
                       ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))])
     sections = [args.only] if args.only else ["demo", "synthetic", "reads"]
     sizes = args.sizes or ([4096] if args.quick else [4096, 16384])

@@ -76,7 +76,8 @@ def main() -> None:
     from geo_dino.backbone import build_backbone, dense_features
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "")) if os.environ.get("OUT") else None)
+    ap.add_argument("--out", type=Path,
+                    default=Path(os.environ.get("OUT", "")) if os.environ.get("OUT") else None)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
@@ -89,8 +90,8 @@ def main() -> None:
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    emit(args.out, what="machine", gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__, timm=timm.__version__,
-         python=platform.python_version())
+    emit(args.out, what="machine", gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+         torch=torch.__version__, timm=timm.__version__, python=platform.python_version())
     B, it = args.batch, args.iters
     x = torch.randn(B, 3, 224, 224, device=dev)
     xb = x.bfloat16()
@@ -124,9 +125,11 @@ def main() -> None:
     fused = FusedRopeViT(mb)
     with torch.inference_mode():
         fb = fused.dense_features(x[:16].bfloat16())
-    emit(args.out, what="correctness", model="vit_large_patch16_dinov3", variant="ours fused-RoPE bf16 vs fp32",
+    emit(args.out, what="correctness", model="vit_large_patch16_dinov3",
+         variant="ours fused-RoPE bf16 vs fp32",
          rel_err=rel_err(ref, fb), vs_timm_bf16=rel_err(rb, fb))
-    emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="ours fused-RoPE eager (bf16)",
+    emit(args.out, what="throughput", model="vit_large_patch16_dinov3",
+         variant="ours fused-RoPE eager (bf16)",
          res=224, batch=B, img_s=round(timed(fused.forward_features, xb, it, 3), 1))
     if not args.no_compile:
         t0 = time.time()
@@ -136,9 +139,11 @@ def main() -> None:
         emit(args.out, what="compile", model="ours fused-RoPE", seconds=round(time.time() - t0, 1))
         with torch.inference_mode():
             cb = fc(x[:16].bfloat16())[:, 5:]
-        emit(args.out, what="correctness", model="vit_large_patch16_dinov3", variant="ours fused-RoPE compiled bf16 vs fp32",
+        emit(args.out, what="correctness", model="vit_large_patch16_dinov3",
+             variant="ours fused-RoPE compiled bf16 vs fp32",
              rel_err=rel_err(ref.flatten(2).transpose(1, 2), cb))
-        emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="ours fused-RoPE compiled (bf16)",
+        emit(args.out, what="throughput", model="vit_large_patch16_dinov3",
+             variant="ours fused-RoPE compiled (bf16)",
              res=224, batch=B, img_s=round(timed(fc, xb, it, 3), 1))
 
     if args.cudagraphs and not args.no_compile:
@@ -147,7 +152,8 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(3):  # graph capture happens on the first calls
                 fg(xb)
-        emit(args.out, what="compile", model="ours fused-RoPE reduce-overhead", seconds=round(time.time() - t0, 1))
+        emit(args.out, what="compile", model="ours fused-RoPE reduce-overhead",
+             seconds=round(time.time() - t0, 1))
         emit(args.out, what="throughput", model="vit_large_patch16_dinov3",
              variant="ours fused-RoPE compiled + CUDA graphs (bf16)",
              res=224, batch=B, img_s=round(timed(fg, xb, it, 3), 1))
@@ -164,13 +170,16 @@ def main() -> None:
             cm.forward_features(xb)
         emit(args.out, what="compile", model="vit_large_patch16_dinov3", seconds=round(time.time() - t0, 1))
         cf = torch.compile(mb.forward_features)
-        emit(args.out, what="throughput", model="vit_large_patch16_dinov3", variant="timm compiled (bf16 weights)",
+        emit(args.out, what="throughput", model="vit_large_patch16_dinov3",
+             variant="timm compiled (bf16 weights)",
              res=224, batch=B, img_s=round(timed(cf, xb, it, 3), 1))
     model = mb = None  # free the GPU memory before the next models
     torch.cuda.empty_cache()
 
-    plain = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0).to(dev).eval().bfloat16()
-    emit(args.out, what="throughput", model="vit_large_patch16_224 (no RoPE)", variant="timm eager (bf16 weights)",
+    plain = timm.create_model("vit_large_patch16_224", pretrained=False,
+                              num_classes=0).to(dev).eval().bfloat16()
+    emit(args.out, what="throughput", model="vit_large_patch16_224 (no RoPE)",
+         variant="timm eager (bf16 weights)",
          res=224, batch=B, img_s=round(timed(timm_fwd(plain), xb, it, 3), 1))
     if not args.no_compile:
         pf = torch.compile(plain.forward_features)
@@ -185,9 +194,11 @@ def main() -> None:
     fsmall = FusedRopeViT(small)
     for res, b in ((224, 256), (512, 64)):
         xs = torch.randn(min(b, B), 3, res, res, device=dev, dtype=torch.bfloat16)
-        emit(args.out, what="throughput", model="vit_small_patch16_dinov3", variant="timm eager (bf16 weights)",
+        emit(args.out, what="throughput", model="vit_small_patch16_dinov3",
+             variant="timm eager (bf16 weights)",
              res=res, batch=xs.shape[0], img_s=round(timed(timm_fwd(small), xs, it, 3), 1))
-        emit(args.out, what="throughput", model="vit_small_patch16_dinov3", variant="ours fused-RoPE eager (bf16)",
+        emit(args.out, what="throughput", model="vit_small_patch16_dinov3",
+             variant="ours fused-RoPE eager (bf16)",
              res=res, batch=xs.shape[0], img_s=round(timed(fsmall.forward_features, xs, it, 3), 1))
 
     # --- pinned host→device copy (uint8 tiles as the reader produces them, and float32)

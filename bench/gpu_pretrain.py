@@ -48,7 +48,8 @@ def make_step(student, teacher, loss_fn, opt, n_local: int, bf16: bool, foreach_
     from geo_dino.dino import tokens
 
     def teacher_fwd(g: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cuda" if g.is_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast("cuda" if g.is_cuda else "cpu", dtype=torch.bfloat16,
+                                             enabled=bf16):
             cls, _ = tokens(teacher["backbone"], g)
             return teacher["head"](cls)
 
@@ -92,7 +93,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--smoke", action="store_true", help="tiny model and crops (checks the script, any device)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model and crops (checks the script, any device)")
     ap.add_argument("--only", nargs="*", default=None, help="variants to run")
     ap.add_argument("--out", default=None, help="folder for results.json")
     args = ap.parse_args()

@@ -110,7 +110,8 @@ def otsu_on(values: np.ndarray) -> float:
     return otsu_threshold(hist, edges)
 
 
-def stretch(a: np.ndarray, valid: np.ndarray | None = None, lo_hi: tuple[float, float] = (2, 98)) -> np.ndarray:
+def stretch(a: np.ndarray, valid: np.ndarray | None = None,
+            lo_hi: tuple[float, float] = (2, 98)) -> np.ndarray:
     """Per-band percentile stretch to [0, 1] (label-free, whole image)."""
     a = a.astype(np.float32)
     out = np.empty_like(a)
@@ -148,8 +149,10 @@ def image_features(model: Any, spec: Any, rgb01: np.ndarray, window: int) -> Any
     return out
 
 
-def feature_tiles(feats: Any, labels: np.ndarray, tiles: list[tuple[int, int]], tile: int, p: int) -> tuple[Any, Any]:
-    """Crops ``(N, C, tile/p, tile/p)`` of whole-image features and ``(N, tile, tile)`` labels of ``tiles``."""
+def feature_tiles(feats: Any, labels: np.ndarray, tiles: list[tuple[int, int]], tile: int,
+                  p: int) -> tuple[Any, Any]:
+    """Crops ``(N, C, tile/p, tile/p)`` of whole-image features and ``(N, tile, tile)`` labels of
+    ``tiles``."""
     import torch
 
     h = tile // p
@@ -158,7 +161,8 @@ def feature_tiles(feats: Any, labels: np.ndarray, tiles: list[tuple[int, int]], 
     return f, y
 
 
-def linear_head(feats: Any, labels: np.ndarray, split: dict[str, Any], table: ClassTable, p: int) -> dict[str, Any]:
+def linear_head(feats: Any, labels: np.ndarray, split: dict[str, Any], table: ClassTable,
+                p: int) -> dict[str, Any]:
     """Train :func:`train_linear_head` on the fit tiles (early stopping on the stop tiles), predict the whole
     image (logits upsampled bilinearly over the whole chip), score on test."""
     import torch
@@ -232,7 +236,8 @@ def taizhou(model: Any, spec: Any) -> dict[str, Any]:
     a1, a2 = _read(p1).astype(np.float32), _read(p2).astype(np.float32)
     split = split_masks(labels.shape, 40)
     out: dict[str, Any] = {"label_record": {k: rec[k] for k in ("counts", "ignored", "sha256")},
-                           "split": {"tile_px": 40, **split["n_tiles"]}, "label_counts": counts(labels, split, table),
+                           "split": {"tile_px": 40, **split["n_tiles"]},
+                           "label_counts": counts(labels, split, table),
                            "methods": {}, "seconds": {}}
     pos = 1
 
@@ -280,7 +285,8 @@ def floods(model: Any, spec: Any) -> dict[str, Any]:
     labels[nodata] = IGNORE
     split = split_masks(labels.shape, 64)
     out: dict[str, Any] = {"label_record": {k: rec[k] for k in ("counts", "ignored", "sha256")},
-                           "split": {"tile_px": 64, **split["n_tiles"]}, "label_counts": counts(labels, split, table),
+                           "split": {"tile_px": 64, **split["n_tiles"]},
+                           "label_counts": counts(labels, split, table),
                            "methods": {}, "seconds": {}}
     out["methods"]["per-pixel logreg 13 S2 bands (supervised)"] = logistic(s2, labels, split, table)
     t0 = time.perf_counter()
@@ -313,8 +319,10 @@ def atlanta(model: Any, spec: Any) -> dict[str, Any]:
     labels[~valid] = IGNORE
     shipped = _read(d / "building_mask_rasterized.tif")[0, :896, :896]
     split = split_masks(labels.shape, 64)
-    out: dict[str, Any] = {"rasterised_vs_shipped_mask_agreement": float((shipped == (labels == 1))[valid].mean()),
-                           "split": {"tile_px": 64, **split["n_tiles"]}, "label_counts": counts(labels, split, table),
+    out: dict[str, Any] = {"rasterised_vs_shipped_mask_agreement":
+                               float((shipped == (labels == 1))[valid].mean()),
+                           "split": {"tile_px": 64, **split["n_tiles"]},
+                           "label_counts": counts(labels, split, table),
                            "methods": {}, "seconds": {}}
     t0 = time.perf_counter()
     s = stretch(pan[None], valid)[0]
@@ -339,7 +347,8 @@ def atlanta(model: Any, spec: Any) -> dict[str, Any]:
 
 
 def _table(results: dict[str, Any]) -> str:
-    lines = [f"{'dataset':9} {'method':58} {'F1+':>6} {'IoU+':>6} {'OA':>6} {'mIoU':>6} {'test px':>8} {'s':>6}"]
+    lines = [f"{'dataset':9} {'method':58} {'F1+':>6} {'IoU+':>6} {'OA':>6} {'mIoU':>6} "
+             f"{'test px':>8} {'s':>6}"]
     for ds, r in results.items():
         if "error" in r:
             lines.append(f"{ds:9} ERROR: {r['error']}")
@@ -391,8 +400,8 @@ def main() -> None:
         "versions": software_versions(), "git": git_info(ROOT),
         "backbone": {"arch": spec.arch, "sha256": spec.sha256, "patch_size": spec.patch_size,
                      "mean": spec.mean, "std": spec.std, "build_s": round(t_backbone, 2)},
-        "protocol": {"split": "tiles; spatial_split(val_fraction=0.3, block=2, buffer=1, seed=0) -> test; rest "
-                              "spatial_split(0.2, block=1, buffer=0, seed=1) -> fit / early-stop",
+        "protocol": {"split": "tiles; spatial_split(val_fraction=0.3, block=2, buffer=1, seed=0) -> test; "
+                              "rest spatial_split(0.2, block=1, buffer=0, seed=1) -> fit / early-stop",
                      "scored": "labelled pixels of test tiles only",
                      "head": "train_linear_head with geo-dino train-head's defaults (epochs 200, lr 1e-2, "
                              "batch 16, validation every 10 steps, patience 10 measurements, seed 0), "
@@ -406,7 +415,8 @@ def main() -> None:
     print(table)
     print(f"total {record['total_s']} s")
     record["table"] = table
-    args.out.write_text(json.dumps(record, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    args.out.write_text(json.dumps(record, indent=1,
+                                   default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     print(f"wrote {args.out}")
 
 

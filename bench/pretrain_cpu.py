@@ -1,5 +1,5 @@
-"""Pretrain a small ViT on the bundled rasters for a fixed CPU budget, then compare k-NN and linear-probe accuracy
-on EuroSAT against the same architecture random-initialised and against raw pixels — all in one run.
+"""Pretrain a small ViT on the bundled rasters for a fixed CPU budget, then compare k-NN and linear-probe
+accuracy on EuroSAT against the same architecture random-initialised and against raw pixels — all in one run.
 
     python bench/pretrain_cpu.py                      # configs/pretrain_default.yaml, about 20 min here
     python bench/pretrain_cpu.py --skip-train RUN_DIR # evaluate an existing run folder only
@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--eval-data", default=str(FULL if FULL.exists() else MINI))
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun) for the pretraining")
     ap.add_argument("--output-dir", default=str(ROOT / "runs/bench"))
-    ap.add_argument("--skip-train", default=None, help="evaluate this run folder's backbone instead of training")
+    ap.add_argument("--skip-train", default=None,
+                    help="evaluate this run folder's backbone instead of training")
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
 
@@ -59,8 +60,10 @@ def main() -> None:
         import yaml
 
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-               if args.nproc > 1 else [sys.executable]) + ["-m", "geo_dino.pretrain", str(resolved), "--no-resume"]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={args.nproc}"]
+               if args.nproc > 1 else [sys.executable]) + ["-m", "geo_dino.pretrain", str(resolved),
+                                                           "--no-resume"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
         train_s = time.perf_counter() - t0
@@ -77,7 +80,8 @@ def main() -> None:
     feats = {}
     for pool in ("cls", "cls+mean"):  # DINO's k-NN reads the CLS token; cls+mean also pools the patches
         feats[f"pretrained (ours), {pool}"] = backbone_features(prep, arch=arch, checkpoint=ckpt, pool=pool)
-        feats[f"random init, same arch, {pool}"] = backbone_features(prep, arch=arch, seed=cfg.seed, pool=pool)
+        feats[f"random init, same arch, {pool}"] = backbone_features(prep, arch=arch, seed=cfg.seed,
+                                                                     pool=pool)
     feats["raw pixels"] = pixel_features(prep)
     for name, fs in feats.items():
         results[name] = {m: evaluate_features(fs, m).top1 for m in ("knn", "linear")}

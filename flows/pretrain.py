@@ -1,9 +1,10 @@
 """DINO pretraining as a Prefect flow.
 
-One process: the schedule runs in chunks of ``checkpoint_every`` steps, one task each; every chunk resumes from
-the run folder's checkpoint, so a retried or re-run flow continues where it stopped. Several processes
-(``nproc > 1``): one task starts ``torchrun`` (DDP; gloo on CPU, NCCL on GPUs) and follows its ``metrics.jsonl``.
-Each chunk logs steps, loss, collapse monitors and images/s, and updates a progress artifact.
+One process: the schedule runs in chunks of ``checkpoint_every`` steps, one task each; every chunk resumes
+from the run folder's checkpoint, so a retried or re-run flow continues where it stopped. Several processes
+(``nproc > 1``): one task starts ``torchrun`` (DDP; gloo on CPU, NCCL on GPUs) and follows its
+``metrics.jsonl``. Each chunk logs steps, loss, collapse monitors and images/s, and updates a progress
+artifact.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _progress_reporter(total: int, artifact_id: Any) -> Any:
 @task(name="train-chunk", **_TASK)
 def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None,
                 config_file: str | None = None) -> dict[str, Any] | None:
+    """Train up to ``steps`` more steps in this process, resuming from the run folder's checkpoint; the
+    exported backbone (checkpoint, sha256, run folder, warnings) once the schedule is complete, else None."""
     from geo_dino.pretrain import pretrain
 
     cfg = PretrainConfig.model_validate(config)
@@ -62,15 +65,18 @@ def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None,
 
 
 @task(name="train-torchrun", **_TASK)
-def train_torchrun(config_file: str, nproc: int, run_dir: str, total: int, artifact_id: Any = None) -> dict[str, Any]:
+def train_torchrun(config_file: str, nproc: int, run_dir: str, total: int,
+                   artifact_id: Any = None) -> dict[str, Any]:
     """Start ``torchrun --nproc_per_node nproc -m geo_dino.pretrain`` and relay its metrics while it runs."""
     report = _progress_reporter(total, artifact_id)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "geo_dino.pretrain", config_file]
     metrics = Path(run_dir) / "metrics.jsonl"
-    log_path = Path(run_dir) / "torchrun.log"  # a file, not a pipe: a pipe nobody reads fills and blocks ranks
+    # a file, not a pipe: a pipe nobody reads fills and blocks ranks
+    log_path = Path(run_dir) / "torchrun.log"
     seen = 0
-    with log_path.open("w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
+    with (log_path.open("w") as log,
+          subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True) as proc):
         while proc.poll() is None:
             time.sleep(1.0)
             seen = _relay(metrics, seen, report)

@@ -1,6 +1,8 @@
-"""Training a supervised head as a Prefect flow: prepare → frozen features and spatial split → train, score, write.
+"""Training a supervised head as a Prefect flow: prepare → frozen features and spatial split → train, score,
+write.
 
-Tasks pass the run folder's path and small records; features stay in the run folder's ``work/`` between tasks.
+Tasks pass the run folder's path and small records; features stay in the run folder's ``work/`` between
+tasks.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ _TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 @task(name="prepare-head-training", **_TASK)
 def prepare(cfg: HeadTrainConfig, flow_run_id: str | None) -> str:
+    """Create the training run folder with its resolved config; return its path."""
     return str(th.prepare_training(cfg, flow_run_id=flow_run_id))
 
 
 @task(name="labels-features-and-split", **_TASK)
 def features(run_dir: str) -> dict[str, Any]:
+    """Put the labels on the grid, extract the labelled tiles' frozen features and split them; tile counts."""
     return th.extract_training_features(Path(run_dir))
 
 
 @task(name="train-and-score-head", **_TASK)
 def train(run_dir: str) -> dict[str, Any]:
+    """Train the head, score it on the test tiles and write it; the test metrics and the head file's path."""
     return th.fit_and_write_head(Path(run_dir))
 
 
@@ -57,5 +62,6 @@ def train_head_flow(config_path: str | None = None, config: dict[str, Any] | Non
              res["test_macro_f1"], res["measurements"])
     create_markdown_artifact(key="head-metrics", description="held-out test metrics of the trained head",
                              markdown=f"| test mIoU | test macro F1 | head |\n|---|---|---|\n"
-                                      f"| {res['test_miou']:.3f} | {res['test_macro_f1']:.3f} | `{res['head']}` |")
+                                      f"| {res['test_miou']:.3f} | {res['test_macro_f1']:.3f} | "
+                                      f"`{res['head']}` |")
     return res | {"run_dir": run_dir}

@@ -6,7 +6,8 @@ hostile (see ``USER-NEEDS.md``, *Hostile input*). :func:`load_aoi` refuses, with
 
 * a missing file, one larger than ``AOIOptions.max_bytes`` (checked before reading), non-UTF-8 text, invalid
   JSON, ``NaN``/``Infinity`` literals, nesting deeper than ``AOIOptions.max_depth``;
-* anything but ``Polygon``, ``MultiPolygon``, ``Feature`` of those, or a non-empty ``FeatureCollection`` of those;
+* anything but ``Polygon``, ``MultiPolygon``, ``Feature`` of those, or a non-empty ``FeatureCollection`` of
+  those;
 * a ``crs`` member (RFC 7946 removed it: coordinates are always WGS84 lon/lat);
 * positions that are not 2 or 3 finite numbers, longitudes outside [-180, 180], latitudes outside [-90, 90]
   (with a hint when the values look projected or the axes look swapped);
@@ -47,8 +48,10 @@ PolygonalGeometry: TypeAlias = Polygon | MultiPolygon
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
                    "GeometryCollection")
-_ACCEPTED = "Polygon, MultiPolygon, a Feature with a Polygon/MultiPolygon geometry, or a FeatureCollection of those"
-_DENSIFY_DEG = 0.01  # edge length (degrees) before reprojection, so long edges follow the projection's curvature
+_ACCEPTED = ("Polygon, MultiPolygon, a Feature with a Polygon/MultiPolygon geometry, or a FeatureCollection "
+             "of those")
+# edge length (degrees) before reprojection, so long edges follow the projection's curvature
+_DENSIFY_DEG = 0.01
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,13 @@ class AOI:
         coords = shapely.get_coordinates(out)
         if out.is_empty or coords.size == 0 or not np.isfinite(coords).all():
             raise AOIError(f"the AOI ({self.source}, bounds {self.bounds()}) does not project to finite "
-                           f"coordinates in {crs}; it is probably outside that CRS's area of use — pick a CRS "
-                           f"(e.g. the raster's UTM zone) that covers the AOI")
+                           f"coordinates in {crs}; it is probably outside that CRS's area of use — pick a "
+                           f"CRS (e.g. the raster's UTM zone) that covers the AOI")
         if not out.is_valid:  # projection can fold a ring near the edge of the area of use
             out = _polygonal(shapely.make_valid(out))
         if out.is_empty or out.area <= 0:
-            raise AOIError(f"the AOI ({self.source}) becomes empty when reprojected to {crs}; pick a CRS whose "
-                           f"area of use covers the AOI")
+            raise AOIError(f"the AOI ({self.source}) becomes empty when reprojected to {crs}; pick a CRS "
+                           f"whose area of use covers the AOI")
         return out
 
     def bounds(self) -> tuple[float, float, float, float]:
@@ -220,8 +223,8 @@ def _parse_json(data: bytes, source: str, max_depth: int) -> Any:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise AOIError(f"AOI file {source} is not UTF-8 text ({exc.reason} at byte {exc.start}); GeoJSON must "
-                       f"be UTF-8 (RFC 7946 §1) — re-save it as UTF-8") from None
+        raise AOIError(f"AOI file {source} is not UTF-8 text ({exc.reason} at byte {exc.start}); GeoJSON "
+                       f"must be UTF-8 (RFC 7946 §1) — re-save it as UTF-8") from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
@@ -266,8 +269,8 @@ class _Budget:
     def add(self, n: int) -> None:
         self.count += n
         if self.count > self.limit:
-            raise AOIError(f"the AOI has more than {self.limit} vertices (aoi_options.max_vertices); simplify it "
-                           f"(e.g. shapely simplify or ogr2ogr -simplify) or raise the limit")
+            raise AOIError(f"the AOI has more than {self.limit} vertices (aoi_options.max_vertices); "
+                           f"simplify it (e.g. shapely simplify or ogr2ogr -simplify) or raise the limit")
 
 
 class _Repairs:
@@ -286,7 +289,8 @@ class _Repairs:
         return abs(self.new - self.old) / self.old
 
 
-def validate_geojson(obj: dict, options: AOIOptions | None = None) -> tuple[PolygonalGeometry, dict[str, Any]]:
+def validate_geojson(obj: dict,
+                     options: AOIOptions | None = None) -> tuple[PolygonalGeometry, dict[str, Any]]:
     """Validate a parsed GeoJSON object; return the AOI geometry (EPSG:4326) and a summary ``info`` dict.
 
     ``info`` holds ``type`` (the GeoJSON type), ``n_vertices``, ``n_polygons`` (input polygons),
@@ -309,7 +313,8 @@ def validate_geojson(obj: dict, options: AOIOptions | None = None) -> tuple[Poly
         if not features:
             raise AOIError("the FeatureCollection has no features: an empty AOI intersects nothing, so the "
                            "screen would pass silently — add at least one Polygon/MultiPolygon feature")
-        parts = [_feature(f, f"feature {i + 1}", options, budget, repairs, state) for i, f in enumerate(features)]
+        parts = [_feature(f, f"feature {i + 1}", options, budget, repairs, state)
+                 for i, f in enumerate(features)]
         geometry = shapely.union_all(parts) if len(parts) > 1 else parts[0]
         geometry = _polygonal(geometry)
     elif kind == "Feature":
@@ -320,8 +325,8 @@ def validate_geojson(obj: dict, options: AOIOptions | None = None) -> tuple[Poly
         _refuse_type(kind, "the GeoJSON object")
 
     if geometry.is_empty or geometry.area <= 0:
-        raise AOIError("the AOI is empty or has zero area: it would intersect nothing, so the screen would pass "
-                       "silently — give a polygon that encloses an area")
+        raise AOIError("the AOI is empty or has zero area: it would intersect nothing, so the screen would "
+                       "pass silently — give a polygon that encloses an area")
     geometry = shapely.orient_polygons(geometry)  # RFC 7946 right-hand rule: exteriors counter-clockwise
     info = {
         "type": kind,
@@ -360,8 +365,8 @@ def _feature(feat: Any, where: str, options: AOIOptions, budget: _Budget, repair
         raise AOIError(f"{where} has no 'geometry' member; give it a Polygon or MultiPolygon geometry")
     geom = feat["geometry"]
     if geom is None:
-        raise AOIError(f"{where} has a null geometry: an empty AOI intersects nothing, so the screen would pass "
-                       f"silently — give it a Polygon or MultiPolygon geometry")
+        raise AOIError(f"{where} has a null geometry: an empty AOI intersects nothing, so the screen would "
+                       f"pass silently — give it a Polygon or MultiPolygon geometry")
     if not isinstance(geom, dict):
         raise AOIError(f"{where} geometry must be a GeoJSON geometry object, not {type(geom).__name__}")
     _no_crs(geom, f"{where} geometry")
@@ -380,8 +385,8 @@ def _geometry(geom: dict, where: str, options: AOIOptions, budget: _Budget, repa
     if not isinstance(coords, list):
         raise AOIError(f"{where} ({kind}) coordinates must be a list, not {type(coords).__name__}")
     if not coords:
-        raise AOIError(f"{where} ({kind}) has empty coordinates: an empty AOI intersects nothing, so the screen "
-                       f"would pass silently — give at least one ring of 4+ positions")
+        raise AOIError(f"{where} ({kind}) has empty coordinates: an empty AOI intersects nothing, so the "
+                       f"screen would pass silently — give at least one ring of 4+ positions")
     polygons = [coords] if kind == "Polygon" else coords
     parts: list[Polygon] = []
     for m, rings in enumerate(polygons, start=1):
@@ -401,8 +406,8 @@ def _polygon(rings: Any, label: str, options: AOIOptions, budget: _Budget, repai
     if not isinstance(rings, list):
         raise AOIError(f"{label} must be a list of rings, not {type(rings).__name__}")
     if not rings:
-        raise AOIError(f"{label} has no rings: an empty polygon intersects nothing — give an exterior ring of "
-                       f"4+ positions")
+        raise AOIError(f"{label} has no rings: an empty polygon intersects nothing — give an exterior ring "
+                       f"of 4+ positions")
     parsed = [_ring(ring, n, label, budget) for n, ring in enumerate(rings, start=1)]
     crosses = any(_crosses_antimeridian(r) for r in parsed)
     if crosses:
@@ -421,8 +426,8 @@ def _ring(ring: Any, n: int, label: str, budget: _Budget) -> list[tuple[float, f
         raise AOIError(f"{where} must be a list of positions, not {type(ring).__name__}")
     budget.add(len(ring))
     if len(ring) < 4:
-        raise AOIError(f"{where} has {len(ring)} positions; a linear ring needs at least 4 (3 corners plus the "
-                       f"first position repeated at the end)")
+        raise AOIError(f"{where} has {len(ring)} positions; a linear ring needs at least 4 (3 corners plus "
+                       f"the first position repeated at the end)")
     out = [_position(p, k, where) for k, p in enumerate(ring, start=1)]
     if out[0] != out[-1]:
         raise AOIError(f"{where} is not closed: its last position {list(out[-1])} differs from its first "
@@ -447,14 +452,14 @@ def _position(p: Any, k: int, where: str) -> tuple[float, float]:
         vals.append(f)
     x, y = vals[0], vals[1]
     if abs(x) > 360 or abs(y) > 180:
-        raise AOIError(f"{here} is ({x}, {y}): coordinates look projected (metres?), AOIs must be WGS84 lon/lat "
-                       f"— reproject to EPSG:4326 (e.g. ogr2ogr -t_srs EPSG:4326) before submitting")
+        raise AOIError(f"{here} is ({x}, {y}): coordinates look projected (metres?), AOIs must be WGS84 "
+                       f"lon/lat — reproject to EPSG:4326 (e.g. ogr2ogr -t_srs EPSG:4326) before submitting")
     if not -180 <= x <= 180:
         raise AOIError(f"{here}: longitude {x} is out of range [-180, 180]; write longitudes as -180..180 "
                        f"(not 0..360)")
     if not -90 <= y <= 90:
-        raise AOIError(f"{here}: latitude {y} out of range [-90, 90] — are the axes swapped? GeoJSON is lon,lat "
-                       f"(longitude first)")
+        raise AOIError(f"{here}: latitude {y} out of range [-90, 90] — are the axes swapped? GeoJSON is "
+                       f"lon,lat (longitude first)")
     return x, y
 
 
@@ -471,7 +476,8 @@ def _crosses_antimeridian(ring: list[tuple[float, float]]) -> bool:
 
 
 def _split_antimeridian(geom: PolygonalGeometry) -> PolygonalGeometry:
-    """Split a geometry drawn in unwrapped longitudes (0..360) at 180°; the east part is shifted back by -360."""
+    """Split a geometry drawn in unwrapped longitudes (0..360) at 180°; the east part is shifted back by
+    -360."""
     west = _polygonal(geom.intersection(box(-180.0, -90.0, 180.0, 90.0)))
     east = _polygonal(geom.intersection(box(180.0, -90.0, 540.0, 90.0)))
     parts = _polygon_parts(west) + _polygon_parts(translate(east, xoff=-360.0))
@@ -492,7 +498,8 @@ def _valid_or_repair(geom: PolygonalGeometry, label: str, options: AOIOptions,
                        f"change is recorded)")
     fixed = _polygonal(shapely.make_valid(geom))
     if fixed.is_empty or fixed.area <= 0:
-        raise AOIError(f"{label} is not a valid polygon ({reason}) and repairing it leaves no area; redraw it")
+        raise AOIError(f"{label} is not a valid polygon ({reason}) and repairing it leaves no area; "
+                       f"redraw it")
     repairs.repaired = True
     repairs.old += geom.area
     repairs.new += fixed.area

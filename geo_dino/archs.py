@@ -43,6 +43,7 @@ class ArchSpec:
     timm_overrides: dict[str, Any] = field(default_factory=dict)
 
     def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model(timm_name, ...)``: a copy of ``timm_overrides``."""
         return dict(self.timm_overrides)
 
     @property
@@ -57,16 +58,21 @@ def _dino(name: str, timm_name: str, p: int, d: int, depth: int, h: int) -> Arch
 
 
 def _dinov2(name: str, timm_name: str, d: int, depth: int, h: int, regs: int, mlp: str = "mlp") -> ArchSpec:
-    return ArchSpec(name, "dinov2", timm_name, 14, d, depth, h, regs, False, mlp, APACHE,  # type: ignore[arg-type]
+    return ArchSpec(name, "dinov2", timm_name, 14, d, depth, h, regs, False,
+                    mlp, APACHE,  # type: ignore[arg-type]
                     training_data="LVD-142M (DINOv2, Oquab et al. 2024)")
 
 
-def _dinov3(name: str, timm_name: str, d: int, depth: int, h: int, mlp: str = "mlp", sat: bool = False) -> ArchSpec:
+def _dinov3(name: str, timm_name: str, d: int, depth: int, h: int, mlp: str = "mlp",
+            sat: bool = False) -> ArchSpec:
     if sat:
-        return ArchSpec(name, "dinov3", timm_name, 16, d, depth, h, 4, True, mlp, DINOV3_LICENCE,  # type: ignore[arg-type]
+        return ArchSpec(name, "dinov3", timm_name, 16, d, depth, h, 4, True,
+                        mlp, DINOV3_LICENCE,  # type: ignore[arg-type]
                         mean=SAT493M_MEAN, std=SAT493M_STD, gsd_m=0.6,
-                        training_data="SAT-493M: 493M 512x512 Maxar RGB tiles at 0.6 m (DINOv3, Siméoni et al. 2025)")
-    return ArchSpec(name, "dinov3", timm_name, 16, d, depth, h, 4, True, mlp, DINOV3_LICENCE,  # type: ignore[arg-type]
+                        training_data="SAT-493M: 493M 512x512 Maxar RGB tiles at 0.6 m "
+                                      "(DINOv3, Siméoni et al. 2025)")
+    return ArchSpec(name, "dinov3", timm_name, 16, d, depth, h, 4, True,
+                    mlp, DINOV3_LICENCE,  # type: ignore[arg-type]
                     training_data="LVD-1689M web images (DINOv3, Siméoni et al. 2025)")
 
 
@@ -106,10 +112,10 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in (
              "n/a (test architecture, random weights)",
              timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
     # tiny DINOv2-architecture ViTs (learned positions), without and with registers, for the layout tests
-    ArchSpec("vit_tiny_patch14_dinov2_test", "test", "vit_small_patch14_dinov2", 14, 48, 2, 2, 0, False, "mlp",
-             "n/a (test architecture, random weights)",
-             timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
-    ArchSpec("vit_tiny_patch14_reg4_dinov2_test", "test", "vit_small_patch14_reg4_dinov2", 14, 48, 2, 2, 4, False,
+    ArchSpec("vit_tiny_patch14_dinov2_test", "test", "vit_small_patch14_dinov2", 14, 48, 2, 2, 0, False,
              "mlp", "n/a (test architecture, random weights)",
+             timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+    ArchSpec("vit_tiny_patch14_reg4_dinov2_test", "test", "vit_small_patch14_reg4_dinov2", 14, 48, 2, 2, 4,
+             False, "mlp", "n/a (test architecture, random weights)",
              timm_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
 )}

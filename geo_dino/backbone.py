@@ -40,11 +40,13 @@ class CheckpointSpec:
     training_lineage: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (for JSON provenance)."""
         return asdict(self)
 
 
 def sha256_of(path: Path) -> str:
-    """The file's sha256 (one implementation for the whole project: :func:`geo_dino.provenance.sha256_file`)."""
+    """The file's sha256 (one implementation for the whole project:
+    :func:`geo_dino.provenance.sha256_file`)."""
     from geo_dino.provenance import sha256_file
 
     return sha256_file(path)
@@ -55,7 +57,8 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
     import torch
 
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (weights are never downloaded; give a local path)")
+        raise CheckpointError(f"checkpoint not found: {path} "
+                              "(weights are never downloaded; give a local path)")
     digest = sha256_of(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise CheckpointError(f"{path}: sha256 {digest} does not match backbone.checkpoint_sha256 "
@@ -120,8 +123,8 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
             assert new.bias is not None  # created with bias=True just above
             new.bias.copy_(proj.bias)
     model.patch_embed.proj = new
-    return (f"patch embedding adapted from {old} to {in_chans} bands (timm adapt_input_conv: filters repeated "
-            f"cyclically and scaled by {old}/{in_chans})")
+    return (f"patch embedding adapted from {old} to {in_chans} bands "
+            f"(timm adapt_input_conv: filters repeated cyclically and scaled by {old}/{in_chans})")
 
 
 def arch_spec(arch: str) -> ArchSpec:
@@ -135,14 +138,15 @@ def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None
                   declared: str | None = None) -> dict[str, Any] | None:
     """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated).
 
-    ``declared``: the licence the checkpoint's metadata states (else the architecture's published weights')."""
+    ``declared``: the licence the checkpoint's metadata states (else the architecture's published
+    weights')."""
     licence = declared or arch_spec(arch).licence
     if checkpoint is None or licence != DINOV3_LICENCE:
         return None
     if accept_licence != licence:
-        raise LicenceError(f"{arch} weights are distributed under the {licence}; running them needs an explicit "
-                           f"acceptance: set backbone.accept_licence: {licence!r} in the config or pass "
-                           f"--accept-licence {licence!r} on the command line")
+        raise LicenceError(f"{arch} weights are distributed under the {licence}; running them needs an "
+                           f"explicit acceptance: set backbone.accept_licence: {licence!r} in the config or "
+                           f"pass --accept-licence {licence!r} on the command line")
     return {"licence": licence, "accepted": True, "statement": accept_licence}
 
 
@@ -178,12 +182,14 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
             try:
                 ckpt_chans = int(meta["in_chans"])
             except ValueError:
-                raise CheckpointError(f"{checkpoint}: metadata in_chans {meta['in_chans']!r} is not a number") from None
+                raise CheckpointError(
+                    f"{checkpoint}: metadata in_chans {meta['in_chans']!r} is not a number") from None
         detected = inspect_state(state)
         diffs = detected.matches(a)
         if diffs:
-            raise CheckpointError(f"{checkpoint}: its tensors describe another architecture than backbone.arch "
-                                  f"{arch}: {'; '.join(diffs)}; `geo-dino checkpoint inspect {checkpoint}` lists "
+            raise CheckpointError(f"{checkpoint}: its tensors describe another architecture than "
+                                  f"backbone.arch {arch}: {'; '.join(diffs)}; "
+                                  f"`geo-dino checkpoint inspect {checkpoint}` lists "
                                   "the registered architectures it fits")
         layout = detected.layout
         if detected.qkv_bias and a.rope and not timm_name.endswith("_qkvb"):
@@ -204,11 +210,13 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        misshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+        misshaped = sorted(k for k in set(expected) & set(state)
+                           if tuple(expected[k].shape) != tuple(state[k].shape))
         if missing or unexpected or misshaped:
             raise CheckpointError(
                 f"{checkpoint}: does not match architecture {arch}: "
-                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+                f"{len(missing)} missing keys {missing[:5]}, "
+                f"{len(unexpected)} unexpected keys {unexpected[:5]}, "
                 f"{len(misshaped)} misshaped keys {misshaped[:5]}")
         model.load_state_dict(state, strict=True)
     adaptation = None
@@ -238,7 +246,8 @@ def _meta_floats(meta: dict[str, str], key: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(x) for x in meta[key].split(","))
     except ValueError:
-        raise CheckpointError(f"checkpoint metadata {key!r} is not a comma-separated list of numbers") from None
+        raise CheckpointError(
+            f"checkpoint metadata {key!r} is not a comma-separated list of numbers") from None
 
 
 def fused(model: Any) -> Any:
@@ -267,7 +276,8 @@ def dense_features(model: Any, x: Any) -> Any:
     with torch.inference_mode():
         if getattr(model, "rope", None) is not None:
             return fused(model).dense_features(x)
-        feats = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True, output_fmt="NCHW")
+        feats = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True,
+                                            output_fmt="NCHW")
     return feats[-1]
 
 

@@ -38,11 +38,15 @@ class Detected:
     pos_grid: int | None = None  # side of the learned position-embedding grid (DINO, DINOv2), None with RoPE
 
     def matches(self, arch: Any) -> list[str]:
-        """Differences between this checkpoint and a registry :class:`~geo_dino.archs.ArchSpec` (empty: fits)."""
+        """Differences between this checkpoint and a registry :class:`~geo_dino.archs.ArchSpec`
+        (empty: fits)."""
         diffs = []
-        for name, mine, theirs in (("family", self.family, arch.family), ("embed_dim", self.embed_dim, arch.embed_dim),
-                                   ("depth", self.depth, arch.depth), ("patch_size", self.patch_size, arch.patch_size),
-                                   ("registers", self.n_registers, arch.n_registers), ("mlp", self.mlp, arch.mlp)):
+        for name, mine, theirs in (("family", self.family, arch.family),
+                                   ("embed_dim", self.embed_dim, arch.embed_dim),
+                                   ("depth", self.depth, arch.depth),
+                                   ("patch_size", self.patch_size, arch.patch_size),
+                                   ("registers", self.n_registers, arch.n_registers),
+                                   ("mlp", self.mlp, arch.mlp)):
             if mine != theirs and not (name == "family" and theirs == "test"):
                 diffs.append(f"{name} {mine} (checkpoint) vs {theirs} ({arch.name})")
         return diffs
@@ -75,6 +79,8 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def detect_layout(state: dict[str, Any]) -> str:
+    """The key layout of a state dict: ``"timm"``, ``"official"`` (DINO/DINOv2/DINOv3 repositories) or
+    ``"hf"`` (Hugging Face transformers); an error for anything else."""
     keys = set(state)
     if "embeddings.cls_token" in keys and any(_HF_LAYER.match(k) for k in keys):
         return "hf"
@@ -99,15 +105,16 @@ def inspect_state(state: dict[str, Any]) -> Detected:
     n_params = int(sum(int(v.numel()) for v in state.values() if hasattr(v, "numel")))
     if layout == "hf":
         dinov2 = "embeddings.position_embeddings" in keys
-        w = state["embeddings.patch_embeddings.projection.weight" if dinov2 else "embeddings.patch_embeddings.weight"]
+        w = state["embeddings.patch_embeddings.projection.weight" if dinov2
+                  else "embeddings.patch_embeddings.weight"]
         depth = 1 + max(int(m.group(1)) for k in keys if (m := _HF_LAYER.match(k)))
         regs = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in keys else 0
         mlp = "swiglu" if any(k.endswith(("mlp.gate_proj.weight", "mlp.weights_in.weight")) for k in keys) \
             else "mlp"
         qkv_bias = any(k.endswith("attention.q_proj.bias") for k in keys) and not dinov2
         grid = _grid_side(state["embeddings.position_embeddings"].shape[1] - 1) if dinov2 else None
-        return Detected("hf", "dinov2" if dinov2 else "dinov3", int(w.shape[0]), depth, int(w.shape[-1]), int(regs),
-                        mlp, qkv_bias, n_params, grid)
+        return Detected("hf", "dinov2" if dinov2 else "dinov3", int(w.shape[0]), depth, int(w.shape[-1]),
+                        int(regs), mlp, qkv_bias, n_params, grid)
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
     reg_key = next((k for k in ("reg_token", "storage_tokens", "register_tokens") if k in keys), None)
@@ -160,14 +167,16 @@ def _hf_dinov3_to_timm(state: dict[str, Any]) -> dict[str, Any]:
         out[name] = v
     for i, p in sorted(per_layer.items()):
         b = f"blocks.{i}."
-        out[b + "attn.qkv.weight"] = torch.cat([p.pop("attention.q_proj.weight"), p.pop("attention.k_proj.weight"),
+        out[b + "attn.qkv.weight"] = torch.cat([p.pop("attention.q_proj.weight"),
+                                                 p.pop("attention.k_proj.weight"),
                                                  p.pop("attention.v_proj.weight")])
         if "attention.q_proj.bias" in p:
             out[b + "attn.q_bias"] = p.pop("attention.q_proj.bias")
             out[b + "attn.v_bias"] = p.pop("attention.v_proj.bias")
             kb = p.pop("attention.k_proj.bias", None)
             if kb is not None and bool(kb.abs().max() > 0):
-                raise CheckpointError(f"layer {i}: a non-zero key bias cannot be represented (DINOv3 has none)")
+                raise CheckpointError(f"layer {i}: a non-zero key bias cannot be represented "
+                                      "(DINOv3 has none)")
         simple = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
                   "norm2.bias": "norm2.bias", "attention.o_proj.weight": "attn.proj.weight",
                   "attention.o_proj.bias": "attn.proj.bias", "layer_scale1.lambda1": "gamma_1",
@@ -182,7 +191,8 @@ def _hf_dinov3_to_timm(state: dict[str, Any]) -> dict[str, Any]:
             if src in p:
                 out[b + dst] = p.pop(src)
         if p:
-            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} in a Hugging Face DINOv3 checkpoint")
+            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} "
+                                  "in a Hugging Face DINOv3 checkpoint")
     return out
 
 
@@ -208,8 +218,10 @@ def _hf_dinov2_to_official(state: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"unexpected key {k!r} in a Hugging Face DINOv2 checkpoint")
     if "mask_token" in out and out["mask_token"].dim() == 2:
         out["mask_token"] = out["mask_token"][None]
-    old_names = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
-                 "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+    old_names = {"attention.attention.query": "attention.q_proj",
+                 "attention.attention.key": "attention.k_proj",
+                 "attention.attention.value": "attention.v_proj",
+                 "attention.output.dense": "attention.o_proj"}
     for i, p in sorted(per_layer.items()):
         for o, n in old_names.items():  # transformers 4.x names
             for suffix in (".weight", ".bias"):
@@ -226,12 +238,14 @@ def _hf_dinov2_to_official(state: dict[str, Any]) -> dict[str, Any]:
                     out[b + dst + suffix] = p.pop(src + suffix)
         if "mlp.gate_proj.weight" in p:  # transformers 5.x SwiGLU: gate and up stacked as the packed w12
             for suffix in (".weight", ".bias"):
-                out[b + "mlp.w12" + suffix] = torch.cat([p.pop("mlp.gate_proj" + suffix), p.pop("mlp.up_proj" + suffix)])
+                out[b + "mlp.w12" + suffix] = torch.cat([p.pop("mlp.gate_proj" + suffix),
+                                                         p.pop("mlp.up_proj" + suffix)])
                 out[b + "mlp.w3" + suffix] = p.pop("mlp.down_proj" + suffix)
         out[b + "ls1.gamma"] = p.pop("layer_scale1.lambda1")
         out[b + "ls2.gamma"] = p.pop("layer_scale2.lambda1")
         if p:
-            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} in a Hugging Face DINOv2 checkpoint")
+            raise CheckpointError(f"layer {i}: unexpected keys {sorted(p)} "
+                                  "in a Hugging Face DINOv2 checkpoint")
     out.setdefault("mask_token", torch.zeros(1, 1, out["cls_token"].shape[-1]))  # marks the DINOv2 layout
     return out
 

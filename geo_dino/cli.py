@@ -30,11 +30,14 @@ def run(
     checkpoint: Annotated[Path | None, typer.Option(help="local checkpoint file")] = None,
     accept_licence: Annotated[str | None, typer.Option(
         help="accept the weights' licence, by its exact name (e.g. 'DINOv3 License')")] = None,
-    head: Annotated[Path | None, typer.Option(help="a trained head (head.safetensors of geo-dino train-head)")] = None,
-    cube: Annotated[bool, typer.Option(help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
+    head: Annotated[Path | None, typer.Option(
+        help="a trained head (head.safetensors of geo-dino train-head)")] = None,
+    cube: Annotated[bool, typer.Option(
+        help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
 ) -> None:
     """Run the pipeline on an AOI and one or two rasters."""
-    _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head, cube)
+    _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
+         cube)
 
 
 def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint,  # noqa: ANN001
@@ -85,23 +88,27 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
         if p.is_file():
             typer.echo(f"  {p.name}")
     if (run_dir / "run.qgs").exists():
-        typer.echo(f"\nOpen in QGIS: Project > Open… {run_dir / 'run.qgs'} (every output, grouped and styled).")
+        typer.echo(f"\nOpen in QGIS: Project > Open… {run_dir / 'run.qgs'} "
+                   "(every output, grouped and styled).")
     typer.echo("Or add the .tif files as layers (each .qml style beside a raster is applied automatically). "
-               "provenance.json is the run's record, stac_item.json its STAC Item, screening.json the decision.")
+               "provenance.json is the run's record, stac_item.json its STAC Item, "
+               "screening.json the decision.")
 
 
 @app.command()
 def change(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
     aoi: Annotated[Path | None, typer.Option(help="GeoJSON area of interest (instead of a config)")] = None,
-    raster: Annotated[list[Path] | None, typer.Option(help="the two dates: --raster BEFORE --raster AFTER")] = None,
+    raster: Annotated[list[Path] | None, typer.Option(
+        help="the two dates: --raster BEFORE --raster AFTER")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="where run folders are created")] = None,
     approve_by: Annotated[str | None, typer.Option(help="approver's name for require_approval sites")] = None,
     approve_reason: Annotated[str | None, typer.Option(help="reason for the approval")] = None,
     arch: Annotated[str | None, typer.Option(help="backbone architecture")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="local checkpoint file")] = None,
     accept_licence: Annotated[str | None, typer.Option(help="accept the weights' licence by name")] = None,
-    head: Annotated[Path | None, typer.Option(help="a trained change head (else label-free change only)")] = None,
+    head: Annotated[Path | None, typer.Option(
+        help="a trained change head (else label-free change only)")] = None,
 ) -> None:
     """Change between two dates: label-free feature change (cosine distance, Otsu threshold), and a trained
     change head's probability and binary change when --head is given."""
@@ -136,19 +143,21 @@ def train_head_cmd(
         _fail(f"{type(exc).__name__}: {exc}")
     typer.secho(f"Head: {res['head']}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"Held-out test mIoU {res['test_miou']:.3f}, macro F1 {res['test_macro_f1']:.3f} "
-               f"(metrics.json and split.gpkg in {res['run_dir']}). Use it with: geo-dino run --head {res['head']} …")
+               f"(metrics.json and split.gpkg in {res['run_dir']}). "
+               f"Use it with: geo-dino run --head {res['head']} …")
 
 
 @app.command()
 def similar(
-    cube: Annotated[Path, typer.Option(help="a run folder with features.zarr (geo-dino run --cube), or the cube")],
+    cube: Annotated[Path, typer.Option(
+        help="a run folder with features.zarr (geo-dino run --cube), or the cube")],
     example: Annotated[Path, typer.Option(help="GeoJSON polygon(s) of the example (EPSG:4326)")],
     top_k: Annotated[int, typer.Option(help="how many matching places")] = 10,
     min_separation: Annotated[int, typer.Option(help="cells between matches")] = 4,
     name: Annotated[str, typer.Option(help="output name in the run folder")] = "similarity",
 ) -> None:
-    """Search by example: cosine similarity of every place's features to the example's mean feature (a COG) and
-    the top-k matching places (a GeoPackage), written into the cube's run folder."""
+    """Search by example: cosine similarity of every place's features to the example's mean feature (a COG)
+    and the top-k matching places (a GeoPackage), written into the cube's run folder."""
     from geo_dino.errors import GeoDinoError
 
     cube_path = cube / "features.zarr" if (cube / "features.zarr").exists() else cube
@@ -167,12 +176,15 @@ def similar(
 @app.command()
 def pretrain(
     config: Annotated[Path, typer.Argument(help="YAML pretraining configuration")],
-    nproc: Annotated[int, typer.Option(help="processes (DDP through torchrun: gloo on CPU, NCCL on GPUs)")] = 1,
+    nproc: Annotated[int, typer.Option(
+        help="processes (DDP through torchrun: gloo on CPU, NCCL on GPUs)")] = 1,
     steps: Annotated[int | None, typer.Option(help="override recipe.steps")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="where the run folder is created")] = None,
     name: Annotated[str | None, typer.Option(help="override the run name")] = None,
 ) -> None:
-    """DINO self-supervised pretraining on rasters; resumes from the run folder's checkpoint when there is one."""
+    """
+    DINO self-supervised pretraining on rasters; resumes from the run folder's checkpoint when there is one.
+    """
     from geo_dino.errors import GeoDinoError
     from geo_dino.pretrain_config import load_pretrain_config
 
@@ -251,8 +263,9 @@ def checkpoint_inspect(path: Path) -> None:
 
 
 @checkpoint_app.command("convert")
-def checkpoint_convert(path: Path, out: Path,
-                       arch: Annotated[str | None, typer.Option(help="registry architecture")] = None) -> None:
+def checkpoint_convert(
+    path: Path, out: Path, arch: Annotated[str | None, typer.Option(help="registry architecture")] = None,
+) -> None:
     """Convert any readable layout to timm-layout safetensors with metadata (and OUT.json)."""
     from geo_dino.checkpoints import convert_file
     from geo_dino.errors import GeoDinoError
@@ -268,8 +281,9 @@ eval_app = typer.Typer(help="Evaluate frozen features on labelled images: weight
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-_DataArg = Annotated[Path, typer.Argument(help="labels CSV (path,class[,class_index],split) or an image folder "
-                                               "(ROOT/train|test/<class>/ or ROOT/<class>/)")]
+_DataArg = Annotated[Path, typer.Argument(
+    help="labels CSV (path,class[,class_index],split) or an image folder "
+         "(ROOT/train|test/<class>/ or ROOT/<class>/)")]
 _Arch = Annotated[str | None, typer.Option(help="backbone architecture (registry name)")]
 _Ckpt = Annotated[Path | None, typer.Option(help="local checkpoint file (default: seeded random init)")]
 _Sha = Annotated[str | None, typer.Option(help="expected sha256 of the checkpoint")]
@@ -321,9 +335,9 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
             fs = ev.pixel_features(ds, **common)
         else:
             assert arch is not None  # checked above: exactly one of --arch, --raw-pixels
-            fs = ev.backbone_features(ds, arch=arch, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
-                                      accept_licence=accept_licence, seed=seed, device=device, pool=pool,
-                                      batch_size=batch_size, **common)
+            fs = ev.backbone_features(ds, arch=arch, checkpoint=checkpoint,
+                                      checkpoint_sha256=checkpoint_sha256, accept_licence=accept_licence,
+                                      seed=seed, device=device, pool=pool, batch_size=batch_size, **common)
         res = ev.evaluate_features(fs, method, seed=seed, **method_opts)
         if out is not None:
             res.write_json(out)
@@ -334,27 +348,33 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
 
 @eval_app.command("knn")
 def eval_knn(data: _DataArg, arch: _Arch = None, checkpoint: _Ckpt = None, checkpoint_sha256: _Sha = None,
-             accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None, pool: _Pool = "cls",
+             accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None,
+             pool: _Pool = "cls",
              k: Annotated[int, typer.Option(help="neighbours")] = 20,
              temperature: Annotated[float, typer.Option(help="vote weight exp(similarity / T)")] = 0.07,
-             batch_size: _Batch = 64, bands: _Bands = None, value_range: _Range = None, test_fraction: _Frac = 0.25,
-             seed: _Seed = 0, device: _Device = "cpu", out: _Out = None) -> None:
+             batch_size: _Batch = 64, bands: _Bands = None, value_range: _Range = None,
+             test_fraction: _Frac = 0.25, seed: _Seed = 0, device: _Device = "cpu", out: _Out = None) -> None:
     """Weighted k-NN accuracy (DINO's eval_knn: cosine similarity, top-k votes weighted exp(sim / T))."""
-    _eval("knn", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool, batch_size,
-          bands, value_range, test_fraction, seed, device, out, k=k, temperature=temperature)
+    _eval("knn", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool,
+          batch_size, bands, value_range, test_fraction, seed, device, out, k=k, temperature=temperature)
 
 
 @eval_app.command("linear")
 def eval_linear(data: _DataArg, arch: _Arch = None, checkpoint: _Ckpt = None, checkpoint_sha256: _Sha = None,
-                accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None, pool: _Pool = "cls",
+                accept_licence: _Licence = None, raw_pixels: _Raw = False, size: _Size = None,
+                pool: _Pool = "cls",
                 val_fraction: Annotated[float, typer.Option(
                     help="share of each training class held out to choose the regularisation")] = 0.2,
                 batch_size: _Batch = 64, bands: _Bands = None, value_range: _Range = None,
-                test_fraction: _Frac = 0.25, seed: _Seed = 0, device: _Device = "cpu", out: _Out = None) -> None:
-    """Linear-probe accuracy (logistic regression on frozen, standardised features; C chosen on held-out data)."""
-    _eval("linear", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool, batch_size,
-          bands, value_range, test_fraction, seed, device, out, val_fraction=val_fraction)
+                test_fraction: _Frac = 0.25, seed: _Seed = 0, device: _Device = "cpu",
+                out: _Out = None) -> None:
+    """
+    Linear-probe accuracy (logistic regression on frozen, standardised features; C chosen on held-out data).
+    """
+    _eval("linear", data, arch, checkpoint, checkpoint_sha256, accept_licence, raw_pixels, size, pool,
+          batch_size, bands, value_range, test_fraction, seed, device, out, val_fraction=val_fraction)
 
 
 def main() -> None:  # pragma: no cover
+    """Run the ``geo-dino`` command line and exit with its status."""
     sys.exit(app())

@@ -1,7 +1,8 @@
 """The run configuration: one pydantic schema, YAML files are instances of it.
 
 Unknown keys and bad values raise :class:`~geo_dino.errors.ConfigError` naming the key. Relative paths are
-resolved against the config file's folder (or the working directory for configs built in code).
+resolved against the working directory the run starts from (as the bundled configs expect, run from the
+repository's root), and the resolved config is written to the run folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Approval(_Model):
 
 
 class AOIOptions(_Model):
+    """Limits on the AOI file (bytes, vertices, JSON nesting depth); whether invalid polygons are repaired."""
+
     max_bytes: Annotated[int, Field(gt=0)] = 5_000_000
     max_vertices: Annotated[int, Field(gt=0)] = 100_000
     max_depth: Annotated[int, Field(gt=0)] = 20
@@ -35,6 +38,8 @@ class AOIOptions(_Model):
 
 
 class ScreeningConfig(_Model):
+    """The sensitive-site screen: the site registry, the policy applied to hits and an optional approval."""
+
     registry: Path = Path("data/registry/sensitive_sites.gpkg")
     registry_sha256: str | None = None  # when set, a registry with another hash refuses the run
     policy: Path = Path("configs/screening_policy.yaml")
@@ -42,10 +47,14 @@ class ScreeningConfig(_Model):
 
 
 class SourceConfig(_Model):
+    """Which rasters may be read and how: allowed folders, remote and VRT sources, pixel budget, bands, and
+    how two dates on different grids are aligned."""
+
     allowed_roots: list[Path] = Field(default_factory=lambda: [Path(".")])
     allow_remote: bool = False  # /vsicurl/, http(s)://, s3:// ... from user input
     allow_vrt: bool = False
-    max_pixels: Annotated[int, Field(gt=0)] = 4_000_000_000  # width × height × bands budget, checked before reading
+    # width × height × bands budget, checked before reading
+    max_pixels: Annotated[int, Field(gt=0)] = 4_000_000_000
     bands: list[int | str] | None = None  # 1-based indexes or band descriptions; None = first three / all
     # two dates on different grids: refuse (default), or reproject the second onto the first's grid with this
     # resampling (recorded in the provenance record; the co-registration check then measures what is left)
@@ -67,6 +76,8 @@ class PreprocessConfig(_Model):
 
 
 class BackboneConfig(_Model):
+    """The frozen backbone: architecture, local checkpoint, licence acceptance, device and batching."""
+
     arch: str = "vit_small_patch16_dinov3"
     checkpoint: Path | None = None  # local .safetensors or .pth (weights_only); never downloaded
     checkpoint_sha256: str | None = None
@@ -82,18 +93,24 @@ class BackboneConfig(_Model):
 
 
 class TilingConfig(_Model):
+    """How the region is cut into tiles: tile size and overlap in pixels, tiles per Prefect task."""
+
     size: Annotated[int, Field(gt=0)] = 224
     overlap: Annotated[int, Field(ge=0)] = 32
     chunk_tiles: Annotated[int, Field(gt=0)] = 64  # tiles per Prefect task
 
 
 class KMeansConfig(_Model):
+    """Label-free clustering of patch features into ``k`` classes, fitted on a sample of tiles."""
+
     k: Annotated[int, Field(ge=2, le=64)] = 6
     fit_tiles: Annotated[int, Field(gt=0)] = 64  # tiles sampled to fit PCA and k-means
     seed: int = 0
 
 
 class ChangeConfig(_Model):
+    """Label-free change between two dates: the cosine-distance threshold, fixed or found by Otsu's method."""
+
     threshold: float | Literal["otsu"] = "otsu"  # cosine distance above which a pixel is "changed"
 
 
@@ -101,8 +118,10 @@ class VectorsConfig(_Model):
     """Polygons of the supervised classes / changes (``vectors.gpkg``)."""
 
     min_area_m2: Annotated[float, Field(ge=0)] = 0.0  # smaller polygons are dropped
-    simplify_m: Annotated[float, Field(ge=0)] = 0.0  # simplification tolerance in metres (0: pixel edges kept)
-    skip_classes: list[str] = Field(default_factory=list)  # class names not vectorised (e.g. a background class)
+    # simplification tolerance in metres (0: pixel edges kept)
+    simplify_m: Annotated[float, Field(ge=0)] = 0.0
+    # class names not vectorised (e.g. a background class)
+    skip_classes: list[str] = Field(default_factory=list)
 
 
 class SupervisedHeadConfig(_Model):
@@ -114,14 +133,19 @@ class SupervisedHeadConfig(_Model):
 
 
 class HeadsConfig(_Model):
+    """What is made from the features: PCA, k-means classes, change, a trained head, a feature cube."""
+
     pca: bool = True
     kmeans: KMeansConfig | None = Field(default_factory=KMeansConfig)
     change: ChangeConfig = Field(default_factory=ChangeConfig)
     supervised: SupervisedHeadConfig | None = None
-    cube: bool = False  # also write the dense patch features as a Zarr cube (features.zarr) for search by example
+    # also write the dense patch features as a Zarr cube (features.zarr) for search by example
+    cube: bool = False
 
 
 class RunConfig(_Model):
+    """One run: the AOI, one raster or two dates, the output folder and the settings of every stage."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "run"
     aoi: Path
     rasters: Annotated[list[Path], Field(min_length=1, max_length=2)]
@@ -164,19 +188,22 @@ class RunConfig(_Model):
                 "allowed_roots": [fix(r) for r in self.sources.allowed_roots]}),
             "backbone": self.backbone.model_copy(update={"checkpoint": fix(self.backbone.checkpoint)}),
             "heads": self.heads if self.heads.supervised is None else self.heads.model_copy(update={
-                "supervised": self.heads.supervised.model_copy(update={"path": fix(self.heads.supervised.path)})}),
+                "supervised": self.heads.supervised.model_copy(
+                    update={"path": fix(self.heads.supervised.path)})}),
         })
 
     def to_json_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types (paths as strings), as written to ``config.resolved.json``."""
         return json.loads(self.model_dump_json())
 
     def sha256(self) -> str:
+        """Hex SHA-256 of the config's key-sorted JSON: identifies the exact settings of a run."""
         return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def resolve_path(p: Path | None, base: Path) -> Path | None:
-    """``p`` made absolute against ``base``; remote and GDAL-virtual paths are kept verbatim (the source checks
-    refuse them unless allowed)."""
+    """``p`` made absolute against ``base``; remote and GDAL-virtual paths are kept verbatim (the source
+    checks refuse them unless allowed)."""
     if p is None:
         return None
     s = str(p)

@@ -1,9 +1,9 @@
 """Co-registration check for two dates on one grid: the sub-pixel shift between them by phase correlation.
 
 Two rasters can share CRS, transform and shape and still be misaligned (orthorectification differences: the
-bundled NAIP 2009/2020 pair is such a case). Change detection then reports edges as change. The check reads one
-central window of each date (after screening; at most ``side`` pixels a side, full resolution), estimates the
-shift of the second date relative to the first, and warns above a threshold. It never changes the data.
+bundled NAIP 2009/2020 pair is such a case). Change detection then reports edges as change. The check reads
+one central window of each date (after screening; at most ``side`` pixels a side, full resolution), estimates
+the shift of the second date relative to the first, and warns above a threshold. It never changes the data.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ MIN_PEAK = 0.05  # below this normalised peak the estimate is noise (measured: u
 
 
 def phase_shift(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """``(dy, dx, peak)``: the shift that moves ``a``'s content onto ``b``'s (``b(y, x) ≈ a(y - dy, x - dx)``),
-    to 1/20 pixel, and the normalised correlation peak (1: a pure shift; near 0: unrelated).
+    """``(dy, dx, peak)``: the shift that moves ``a``'s content onto ``b``'s
+    (``b(y, x) ≈ a(y - dy, x - dx)``), to 1/20 pixel, and the normalised correlation peak (1: a pure shift;
+    near 0: unrelated).
 
     Phase correlation (Kuglin & Hines 1975) with a Hann window against edge effects; sub-pixel by upsampled
     matrix DFT around the integer peak."""
@@ -62,12 +63,14 @@ def check_pair(readers: list[Any], region: Any, *, side: int = DEFAULT_SIDE, war
     box = PixelBox(top, left, s, s)
     (d1, v1), (d2, v2) = readers[0].read(box), readers[1].read(box)
     valid = v1 & v2
-    rec: dict[str, Any] = {"window": {"row": top, "col": left, "size": s}, "valid_fraction": float(valid.mean()),
+    rec: dict[str, Any] = {"window": {"row": top, "col": left, "size": s},
+                           "valid_fraction": float(valid.mean()),
                            "method": "phase correlation (Hann window, 1/20 px upsampled DFT), band mean",
                            "threshold_px": warn_px}
     if valid.mean() < 0.5 or s < 32:
         rec.update(dy_px=None, dx_px=None, shift_px=None, peak=None,
-                   warning="co-registration not checked: too few pixels valid on both dates in the central window")
+                   warning="co-registration not checked: too few pixels valid on both dates "
+                           "in the central window")
         return rec
     a = d1.astype(np.float64).mean(axis=0)
     b = d2.astype(np.float64).mean(axis=0)
@@ -80,10 +83,11 @@ def check_pair(readers: list[Any], region: Any, *, side: int = DEFAULT_SIDE, war
         rec["shift_m"] = round(mag * pixel_size_m, 3)
     if peak < MIN_PEAK:
         rec["warning"] = (f"co-registration could not be estimated reliably (correlation peak {peak:.3f} < "
-                          f"{MIN_PEAK}: the dates differ too much in the central window); check alignment by eye")
+                          f"{MIN_PEAK}: the dates differ too much in the central window); "
+                          "check alignment by eye")
     elif mag > warn_px:
-        rec["warning"] = (f"the two dates look misaligned by {mag:.2f} px (dy {dy:+.2f}, dx {dx:+.2f}); change "
-                          "along edges may be misregistration, not change: co-register them first")
+        rec["warning"] = (f"the two dates look misaligned by {mag:.2f} px (dy {dy:+.2f}, dx {dx:+.2f}); "
+                          "change along edges may be misregistration, not change: co-register them first")
     else:
         rec["warning"] = None
     return rec

@@ -2,9 +2,9 @@
 
 On-disk layout (one Zarr group, ``<run>/<name>.zarr``):
 
-* data variable ``features``, dims ``("feature", "y", "x")`` — axis order ``(band, row, col)`` as everywhere in
-  geo_dino — ``float32`` (or ``float16``), fill value NaN. **NaN is nodata**: a cell never written (a chunk never
-  stored) or written as NaN reads back as NaN in every feature.
+* data variable ``features``, dims ``("feature", "y", "x")`` — axis order ``(band, row, col)`` as everywhere
+  in geo_dino — ``float32`` (or ``float16``), fill value NaN. **NaN is nodata**: a cell never written (a chunk
+  never stored) or written as NaN reads back as NaN in every feature.
 * chunks ``(n_features, chunk, chunk)``: all features of a cell lie in one chunk, so a cell's vector, a window
   or a blockwise computation over cells reads whole chunks and never gathers features across chunks. ``chunk``
   defaults to the largest of 256, 128, 64, 32 whose chunk stays ≤ 64 MiB (256 up to 256 float32 features,
@@ -15,15 +15,16 @@ On-disk layout (one Zarr group, ``<run>/<name>.zarr``):
   ``crs_wkt``, ``spatial_ref`` (both WKT) and ``GeoTransform`` (GDAL order ``c a b f d e``, Python ``repr``
   floats, so exact); the variable's ``grid_mapping`` names it. Open with ``decode_coords="all"`` (as
   :func:`open_cube` does) for ``da.rio.crs`` and ``da.rio.transform()`` to work. rioxarray recomputes an
-  axis-aligned transform from the coordinates (corner ``x[0] - res / 2``), which is the grid's affine bit for bit
-  except on a few grids in 10⁵ (measured), where float64 rounding of that subtraction ties and the corner comes back one
-  ulp off (no float64 centre can avoid it). :func:`cube_grid` is exact always: it starts from ``GeoTransform``.
+  axis-aligned transform from the coordinates (corner ``x[0] - res / 2``), which is the grid's affine bit for
+  bit except on a few grids in 10⁵ (measured), where float64 rounding of that subtraction ties and the corner
+  comes back one ulp off (no float64 centre can avoid it). :func:`cube_grid` is exact always: it starts from
+  ``GeoTransform``.
 * group attributes: ``geo_dino_kind = "feature_cube"``, ``geo_dino_cube_version = 1``, ``axis_order``,
   ``nodata = "nan"``, ``complete`` (set ``true`` only by :meth:`CubeWriter.close` after every write) and the
   caller's ``attrs``. Metadata is consolidated on close.
 
-A cube cell is one backbone patch: :func:`patch_grid` makes the cube's :class:`~geo_dino.grid.Grid` from a pixel
-grid and the patch size. Rotated or sheared transforms are refused (x/y would not be 1-D coordinates).
+A cube cell is one backbone patch: :func:`patch_grid` makes the cube's :class:`~geo_dino.grid.Grid` from a
+pixel grid and the patch size. Rotated or sheared transforms are refused (x/y would not be 1-D coordinates).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class CubeWriter:
     """
 
     def __init__(self, run_dir: Path, name: str, grid: Grid, n_features: int, *, chunk: int | None = None,
-                 dtype: str = "float32", attrs: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                 dtype: str = "float32", attrs: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> None:
         from geo_dino.outputs import safe_output_path
 
         self.path = safe_output_path(Path(run_dir), name)
@@ -208,8 +210,8 @@ class CubeWriter:
         _, h, w = array.shape
         box = PixelBox(int(row_off), int(col_off), h, w)
         if box.intersection(self.grid.box) != box:
-            raise CubeError(f"block {box} does not fit the cube's {self.grid.height}x{self.grid.width} cells; "
-                            "write it at an offset inside the cube")
+            raise CubeError(f"block {box} does not fit the cube's {self.grid.height}x{self.grid.width} "
+                            "cells; write it at an offset inside the cube")
         region = {"y": slice(box.row_off, box.row_end), "x": slice(box.col_off, box.col_end)}
         if isinstance(array, da.Array):
             array = array.astype(self.dtype).rechunk(
@@ -250,8 +252,8 @@ def write_cube(run_dir: Path, name: str, data: Any, grid: Grid, *, chunk: int | 
     """Write a whole ``(F, H, W)`` array (numpy or dask, NaN = nodata) on ``grid`` as a complete cube.
 
     The array is split into the store's chunks and written by dask (``scheduler``: ``"threads"`` by default,
-    ``"synchronous"`` for serial); every chunk is written by exactly one task, so the result is the same bit for
-    bit whatever the scheduler. Returns the store's resolved path inside ``run_dir``.
+    ``"synchronous"`` for serial); every chunk is written by exactly one task, so the result is the same bit
+    for bit whatever the scheduler. Returns the store's resolved path inside ``run_dir``.
     """
     import dask.array as da
 
@@ -280,7 +282,8 @@ def open_cube(path: Path, *, allow_incomplete: bool = False) -> xr.DataArray:
 
     path = Path(path)
     if not path.exists():
-        raise CubeError(f"no feature cube at {path}; check the path or write one with write_cube()/CubeWriter")
+        raise CubeError(f"no feature cube at {path}; "
+                        "check the path or write one with write_cube()/CubeWriter")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)  # "failed to open consolidated"
@@ -289,11 +292,12 @@ def open_cube(path: Path, *, allow_incomplete: bool = False) -> xr.DataArray:
         raise CubeError(f"{path} is not a readable Zarr store ({type(exc).__name__}: {exc}); give the path "
                         f"of a cube written by geo_dino.cube") from None
     if ds.attrs.get("geo_dino_kind") != CUBE_KIND or CUBE_VAR not in ds:
-        raise CubeError(f"{path} is a Zarr store but not a geo_dino feature cube (no {CUBE_VAR!r} variable or "
-                        f"geo_dino_kind attribute); give the path of a cube written by geo_dino.cube")
+        raise CubeError(f"{path} is a Zarr store but not a geo_dino feature cube "
+                        f"(no {CUBE_VAR!r} variable or geo_dino_kind attribute); "
+                        "give the path of a cube written by geo_dino.cube")
     if not allow_incomplete and ds.attrs.get("complete") is not True:
-        raise CubeError(f"the cube {path} is incomplete (its writer never closed, e.g. the run failed); rerun "
-                        "the step that writes it, or pass allow_incomplete=True to read it anyway")
+        raise CubeError(f"the cube {path} is incomplete (its writer never closed, e.g. the run failed); "
+                        "rerun the step that writes it, or pass allow_incomplete=True to read it anyway")
     da_ = ds[CUBE_VAR]
     da_.attrs = {**da_.attrs, **ds.attrs}
     return as_cube(da_, what=str(path))
@@ -324,7 +328,8 @@ def cube_grid(cube: xr.DataArray) -> Grid:
     """
     crs = cube.rio.crs
     if crs is None:
-        raise CubeError("the cube has no CRS; open it with open_cube() (decode_coords='all') or write its CRS")
+        raise CubeError("the cube has no CRS; "
+                        "open it with open_cube() (decode_coords='all') or write its CRS")
     height, width = int(cube.sizes["y"]), int(cube.sizes["x"])
     transform = cube.rio.transform()
     gt = cube.coords["spatial_ref"].attrs.get("GeoTransform") if "spatial_ref" in cube.coords else None
@@ -333,7 +338,8 @@ def cube_grid(cube: xr.DataArray) -> Grid:
         x, y = cube["x"].values, cube["y"].values
         col, row = (x[0] - full.c) / full.a - 0.5, (y[0] - full.f) / full.e - 0.5
         j, i = round(col), round(row)
-        steps_ok = all(abs(np.diff(v[:2]) - r).max(initial=0) <= 1e-6 * abs(r) for v, r in ((x, full.a), (y, full.e)))
+        steps_ok = all(abs(np.diff(v[:2]) - r).max(initial=0) <= 1e-6 * abs(r)
+                       for v, r in ((x, full.a), (y, full.e)))
         if abs(col - j) <= 1e-6 and abs(row - i) <= 1e-6 and steps_ok and not (full.b or full.d):
             transform = full @ Affine.translation(j, i) if (i, j) != (0, 0) else full
     return Grid(height, width, transform, crs.to_string())

@@ -18,6 +18,7 @@ CUBE_NAME = "features.zarr"
 
 
 def cube_grid_of(state: dict[str, Any]):  # noqa: ANN201 - a Grid
+    """The cube's grid for a run state: one cell per backbone patch of the run's output grid."""
     from geo_dino import pipeline as pl
     from geo_dino.cube import patch_grid
 
@@ -25,6 +26,8 @@ def cube_grid_of(state: dict[str, Any]):  # noqa: ANN201 - a Grid
 
 
 def create_cube(run_dir: Path, state: dict[str, Any], n_features: int, attrs: dict[str, Any]) -> Path:
+    """Create the run's empty cube (``n_features`` features, chunks of 64 cells; replaces an old one) and
+    return its path."""
     from geo_dino.cube import CubeWriter
 
     writer = CubeWriter(run_dir, CUBE_NAME, cube_grid_of(state), n_features, chunk=64, attrs=attrs,
@@ -33,13 +36,15 @@ def create_cube(run_dir: Path, state: dict[str, Any], n_features: int, attrs: di
 
 
 def close_cube(run_dir: Path) -> None:
+    """Mark the run's cube complete once every chunk task has written its rows."""
     from geo_dino.cube import CubeWriter
 
     CubeWriter.reopen(run_dir, CUBE_NAME).close()
 
 
 class CubeSink:
-    """Called per batch of tiles with their patch features ``(B, C, h, w)`` and pixel validity ``(B, H, W)``."""
+    """Called per batch of tiles with their patch features ``(B, C, h, w)`` and pixel validity
+    ``(B, H, W)``."""
 
     def __init__(self, run_dir: Path, state: dict[str, Any]) -> None:
         self.run_dir = run_dir
@@ -58,6 +63,7 @@ class CubeSink:
         return lo, hi
 
     def __call__(self, tiles: list[Any], feats: Any, valid: np.ndarray) -> None:
+        """Copy each tile's core cells into the row buffers (NaN where under half the patch is valid)."""
         import torch
 
         frac = torch.nn.functional.avg_pool2d(torch.from_numpy(valid).float()[:, None], self.p)[:, 0].numpy()
@@ -68,7 +74,8 @@ class CubeSink:
             base_r, base_c = t.grid_row * self.stride, t.grid_col * self.stride
             block = np.where(frac[b][None] >= 0.5, f[b], np.nan).astype(np.float32)
             for r in range(r0, min(r1, self.grid.height - base_r)):
-                row = self.rows.setdefault(base_r + r, np.full((f.shape[1], self.grid.width), np.nan, np.float32))
+                row = self.rows.setdefault(base_r + r,
+                                           np.full((f.shape[1], self.grid.width), np.nan, np.float32))
                 cc1 = min(c1, self.grid.width - base_c)
                 if cc1 > c0:
                     row[:, base_c + c0:base_c + cc1] = block[:, r, c0:cc1]

@@ -29,9 +29,9 @@ def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 class DINOHead(nn.Module):
-    """DINO projection head (``dino_head.py``): an MLP to a bottleneck, L2 normalisation, then a weight-normalised
-    linear layer to ``out_dim`` prototypes. ``norm_last_layer`` fixes the weight norm's gain at 1 (DINO's
-    default for ViT-S stability)."""
+    """DINO projection head (``dino_head.py``): an MLP to a bottleneck, L2 normalisation, then a
+    weight-normalised linear layer to ``out_dim`` prototypes. ``norm_last_layer`` fixes the weight norm's gain
+    at 1 (DINO's default for ViT-S stability)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  nlayers: int = 3, norm_last_layer: bool = True) -> None:
@@ -56,6 +56,7 @@ class DINOHead(nn.Module):
             gain.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Prototype logits ``(..., out_dim)`` of features ``(..., in_dim)``."""
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)
@@ -108,7 +109,8 @@ class DINOLoss(_CentredLoss):
     distribution of every other crop (DINO eq. 1 and ``DINOLoss``); centre updated with momentum 0.9."""
 
     def forward(self, student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
-        """``student_out``: logits of each crop ``(B, K)`` (globals first); ``teacher_probs``: of each global."""
+        """``student_out``: logits of each crop ``(B, K)`` (globals first); ``teacher_probs``: of each
+        global."""
         total: torch.Tensor | float = 0.0
         n = 0
         for iq, q in enumerate(teacher_probs):
@@ -124,6 +126,8 @@ class DINOLoss(_CentredLoss):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA update of ``center`` with the mean of the teacher's logits ``(N, K)`` (one row per global
+        crop), over all ranks."""
         batch_center = teacher_out.float().sum(dim=0, keepdim=True)
         batch_center = _all_reduce_mean(batch_center) / teacher_out.shape[0]
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
@@ -135,15 +139,19 @@ class IBOTPatchLoss(_CentredLoss):
     teacher's centred distribution of the same, unmasked patch. Each image's loss is averaged over its masked
     patches, then summed over images and divided by the number of images."""
 
-    def forward(self, student_masked: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_masked: torch.Tensor, teacher_probs: torch.Tensor,
+                masks: torch.Tensor) -> torch.Tensor:
         """``student_masked``/``teacher_probs``: ``(M, K)`` for the ``M`` masked patches, in ``masks[masks]``
         order; ``masks``: ``(B, N)``."""
-        loss = torch.sum(-teacher_probs * F.log_softmax(student_masked.float() / self.student_temp, dim=-1), -1)
+        loss = torch.sum(-teacher_probs * F.log_softmax(student_masked.float() / self.student_temp, dim=-1),
+                         -1)
         weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
         return (loss * weights).sum() / masks.shape[0]
 
     @torch.no_grad()
     def update_center(self, teacher_masked: torch.Tensor) -> None:
+        """EMA update of ``center`` with the mean of the teacher's masked-patch logits ``(M, K)``, over the
+        masked patches of all ranks."""
         batch_center = teacher_masked.float().sum(dim=0, keepdim=True)
         count = torch.tensor([float(teacher_masked.shape[0])], device=teacher_masked.device)
         if _world() > 1:
@@ -166,15 +174,15 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def gram_loss(student_patches: torch.Tensor, gram_patches: torch.Tensor) -> torch.Tensor:
-    """Gram anchoring (DINOv3 section 4.2, ``gram_loss.py`` with ``normalized`` and ``img_level``): mean squared
-    difference between the student's and the Gram teacher's patch-similarity matrices, per image."""
+    """Gram anchoring (DINOv3 section 4.2, ``gram_loss.py`` with ``normalized`` and ``img_level``): mean
+    squared difference between the student's and the Gram teacher's patch-similarity matrices, per image."""
     s = F.normalize(student_patches.float(), dim=-1)
     t = F.normalize(gram_patches.float(), dim=-1)
     return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).pow(2).mean()
 
 
-def random_masks(batch: int, grid: tuple[int, int], ratio_min_max: tuple[float, float], sample_probability: float,
-                 generator: torch.Generator) -> torch.Tensor:
+def random_masks(batch: int, grid: tuple[int, int], ratio_min_max: tuple[float, float],
+                 sample_probability: float, generator: torch.Generator) -> torch.Tensor:
     """iBOT/DINOv2 masks ``(B, N)``: a fraction ``sample_probability`` of the images get masked, with ratios
     spread over ``ratio_min_max`` (DINOv2 ``collate_data_and_cast``); the others keep every patch. Random
     patches rather than DINOv2's blocks: overhead scenes have no canonical object layout to hide."""
@@ -216,8 +224,8 @@ def collapse_monitors(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                       features: torch.Tensor, out_dim: int) -> dict[str, float]:
     """Teacher entropy, student–teacher KL and feature standard deviation for one global view.
 
-    Collapse to one prototype drives the teacher entropy to 0; collapse to the uniform distribution drives it to
-    ``log(out_dim)`` and the KL to 0; a constant representation drives the feature std (of L2-normalised
+    Collapse to one prototype drives the teacher entropy to 0; collapse to the uniform distribution drives it
+    to ``log(out_dim)`` and the KL to 0; a constant representation drives the feature std (of L2-normalised
     backbone features, per dimension) to 0 — healthy features sit near ``1/sqrt(C)``.
     """
     with torch.no_grad():
@@ -242,8 +250,8 @@ def collapse_warnings(m: dict[str, float]) -> list[str]:
     out = []
     if m["teacher_batch_entropy"] < 0.1 * m["max_entropy"] and m["teacher_batch_entropy"] < 1.0:
         out.append(f"COLLAPSE: the teacher puts the whole batch on a few prototypes (batch entropy "
-                   f"{m['teacher_batch_entropy']:.3f} of {m['max_entropy']:.2f} nats); raise center momentum or "
-                   "teacher temperature warm-up, lower the learning rate")
+                   f"{m['teacher_batch_entropy']:.3f} of {m['max_entropy']:.2f} nats); "
+                   "raise center momentum or teacher temperature warm-up, lower the learning rate")
     if m["teacher_entropy"] > 0.98 * m["max_entropy"] and m["kl_student_teacher"] < 1e-3:
         out.append(f"COLLAPSE: the teacher's outputs are uniform (entropy {m['teacher_entropy']:.3f} ≈ "
                    f"log K = {m['max_entropy']:.3f}) and the student matches them (KL "

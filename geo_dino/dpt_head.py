@@ -5,9 +5,10 @@ Input: the patch features of ``L`` backbone blocks (1 ≤ L ≤ 4, shallow to de
 ``(B, L·C, h, w)`` — the same tensor shape convention as :class:`~geo_dino.seg_heads.LinearHead`, so one
 training loop and one file format serve both. DPT's stages, scaled down:
 
-1. **Reassemble**: each layer goes through a 1×1 convolution to ``hidden`` channels and is resampled to its own
-   scale of the patch grid — the deepest layer to ×½ (a stride-2 3×3 convolution), the next to ×1, then ×2 and
-   ×4 (transposed convolutions), as DPT does for its four hooks. With fewer layers the deepest scales are used.
+1. **Reassemble**: each layer goes through a 1×1 convolution to ``hidden`` channels and is resampled to its
+   own scale of the patch grid — the deepest layer to ×½ (a stride-2 3×3 convolution), the next to ×1, then
+   ×2 and ×4 (transposed convolutions), as DPT does for its four hooks. With fewer layers the deepest scales
+   are used.
 2. **Fuse**, deepest first: a residual convolution unit, then bilinear resize to the next (finer) scale and a
    sum with that scale's reassembled layer, and another residual unit.
 3. **Predict**: a 3×3 convolution and ReLU, a 1×1 convolution to ``n_classes`` logits at the finest scale,
@@ -63,10 +64,12 @@ class DPTHead(nn.Module):
     def __init__(self, embed_dim: int, n_classes: int, n_layers: int = 4, hidden: int = 64) -> None:
         super().__init__()
         if embed_dim < 1 or n_classes < 1 or hidden < 1:
-            raise ConfigError(f"embed_dim {embed_dim}, n_classes {n_classes} and hidden {hidden} must be positive")
+            raise ConfigError(f"embed_dim {embed_dim}, n_classes {n_classes} and hidden {hidden} "
+                              "must be positive")
         if not 1 <= n_layers <= len(_SCALES):
             raise ConfigError(f"a DPT head takes 1 to {len(_SCALES)} layers, not {n_layers}")
-        self.embed_dim, self.n_classes, self.n_layers, self.hidden = int(embed_dim), int(n_classes), n_layers, hidden
+        self.embed_dim, self.n_classes = int(embed_dim), int(n_classes)
+        self.n_layers, self.hidden = n_layers, hidden
         self.in_channels = self.embed_dim * n_layers
         scales = _SCALES[len(_SCALES) - n_layers:]  # the deepest scales when fewer layers are hooked
         self.scales = scales
@@ -74,10 +77,12 @@ class DPTHead(nn.Module):
         self.resample = nn.ModuleList(_resampler(s, hidden) for s in scales)
         self.units_in = nn.ModuleList(_ResidualUnit(hidden) for _ in scales)
         self.units_out = nn.ModuleList(_ResidualUnit(hidden) for _ in scales)
-        self.out = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, n_classes, 1))
+        self.out = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden, n_classes, 1))
 
     def config(self) -> dict[str, Any]:
-        """What :func:`~geo_dino.seg_heads.build_head` needs to make this head again (stored in head files)."""
+        """What :func:`~geo_dino.seg_heads.build_head` needs to make this head again (stored in head
+        files)."""
         return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes,
                 "n_layers": self.n_layers, "hidden": self.hidden}
 
@@ -92,7 +97,8 @@ class DPTHead(nn.Module):
         maps = [rs(pr(x)) for x, pr, rs in zip(layers, self.project, self.resample, strict=True)]
         fused = self.units_out[-1](self.units_in[-1](maps[-1]))  # the deepest layer starts the fusion
         for i in range(len(maps) - 2, -1, -1):
-            up = nn.functional.interpolate(fused, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
+            up = nn.functional.interpolate(fused, size=maps[i].shape[-2:], mode="bilinear",
+                                           align_corners=False)
             fused = self.units_out[i](up + self.units_in[i](maps[i]))
         logits = self.out(fused)
         size = tuple(out_size) if out_size is not None else (int(h * self.scales[0]), int(w * self.scales[0]))

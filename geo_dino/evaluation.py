@@ -12,9 +12,10 @@ The data flow, top to bottom:
 2. :func:`prepare_images` decodes (Pillow for JPEG/PNG, rasterio for GeoTIFF), selects bands (1-based, repeats
    allowed), scales to [0, 1] (uint8: /255; any other dtype needs an explicit ``value_range``) and resizes
    bilinearly (antialiased) to one size: ``size`` × ``size``, or by default the first training image's own
-   height and width, each rounded up to a multiple of the patch size (EuroSAT's 64×64 stays 64×64 at patch 16).
-3. Features: :func:`model_features` normalises with the checkpoint's mean/std and takes the CLS token after the
-   final norm (:func:`geo_dino.backbone.extract`), the mean of the patch tokens, or both concatenated
+   height and width, each rounded up to a multiple of the patch size (EuroSAT's 64×64 stays 64×64 at
+   patch 16).
+3. Features: :func:`model_features` normalises with the checkpoint's mean/std and takes the CLS token after
+   the final norm (:func:`geo_dino.backbone.extract`), the mean of the patch tokens, or both concatenated
    (``pool`` = ``cls`` | ``mean`` | ``cls+mean``); :func:`pixel_features` is the raw-pixel baseline (pixels
    standardised per band with the training images' mean/std, flattened).
 4. Classifiers: :func:`knn_scores` is ``knn_classifier`` of DINO's ``eval_knn.py`` (L2-normalised features,
@@ -132,6 +133,7 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a plain dict (nested dataclass fields included), ready for JSON."""
         return asdict(self)
 
     def summary(self) -> str:
@@ -176,11 +178,13 @@ def _check_file(root: Path, rel: str, limits: ImageLimits, where: str) -> tuple[
     if not rel or "\x00" in rel:
         raise ConfigError(f"{where}: empty or invalid path {rel!r}")
     if "://" in rel or rel.lower().startswith("/vsi"):
-        raise SourceError(f"{where}: {rel!r}: URLs and virtual paths are refused; give a path relative to {root}")
+        raise SourceError(f"{where}: {rel!r}: URLs and virtual paths are refused; "
+                          f"give a path relative to {root}")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise SourceError(f"{where}: {rel!r} is absolute; give paths relative to the dataset root {root}")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
-        raise SourceError(f"{where}: {rel!r} leaves the dataset root ('..' is refused); keep images under {root}")
+        raise SourceError(f"{where}: {rel!r} leaves the dataset root ('..' is refused); "
+                          f"keep images under {root}")
     try:
         real = (root / rel).resolve(strict=True)
     except FileNotFoundError:
@@ -188,8 +192,8 @@ def _check_file(root: Path, rel: str, limits: ImageLimits, where: str) -> tuple[
     except (OSError, RuntimeError) as exc:  # permissions, symlink loops
         raise SourceError(f"{where}: {root / rel} cannot be resolved: {exc}") from None
     if not real.is_relative_to(root):
-        raise SourceError(f"{where}: {rel!r} resolves to {real}, outside the dataset root {root} (a symlink out "
-                          "of the root is refused); copy the file under the root")
+        raise SourceError(f"{where}: {rel!r} resolves to {real}, outside the dataset root {root} "
+                          "(a symlink out of the root is refused); copy the file under the root")
     if not real.is_file():
         raise SourceError(f"{where}: {root / rel} is not a regular file")
     if real.stat().st_size > limits.max_file_bytes:
@@ -215,12 +219,14 @@ def load_labelled(data: str | Path, *, test_fraction: float = 0.25, seed: int = 
     elif p.suffix.lower() == ".csv":
         ds = _load_csv(p.resolve(), limits)
     else:
-        raise ConfigError(f"{p}: neither a .csv file nor a folder; give labels.csv or ROOT with class folders")
+        raise ConfigError(f"{p}: neither a .csv file nor a folder; "
+                          "give labels.csv or ROOT with class folders")
     if len(ds.train) + len(ds.test) > limits.max_images:
         raise ConfigError(f"{p}: more than {limits.max_images} images; refused")
     for split in SPLITS:
         if not getattr(ds, split):
-            raise ConfigError(f"{p}: the {split} split is empty; every evaluation needs train and test images")
+            raise ConfigError(f"{p}: the {split} split is empty; "
+                              "every evaluation needs train and test images")
     in_train = {im.label for im in ds.train}
     only_test = sorted({ds.classes[im.label] for im in ds.test} - {ds.classes[i] for i in in_train})
     if only_test:
@@ -239,8 +245,8 @@ def _load_csv(path: Path, limits: ImageLimits) -> LabelledSet:
         unknown = [c for c in header if c not in CSV_COLUMNS]
         missing = [c for c in ("path", "class", "split") if c not in header]
         if unknown or missing or len(set(header)) != len(header):
-            raise ConfigError(f"{path}: columns {header}: unknown {unknown}, missing {missing}; the columns are "
-                              f"path,class,split and optionally class_index")
+            raise ConfigError(f"{path}: columns {header}: unknown {unknown}, missing {missing}; "
+                              f"the columns are path,class,split and optionally class_index")
         rows = []
         for line, row in enumerate(reader, start=2):
             if None in row or any(v is None for v in row.values()):
@@ -254,13 +260,14 @@ def _load_csv(path: Path, limits: ImageLimits) -> LabelledSet:
             try:
                 i = int(row["class_index"])
             except ValueError:
-                raise ConfigError(f"{path}:{line}: class_index {row['class_index']!r} is not an integer") from None
+                raise ConfigError(f"{path}:{line}: class_index {row['class_index']!r} "
+                                  "is not an integer") from None
             if index.setdefault(row["class"], i) != i:
                 raise ConfigError(f"{path}:{line}: class {row['class']!r} has class_index {i} here and "
                                   f"{index[row['class']]} above; one index per class")
         if sorted(index.values()) != list(range(len(index))):
-            raise ConfigError(f"{path}: class_index values {sorted(set(index.values()))} are not 0..{len(index) - 1}, "
-                              "one per class")
+            raise ConfigError(f"{path}: class_index values {sorted(set(index.values()))} "
+                              f"are not 0..{len(index) - 1}, one per class")
     else:
         index = {c: i for i, c in enumerate(sorted({row["class"] for _, row in rows}))}
     classes = tuple(sorted(index, key=index.__getitem__))
@@ -287,8 +294,8 @@ def _class_files(folder: Path, root: Path, limits: ImageLimits) -> list[tuple[Pa
         if entry.name.startswith("."):
             continue  # hidden files (.DS_Store and the like)
         if entry.is_dir():
-            raise ConfigError(f"{entry.path}: a folder inside a class folder; the layout is ROOT/<class>/<image> "
-                              "or ROOT/train|test/<class>/<image>")
+            raise ConfigError(f"{entry.path}: a folder inside a class folder; "
+                              "the layout is ROOT/<class>/<image> or ROOT/train|test/<class>/<image>")
         out.append(_check_file(root, os.path.relpath(entry.path, root), limits, str(folder)))
     return out
 
@@ -307,14 +314,15 @@ def _load_folder(root: Path, test_fraction: float, seed: int, limits: ImageLimit
     if any(has.values()):
         if not all(has.values()):
             raise ConfigError(f"{root}: has {'train' if has['train'] else 'test'}/ but not "
-                              f"{'test' if has['train'] else 'train'}/; give both or use ROOT/<class>/ folders")
+                              f"{'test' if has['train'] else 'train'}/; "
+                              "give both or use ROOT/<class>/ folders")
         train_dirs = _class_dirs(root / "train")
         test_dirs = _class_dirs(root / "test")
         classes = tuple(d.name for d in train_dirs)
         only_test = sorted({d.name for d in test_dirs} - set(classes))
         if only_test:
-            raise ConfigError(f"{root}: classes {only_test} have test images but no training folder; no classifier "
-                              "can predict them: add training images or drop their test images")
+            raise ConfigError(f"{root}: classes {only_test} have test images but no training folder; "
+                              "no classifier can predict them: add training images or drop their test images")
         split = {s: [LabelledImage(real, fmt, classes.index(d.name), s)
                      for d in dirs for real, fmt in _class_files(d, root, limits)]
                  for s, dirs in (("train", train_dirs), ("test", test_dirs))}
@@ -338,8 +346,9 @@ def _load_folder(root: Path, test_fraction: float, seed: int, limits: ImageLimit
         for (real, fmt), t in zip(files, is_test, strict=True):
             (test if t else train).append(LabelledImage(real, fmt, label, "test" if t else "train"))
     record = {"source": str(root), "layout": "folder ROOT/<class>/",
-              "split": f"seeded stratified: per class (sorted), files sorted by name, a numpy default_rng({seed}) "
-                       f"permutation; round(n * {test_fraction}) test images per class, at least 1 train and 1 test",
+              "split": f"seeded stratified: per class (sorted), files sorted by name, "
+                       f"a numpy default_rng({seed}) permutation; round(n * {test_fraction}) test images "
+                       "per class, at least 1 train and 1 test",
               "test_fraction": test_fraction, "seed": seed}
     return LabelledSet(root, classes, tuple(train), tuple(test), record)
 
@@ -372,8 +381,9 @@ def read_image(path: str | Path, *, bands: Sequence[int] | None = None,
         arr = arr[[b - 1 for b in bands]]
     if value_range is None:
         if arr.dtype != np.uint8:
-            raise ConfigError(f"{path}: {arr.dtype} pixels need a value_range (the values that map to 0 and 1, "
-                              "e.g. 0,10000 for Sentinel-2 reflectance x 10000); only uint8 is scaled by default")
+            raise ConfigError(f"{path}: {arr.dtype} pixels need a value_range "
+                              "(the values that map to 0 and 1, e.g. 0,10000 for Sentinel-2 reflectance "
+                              "x 10000); only uint8 is scaled by default")
         low, high = 0.0, 255.0
     else:
         low, high = (float(v) for v in value_range)
@@ -389,7 +399,8 @@ def _read_pillow(path: Path, limits: ImageLimits) -> np.ndarray:
         with Image.open(path, formats=["JPEG", "PNG"]) as src:
             w, h = src.size
             if w * h > limits.max_pixels:
-                raise SourceError(f"{path}: {w}x{h} pixels, more than the limit of {limits.max_pixels}; refused")
+                raise SourceError(f"{path}: {w}x{h} pixels, "
+                                  f"more than the limit of {limits.max_pixels}; refused")
             mode = src.mode
             im: Image.Image = src
             if mode in ("RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -415,8 +426,9 @@ def _read_tiff(path: Path, bands: Sequence[int] | None, limits: ImageLimits) -> 
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # chips need no georeference here
             with gdal_env(), rasterio.open(path, driver="GTiff") as src:  # no other driver is ever tried
                 if src.width * src.height > limits.max_pixels or src.count > limits.max_bands:
-                    raise SourceError(f"{path}: {src.width}x{src.height} pixels x {src.count} bands is beyond the "
-                                      f"limits ({limits.max_pixels} pixels, {limits.max_bands} bands); refused")
+                    raise SourceError(f"{path}: {src.width}x{src.height} pixels x {src.count} bands "
+                                      f"is beyond the limits ({limits.max_pixels} pixels, "
+                                      f"{limits.max_bands} bands); refused")
                 idx = list(bands) if bands is not None else list(range(1, src.count + 1))
                 bad = [b for b in idx if not 1 <= b <= src.count]
                 if bad or not idx:
@@ -453,14 +465,15 @@ def prepare_images(dataset: LabelledSet, *, size: int | None = None, patch_size:
     n_bands = first.shape[0]
     need = len(images) * n_bands * target[0] * target[1] * 4
     if need > limits.max_prepared_bytes:
-        raise ConfigError(f"{len(images)} images of {n_bands}x{target[0]}x{target[1]} need {need / 2**30:.1f} GiB "
-                          f"as float32, more than {limits.max_prepared_bytes / 2**30:.1f} GiB; use a smaller size")
+        raise ConfigError(f"{len(images)} images of {n_bands}x{target[0]}x{target[1]} "
+                          f"need {need / 2**30:.1f} GiB as float32, "
+                          f"more than {limits.max_prepared_bytes / 2**30:.1f} GiB; use a smaller size")
     out = torch.empty((len(images), n_bands, *target), dtype=torch.float32)
     for i, im in enumerate(images):
         arr = first if i == 0 else read_image(im.path, bands=bands, value_range=value_range, limits=limits)
         if arr.shape[0] != n_bands:
-            raise SourceError(f"{im.path}: {arr.shape[0]} bands where {images[0].path} has {n_bands}; give bands "
-                              "so every image yields the same bands")
+            raise SourceError(f"{im.path}: {arr.shape[0]} bands where {images[0].path} has {n_bands}; "
+                              "give bands so every image yields the same bands")
         x = torch.from_numpy(arr)
         if tuple(x.shape[-2:]) != target:
             x = F.interpolate(x[None], size=target, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -482,7 +495,8 @@ def _prepared(data: LabelledSet | PreparedImages | str | Path, patch: int, **kw:
         if kw.get("bands") is not None or kw.get("value_range") is not None:
             raise ConfigError("bands and value_range are fixed when the images are prepared (prepare_images)")
         if any(s % patch for s in data.record["size"]):
-            raise ConfigError(f"prepared size {data.record['size']} is not a multiple of the patch size {patch}")
+            raise ConfigError(f"prepared size {data.record['size']} "
+                              f"is not a multiple of the patch size {patch}")
         return data
     ds = data if isinstance(data, LabelledSet) else load_labelled(data)
     return prepare_images(ds, patch_size=patch, **kw)
@@ -494,9 +508,9 @@ def _prepared(data: LabelledSet | PreparedImages | str | Path, patch: int, **kw:
 def embed(model: Any, spec: Any, pixels: Any, *, pool: str = "cls", batch_size: int = 64) -> Any:
     """Features ``(N, D)`` float32 on the CPU of ``pixels`` ``(N, band, row, col)`` in [0, 1].
 
-    Normalised with ``spec.mean``/``spec.std``; ``pool``: ``cls`` (the CLS token after the final norm), ``mean``
-    (mean of the patch tokens) or ``cls+mean`` (both, concatenated). The model runs in eval mode under
-    ``torch.inference_mode`` on its own device; its training mode is restored afterwards.
+    Normalised with ``spec.mean``/``spec.std``; ``pool``: ``cls`` (the CLS token after the final norm),
+    ``mean`` (mean of the patch tokens) or ``cls+mean`` (both, concatenated). The model runs in eval mode
+    under ``torch.inference_mode`` on its own device; its training mode is restored afterwards.
     """
     import torch
 
@@ -557,7 +571,8 @@ def backbone_features(data: LabelledSet | PreparedImages | str | Path, *, arch: 
 
     t0 = time.perf_counter()
     model, spec = build_backbone(arch, checkpoint=Path(checkpoint) if checkpoint else None,
-                                 checkpoint_sha256=checkpoint_sha256, accept_licence=accept_licence, seed=seed)
+                                 checkpoint_sha256=checkpoint_sha256, accept_licence=accept_licence,
+                                 seed=seed)
     try:
         model = model.to(device)
     except (RuntimeError, ValueError) as exc:  # unknown or unavailable device
@@ -626,8 +641,9 @@ def rank_classes(scores: Any) -> Any:
 
 def _standardise(fit: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both standardised with ``fit``'s mean/std. With more dimensions than ``fit`` rows, both are then given
-    in coordinates of the span of ``fit``'s rows: exact for an L2-penalised linear model, whose optimal weights
-    lie in that span (w = V b keeps ``x · w`` and ``|w|``), and much faster (raw pixels: 12288 → N)."""
+    in coordinates of the span of ``fit``'s rows: exact for an L2-penalised linear model, whose optimal
+    weights lie in that span (w = V b keeps ``x · w`` and ``|w|``), and much faster (raw pixels:
+    12288 → N)."""
     mu, sd = fit.mean(0), fit.std(0)
     sd[sd == 0] = 1.0
     a, b = (fit - mu) / sd, (other - mu) / sd
@@ -668,13 +684,15 @@ def linear_probe(train: Any, train_labels: Any, test: Any, *, n_classes: int,
         members = np.flatnonzero(y == c)
         val[rng.permutation(members)[:int(len(members) * val_fraction)]] = True
     if not val.any() or len(np.unique(y[~val])) < 2:
-        raise ConfigError(f"the training split ({len(y)} images) is too small to hold out {val_fraction:.0%} per "
-                          "class for choosing the regularisation; add training images")
+        raise ConfigError(f"the training split ({len(y)} images) is too small to hold out "
+                          f"{val_fraction:.0%} per class for choosing the regularisation; "
+                          "add training images")
 
     def fit(a: np.ndarray, b: np.ndarray, c: float) -> tuple[Any, bool]:
         """The classifier, and whether lbfgs converged within ``max_iter``."""
         # probes of up to ~16M feature values run single-threaded: waking BLAS/OpenMP threads every lbfgs
-        # iteration costs more than the maths (measured 2.5-40x slower with 2 threads on a busy 2-core machine)
+        # iteration costs more than the maths (measured 2.5-40x slower with 2 threads on a busy 2-core
+        # machine)
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(1 if a.size < 2**24 else None):
             warnings.simplefilter("always", ConvergenceWarning)
             clf = LogisticRegression(C=c, max_iter=max_iter).fit(a, b)
@@ -691,15 +709,17 @@ def linear_probe(train: Any, train_labels: Any, test: Any, *, n_classes: int,
     clf, converged = fit(all_x, y, best)
     proba = np.zeros((len(xt), n_classes))
     proba[:, clf.classes_] = clf.predict_proba(test_x)
-    info = {"C": best, "candidates": list(candidates), "val_accuracy": dict(zip(map(str, candidates), scores, strict=True)),
+    info = {"C": best, "candidates": list(candidates),
+            "val_accuracy": dict(zip(map(str, candidates), scores, strict=True)),
             "val_fraction": val_fraction, "n_val": int(val.sum()), "seed": seed, "converged": converged,
             "max_iter": max_iter, "iterations": dict(zip(map(str, candidates), iters, strict=True)),
             "final_iterations": int(clf.n_iter_.max()),
-            "at_grid_edge": len(candidates) > 1 and best in (min(candidates), max(candidates)), "classifier": "sklearn LogisticRegression (lbfgs, L2, multinomial) on features "
-                                                "standardised with the training mean/std"
-                                                + (" (solved in the span of the training rows: exact for L2, "
-                                                   "as there are more dimensions than images)"
-                                                   if x.shape[1] > len(y) else "")}
+            "at_grid_edge": len(candidates) > 1 and best in (min(candidates), max(candidates)),
+            "classifier": "sklearn LogisticRegression (lbfgs, L2, multinomial) on features "
+                          "standardised with the training mean/std"
+                          + (" (solved in the span of the training rows: exact for L2, "
+                             "as there are more dimensions than images)"
+                             if x.shape[1] > len(y) else "")}
     return proba, info
 
 

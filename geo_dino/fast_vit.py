@@ -33,7 +33,8 @@ def _rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, half: bool) -
 class FusedRopeViT(nn.Module):
     """A timm DINOv3 ``Eva`` model with the RoPE of every block applied over the full token sequence."""
 
-    rotate_half: bool  # the rotation layout (timm's ``rotate_half``); not ``half``, which is nn.Module's fp16 cast
+    # the rotation layout (timm's ``rotate_half``); not ``half``, which is nn.Module's fp16 cast
+    rotate_half: bool
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -73,6 +74,7 @@ class FusedRopeViT(nn.Module):
         return attn.proj(o)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens ``(B, prefix + h·w, C)`` (CLS, registers, then patches) after the final norm."""
         m = self.model
         grid = m.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
         B, h, w, C = grid.shape
@@ -97,6 +99,7 @@ class FusedRopeViT(nn.Module):
         return t.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`dense_features`."""
         return self.dense_features(x)
 
 

@@ -3,8 +3,8 @@
 :class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
 and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave
 it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or inside
-a site the screening policy masks. :func:`finish_outputs` thresholds the change (Otsu on the histogram gathered while writing),
-turns every intermediate into a COG and verifies it (CRS, transform, nodata, dtype).
+a site the screening policy masks. :func:`finish_outputs` thresholds the change (Otsu on the histogram
+gathered while writing), turns every intermediate into a COG and verifies it (CRS, transform, nodata, dtype).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def _geometry_mask(geoms: list, grid: Grid, box: PixelBox) -> np.ndarray:
 
     if not geoms:
         return np.zeros((box.height, box.width), bool)
-    return geometry_mask(geoms, out_shape=(box.height, box.width), transform=grid.box_transform(box), invert=True)
+    return geometry_mask(geoms, out_shape=(box.height, box.width), transform=grid.box_transform(box),
+                         invert=True)
 
 
 def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
@@ -80,9 +81,9 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
     specs: dict[str, Any] = {}
     for d in range(n_dates):
         if heads.n_pca:
-            specs[f"pca_rgb{sfx(d)}"] = RasterSpec(out_grid, 3, "uint8", 0,
-                                                   ("feature PCA 1", "feature PCA 2", "feature PCA 3"),
-                                                   tags=tags | {"GEO_DINO_PRODUCT": "feature PCA (label-free)"})
+            specs[f"pca_rgb{sfx(d)}"] = RasterSpec(
+                out_grid, 3, "uint8", 0, ("feature PCA 1", "feature PCA 2", "feature PCA 3"),
+                tags=tags | {"GEO_DINO_PRODUCT": "feature PCA (label-free)"})
         if heads.k:
             specs[f"classes{sfx(d)}"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("k-means class",),
                                                    categorical=True, colormap=class_colormap(heads.k),
@@ -94,26 +95,26 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
         product = f"supervised head ({Path(info['path']).name})"
         if info["task"] == "segmentation":
             for d in range(n_dates):
-                specs[f"seg_classes{sfx(d)}"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("class value",),
-                                                           categorical=True, colormap=palette,
-                                                           tags=tags | {"GEO_DINO_PRODUCT": f"classes, {product}"})
+                specs[f"seg_classes{sfx(d)}"] = RasterSpec(
+                    out_grid, 1, "uint8", CLASS_NODATA, ("class value",), categorical=True, colormap=palette,
+                    tags=tags | {"GEO_DINO_PRODUCT": f"classes, {product}"})
                 specs[f"seg_probability{sfx(d)}"] = RasterSpec(
                     out_grid, 1, "float32", float("nan"), ("probability of the predicted class",),
                     tags=tags | {"GEO_DINO_PRODUCT": f"class probability, {product}"})
         else:
-            specs["change_probability"] = RasterSpec(out_grid, 1, "float32", float("nan"),
-                                                     ("probability of change",),
-                                                     tags=tags | {"GEO_DINO_PRODUCT": f"change probability, {product}"})
-            specs["change_binary"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("changed (1) / unchanged (0)",),
-                                                categorical=True,
+            specs["change_probability"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("probability of change",),
+                tags=tags | {"GEO_DINO_PRODUCT": f"change probability, {product}"})
+            specs["change_binary"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
+                                                ("changed (1) / unchanged (0)",), categorical=True,
                                                 colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
                                                 tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
     if layout.has_change:
         specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"),
                                                ("cosine distance between dates' features",),
                                                tags=tags | {"GEO_DINO_PRODUCT": "feature change magnitude"})
-        specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("changed (1) / unchanged (0)",),
-                                          categorical=True,
+        specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
+                                          ("changed (1) / unchanged (0)",), categorical=True,
                                           colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
                                           tags=tags | {"GEO_DINO_PRODUCT": "thresholded feature change"})
     return specs, heads, layout
@@ -203,7 +204,8 @@ class OutputWriter:
                     self.dsts[f"pca_rgb{self._sfx(d)}"].write(rgb, window=win)
                 if heads.k:
                     cls = np.argmax(v[layout.scores(d)], axis=0).astype(np.uint8)  # NaN rows are masked below
-                    self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None], window=win)
+                    self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None],
+                                                              window=win)
             if self.info:
                 _head_rows(self, v, ok, win)
             if layout.has_change:
@@ -232,7 +234,8 @@ def _head_rows(writer: OutputWriter, v: np.ndarray, ok: np.ndarray, win: Any) ->
         p = np.where(ok, prob[pos], np.nan).astype(np.float32)
         changed = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0) == pos
         writer.dsts["change_probability"].write(p[None], window=win)
-        writer.dsts["change_binary"].write(np.where(ok, changed, CLASS_NODATA).astype(np.uint8)[None], window=win)
+        writer.dsts["change_binary"].write(np.where(ok, changed, CLASS_NODATA).astype(np.uint8)[None],
+                                           window=win)
 
 
 def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
@@ -249,7 +252,8 @@ def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
                 "crs": src.crs.to_string(), "transform": [float(v) for v in tuple(src.transform)[:6]],
                 "width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0],
                 "nodata": "nan" if src.nodata is not None and src.nodata != src.nodata else src.nodata,
-                "overviews": list(src.overviews(1)), "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
+                "overviews": list(src.overviews(1)),
+                "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
 
 
 def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
@@ -288,7 +292,8 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
                 rasterio.open(work / "change_mask.tif", "r+") as dst:
             for box in _blocks(grid):
                 ch = src.read(1, window=box.to_rasterio())
-                mask = np.where(np.isnan(ch), CLASS_NODATA, (ch > threshold).astype(np.uint8)).astype(np.uint8)
+                mask = np.where(np.isnan(ch), CLASS_NODATA,
+                                (ch > threshold).astype(np.uint8)).astype(np.uint8)
                 dst.write(mask[None], window=box.to_rasterio())
     records = []
     for name, spec in specs.items():
@@ -299,7 +304,8 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
         rec["name"] = name
         if name.startswith("classes"):
             write_qml_palette(run_dir / f"{name}.qml",
-                              [(v, f"cluster {v}", c) for v, c in class_colormap(heads.k).items()], CLASS_NODATA)
+                              [(v, f"cluster {v}", c) for v, c in class_colormap(heads.k).items()],
+                              CLASS_NODATA)
         if name == "change_mask":
             write_qml_palette(run_dir / "change_mask.qml",
                               [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (220, 30, 30, 255))],

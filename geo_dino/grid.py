@@ -33,13 +33,16 @@ class PixelBox:
 
     @property
     def row_end(self) -> int:
+        """The first row below the box (exclusive end)."""
         return self.row_off + self.height
 
     @property
     def col_end(self) -> int:
+        """The first column right of the box (exclusive end)."""
         return self.col_off + self.width
 
     def intersection(self, other: PixelBox) -> PixelBox | None:
+        """The pixels both boxes cover, or None when they do not overlap."""
         r0, c0 = max(self.row_off, other.row_off), max(self.col_off, other.col_off)
         r1, c1 = min(self.row_end, other.row_end), min(self.col_end, other.col_end)
         if r1 <= r0 or c1 <= c0:
@@ -55,6 +58,7 @@ class PixelBox:
         return slice(self.row_off, self.row_end), slice(self.col_off, self.col_end)
 
     def to_rasterio(self):  # noqa: ANN201 - rasterio imported lazily
+        """This box as a rasterio ``Window`` (col_off, row_off, width, height)."""
         from rasterio.windows import Window
 
         return Window(self.col_off, self.row_off, self.width, self.height)
@@ -71,6 +75,7 @@ class Grid:
 
     @property
     def box(self) -> PixelBox:
+        """The whole grid as a pixel box at (0, 0)."""
         return PixelBox(0, 0, self.height, self.width)
 
     @property
@@ -90,6 +95,7 @@ class Grid:
         return self.transform @ Affine.translation(box.col_off, box.row_off)
 
     def subgrid(self, box: PixelBox) -> Grid:
+        """The grid of the pixels in ``box``: its shape, transform shifted to its top-left, same CRS."""
         return Grid(box.height, box.width, self.box_transform(box), self.crs)
 
     def box_covering(self, bounds: tuple[float, float, float, float]) -> PixelBox | None:
@@ -124,6 +130,7 @@ class Grid:
 
 
 def crs_equal(a: str, b: str) -> bool:
+    """Whether two CRS strings (WKT, EPSG code, PROJ ...) describe the same CRS, as pyproj compares them."""
     if a == b:
         return True
     from pyproj import CRS
@@ -152,6 +159,8 @@ class TileGrid:
 
     @classmethod
     def cover(cls, region: PixelBox, raster: PixelBox, *, size: int, overlap: int, patch: int) -> TileGrid:
+        """Tiles over ``region`` of ``raster``; ``size`` (pixels) must be a multiple of the backbone's
+        ``patch`` size and ``overlap`` smaller than ``size``."""
         if size <= 0 or size % patch:
             raise ConfigError(f"tiling.size: {size} must be a positive multiple of the patch size {patch}")
         if not 0 <= overlap < size:
@@ -162,6 +171,7 @@ class TileGrid:
 
     @property
     def stride(self) -> int:
+        """Pixels between the top-left corners of neighbouring tiles: ``size - overlap``."""
         return self.size - self.overlap
 
     def _count(self, extent: int) -> int:

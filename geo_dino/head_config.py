@@ -28,6 +28,8 @@ from geo_dino.errors import ConfigError
 
 
 class ClassConfig(_Model):
+    """One class of the label table: its name, its label value (0..254) and its display colour."""
+
     name: Annotated[str, Field(min_length=1)]
     value: Annotated[int, Field(ge=0, le=254)]
     colour: tuple[int, int, int] | str | None = None  # [r, g, b] or "#rrggbb"; default: a fixed palette
@@ -37,9 +39,11 @@ class LabelsConfig(_Model):
     """Where the labels come from: a label raster, or polygons with a class attribute (exactly one)."""
 
     raster: Path | None = None
-    # raw raster value -> class value, or "ignore" (Taizhou: {0: ignore, 1: 0, 2: 1}); None: values as they are
+    # raw raster value -> class value, or "ignore" (Taizhou: {0: ignore, 1: 0, 2: 1});
+    # None: values as they are
     mapping: dict[int, int | Literal["ignore"]] | None = None
-    reproject: bool = False  # warp a label raster on another grid (nearest neighbour; recorded) instead of refusing
+    # warp a label raster on another grid (nearest neighbour; recorded) instead of refusing
+    reproject: bool = False
     polygons: Path | None = None  # GeoJSON or GeoPackage
     attribute: str | None = None  # the polygons' class name or value field
     layer: str | None = None
@@ -61,6 +65,8 @@ class LabelsConfig(_Model):
 
 
 class HeadSpecConfig(_Model):
+    """The head to train: linear or DPT, the backbone blocks feeding it, how a change head combines dates."""
+
     type: Literal["linear", "dpt"] = "linear"
     # backbone blocks (0-based; negative counts from the end) whose features feed the head. None: linear → the
     # last block; dpt → four blocks evenly spaced over the depth, as DPT hooks them
@@ -70,7 +76,8 @@ class HeadSpecConfig(_Model):
 
 
 class SplitConfig(_Model):
-    """Spatial split (:func:`geo_dino.labels.spatial_split`): whole blocks of tiles are held out, with a buffer."""
+    """Spatial split (:func:`geo_dino.labels.spatial_split`): whole blocks of tiles are held out, with a
+    buffer."""
 
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3  # reported metrics: never seen in training
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # of the rest: early stopping
@@ -80,6 +87,8 @@ class SplitConfig(_Model):
 
 
 class TrainConfig(_Model):
+    """Optimisation of the head: epochs, learning rate, batches, early stopping and class weights."""
+
     epochs: Annotated[int, Field(ge=1)] = 200
     lr: Annotated[float, Field(gt=0)] = 1e-2  # linear heads; DPT heads train well with 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -91,6 +100,8 @@ class TrainConfig(_Model):
 
 
 class HeadTrainConfig(_Model):
+    """A head training run: the rasters (two for a change head), labels, tiles and each stage's settings."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "head"
     rasters: Annotated[list[Path], Field(min_length=1, max_length=2)]  # two: a change head
     labels: LabelsConfig
@@ -105,6 +116,8 @@ class HeadTrainConfig(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     def resolved(self, base: Path) -> HeadTrainConfig:
+        """A copy with every relative path made absolute against ``base``."""
+
         def fix(p: Path | None) -> Path | None:
             return resolve_path(p, base)
 
@@ -113,24 +126,29 @@ class HeadTrainConfig(_Model):
             "output_dir": fix(self.output_dir),
             "labels": self.labels.model_copy(update={"raster": fix(self.labels.raster),
                                                      "polygons": fix(self.labels.polygons)}),
-            "sources": self.sources.model_copy(update={"allowed_roots": [fix(r) for r in self.sources.allowed_roots]}),
+            "sources": self.sources.model_copy(update={
+                "allowed_roots": [fix(r) for r in self.sources.allowed_roots]}),
             "backbone": self.backbone.model_copy(update={"checkpoint": fix(self.backbone.checkpoint)}),
         })
 
     def to_json_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types (paths as strings), as written to ``config.resolved.json``."""
         return json.loads(self.model_dump_json())
 
     def sha256(self) -> str:
+        """Hex SHA-256 of the config's key-sorted JSON: identifies the exact settings of a training run."""
         return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def parse_head_config(data: dict[str, Any], base: Path | None = None) -> HeadTrainConfig:
+    """Validate a mapping into a :class:`HeadTrainConfig` with paths resolved against ``base``."""
     if not isinstance(data, dict):
         raise ConfigError("a head training configuration must be a mapping of keys to values")
     try:
         cfg = HeadTrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc).replace("run configuration", "head training configuration")) from None
+        raise ConfigError(_format_error(exc).replace("run configuration",
+                                                     "head training configuration")) from None
     return cfg.resolved(base or Path.cwd())
 
 

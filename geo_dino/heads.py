@@ -27,13 +27,16 @@ class LabelFreeHeads:
 
     @property
     def n_pca(self) -> int:
+        """Number of PCA components (3 when PCA was fitted, else 0)."""
         return 0 if self.pca_components is None else 3
 
     @property
     def k(self) -> int:
+        """Number of k-means clusters (0 when none were fitted)."""
         return 0 if self.centroids is None else int(self.centroids.shape[0])
 
     def save(self, path: Path) -> Path:
+        """Write the fitted arrays to an ``.npz`` file atomically (via a temporary file); return ``path``."""
         arrays = {k: v for k, v in self.__dict__.items() if v is not None}
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
@@ -42,6 +45,7 @@ class LabelFreeHeads:
 
     @classmethod
     def load(cls, path: Path) -> LabelFreeHeads:
+        """Read heads written by :meth:`save` (arrays absent from the file are None)."""
         with np.load(path, allow_pickle=False) as z:
             return cls(**{k: (z[k] if k in z else None) for k in cls.__dataclass_fields__})
 
@@ -128,6 +132,7 @@ def otsu_threshold(hist: np.ndarray, edges: np.ndarray) -> float:
 
 
 def cosine_distance(a, b):  # noqa: ANN001, ANN201 - torch tensors (B, C, H, W) -> (B, 1, H, W)
+    """``1 - cos(a, b)`` over the feature axis, per pixel: 0 for equal directions, up to 2 for opposite."""
     import torch
 
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8)[:, None]
@@ -149,7 +154,8 @@ def upsampled_cosine_distance(a, b, size: tuple[int, int]):  # noqa: ANN001, ANN
 
     ``<up(a), up(b)>`` at a pixel is ``Σ w_i w_j <a_i, b_j>`` over its 4×4 pairs of neighbouring patches, so
     the inner products of patch pairs at offsets {-1, 0, 1}² are computed once at patch resolution and
-    gathered per pixel: ``O(C·h·w)`` instead of ``O(C·H·W)``. ``a``, ``b``: ``(B, C, h, w)`` → ``(B, 1, H, W)``.
+    gathered per pixel: ``O(C·h·w)`` instead of ``O(C·H·W)``.
+    ``a``, ``b``: ``(B, C, h, w)`` → ``(B, 1, H, W)``.
     """
     import torch
 
@@ -160,7 +166,8 @@ def upsampled_cosine_distance(a, b, size: tuple[int, int]):  # noqa: ANN001, ANN
     rows = ((i0, wy0.to(a.dtype)), (i1, wy1.to(a.dtype)))
     cols = ((j0, wx0.to(a.dtype)), (j1, wx1.to(a.dtype)))
 
-    def gram(f: Any, g: Any) -> Any:  # (B, 3, 3, h, w): <f(i, j), g(i + dy, j + dx)>, edges clamped (never used there)
+    # (B, 3, 3, h, w): <f(i, j), g(i + dy, j + dx)>, edges clamped (never used there)
+    def gram(f: Any, g: Any) -> Any:
         gp = torch.nn.functional.pad(g, (1, 1, 1, 1), mode="replicate")
         return torch.stack([torch.stack([(f * gp[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]).sum(1)
                                          for dx in (-1, 0, 1)], 1) for dy in (-1, 0, 1)], 1)

@@ -33,42 +33,52 @@ class ChannelLayout:
 
     @property
     def per_date(self) -> int:
+        """Bands per date: PCA components, k-means scores and segmentation logits."""
         return self.n_pca + self.k + self.n_seg
 
     @property
     def has_change(self) -> bool:
+        """Whether there is a label-free change band (two dates)."""
         return self.n_dates == 2
 
     @property
     def n_values(self) -> int:
+        """Number of value bands (all dates, change, change-head logits); the weight band follows."""
         return self.n_dates * self.per_date + int(self.has_change) + self.n_change_logits
 
     def seg(self, date: int) -> slice:
+        """The segmentation head's logit bands of ``date``."""
         s = date * self.per_date + self.n_pca + self.k
         return slice(s, s + self.n_seg)
 
     @property
     def change_logits(self) -> slice:
+        """The change head's logit bands."""
         s = self.n_dates * self.per_date + int(self.has_change)
         return slice(s, s + self.n_change_logits)
 
     def pca(self, date: int) -> slice:
+        """The PCA bands of ``date``."""
         return slice(date * self.per_date, date * self.per_date + self.n_pca)
 
     def scores(self, date: int) -> slice:
+        """The k-means score bands (dot products with the centroids) of ``date``."""
         s = date * self.per_date + self.n_pca
         return slice(s, s + self.k)
 
     @property
     def change(self) -> int:
+        """The label-free change band (cosine distance between the dates)."""
         return self.n_dates * self.per_date
 
     @property
     def weight(self) -> int:
+        """The blend-weight band (the last one)."""
         return self.n_values
 
 
 def pick_device(choice: str) -> str:
+    """The torch device for ``backbone.device``: ``"auto"`` picks CUDA when a GPU is visible, else CPU."""
     import torch
 
     if choice == "auto":
@@ -132,10 +142,11 @@ class FeatureExtractor:
         out: list = [None] * len(boxes)
         if need:
             data = np.stack([reads[i][0] for i in need])
-            x = torch.from_numpy(self.pre(data, valid[need])).to(self.device, dtype=self.dtype, non_blocking=True)
+            x = torch.from_numpy(self.pre(data, valid[need])).to(self.device, dtype=self.dtype,
+                                                                  non_blocking=True)
             if self.model_size is not None and self.model_size != x.shape[-1]:
-                x = torch.nn.functional.interpolate(x, size=(self.model_size, self.model_size), mode="bilinear",
-                                                    antialias=True, align_corners=False)
+                x = torch.nn.functional.interpolate(x, size=(self.model_size, self.model_size),
+                                                    mode="bilinear", antialias=True, align_corners=False)
             f = self.forward(x).float().cpu().contiguous()  # one memory layout, cached or not: same sums
             if len(need) == len(boxes) and not store:
                 return f, valid  # nothing cached, nothing to store: the batch as computed
@@ -153,6 +164,7 @@ class FeatureExtractor:
 
 
 def feature_cache_paths(cache_dir: Path | None, date: int, tiles: Sequence[Tile]) -> list[Path | None] | None:
+    """The ``.npy`` feature-cache file of each tile of ``date`` in ``cache_dir`` (None: no cache)."""
     if cache_dir is None:
         return None
     return [cache_dir / f"d{date}_t{t.index}.npy" for t in tiles]
@@ -236,7 +248,8 @@ class StripAccumulator:
         h = min(self.size if last else self.stride, self.grid.height - self.top)
         block = self._buf_t[:, :h]
         w = block[-1]
-        inv = torch.where(w > 0, w.reciprocal(), torch.full_like(w, float("nan")))  # NaN where nothing was added
+        # NaN where nothing was added
+        inv = torch.where(w > 0, w.reciprocal(), torch.full_like(w, float("nan")))
         block[:-1].mul_(inv)
         sink(self.top, self.buf[:-1, :h], self.buf[-1, :h])
         keep = self.size - self.stride

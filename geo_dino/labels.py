@@ -22,7 +22,8 @@ Rules chosen here (each tested):
 
 Errors are :class:`LabelError` (a :class:`~geo_dino.errors.GeoDinoError` and a ``ValueError``), except a
 missing/unreadable/oversized file (:class:`~geo_dino.errors.SourceError`), a grid mismatch
-(:class:`~geo_dino.errors.CRSMismatchError`) and bad arguments or tables (:class:`~geo_dino.errors.ConfigError`).
+(:class:`~geo_dino.errors.CRSMismatchError`) and bad arguments or tables
+(:class:`~geo_dino.errors.ConfigError`).
 Heavy libraries (geopandas, rasterio) are imported where used.
 """
 
@@ -72,8 +73,10 @@ def _colour(c: Any, name: str) -> tuple[int, int, int]:
         h = m.group(1)
         return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
     if (not isinstance(c, (list, tuple)) or len(c) != 3
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)):
-        raise ConfigError(f"class {name!r}: colour {c!r} must be three integers 0..255 (r, g, b) or '#rrggbb'")
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255
+                       for v in c)):
+        raise ConfigError(f"class {name!r}: colour {c!r} must be three integers 0..255 (r, g, b) or "
+                          f"'#rrggbb'")
     return int(c[0]), int(c[1]), int(c[2])
 
 
@@ -103,8 +106,8 @@ class ClassTable:
             if not isinstance(c.value, (int, np.integer)) or isinstance(c.value, bool):
                 raise ConfigError(f"class {c.name!r}: value {c.value!r} must be an integer 0..254")
             if c.value == IGNORE:
-                raise ConfigError(f"class {c.name!r}: value {IGNORE} is reserved for ignored (unlabelled/nodata) "
-                                  "pixels; choose a value in 0..254")
+                raise ConfigError(f"class {c.name!r}: value {IGNORE} is reserved for ignored "
+                                  "(unlabelled/nodata) pixels; choose a value in 0..254")
             if not 0 <= c.value <= 254:
                 raise ConfigError(f"class {c.name!r}: value {c.value} is outside 0..254")
             _colour(c.colour, c.name)
@@ -174,17 +177,21 @@ class ClassTable:
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-able form, stored beside a head checkpoint."""
         return {"ignore_index": IGNORE,
-                "classes": [{"name": c.name, "value": int(c.value), "colour": list(c.colour)} for c in self.classes]}
+                "classes": [{"name": c.name, "value": int(c.value), "colour": list(c.colour)}
+                            for c in self.classes]}
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The class names, in table order."""
         return tuple(c.name for c in self.classes)
 
     @property
     def values(self) -> tuple[int, ...]:
+        """The class values (0..254), in table order."""
         return tuple(int(c.value) for c in self.classes)
 
     def name_of(self, value: int) -> str:
+        """The name of the class with label value ``value``; a value not in the table raises LabelError."""
         for c in self.classes:
             if c.value == value:
                 return c.name
@@ -205,7 +212,8 @@ class ClassTable:
                 raise LabelError(f"{at}class value {raw!r} is not an integer")
             if int(raw) in self.values:
                 return int(raw)
-            raise LabelError(f"{at}unknown class value {raw!r}; the class table has values {list(self.values)}")
+            raise LabelError(f"{at}unknown class value {raw!r}; the class table has values "
+                             f"{list(self.values)}")
         raise LabelError(f"{at}class value {raw!r} is neither a class name nor an integer value")
 
     def qml_classes(self) -> list[tuple[int, str, tuple[int, int, int, int]]]:
@@ -237,7 +245,8 @@ def _check_vector(path: str | Path, max_bytes: int) -> Path:
         head = fh.read(16)
     is_gpkg = head == _SQLITE_MAGIC
     if (real.suffix.lower() == ".gpkg") != is_gpkg:
-        raise SourceError(f"{s}: the content does not match the suffix (GeoPackage is SQLite, GeoJSON is text)")
+        raise SourceError(f"{s}: the content does not match the suffix (GeoPackage is SQLite, GeoJSON is "
+                          f"text)")
     return real
 
 
@@ -307,8 +316,8 @@ def rasterize_polygons(path: str | Path, attribute: str, table: ClassTable, grid
         raise LabelError(f"{source}: cannot reproject from {gdf.crs} to {grid.crs}: {exc}") from None
     coords = shapely.get_coordinates(geoms.values)
     if not np.isfinite(coords).all():
-        raise LabelError(f"{source}: polygons do not project to finite coordinates in {grid.crs}; are they in "
-                         f"that CRS's area of use?")
+        raise LabelError(f"{source}: polygons do not project to finite coordinates in {grid.crs}; are they "
+                         f"in that CRS's area of use?")
     left, bottom, right, top = grid.bounds()
     frame = shapely.box(left, bottom, right, top)
     if not any(frame.intersects(g) for g in geoms):
@@ -377,7 +386,8 @@ def read_label_raster(path: str | Path, grid: Grid, *, mapping: Mapping[int, int
         bad = sorted(set(np.unique(labels).tolist()) - set(table.values) - {IGNORE})
         if bad:
             raise LabelError(f"{path}: label values {bad} are not classes of the table {list(table.values)}")
-    counts = {int(v): int(n) for v, n in zip(*np.unique(labels, return_counts=True), strict=True) if v != IGNORE}
+    counts = {int(v): int(n) for v, n in zip(*np.unique(labels, return_counts=True), strict=True)
+              if v != IGNORE}
     record = {
         "path": info.path,
         "sha256": sha256_file(info.path),
@@ -418,8 +428,8 @@ def _apply_mapping(raw: np.ndarray, valid: np.ndarray, mapping: Mapping[int, int
             raise ConfigError(f"mapping {k!r} -> {v!r}: targets must be class values 0..254 or IGNORE (255)")
     missing = sorted(set(present.tolist()) - {int(k) for k in mapping})
     if missing:
-        raise LabelError(f"{source}: raw values {missing} are not in the mapping {dict(mapping)}; map each to a "
-                         f"class value or to IGNORE ({IGNORE})")
+        raise LabelError(f"{source}: raw values {missing} are not in the mapping {dict(mapping)}; map each "
+                         f"to a class value or to IGNORE ({IGNORE})")
     out = np.full(raw.shape, IGNORE, dtype=np.uint8)
     for k, v in mapping.items():
         out[valid & (raw == k)] = v
@@ -448,7 +458,8 @@ def label_stats(labels: np.ndarray, table: ClassTable) -> dict[str, Any]:
     present = [n for n in counts.values() if n > 0]
     weights = {name: (labelled / (len(present) * n) if n else 0.0) for name, n in counts.items()}
     return {"counts": counts, "ignored": found.get(IGNORE, 0), "labelled": labelled, "weights": weights,
-            "weight_vector": [weights[n] for n in table.names], "absent": [n for n, k in counts.items() if not k]}
+            "weight_vector": [weights[n] for n in table.names],
+            "absent": [n for n, k in counts.items() if not k]}
 
 
 # --------------------------------------------------------------------------------------------- spatial split
@@ -489,8 +500,8 @@ def spatial_split(tiles: TileGrid | Iterable[tuple[int, int] | Tile], val_fracti
     if isinstance(tiles, TileGrid):
         need = max(0, math.ceil(tiles.size / tiles.stride) - 1)
         if buffer < need:
-            raise ConfigError(f"buffer {buffer} lets training tiles share pixels with validation tiles (tile size "
-                              f"{tiles.size}, stride {tiles.stride}); use buffer >= {need}")
+            raise ConfigError(f"buffer {buffer} lets training tiles share pixels with validation tiles "
+                              f"(tile size {tiles.size}, stride {tiles.stride}); use buffer >= {need}")
     idx = _tile_indices(tiles)
     if not idx:
         raise ConfigError("no tiles to split")
@@ -509,9 +520,10 @@ def spatial_split(tiles: TileGrid | Iterable[tuple[int, int] | Tile], val_fracti
     dropped: list[tuple[int, int]] = []
     train: list[tuple[int, int]] = []
     for r, c in rest:
-        near = any((r + dr, c + dc) in val for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
+        near = any((r + dr, c + dc) in val
+                   for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
         (dropped if near else train).append((r, c))
     if not train:
-        raise ConfigError(f"the split leaves no training tile ({len(val)} validation, {len(dropped)} dropped of "
-                          f"{len(idx)}); lower val_fraction, block or buffer")
+        raise ConfigError(f"the split leaves no training tile ({len(val)} validation, {len(dropped)} dropped "
+                          f"of {len(idx)}); lower val_fraction, block or buffer")
     return sorted(train), sorted(val), sorted(dropped)

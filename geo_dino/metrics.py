@@ -27,7 +27,8 @@ __all__ = ["confusion_matrix", "segmentation_metrics", "values_to_indices"]
 
 
 def values_to_indices(labels: np.ndarray, values: Sequence[int], ignore: int = IGNORE) -> np.ndarray:
-    """Label values (``uint8``, e.g. a table's ``values`` ``(0, 3, 7)``) → class indices ``0..K-1``, ignore kept.
+    """Label values (``uint8``, e.g. a table's ``values`` ``(0, 3, 7)``) → class indices ``0..K-1``, ignore
+    kept.
 
     Raises :class:`LabelError` for a value that is neither a class value nor ``ignore``."""
     arr = np.asarray(labels)
@@ -46,7 +47,8 @@ def values_to_indices(labels: np.ndarray, values: Sequence[int], ignore: int = I
     return out.astype(np.uint8)
 
 
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int,
+                     ignore: int = IGNORE) -> np.ndarray:
     """``int64 (K, K)`` counts: ``[t, p]`` = pixels of target index ``t`` predicted as ``p``.
 
     ``pred`` and ``target`` hold class indices ``0..K-1`` and have the same shape; target pixels equal to
@@ -55,7 +57,8 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int, ignor
     p = np.asarray(pred).ravel()
     t = np.asarray(target).ravel()
     if np.asarray(pred).shape != np.asarray(target).shape:
-        raise ConfigError(f"pred {np.asarray(pred).shape} and target {np.asarray(target).shape} differ in shape")
+        raise ConfigError(f"pred {np.asarray(pred).shape} and target {np.asarray(target).shape} "
+                          "differ in shape")
     if not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
         raise ConfigError(f"n_classes {n_classes!r} must be a positive integer")
     keep = t != ignore
@@ -63,7 +66,8 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int, ignor
     t = t[keep].astype(np.int64)
     for name, a in (("pred", p), ("target", t)):
         if a.size and (a.min() < 0 or a.max() >= n_classes):
-            raise ConfigError(f"{name} holds indices {int(a.min())}..{int(a.max())} outside 0..{n_classes - 1} "
+            raise ConfigError(f"{name} holds indices {int(a.min())}..{int(a.max())} "
+                              f"outside 0..{n_classes - 1} "
                               f"(ignore value {ignore} excepted in the target); map label values to indices "
                               "with values_to_indices")
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)

@@ -130,7 +130,8 @@ def _check_inside(run_dir: Path, dst: Path) -> Path:
     root = Path(run_dir).resolve()
     resolved = dst.resolve()
     if not resolved.is_relative_to(root):
-        raise OutputError(f"refusing to write {dst}: it resolves to {resolved}, outside the run folder {root}")
+        raise OutputError(f"refusing to write {dst}: it resolves to {resolved}, "
+                          f"outside the run folder {root}")
     return resolved
 
 
@@ -144,6 +145,7 @@ def _tmp_sibling(dst: Path, suffix: str) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (a temporary file, then ``os.replace``); return it."""
     path = Path(path)
     tmp = _tmp_sibling(path, path.suffix)
     try:
@@ -262,8 +264,8 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
     Steps: refuse a ``dst`` outside ``run_dir`` or a symlink; put ``spec``'s descriptions, tags and colour
     table on the intermediate; GDAL's COG driver (DEFLATE, overviews with ``mode`` for categorical rasters and
     ``average`` otherwise, on disk) to a hidden ``.tmp.tif`` beside ``dst``; ``cog_validate`` (no errors);
-    :func:`verify_raster`; ``os.replace`` into ``dst``; delete the intermediate; write the ``.qml`` palette for
-    categorical rasters with a colour table. On failure the temporary COG is removed and the intermediate
+    :func:`verify_raster`; ``os.replace`` into ``dst``; delete the intermediate; write the ``.qml`` palette
+    for categorical rasters with a colour table. On failure the temporary COG is removed and the intermediate
     is kept.
 
     The record holds: ``path`` (relative to ``run_dir``), ``sha256``, ``size_bytes``, ``crs``, ``transform``
@@ -307,10 +309,10 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
             from rasterio.shutil import copy as gdal_copy
 
             # DEFLATE level 1 for continuous rasters: measured 1.9× faster than the default level 6 on an
-            # 8192² 3-band uint8 raster, same size; class rasters keep level 6 (they compress 2.3× better there
-            # and cost little)
-            gdal_copy(intermediate, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR=str(profile["predictor"]),
-                      LEVEL="6" if spec.categorical else "1",
+            # 8192² 3-band uint8 raster, same size; class rasters keep level 6 (they compress 2.3× better
+            # there and cost little)
+            gdal_copy(intermediate, tmp, driver="COG", COMPRESS="DEFLATE",
+                      PREDICTOR=str(profile["predictor"]), LEVEL="6" if spec.categorical else "1",
                       BLOCKSIZE="512", NUM_THREADS="ALL_CPUS", BIGTIFF="IF_SAFER",
                       OVERVIEW_RESAMPLING="MODE" if spec.categorical else "AVERAGE")
             valid, errors, _warnings = cog_validate(tmp, quiet=True, config=env)
@@ -403,7 +405,8 @@ def qml_document(renderer: str) -> str:
 
 
 _MINMAX = ("      <minMaxOrigin>\n        <limits>None</limits>\n        <extent>WholeRaster</extent>\n"
-           "        <statAccuracy>Estimated</statAccuracy>\n        <cumulativeCutLower>0.02</cumulativeCutLower>\n"
+           "        <statAccuracy>Estimated</statAccuracy>\n"
+           "        <cumulativeCutLower>0.02</cumulativeCutLower>\n"
            "        <cumulativeCutUpper>0.98</cumulativeCutUpper>\n        <stdDevFactor>2</stdDevFactor>\n"
            "      </minMaxOrigin>\n")
 

@@ -34,6 +34,7 @@ _MODELS: dict[tuple, Any] = {}  # one model per process, reused by every chunk t
 
 # --------------------------------------------------------------------------------------------- helpers
 def atomic_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` to ``path`` as indented, key-sorted JSON, atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -41,6 +42,7 @@ def atomic_json(path: Path, obj: Any) -> Path:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
+    """Read the run folder's resolved config (``config.resolved.json``) back into a :class:`RunConfig`."""
     return RunConfig.model_validate_json((run_dir / CONFIG).read_text())
 
 
@@ -89,9 +91,11 @@ def records_failure(stage: Callable[..., Any]) -> Callable[..., Any]:
         except RunRefused:
             raise
         except Exception as exc:
-            rec = json.loads((Path(run_dir) / RECORD).read_text()) if (Path(run_dir) / RECORD).exists() else {}
+            rec = (json.loads((Path(run_dir) / RECORD).read_text()) if (Path(run_dir) / RECORD).exists()
+                   else {})
             if rec.get("status") not in ("refused", "failed"):
-                update_record(Path(run_dir), status="failed", error=f"{stage.__name__}: {type(exc).__name__}: {exc}")
+                update_record(Path(run_dir), status="failed",
+                              error=f"{stage.__name__}: {type(exc).__name__}: {exc}")
             raise
 
     return wrapper
@@ -158,7 +162,10 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
 
 @records_failure
 def plan_run(run_dir: Path) -> dict[str, Any]:
-    """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor, save the plan."""
+    """Open the sources' headers, lay the tile grid over AOI ∩ raster, build the preprocessor.
+
+    Saves the plan to the run folder (``state.json``).
+    """
     from geo_dino.aoi import load_aoi
     from geo_dino.outputs import write_tile_index
     from geo_dino.preprocess import make_preprocessor
@@ -179,7 +186,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                                     "weights": "checkpoint" if cfg.backbone.checkpoint else "random-init",
                                     "acceptance": acceptance})
     ckpt_chans = int(meta["in_chans"]) if meta.get("in_chans", "").isdigit() else arch.in_chans
-    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans) for p in cfg.rasters]
+    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans)
+             for p in cfg.rasters]
     alignment = None
     if len(infos) == 2:
         infos, alignment = _align_dates(infos, cfg.sources.align_dates)
@@ -204,8 +212,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     if cfg.heads.cube and cfg.tiling.overlap % arch.patch_size:
         from geo_dino.errors import ConfigError
 
-        raise ConfigError(f"heads.cube: tiling.overlap ({cfg.tiling.overlap}) must be a multiple of the patch size "
-                          f"({arch.patch_size}) so that tiles share whole patches")
+        raise ConfigError(f"heads.cube: tiling.overlap ({cfg.tiling.overlap}) must be a multiple of the "
+                          f"patch size ({arch.patch_size}) so that tiles share whole patches")
     out_grid = grid.subgrid(region)
     write_tile_index(run_dir / "tiles.gpkg", "tiles", grid, [(t.index, t.box) for t in tiles],
                      extra={"grid_row": [t.grid_row for t in tiles], "grid_col": [t.grid_col for t in tiles]})
@@ -215,7 +223,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
             stats = r.sample_stats(cfg.preprocess.percentiles)
     pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
     head_state = None
-    if cfg.heads.supervised is not None:  # a trained head: checked against this backbone, scales pixels its way
+    # a trained head: checked against this backbone, scales pixels its way
+    if cfg.heads.supervised is not None:
         from geo_dino.run_heads import head_preprocessor, plan_head
 
         head_state, head_record = plan_head(cfg, len(infos))
@@ -228,8 +237,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     model_size, resampling = None, None
     if cfg.preprocess.resample_to_gsd:
-        model_size, resampling = gsd_resampling(inputs[0]["gsd"],
-                                                cfg.preprocess.target_gsd_m or arch.gsd_m, tiles.size, arch.patch_size)
+        model_size, resampling = gsd_resampling(inputs[0]["gsd"], cfg.preprocess.target_gsd_m or arch.gsd_m,
+                                                tiles.size, arch.patch_size)
     state = {
         "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
                      "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names),
@@ -237,8 +246,9 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
                      "resampling": i.resampling} for i in infos],
         "region": [region.row_off, region.col_off, region.height, region.width],
         "out_grid": _grid_to_dict(out_grid),
-        "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape), "n_tiles": len(tiles),
-                   "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles, "model_size": model_size},
+        "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape),
+                   "n_tiles": len(tiles), "n_chunks": len(chunks), "chunk_tiles": cfg.tiling.chunk_tiles,
+                   "model_size": model_size},
         "preprocess": pre.to_dict(),
         "aoi_crs_wkt": geom.wkt if len(geom.wkt) < 2_000_000 else None,
         "head": head_state,
@@ -261,12 +271,14 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     update_record(run_dir, inputs=inputs, gsd=gsd,
                   preprocessing=pre.to_dict() | {"band_mapping": [
                       {"source_band": b, "source_description": n, "backbone_channel": i,
-                       "backbone_band": arch.bands[i] if i < len(arch.bands) else "extra (adapted patch embedding)"}
+                       "backbone_band": (arch.bands[i] if i < len(arch.bands)
+                                         else "extra (adapted patch embedding)")}
                       for i, (b, n) in enumerate(zip(infos[0].bands, infos[0].band_names, strict=True))]},
                   coregistration=coreg, alignment=alignment,
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),
-                            "n_chunks": len(chunks), "region": state["region"], "output_grid": state["out_grid"],
-                            "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"})
+                            "n_chunks": len(chunks), "region": state["region"],
+                            "output_grid": state["out_grid"], "blend": "hann (cos^2), floor 1e-3",
+                            "upsampling": "bilinear features to pixels"})
     _timed(run_dir, "plan", t0)
     return {"n_tiles": len(tiles), "n_chunks": len(chunks), "region": state["region"]}
 
@@ -339,13 +351,14 @@ def _align_dates(infos: list[Any], how: str) -> tuple[list[Any], dict[str, Any] 
         return infos, None
     except CRSMismatchError as exc:
         if how == "refuse":
-            raise CRSMismatchError(f"{exc}; set sources.align_dates to a resampling (bilinear, nearest, cubic) to "
-                                   "reproject the second date onto the first's grid") from None
+            raise CRSMismatchError(f"{exc}; set sources.align_dates to a resampling (bilinear, nearest, "
+                                   "cubic) to reproject the second date onto the first's grid") from None
         reason = str(exc)
     second = dataclasses.replace(infos[1], grid=infos[0].grid, warped_from=infos[1].grid, resampling=how)
     return [infos[0], second], {"reprojected": Path(infos[1].path).name, "onto": Path(infos[0].path).name,
                                 "resampling": how, "reason": reason,
-                                "source_grid": _grid_to_dict(infos[1].grid), "target_grid": _grid_to_dict(infos[0].grid)}
+                                "source_grid": _grid_to_dict(infos[1].grid),
+                                "target_grid": _grid_to_dict(infos[0].grid)}
 
 
 def _tiles(state: dict[str, Any]) -> TileGrid:
@@ -369,15 +382,16 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]) -> tuple[Any, Any]:
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = build_backbone(cfg.backbone.arch, checkpoint=cfg.backbone.checkpoint,
-                                      checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed,
-                                      accept_licence=cfg.backbone.accept_licence,
+                                      checkpoint_sha256=cfg.backbone.checkpoint_sha256,
+                                      seed=cfg.backbone.seed, accept_licence=cfg.backbone.accept_licence,
                                       in_chans=cfg.backbone.in_chans)
     model, spec = _MODELS[key]
     pre_args: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                 for k, v in state["preprocess"].items()}
     pre = Preprocessor(**pre_args)
     layers = tuple((state.get("head") or {}).get("layers") or ())
-    return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"), layers=layers), spec
+    return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"),
+                            layers=layers), spec
 
 
 _RUNNERS: dict[str, Any] = {}  # one trained head per process
@@ -417,7 +431,8 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
         cache.mkdir(exist_ok=True)
         samples = sample_patch_features(extractor, readers, [tiles[i] for i in idx], cfg.backbone.batch_size,
                                         seed=kcfg.seed if kcfg else 0, cache_dir=cache)
-    heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None, seed=kcfg.seed if kcfg else 0)
+    heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None,
+                           seed=kcfg.seed if kcfg else 0)
     heads.save(run_dir / "work" / "heads.npz")
     update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device},
                   heads={"pca": cfg.heads.pca, "kmeans_k": heads.k, "fit_tiles": len(idx),
@@ -570,17 +585,19 @@ def _vectorise_head_outputs(run_dir: Path) -> list[dict[str, Any]]:
     if info["task"] == "segmentation":
         from geo_dino.labels import ClassTable
 
-        table = ClassTable.from_dict({"classes": [{"name": n, "value": val, "colour": c} for val, n, c in
-                                                  zip(info["values"], info["names"], info["colours"], strict=True)]})
+        table = ClassTable.from_dict({"classes": [
+            {"name": n, "value": val, "colour": c}
+            for val, n, c in zip(info["values"], info["names"], info["colours"], strict=True)]})
         sfxs = [""] if len(state["rasters"]) == 1 else ["_t1", "_t2"]
         jobs += [(f"seg_classes{x}", f"seg_probability{x}", f"seg_polygons{x}", table, skip) for x in sfxs]
     else:
         jobs.append(("change_binary", "change_probability", "change_polygons", {1: "changed"}, {0}))
     out = []
     for cls, conf, layer, classes, skip_values in jobs:
-        out.append(vectorize_classes(run_dir / f"{cls}.tif", run_dir=run_dir, gpkg_name="vectors.gpkg", layer=layer,
-                                     classes=classes, confidence_cog=run_dir / f"{conf}.tif", skip_values=skip_values,
-                                     min_area_m2=v.min_area_m2, simplify_m=v.simplify_m))
+        out.append(vectorize_classes(run_dir / f"{cls}.tif", run_dir=run_dir, gpkg_name="vectors.gpkg",
+                                     layer=layer, classes=classes, confidence_cog=run_dir / f"{conf}.tif",
+                                     skip_values=skip_values, min_area_m2=v.min_area_m2,
+                                     simplify_m=v.simplify_m))
     return out
 
 

@@ -27,16 +27,19 @@ class Preprocessor:
     bands: tuple[int, ...]
 
     def __call__(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``data`` ``(..., bands, h, w)`` and ``valid`` ``(..., h, w)`` → float32, invalid pixels at 0 (the mean)."""
+        """``data`` ``(..., bands, h, w)`` and ``valid`` ``(..., h, w)`` → float32, invalid pixels at 0 (the
+        mean)."""
         x = data.astype(np.float32)
         shape = (-1, 1, 1)
         low = np.asarray(self.low, np.float32).reshape(shape)
         span = (np.asarray(self.high, np.float32) - np.asarray(self.low, np.float32)).reshape(shape)
         x = np.clip((x - low) / span, 0.0, 1.0)
-        x = (x - np.asarray(self.mean, np.float32).reshape(shape)) / np.asarray(self.std, np.float32).reshape(shape)
+        x = ((x - np.asarray(self.mean, np.float32).reshape(shape))
+             / np.asarray(self.std, np.float32).reshape(shape))
         return np.where(valid[..., None, :, :], x, np.float32(0.0))
 
     def to_dict(self) -> dict[str, Any]:
+        """Scaling kind, bounds, mean/std and bands as a plain dict, as the provenance record holds them."""
         return asdict(self)
 
 

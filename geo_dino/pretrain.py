@@ -1,4 +1,5 @@
-"""DINO self-supervised pretraining on the user's own rasters: one process, or many through ``torchrun`` (DDP).
+"""DINO self-supervised pretraining on the user's own rasters: one process, or many through ``torchrun``
+(DDP).
 
 The run folder holds the resolved config, ``metrics.jsonl`` (one JSON line per logged step: losses, schedules,
 collapse monitors, images/s), ``checkpoint.pt`` (everything needed to resume exactly, written atomically every
@@ -6,8 +7,8 @@ collapse monitors, images/s), ``checkpoint.pt`` (everything needed to resume exa
 layout the pipeline loads, with metadata), ``model_card.md`` and ``model_card.json``.
 
 Exact resume: the batch of step ``s`` on rank ``r`` is made of samples ``s*B*W + r*B + j``, each drawn from a
-generator seeded by ``(seed, index)``; masks and drop-path draw from generators seeded by ``(seed, step, rank)``.
-A resumed run therefore continues the same loss curve.
+generator seeded by ``(seed, index)``; masks and drop-path draw from generators seeded by
+``(seed, step, rank)``. A resumed run therefore continues the same loss curve.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ METRICS = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class PretrainResult:
+    """What a finished pretraining run made: its folder, the exported backbone and its sha256, the number of
+    steps, the last logged metrics and the collapse warnings raised along the way."""
+
     run_dir: Path
     checkpoint: Path  # the exported backbone (.safetensors)
     sha256: str
@@ -45,10 +49,12 @@ class PretrainResult:
 
 def _dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (1 process without it)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def run_dir_for(cfg: PretrainConfig) -> Path:
+    """The run folder of a config: ``output_dir / name``."""
     return Path(cfg.output_dir) / cfg.name
 
 
@@ -73,7 +79,8 @@ def _modules(cfg: PretrainConfig, in_chans: int) -> tuple[Any, Any, dict[str, An
             self.backbone = backbone
             self.head = DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer)
             ib = cfg.recipe.ibot
-            self.ibot_head = (DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer)
+            self.ibot_head = (DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers,
+                                       h.norm_last_layer)
                               if ib is not None and ib.separate_head else None)
             self.mask_token = nn.Parameter(torch.zeros(dim)) if ib is not None else None
 
@@ -170,9 +177,9 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not use_cuda:
-        # subnormal floats (tiny LayerScale products, Adam moments) are slow on x86; flushing them to zero does
-        # not change what training learns. A guard, not a measured speed-up: the slowdowns seen while building
-        # this came from another process on a core the OpenMP threads needed (see bench/RESULTS.md)
+        # subnormal floats (tiny LayerScale products, Adam moments) are slow on x86; flushing them to zero
+        # does not change what training learns. A guard, not a measured speed-up: the slowdowns seen while
+        # building this came from another process on a core the OpenMP threads needed (see bench/RESULTS.md)
         torch.set_flush_denormal(True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
 
@@ -190,7 +197,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     mean = cfg.crops.mean or spec.mean
     std = cfg.crops.std or spec.std
     if len(mean) != in_chans or len(std) != in_chans:
-        raise ConfigError(f"crops.mean/std: {len(mean)}/{len(std)} values for {in_chans} bands; give one per band")
+        raise ConfigError(f"crops.mean/std: {len(mean)}/{len(std)} values for {in_chans} bands; "
+                          "give one per band")
     multicrop = MultiCrop(cfg.crops, mean=tuple(mean), std=tuple(std))
     dataset = PretrainDataset(source, multicrop, seed=cfg.seed)
     student.to(device).train()
@@ -199,7 +207,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     if r.gram is not None:
         gram_teacher = copy.deepcopy(teacher.backbone).eval()
     dino_loss = DINOLoss(cfg.head.out_dim, r.student_temp, r.center_momentum).to(device)
-    ibot_loss = IBOTPatchLoss(cfg.head.out_dim, r.student_temp, r.center_momentum).to(device) if r.ibot else None
+    ibot_loss = (IBOTPatchLoss(cfg.head.out_dim, r.student_temp, r.center_momentum).to(device) if r.ibot
+                 else None)
 
     ddp_student = student
     if distributed:
@@ -211,7 +220,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     lr_sched = cosine_schedule(r.lr * lr_scale, r.min_lr, r.steps, r.warmup)
     wd_sched = cosine_schedule(r.weight_decay[0], r.weight_decay[1], r.steps)
     mom_sched = cosine_schedule(r.teacher_momentum[0], r.teacher_momentum[1], r.steps)
-    temp_sched = teacher_temp_schedule(r.warmup_teacher_temp, r.teacher_temp, r.warmup_teacher_temp_steps, r.steps)
+    temp_sched = teacher_temp_schedule(r.warmup_teacher_temp, r.teacher_temp, r.warmup_teacher_temp_steps,
+                                       r.steps)
     opt = torch.optim.AdamW(_param_groups(student), lr=float(lr_sched[0]))
 
     start = 0
@@ -219,8 +229,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     if resume and ckpt_path.is_file():
         state = load_training_checkpoint(ckpt_path)
         if state.get("config_sha256") != _recipe_hash(cfg):
-            raise ConfigError(f"{ckpt_path}: was written by a different model/recipe configuration; use a new "
-                              "name (or output_dir) or delete the checkpoint to start over")
+            raise ConfigError(f"{ckpt_path}: was written by a different model/recipe configuration; "
+                              "use a new name (or output_dir) or delete the checkpoint to start over")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
@@ -249,8 +259,10 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
             g["lr"] = float(lr_sched[step])
             if not g.get("no_wd"):
                 g["weight_decay"] = float(wd_sched[step])
-        globals_ = batch["global_crops"].flatten(0, 1).to(device, non_blocking=True)  # (2B, C, G, G): crop 0, crop 1
-        locals_ = batch["local_crops"].flatten(0, 1).to(device, non_blocking=True) if cfg.crops.n_local else None
+        # (2B, C, G, G): crop 0, crop 1
+        globals_ = batch["global_crops"].flatten(0, 1).to(device, non_blocking=True)
+        locals_ = (batch["local_crops"].flatten(0, 1).to(device, non_blocking=True) if cfg.crops.n_local
+                   else None)
         p = student.backbone.patch_embed.patch_size[0]
         grid = (globals_.shape[-2] // p, globals_.shape[-1] // p)
         masks = None
@@ -279,7 +291,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                 losses["gram"] = r.gram.loss_weight * gram_loss(out["patches"], g_patch)
             loss = sum(losses.values())
         if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"step {step}: the loss is {float(loss.detach())}; lower recipe.lr or check the data")
+            raise FloatingPointError(f"step {step}: the loss is {float(loss.detach())}; "
+                                     "lower recipe.lr or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), r.clip_grad) if r.clip_grad
@@ -320,7 +333,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                                    "tiles_skipped_low_valid": int(source.counters["skipped_low_valid"]),
                                    "time": time.time()}
             t_window, imgs_window = now, 0
-            warn = collapse_warnings(mon) if done > r.warmup else []  # at init (LayerScale) features are constant
+            # at init (LayerScale) features are constant
+            warn = collapse_warnings(mon) if done > r.warmup else []
             for w in warn:
                 msg = f"step {done}: {w}"
                 if msg not in warnings:
@@ -336,7 +350,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                 if progress is not None:
                     progress(rec)
         if done % cfg.checkpoint_every == 0 or done == end:
-            _save_checkpoint(cfg, run_dir, done, student, teacher, opt, dino_loss, ibot_loss, gram_teacher, rank)
+            _save_checkpoint(cfg, run_dir, done, student, teacher, opt, dino_loss, ibot_loss, gram_teacher,
+                             rank)
     source.close()
     if end < r.steps:
         if distributed:
@@ -393,7 +408,8 @@ def _save_checkpoint(cfg: PretrainConfig, run_dir: Path, step: int, student: Any
     if rank != 0:
         return
     state = {"step": step, "config_sha256": _recipe_hash(cfg), "student": student.state_dict(),
-             "teacher": teacher.state_dict(), "optimizer": opt.state_dict(), "dino_loss": dino_loss.state_dict()}
+             "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
+             "dino_loss": dino_loss.state_dict()}
     if ibot_loss is not None:
         state["ibot_loss"] = ibot_loss.state_dict()
     if gram_teacher is not None:
@@ -421,7 +437,8 @@ def _knn(cfg: PretrainConfig, backbone: Any, spec: Any, step: int) -> dict[str, 
 def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source: Any, last: dict[str, Any],
            warnings: list[str], *, device: str, bf16: bool, world: int,
            config_file: str | None = None) -> PretrainResult:
-    """Write the teacher backbone as ``.safetensors`` (timm layout, metadata the loader reads) and its model card."""
+    """Write the teacher backbone as ``.safetensors`` (timm layout, metadata the loader reads) and its model
+    card."""
     import torch
     from safetensors.torch import save_file
 
@@ -435,7 +452,8 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
     licence = start_licence if start_licence and start_licence != "n/a (random weights)" else "Apache-2.0"
     data = source.describe()
     lineage = (f"DINO pretraining by geo_dino {__version__} for {cfg.recipe.steps} steps on "
-               f"{len(data['rasters'])} raster(s) ({', '.join(Path(x['path']).name for x in data['rasters'])}), "
+               f"{len(data['rasters'])} raster(s) "
+               f"({', '.join(Path(x['path']).name for x in data['rasters'])}), "
                + (f"continued from {spec.source} (sha256 {spec.sha256})" if cfg.backbone.checkpoint
                   else "from random initialisation"))
     out = run_dir / f"{cfg.export_name}.safetensors"
@@ -479,6 +497,7 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
 
 
 def model_card_markdown(card: dict[str, Any], cfg: PretrainConfig) -> str:
+    """``model_card.md``: the model card record (``model_card.json``) as Markdown for people to read."""
     m, d, f = card["model"], card["data"], card["final_monitors"]
     lines = [
         f"# {m['file']}", "",
@@ -502,7 +521,8 @@ def model_card_markdown(card: dict[str, Any], cfg: PretrainConfig) -> str:
     lines += ["", "## Recipe", "",
               f"- {rc.steps} steps × {rc.batch_size} images × {card['hardware']['processes']} process(es); "
               f"crops 2×{cfg.crops.global_size}² + {cfg.crops.n_local}×{cfg.crops.local_size}²",
-              f"- lr {rc.lr} per 256 images (cosine, {rc.warmup} warm-up steps), weight decay {rc.weight_decay}, "
+              f"- lr {rc.lr} per 256 images (cosine, {rc.warmup} warm-up steps), "
+              f"weight decay {rc.weight_decay}, "
               f"teacher momentum {rc.teacher_momentum}, teacher temperature {rc.warmup_teacher_temp}→"
               f"{rc.teacher_temp}",
               f"- head: {cfg.head.out_dim} prototypes; iBOT: {'on' if rc.ibot else 'off'}; KoLeo weight "

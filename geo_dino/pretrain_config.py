@@ -2,8 +2,8 @@
 
 Defaults follow the papers; each says where it comes from. DINO: Caron et al. 2021, "Emerging Properties in
 Self-Supervised Vision Transformers" and its ``main_dino.py``. DINOv2: Oquab et al. 2024 (iBOT loss, KoLeo,
-``ssl_default_config.yaml``). DINOv3: Siméoni et al. 2025 (Gram anchoring). Values that differ from the papers
-for overhead imagery or for a CPU budget say so.
+``ssl_default_config.yaml``). DINOv3: Siméoni et al. 2025 (Gram anchoring). Values that differ from the
+papers for overhead imagery or for a CPU budget say so.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class PretrainDataConfig(_Model):
     rasters: Annotated[list[Path], Field(min_length=1)]
     aois: list[Path] = Field(default_factory=list)  # GeoJSON; tiles are drawn only inside their union
     aoi_options: AOIOptions = Field(default_factory=AOIOptions)
-    sources: SourceConfig = Field(default_factory=SourceConfig)  # allowed roots, bands (same count for every raster)
+    # allowed roots, bands (same count for every raster)
+    sources: SourceConfig = Field(default_factory=SourceConfig)
     # bit-depth scaling to [0, 1] per raster (mean/std are applied after the augmentations)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     tile_size: Annotated[int, Field(ge=16)] = 256  # side of the window read from a raster, pixels
@@ -64,7 +65,8 @@ class MultiCropConfig(_Model):
 
 
 class PretrainBackboneConfig(_Model):
-    """The student's backbone: a registered architecture, from scratch or continued from a local checkpoint."""
+    """The student's backbone: a registered architecture, from scratch or continued from a local
+    checkpoint."""
 
     arch: str = "vit_small_patch16_dinov3"
     checkpoint: Path | None = None  # continue from these weights (any layout the loader reads)
@@ -98,8 +100,8 @@ class IBOTConfig(_Model):
 
 
 class GramConfig(_Model):
-    """Gram anchoring (DINOv3 ``gram.*``): the Gram teacher is a frozen copy of the EMA teacher, refreshed every
-    ``update_every`` steps from ``start_step`` (DINOv3 starts it late, after the main pretraining)."""
+    """Gram anchoring (DINOv3 ``gram.*``): the Gram teacher is a frozen copy of the EMA teacher, refreshed
+    every ``update_every`` steps from ``start_step`` (DINOv3 starts it late, after the main pretraining)."""
 
     loss_weight: Annotated[float, Field(ge=0)] = 1.0  # DINOv3 gram.loss_weight 1.0 (scheduled up to 2.0)
     start_step: Annotated[int, Field(ge=0)] = 0
@@ -130,10 +132,13 @@ class RecipeConfig(_Model):
 
     @property
     def warmup(self) -> int:
+        """Learning-rate warm-up steps: ``warmup_steps``, or 10 % of ``steps`` when unset."""
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
 
     @property
     def freeze_last_layer(self) -> int:
+        """Steps during which the head's last layer stays frozen: ``freeze_last_layer_steps``, or 1 % of
+        ``steps`` when unset."""
         return self.freeze_last_layer_steps if self.freeze_last_layer_steps is not None else self.steps // 100
 
 
@@ -147,6 +152,9 @@ class KnnEvalConfig(_Model):
 
 
 class PretrainConfig(_Model):
+    """A whole pretraining run: data, crops, backbone, head and recipe, with the run's name, output folder,
+    seed, device and precision, logging and checkpoint intervals, optional k-NN evaluation and the export."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pretrain"
     output_dir: Path = Path("runs")
     data: PretrainDataConfig
@@ -188,7 +196,8 @@ class PretrainConfig(_Model):
 
 
 def parse_pretrain_config(data: dict[str, Any], base: Path | None = None) -> PretrainConfig:
-    """Validate a mapping into a :class:`PretrainConfig` with paths resolved against ``base`` (default: cwd)."""
+    """Validate a mapping into a :class:`PretrainConfig` with paths resolved against ``base`` (default:
+    cwd)."""
     from pydantic import ValidationError
 
     from geo_dino.config import _format_error

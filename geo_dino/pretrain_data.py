@@ -16,12 +16,13 @@ validity mask (at most :data:`OVERVIEW_SIDE` cells a side): a cell is a candidat
 valid and it touches the AOI union (reprojected to the raster's CRS), restricted to positions where a whole
 window fits inside the raster. A raster's sampling weight is the number of full-resolution pixels in its
 candidate cells (≈ its valid, AOI-clipped area in pixels), so every such pixel is about equally likely to be a
-tile centre whatever raster it is in. A draw picks a raster by weight, a candidate pixel uniformly, and accepts
-it as the tile's centre pixel only when that pixel's centre lies inside the AOI union. The window is read, and
-its pixels that are nodata *or* whose centres fall outside the AOI are invalid (set to 0); a window whose valid
-fraction is below ``min_valid_fraction`` is skipped and redrawn, up to ``max_tries`` times. So: the centre pixel
-of every tile is inside the AOI, every valid pixel is inside the AOI, and a tile may reach outside the AOI only
-by the invalid fraction the config allows (``min_valid_fraction: 1.0`` keeps whole windows inside).
+tile centre whatever raster it is in. A draw picks a raster by weight, a candidate pixel uniformly, and
+accepts it as the tile's centre pixel only when that pixel's centre lies inside the AOI union. The window is
+read, and its pixels that are nodata *or* whose centres fall outside the AOI are invalid (set to 0); a window
+whose valid fraction is below ``min_valid_fraction`` is skipped and redrawn, up to ``max_tries`` times. So:
+the centre pixel of every tile is inside the AOI, every valid pixel is inside the AOI, and a tile may reach
+outside the AOI only by the invalid fraction the config allows (``min_valid_fraction: 1.0`` keeps whole
+windows inside).
 
 Randomness never comes from a global state: :func:`sample_rngs` derives a numpy generator (the tile) and a
 torch generator (the crops) from ``SeedSequence([seed, index])``. Counters of skipped windows are kept per
@@ -56,7 +57,8 @@ from geo_dino.sources import RasterInfo, WindowReader, open_raster
 __all__ = ["MultiCrop", "PretrainDataset", "StepBatchSampler", "TileMeta", "TileSource", "collate",
            "index_range", "sample_rngs"]
 
-OVERVIEW_SIDE = 512  # cells a side of the candidate map read once per raster (bounded memory, any raster size)
+# cells a side of the candidate map read once per raster (bounded memory, any raster size)
+OVERVIEW_SIDE = 512
 CENTRE_DRAWS = 1000  # candidate pixels tried per window before the AOI is declared too thin to centre a tile
 CROP_TRIES = 10  # crop boxes tried per crop before the one with the most valid pixels is taken
 CROP_VALID = 0.5  # a resized crop pixel is valid when at least this share of its input weight was valid
@@ -84,7 +86,8 @@ def sample_rngs(seed: int, index: int) -> tuple[np.random.Generator, torch.Gener
 @dataclass(frozen=True)
 class TileMeta:
     """Where a training tile came from. ``box`` is on the raster's grid; ``bounds`` is
-    ``(left, bottom, right, top)`` in ``crs``; ``tries`` counts the windows read (``tries - 1`` were skipped)."""
+    ``(left, bottom, right, top)`` in ``crs``; ``tries`` counts the windows read (``tries - 1`` were
+    skipped)."""
 
     raster: int
     path: str
@@ -130,7 +133,8 @@ class TileSource:
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{Path(p).name}: {n}" for p, n in counts.items())
             raise ConfigError(f"data.rasters: every raster must give the same number of bands, got {listed}; "
-                              "select the same bands in each with sources.bands or train on one sensor at a time")
+                              "select the same bands in each with sources.bands "
+                              "or train on one sensor at a time")
         self.n_bands = len(self.infos[0].bands)
         size = cfg.tile_size
         for info in self.infos:
@@ -193,9 +197,10 @@ class TileSource:
             best = max(best, frac)
         where = " inside the AOIs" if self._regions[k] is not None else ""
         raise ConfigError(f"{info.path}: none of {cfg.max_tries} windows of {size}x{size} pixels{where} had "
-                          f"data.min_valid_fraction = {cfg.min_valid_fraction:g} valid pixels (best {best:.3f}); "
-                          "the raster has too little valid data — lower min_valid_fraction or tile_size, raise "
-                          "max_tries, or remove the raster")
+                          f"data.min_valid_fraction = {cfg.min_valid_fraction:g} valid pixels "
+                          f"(best {best:.3f}); "
+                          "the raster has too little valid data — lower min_valid_fraction or tile_size, "
+                          "raise max_tries, or remove the raster")
 
     def _centre(self, k: int, rng: np.random.Generator) -> tuple[int, int]:
         """A uniform candidate pixel of raster ``k`` whose centre is inside the AOI union."""
@@ -211,8 +216,8 @@ class TileSource:
             if shapely.contains_xy(region, x, y):
                 return r, c
             self.counters["centre_outside_aoi"] += 1
-        raise AOIError(f"{self.infos[k].path}: {CENTRE_DRAWS} candidate pixels in a row fell outside the AOIs; "
-                       "the AOIs are too thin for this raster's grid — enlarge them")
+        raise AOIError(f"{self.infos[k].path}: {CENTRE_DRAWS} candidate pixels in a row fell outside "
+                       "the AOIs; the AOIs are too thin for this raster's grid — enlarge them")
 
     def _aoi_mask(self, k: int, box: PixelBox) -> np.ndarray | None:
         """Pixels of ``box`` whose centres are inside the AOI union (``None``: no AOI, all inside)."""
@@ -241,7 +246,8 @@ class TileSource:
                 if region is not None:
                     shapely.prepare(region)
         if k not in self._readers:
-            self._readers[k] = self._stack.enter_context(WindowReader(self.infos[k], threads=1))  # type: ignore[union-attr]
+            self._readers[k] = self._stack.enter_context(  # type: ignore[union-attr]
+                WindowReader(self.infos[k], threads=1))
         return self._readers[k]
 
     def close(self) -> None:
@@ -263,8 +269,8 @@ class TileSource:
 
     # --- record
     def describe(self) -> dict[str, Any]:
-        """A small JSON-able record for the model card: rasters (path, sha256, CRS, GSD, bands, dtype, scaling,
-        sampling probability), AOIs (path, sha256) and the sampling settings."""
+        """A small JSON-able record for the model card: rasters (path, sha256, CRS, GSD, bands, dtype,
+        scaling, sampling probability), AOIs (path, sha256) and the sampling settings."""
         from geo_dino.provenance import raster_input_record
 
         rasters = []
@@ -284,15 +290,17 @@ class TileSource:
 
 def _check_preprocess(pre: PreprocessConfig) -> None:
     if pre.mean is not None or pre.std is not None:
-        raise ConfigError("data.preprocess.mean/std: not used in pretraining (tiles are only scaled to [0, 1] "
-                          "here); set the normalisation with crops.mean and crops.std")
+        raise ConfigError("data.preprocess.mean/std: not used in pretraining "
+                          "(tiles are only scaled to [0, 1] here); "
+                          "set the normalisation with crops.mean and crops.std")
     if pre.resample_to_gsd or pre.target_gsd_m is not None:
-        raise ConfigError("data.preprocess.resample_to_gsd/target_gsd_m: not supported in pretraining; resample "
-                          "the rasters beforehand")
+        raise ConfigError("data.preprocess.resample_to_gsd/target_gsd_m: not supported in pretraining; "
+                          "resample the rasters beforehand")
 
 
 def _preprocessor(info: RasterInfo, pre: PreprocessConfig) -> Preprocessor:
-    """Bit-depth scaling to [0, 1] (mean 0, std 1): percentile statistics are read when the scale needs them."""
+    """Bit-depth scaling to [0, 1] (mean 0, std 1): percentile statistics are read when the scale needs
+    them."""
     n = len(info.bands)
     stats = None
     if pre.scale == "percentile" or (pre.scale == "auto" and info.dtype != "uint8"):
@@ -317,8 +325,8 @@ def _region(info: RasterInfo, aois: list[Any]) -> BaseGeometry:
     if not parts:
         why = f" ({'; '.join(reasons)})" if reasons else ""
         raise AOIError(f"{info.path}: no AOI in data.aois overlaps this raster (bounds "
-                       f"{tuple(round(v, 3) for v in info.grid.bounds())} in {info.grid.crs}){why}; remove the "
-                       "raster or add an AOI that covers it")
+                       f"{tuple(round(v, 3) for v in info.grid.bounds())} in {info.grid.crs}){why}; "
+                       "remove the raster or add an AOI that covers it")
     region = shapely.union_all(parts)
     shapely.prepare(region)
     return region
@@ -364,8 +372,8 @@ class MultiCrop:
     Each crop: a random resized crop (scale from the config, aspect 3/4–4/3) redrawn up to :data:`CROP_TRIES`
     times until its valid fraction reaches ``min_valid_fraction`` (else the most valid box is kept); invalid
     pixels are filled with the crop's band means and the box is resized (bilinear, antialiased); flips and a
-    rot90 multiple; per-band brightness/contrast jitter; gaussian blur; solarisation (second global crop only);
-    then ``(x - mean) / std`` with invalid pixels set to 0. A resized pixel is valid when at least
+    rot90 multiple; per-band brightness/contrast jitter; gaussian blur; solarisation (second global crop
+    only); then ``(x - mean) / std`` with invalid pixels set to 0. A resized pixel is valid when at least
     :data:`CROP_VALID` of its input weight was valid. ``mean``/``std`` default to the backbone's
     (``crops.mean``/``std`` override them) and need one value per band.
     """
@@ -378,7 +386,8 @@ class MultiCrop:
             raise ConfigError("crops.mean/std: none given and no backbone mean/std passed; set them with one "
                               "value per band")
         if len(mean) != len(std):
-            raise ConfigError(f"crops.mean/std: {len(mean)} means but {len(std)} stds; give one of each per band")
+            raise ConfigError(f"crops.mean/std: {len(mean)} means but {len(std)} stds; "
+                              "give one of each per band")
         if any(s <= 0 for s in std):
             raise ConfigError("crops.std: every value must be positive")
         self.cfg = cfg
@@ -423,7 +432,8 @@ class MultiCrop:
         x, v = x[:, i:i + h, j:j + w], v[i:i + h, j:j + w]
         x = _fill_invalid(x, v)
         if (h, w) != (size, size):
-            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)[0]
             vf = F.interpolate(v[None, None].float(), size=(size, size), mode="bilinear", align_corners=False,
                                antialias=True)[0, 0]
             v = vf >= CROP_VALID
@@ -448,7 +458,8 @@ class MultiCrop:
 
     def _box(self, integral: torch.Tensor, height: int, width: int, scale: tuple[float, float],
              g: torch.Generator) -> tuple[int, int, int, int]:
-        """A random resized crop box ``(row, col, h, w)`` with enough valid pixels, else the most valid one."""
+        """A random resized crop box ``(row, col, h, w)`` with enough valid pixels, else the most valid
+        one."""
         best, best_frac = (0, 0, height, width), -1.0
         for _ in range(CROP_TRIES):
             i, j, h, w = _rrc_box(height, width, scale, g)
@@ -533,7 +544,8 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k: list[float] = (g / g.sum()).tolist()
     for dim in (-1, -2):
         n = x.shape[dim]
-        idx = torch.tensor(list(range(radius, 0, -1)) + list(range(n)) + list(range(n - 2, n - 2 - radius, -1)))
+        idx = torch.tensor(list(range(radius, 0, -1)) + list(range(n))
+                           + list(range(n - 2, n - 2 - radius, -1)))
         y = x.index_select(dim, idx)  # reflect padding (F.pad's reflect mode is slow on small threaded CPUs)
         x = sum(k[i] * y.narrow(dim, i, n) for i in range(len(k)))  # type: ignore[assignment]
     return x
@@ -570,8 +582,8 @@ def index_range(step: int, world_size: int, rank: int, batch_size: int) -> range
     exactly where it stopped and no two ranks ever see the same sample.
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or step < 0:
-        raise ValueError(f"index_range: need step >= 0, batch_size >= 1, 0 <= rank < world_size; got step={step}, "
-                         f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        raise ValueError(f"index_range: need step >= 0, batch_size >= 1, 0 <= rank < world_size; "
+                         f"got step={step}, batch_size={batch_size}, rank={rank}, world_size={world_size}")
     start = step * batch_size * world_size + rank * batch_size
     return range(start, start + batch_size)
 

@@ -85,7 +85,8 @@ def software_versions() -> dict[str, str | None]:
 
 
 def _git(repo_dir: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # a copy for the child; os.environ untouched
+    # a copy for the child; os.environ untouched
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
     try:
         return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True,
                               timeout=10, env=env, check=False)
@@ -104,7 +105,8 @@ def git_info(repo_dir: Path | None = None) -> dict[str, Any] | None:
     if inside is None or inside.returncode != 0 or inside.stdout.strip() != "true":
         return None
     head = _git(repo_dir, "rev-parse", "--verify", "-q", "HEAD")
-    commit = head.stdout.strip() if head is not None and head.returncode == 0 and head.stdout.strip() else None
+    commit = (head.stdout.strip() if head is not None and head.returncode == 0 and head.stdout.strip()
+              else None)
     status = _git(repo_dir, "status", "--porcelain", "--untracked-files=no")
     dirty = commit is None or status is None or status.returncode != 0 or bool(status.stdout.strip())
     return {"commit": commit, "dirty": dirty}
@@ -253,8 +255,9 @@ def geotiff_tags(record: dict[str, Any]) -> dict[str, str]:
     return {
         "GEO_DINO_RUN_ID": str(record.get("run_id") or "unknown"),
         "GEO_DINO_BACKBONE": _first(backbone, "arch", "name"),
-        "GEO_DINO_CHECKPOINT_SHA256": _first(backbone, "checkpoint_sha256", "sha256",
-                                             default="random-init" if isinstance(backbone, dict) else "unknown"),
+        "GEO_DINO_CHECKPOINT_SHA256": _first(
+            backbone, "checkpoint_sha256", "sha256",
+            default="random-init" if isinstance(backbone, dict) else "unknown"),
         "GEO_DINO_LICENCE": _first(backbone, "licence", "license"),
         "GEO_DINO_CONFIG_SHA256": _first(record.get("config"), "sha256"),
         "GEO_DINO_AOI_SHA256": _first(record.get("aoi"), "sha256"),

@@ -3,11 +3,11 @@
 :func:`write_project` discovers a run folder's outputs by name (``pca_rgb*``, ``classes*``, ``seg_*``,
 ``change_*``, ``similarity``, ``*.gpkg``; ``features.zarr`` and JSON files are not map layers), writes the
 screening context into ``context.gpkg`` (layers ``aoi``, ``masked_sites`` and the ``sites_hit``, in the
-outputs' CRS, their styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with ``xml.etree``, so
-the pipeline needs no PyQGIS. Datasources are ``./name`` paths with ``Paths/Absolute`` false, so the folder
-can be moved or zipped whole. The input rasters live outside the run folder: the ``Inputs`` group refers to
-them by their absolute paths (from the provenance record), hidden at first, so a run folder moved on the same
-machine still finds them; an input that is gone is left out with a warning.
+outputs' CRS, their styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with
+``xml.etree``, so the pipeline needs no PyQGIS. Datasources are ``./name`` paths with ``Paths/Absolute``
+false, so the folder can be moved or zipped whole. The input rasters live outside the run folder: the
+``Inputs`` group refers to them by their absolute paths (from the provenance record), hidden at first, so a
+run folder moved on the same machine still finds them; an input that is gone is left out with a warning.
 
 Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``,
 ``Inputs``.
@@ -185,7 +185,8 @@ def _raster_layer(run_dir: Path, path: Path, group: str, kind: str) -> MapLayer:
                         CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds), _raster_style(path, kind, ds))
 
 
-def _percentiles(ds: Any, band: int, lo: float = 2.0, hi: float = 98.0, n: int = 4, size: int = 256) -> tuple[float, float]:
+def _percentiles(ds: Any, band: int, lo: float = 2.0, hi: float = 98.0, n: int = 4,
+                 size: int = 256) -> tuple[float, float]:
     """Percentiles of a band's valid pixels from ``n × n`` windows of ``size`` px spread over the raster: a
     few blocks read whatever the raster's size (an input may be a whole scene without overviews)."""
     import numpy as np
@@ -234,8 +235,9 @@ def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
                                  f"        <maxValue>{hi!r}</maxValue>\n"
                                  "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
                                  f"      </{colour}ContrastEnhancement>\n")
-                renderer = ('    <rasterrenderer type="multibandcolor" redBand="{}" greenBand="{}" blueBand="{}" '
-                            'opacity="1" alphaBand="-1" nodataColor="">\n      <rasterTransparency/>\n'
+                renderer = ('    <rasterrenderer type="multibandcolor" redBand="{}" greenBand="{}" '
+                            'blueBand="{}" opacity="1" alphaBand="-1" nodataColor="">\n'
+                            '      <rasterTransparency/>\n'
                             .format(*bands[:3]) + "".join(parts) + "    </rasterrenderer>\n")
             else:
                 lo, hi = _percentiles(ds, bands[0])
@@ -274,9 +276,10 @@ def _marker(props: dict[str, str], name: str = "0") -> ET.Element:
                                 "force_rhr": "0"})
     layer = _sub(sym, "layer", **{"class": "SimpleMarker", "enabled": "1", "locked": "0", "pass": "0"})
     opts = _sub(layer, "Option", type="Map")
-    base = {"name": "star", "color": "255,255,255,255", "outline_color": "0,0,0,255", "outline_style": "solid",
-            "outline_width": "0.4", "outline_width_unit": "MM", "size": "4.5", "size_unit": "MM", "angle": "0",
-            "offset": "0,0", "offset_unit": "MM", "joinstyle": "miter", "scale_method": "diameter"}
+    base = {"name": "star", "color": "255,255,255,255", "outline_color": "0,0,0,255",
+            "outline_style": "solid", "outline_width": "0.4", "outline_width_unit": "MM", "size": "4.5",
+            "size_unit": "MM", "angle": "0", "offset": "0,0", "offset_unit": "MM", "joinstyle": "miter",
+            "scale_method": "diameter"}
     for k, v in (base | props).items():
         _sub(opts, "Option", name=k, value=v, type="QString")
     return sym

@@ -1,4 +1,5 @@
-"""A trained head in a run: checked against the run's backbone at plan time, applied per tile, finished per pixel.
+"""A trained head in a run: checked against the run's backbone at plan time, applied per tile, finished
+per pixel.
 
 * **Plan** (:func:`plan_head`): the head file is read (safetensors, optionally pinned by sha256), and refused
   unless it was trained on this run's backbone (same architecture and the same checkpoint bytes, or the same
@@ -9,8 +10,8 @@
   mode layer by layer), the head's logits at the tile's pixel size go into the run's blended accumulator. A
   linear head's logits are computed at patch resolution and upsampled, which equals classifying upsampled
   features (it is linear); a DPT head returns pixel-resolution logits itself.
-* **Pixels** (:func:`probabilities`): the blended logits → softmax → class (the arg-max's class *value*) and its
-  probability; for a change head the positive class's probability and the binary change.
+* **Pixels** (:func:`probabilities`): the blended logits → softmax → class (the arg-max's class *value*) and
+  its probability; for a change head the positive class's probability and the binary change.
 """
 
 from __future__ import annotations
@@ -30,25 +31,28 @@ def _sha256(path: Path) -> str:
 
 
 def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state entry, provenance record entry)`` of the run's supervised head; raises when it does not fit."""
+    """``(state entry, provenance record entry)`` of the run's supervised head; raises when it does not
+    fit."""
     from geo_dino.seg_heads import load_head
 
     hc = cfg.heads.supervised
     digest = _sha256(hc.path) if Path(hc.path).is_file() else None
     if hc.sha256 and digest and digest != hc.sha256.lower():
-        raise CheckpointError(f"{hc.path}: sha256 {digest} does not match heads.supervised.sha256 {hc.sha256}")
+        raise CheckpointError(f"{hc.path}: sha256 {digest} does not match heads.supervised.sha256 "
+                              f"{hc.sha256}")
     head, table, meta = load_head(hc.path)
     bb, inputs = meta["backbone"], meta["inputs"]
     if bb.get("arch") != cfg.backbone.arch:
-        raise ConfigError(f"heads.supervised: the head was trained on backbone {bb.get('arch')!r}, this run uses "
-                          f"{cfg.backbone.arch!r}; train a head on this backbone (geo-dino train-head)")
+        raise ConfigError(f"heads.supervised: the head was trained on backbone {bb.get('arch')!r}, this run "
+                          f"uses {cfg.backbone.arch!r}; train a head on this backbone (geo-dino train-head)")
     if bb.get("sha256"):
         # a pinned checkpoint hash is verified when the backbone loads: no second pass over a large file here
         pinned = (cfg.backbone.checkpoint_sha256 or "").lower() or None
         run_digest = None if not cfg.backbone.checkpoint else pinned or _sha256(cfg.backbone.checkpoint)
         if run_digest != bb["sha256"]:
-            raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, this "
-                              f"run's backbone is {run_digest or 'random-init'}: features would not match")
+            raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, "
+                              f"this run's backbone is {run_digest or 'random-init'}: features would not "
+                              f"match")
     elif cfg.backbone.checkpoint is not None or bb.get("seed") not in (None, cfg.backbone.seed):
         raise ConfigError("heads.supervised: the head was trained on a random-init backbone "
                           f"(seed {bb.get('seed')}); this run's backbone differs")
@@ -66,18 +70,22 @@ def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, record
 
 
-def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...], stats: np.ndarray | None) -> Any:
-    """The run's :class:`~geo_dino.preprocess.Preprocessor` from the head's recorded one: same scaling kind and
-    mean/std; fixed bounds kept, percentile bounds measured on the run's raster (by ``make_preprocessor``)."""
+def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...],
+                      stats: np.ndarray | None) -> Any:
+    """The run's :class:`~geo_dino.preprocess.Preprocessor` from the head's recorded one: same scaling kind
+    and mean/std; fixed bounds kept, percentile bounds measured on the run's raster (by
+    ``make_preprocessor``)."""
     from geo_dino.config import PreprocessConfig
     from geo_dino.preprocess import Preprocessor, make_preprocessor
 
     mean, std = tuple(meta_pre["mean"]), tuple(meta_pre["std"])
     if len(mean) != len(bands):
-        raise ConfigError(f"heads.supervised: the head was trained on {len(mean)} bands, the run reads {len(bands)}")
+        raise ConfigError(f"heads.supervised: the head was trained on {len(mean)} bands, the run reads "
+                          f"{len(bands)}")
     if meta_pre["scale"] == "percentile":
         return make_preprocessor(dtype, bands, PreprocessConfig(scale="percentile"), mean, std, stats)
-    return Preprocessor(meta_pre["scale"], tuple(meta_pre["low"]), tuple(meta_pre["high"]), mean, std, tuple(bands))
+    return Preprocessor(meta_pre["scale"], tuple(meta_pre["low"]), tuple(meta_pre["high"]), mean, std,
+                        tuple(bands))
 
 
 class HeadRunner:
@@ -92,6 +100,7 @@ class HeadRunner:
 
     @property
     def change(self) -> bool:
+        """Whether this is a change head (two dates in, one map out) rather than a segmentation head."""
         return self.info["task"] == "change"
 
     def logits(self, feats: list[Any], size: tuple[int, int]) -> list[Any]:

@@ -362,8 +362,8 @@ class Decision:
         return shapely.make_valid(out) if not out.is_valid else out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict, with ``mask_4326``: a GeoJSON FeatureCollection of the masked, buffered sites, and
-        ``sites_4326``: one of every site hit (its own geometry, with the hit's fields)."""
+        """A JSON-able dict, with ``mask_4326``: a GeoJSON FeatureCollection of the masked, buffered sites,
+        and ``sites_4326``: one of every site hit (its own geometry, with the hit's fields)."""
         import shapely
 
         by_id = {h.site_id: h for h in self.hits}

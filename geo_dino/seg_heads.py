@@ -1,9 +1,10 @@
 """Supervised segmentation heads on frozen backbone features: a linear head, its training loop, its file.
 
 The data flow: tiles of pixels ``(N, bands, H, W)`` in [0, 1] → :func:`tile_features` (the checkpoint's
-mean/std, a frozen backbone, :class:`~geo_dino.backbone.Features` ``.dense``) → patch features ``(N, C, h, w)``
-→ :class:`LinearHead` → logits ``(N, K, h, w)``, upsampled bilinearly to ``(N, K, H, W)``. The head is linear,
-so upsampling its logits equals classifying bilinearly upsampled features (and is ``C / K`` times cheaper).
+mean/std, a frozen backbone, :class:`~geo_dino.backbone.Features` ``.dense``) → patch features
+``(N, C, h, w)`` → :class:`LinearHead` → logits ``(N, K, h, w)``, upsampled bilinearly to ``(N, K, H, W)``.
+The head is linear, so upsampling its logits equals classifying bilinearly upsampled features (and is
+``C / K`` times cheaper).
 
 Labels are ``uint8 (N, H, W)`` class *values* of a :class:`~geo_dino.labels.ClassTable`, with
 :data:`~geo_dino.labels.IGNORE` (255) skipped by the loss and the metrics. Logit channel ``k`` is the table's
@@ -14,9 +15,10 @@ layers, DPT-style fusion). Both take ``(B, C_in, h, w)`` and return logits; what
 layers, one date or two combined by :func:`siamese_features`) is the head's ``inputs`` record
 (:func:`head_inputs`). One training loop (:func:`train_head`) serves both.
 
-A head file is a ``.safetensors`` file (never a pickle): the head's ``state_dict`` tensors, and string metadata
-holding JSON: the head config, its inputs, the class table, the backbone it was trained on (arch, source,
-sha256, patch size, embed dim, mean, std), the preprocessing, the validation metrics and the training lineage.
+A head file is a ``.safetensors`` file (never a pickle): the head's ``state_dict`` tensors, and string
+metadata holding JSON: the head config, its inputs, the class table, the backbone it was trained on (arch,
+source, sha256, patch size, embed dim, mean, std), the preprocessing, the validation metrics and the training
+lineage.
 Importing this module imports torch (``import geo_dino`` does not import it).
 """
 
@@ -36,9 +38,9 @@ from geo_dino.errors import CheckpointError, ConfigError
 from geo_dino.labels import IGNORE
 from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 
-__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "build_head", "evaluate_head", "head_inputs", "input_channels",
-           "load_head", "predict_values", "save_head", "siamese_features", "tile_features", "train_head",
-           "train_linear_head"]
+__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "build_head", "evaluate_head", "head_inputs",
+           "input_channels", "load_head", "predict_values", "save_head", "siamese_features", "tile_features",
+           "train_head", "train_linear_head"]
 
 HEAD_FORMAT = "geo_dino.head/1"
 _META_KEYS = ("format", "head", "inputs", "class_table", "backbone", "preprocessing", "metrics", "lineage",
@@ -66,6 +68,7 @@ class LinearHead(torch.nn.Module):
 
     @property
     def in_channels(self) -> int:
+        """Channels ``C`` of the features the head takes (its ``embed_dim``)."""
         return self.embed_dim
 
     def config(self) -> dict[str, Any]:
@@ -106,7 +109,8 @@ def build_head(config: Mapping[str, Any]) -> torch.nn.Module:
 
 def predict_values(head: LinearHead, features: Any, out_size: tuple[int, int], values: Sequence[int],
                    batch_size: int = 64) -> np.ndarray:
-    """Class values ``uint8 (N, rows, cols)`` (the arg-max logit's ``values[k]``) of features ``(N, C, h, w)``."""
+    """Class values ``uint8 (N, rows, cols)`` (the arg-max logit's ``values[k]``) of features
+    ``(N, C, h, w)``."""
     lut = np.asarray(values, dtype=np.uint8)
     out = []
     head.eval()
@@ -157,8 +161,9 @@ SIAMESE_MODES = ("diff", "concat", "concat+diff")
 
 def siamese_features(f1: Any, f2: Any, mode: str = "concat+diff") -> Any:
     """Change-detection input from two dates' patch features ``(N, C, h, w)`` of the same backbone and grid:
-    ``diff`` = ``|f1 − f2|`` (C channels), ``concat`` = ``[f1, f2]`` (2C), ``concat+diff`` = ``[f1, f2, |f1 − f2|]``
-    (3C). A :class:`LinearHead` on it gives change logits (classes from the change labels' table)."""
+    ``diff`` = ``|f1 − f2|`` (C channels), ``concat`` = ``[f1, f2]`` (2C), ``concat+diff`` =
+    ``[f1, f2, |f1 − f2|]`` (3C). A :class:`LinearHead` on it gives change logits (classes from the change
+    labels' table)."""
     if mode not in SIAMESE_MODES:
         raise ConfigError(f"siamese mode {mode!r}: choose one of {list(SIAMESE_MODES)}")
     if tuple(f1.shape) != tuple(f2.shape):
@@ -194,13 +199,13 @@ def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table:
         unknown = sorted(set(class_weights) - set(table.names))
         missing = [n for n in table.names if n not in class_weights]
         if unknown or missing:
-            raise ConfigError(f"class_weights: unknown classes {unknown}, missing classes {missing}; give one "
-                              "weight per class of the table (labels.label_stats(...)['weights'])")
+            raise ConfigError(f"class_weights: unknown classes {unknown}, missing classes {missing}; "
+                              "give one weight per class of the table (labels.label_stats(...)['weights'])")
         class_weights = [class_weights[n] for n in table.names]
     w = [float(v) for v in class_weights]
     if len(w) != len(table.names) or any(not np.isfinite(v) or v < 0 for v in w) or not any(w):
-        raise ConfigError(f"class_weights {w} must be {len(table.names)} finite non-negative numbers, not all 0 "
-                          "(labels.label_stats(...)['weight_vector'])")
+        raise ConfigError(f"class_weights {w} must be {len(table.names)} finite non-negative numbers, "
+                          "not all 0 (labels.label_stats(...)['weight_vector'])")
     return torch.tensor(w, dtype=torch.float32)
 
 
@@ -218,40 +223,41 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
                       seed: int = 0, eval_every: int | None = None) -> TrainResult:
     """:func:`train_head` with a fresh :class:`LinearHead` sized from the features and the table."""
     x = _as_tensor(train_feats, torch.float32)
-    head = LinearHead(int(x.shape[1]) if x.ndim == 4 else 1, len(table.values))  # shapes checked in train_head
-    return train_head(head, train_feats, train_labels, val_feats, val_labels, table, class_weights=class_weights,
-                      epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
-                      seed=seed, eval_every=eval_every)
+    # shapes checked in train_head
+    head = LinearHead(int(x.shape[1]) if x.ndim == 4 else 1, len(table.values))
+    return train_head(head, train_feats, train_labels, val_feats, val_labels, table,
+                      class_weights=class_weights, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                      batch_size=batch_size, patience=patience, seed=seed, eval_every=eval_every)
 
 
 def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
                class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
                lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
                seed: int = 0, eval_every: int | None = None) -> TrainResult:
-    """Fit ``head`` (a :class:`LinearHead` or :class:`~geo_dino.dpt_head.DPTHead`) on frozen features with early
-    stopping on validation mIoU.
+    """Fit ``head`` (a :class:`LinearHead` or :class:`~geo_dino.dpt_head.DPTHead`) on frozen features with
+    early stopping on validation mIoU.
 
     ``*_feats``: ``float32 (N, C, h, w)``; ``*_labels``: ``uint8 (N, H, W)`` class values of ``table`` or
     :data:`~geo_dino.labels.IGNORE`. Loss: cross-entropy on logits upsampled to ``(H, W)``, ignore index 255,
     optional ``class_weights`` (ordered as the table, or by name; e.g. from
     :func:`geo_dino.labels.label_stats`). AdamW; mini-batches shuffled by ``seed``.
 
-    The validation mIoU is measured every ``eval_every`` optimiser steps (``None``: after each epoch) and at the
-    end; the state with the highest one (first reached) is kept, and training stops after ``patience``
-    measurements without improvement — so with ``eval_every`` the patience is ``patience × eval_every`` steps,
-    whatever the number of tiles (on one small chip an epoch is only a few steps). The same inputs and seed
-    give the same head. ``history`` has one entry per measurement (``step``, ``epoch``, ``train_loss`` since
-    the previous one, ``val_miou``, ``lr``).
+    The validation mIoU is measured every ``eval_every`` optimiser steps (``None``: after each epoch) and at
+    the end; the state with the highest one (first reached) is kept, and training stops after ``patience``
+    measurements without improvement — so with ``eval_every`` the patience is ``patience × eval_every``
+    steps, whatever the number of tiles (on one small chip an epoch is only a few steps). The same inputs and
+    seed give the same head. ``history`` has one entry per measurement (``step``, ``epoch``, ``train_loss``
+    since the previous one, ``val_miou``, ``lr``).
     """
     if epochs < 1 or patience < 1 or batch_size < 1 or lr <= 0 or (eval_every is not None and eval_every < 1):
-        raise ConfigError(f"epochs {epochs}, patience {patience}, batch_size {batch_size}, lr {lr} and eval_every "
-                          f"{eval_every} must be positive")
+        raise ConfigError(f"epochs {epochs}, patience {patience}, batch_size {batch_size}, lr {lr} "
+                          f"and eval_every {eval_every} must be positive")
     xt, xv = _as_tensor(train_feats, torch.float32), _as_tensor(val_feats, torch.float32)
     yt_np, yv_np = np.asarray(train_labels), np.asarray(val_labels)
     for name, x, y in (("train", xt, yt_np), ("val", xv, yv_np)):
         if x.ndim != 4 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ConfigError(f"{name}: features {tuple(x.shape)} and labels {y.shape} must be (N, C, h, w) and "
-                              "(N, H, W) with the same N > 0")
+            raise ConfigError(f"{name}: features {tuple(x.shape)} and labels {y.shape} "
+                              "must be (N, C, h, w) and (N, H, W) with the same N > 0")
     if xt.shape[1] != xv.shape[1]:
         raise ConfigError(f"train and val features have {xt.shape[1]} and {xv.shape[1]} channels")
     if xt.shape[1] != head.in_channels:
@@ -332,9 +338,10 @@ def head_inputs(task: str = "segmentation", layers: Sequence[int] = (), siamese:
     """How a head's input is made from backbone features (stored in head files, read by the pipeline).
 
     ``task``: ``segmentation`` (one date) or ``change`` (two dates, combined by :func:`siamese_features` with
-    mode ``siamese``); ``layers``: 0-based backbone blocks whose dense features are concatenated, in this order
-    (empty: the last block's normed output, :attr:`~geo_dino.backbone.Features.dense`); ``positive_class``:
-    for change heads, the class value that means "changed" (its probability is the change probability).
+    mode ``siamese``); ``layers``: 0-based backbone blocks whose dense features are concatenated, in this
+    order (empty: the last block's normed output, :attr:`~geo_dino.backbone.Features.dense`);
+    ``positive_class``: for change heads, the class value that means "changed" (its probability is the change
+    probability).
     """
     if task not in ("segmentation", "change"):
         raise ConfigError(f"task {task!r}: choose 'segmentation' or 'change'")
@@ -374,10 +381,12 @@ def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, pr
         raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
     inputs = dict(inputs) if inputs is not None else head_inputs()
     spec = _jsonable(backbone_spec)
-    backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "seed", "patch_size", "embed_dim", "in_chans",
-                                         "mean", "std", "bands")}
-    if backbone["embed_dim"] is not None and input_channels(backbone["embed_dim"], inputs) != head.in_channels:
-        raise ConfigError(f"the head takes {head.in_channels} channels but the backbone's {backbone['embed_dim']} "
+    backbone = {k: spec.get(k) for k in ("arch", "source", "sha256", "seed", "patch_size", "embed_dim",
+                                         "in_chans", "mean", "std", "bands")}
+    if (backbone["embed_dim"] is not None
+            and input_channels(backbone["embed_dim"], inputs) != head.in_channels):
+        raise ConfigError(f"the head takes {head.in_channels} channels "
+                          f"but the backbone's {backbone['embed_dim']} "
                           f"with inputs {inputs} give {input_channels(backbone['embed_dim'], inputs)}")
     meta = {
         "format": HEAD_FORMAT,
@@ -400,8 +409,8 @@ def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, pr
 def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """``(head in eval mode, ClassTable, metadata)`` of a :func:`save_head` file. Never executes code.
 
-    Raises :class:`~geo_dino.errors.CheckpointError` for a missing file, a file that is not safetensors, missing
-    or unreadable metadata, or weights that do not match the head's config or the class table."""
+    Raises :class:`~geo_dino.errors.CheckpointError` for a missing file, a file that is not safetensors,
+    missing or unreadable metadata, or weights that do not match the head's config or the class table."""
     from safetensors import SafetensorError, safe_open
 
     from geo_dino.labels import ClassTable
@@ -426,8 +435,8 @@ def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     if meta["format"] != HEAD_FORMAT:
         raise CheckpointError(f"{p}: format {meta['format']!r}, this version reads {HEAD_FORMAT!r}")
     try:
-        parsed = {k: json.loads(meta[k]) for k in ("head", "inputs", "class_table", "backbone", "preprocessing",
-                                                   "metrics", "lineage")}
+        parsed = {k: json.loads(meta[k]) for k in ("head", "inputs", "class_table", "backbone",
+                                                   "preprocessing", "metrics", "lineage")}
         n_classes = int(meta["n_classes"])
     except ValueError as exc:
         raise CheckpointError(f"{p}: unreadable metadata: {exc}") from None
@@ -438,8 +447,8 @@ def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
         raise CheckpointError(f"{p}: invalid metadata: {exc}") from None
     k = len(table.values)
     if head.n_classes != k or n_classes != k:
-        raise CheckpointError(f"{p}: the head's {head.n_classes} outputs (n_classes {n_classes}) do not match the "
-                              f"class table's {k} classes")
+        raise CheckpointError(f"{p}: the head's {head.n_classes} outputs (n_classes {n_classes}) "
+                              f"do not match the class table's {k} classes")
     try:
         head.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

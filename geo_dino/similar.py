@@ -1,22 +1,22 @@
 """Search by example over a feature cube: "find more places like this polygon".
 
-:func:`similarity` takes a cube (:mod:`geo_dino.cube`) and an example polygon set with its CRS, and writes into
-the run folder:
+:func:`similarity` takes a cube (:mod:`geo_dino.cube`) and an example polygon set with its CRS, and writes
+into the run folder:
 
 * ``<name>.tif`` — a float32 COG on the cube's grid (one pixel per cube cell) of the cosine similarity, in
   ``[-1, 1]``, of every cell's feature vector to the example's mean feature; NaN (the nodata value) where the
   cell is nodata (any feature NaN) or its features are all zero;
 * ``<name>_matches.gpkg`` — layer ``matches``: the ``top_k`` best places as points at cell centres, with
-  ``rank`` (1 = best), ``similarity``, ``x``, ``y`` (cube CRS) and ``row``, ``col`` (cube cells), in the cube's
-  CRS. Places are local maxima of the similarity over a ``(2s+1) × (2s+1)``-cell window, ``s =
+  ``rank`` (1 = best), ``similarity``, ``x``, ``y`` (cube CRS) and ``row``, ``col`` (cube cells), in the
+  cube's CRS. Places are local maxima of the similarity over a ``(2s+1) × (2s+1)``-cell window, ``s =
   min_separation_cells``, at least ``s`` cells apart (Chebyshev distance) and outside the example's own cells,
   picked greedily by score.
 
 The example's cells are those whose centres lie inside or on the boundary of the (reprojected) polygons; its
-feature is the mean over those cells that are not nodata. Everything scene-sized is computed out of core with
-dask, chunk by chunk on the cube's chunks: the similarity blocks go straight into an intermediate tiled GeoTIFF
-through rasterio windows (:func:`dask.array.store`), and only a few candidate maxima per chunk are kept; the COG
-is then built and verified by :func:`geo_dino.outputs.finalize_cog`.
+feature is the mean over those cells that are not nodata. Everything scene-sized is computed out of core
+with dask, chunk by chunk on the cube's chunks: the similarity blocks go straight into an intermediate tiled
+GeoTIFF through rasterio windows (:func:`dask.array.store`), and only a few candidate maxima per chunk are
+kept; the COG is then built and verified by :func:`geo_dino.outputs.finalize_cog`.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def reproject_geometry(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGe
                                f"{exc}; check the example's CRS") from None
     coords = shapely.get_coordinates(out)
     if out.is_empty or not np.isfinite(coords).all():
-        raise CRSMismatchError(f"the example (bounds {geom.bounds} in {src_crs}) does not transform to finite "
-                               f"coordinates in the cube's CRS {dst_crs}; it is probably outside that CRS's area "
-                               "of use — check the example's CRS and location")
+        raise CRSMismatchError(f"the example (bounds {geom.bounds} in {src_crs}) does not transform to "
+                               f"finite coordinates in the cube's CRS {dst_crs}; it is probably outside that "
+                               "CRS's area of use — check the example's CRS and location")
     if not out.is_valid:
         out = shapely.make_valid(out)
     return out
@@ -102,8 +102,9 @@ def example_cells(geom: BaseGeometry, grid: Grid) -> tuple[PixelBox, np.ndarray]
     box = grid.box_covering(geom.bounds)
     lo, bo, ro, to = grid.bounds()
     if box is None or geom.is_empty:
-        raise AOIError(f"the example (bounds {tuple(round(v, 6) for v in geom.bounds)}) lies outside the cube "
-                       f"(bounds {(lo, bo, ro, to)} in {grid.crs}); draw it over the cube's area and check its CRS")
+        raise AOIError(f"the example (bounds {tuple(round(v, 6) for v in geom.bounds)}) lies outside the "
+                       f"cube (bounds {(lo, bo, ro, to)} in {grid.crs}); "
+                       "draw it over the cube's area and check its CRS")
     xs, ys = grid.pixel_centres(box)
     xx, yy = np.meshgrid(xs, ys)
     mask = shapely.intersects_xy(geom, xx, yy)
@@ -127,7 +128,8 @@ def cosine_block(block: np.ndarray, ref_unit: np.ndarray) -> np.ndarray:
 
 
 def _peak_block(block: np.ndarray, size: int) -> np.ndarray:
-    """``block`` where a cell is the maximum of its ``size × size`` window, NaN elsewhere (NaN never a peak)."""
+    """``block`` where a cell is the maximum of its ``size × size`` window, NaN elsewhere (NaN never a
+    peak)."""
     from scipy.ndimage import maximum_filter
 
     filled = np.where(np.isnan(block), -np.inf, block)
@@ -194,9 +196,9 @@ def similarity(cube: xr.DataArray | Path | str, example: BaseGeometry | AOI, *, 
                num_workers: int | None = None) -> dict[str, Any]:
     """Cosine similarity of every cube cell to the example's mean feature, and the ``top_k`` best places.
 
-    ``example`` is a shapely (multi)polygon in ``example_crs`` (ignored for an :class:`~geo_dino.aoi.AOI`, which
-    is EPSG:4326). Writes ``<name>.tif`` and ``<name>_matches.gpkg`` inside ``run_dir`` (see the module doc).
-    Returns ``{"similarity": <COG record>, "matches": {"path", "layer", "count"}, "example_cells",
+    ``example`` is a shapely (multi)polygon in ``example_crs`` (ignored for an :class:`~geo_dino.aoi.AOI`,
+    which is EPSG:4326). Writes ``<name>.tif`` and ``<name>_matches.gpkg`` inside ``run_dir`` (see the module
+    doc). Returns ``{"similarity": <COG record>, "matches": {"path", "layer", "count"}, "example_cells",
     "example_valid_cells", "top_scores", "min_separation_cells", "crs"}``.
 
     Raises :class:`AOIError` (outside the cube, no cell, only nodata), :class:`CRSMismatchError` (CRS not
@@ -298,8 +300,8 @@ def _write_matches(path: Path, picked: list[tuple[float, int, int]], xs: np.ndar
              "geometry": Point(float(xs[c]), float(ys[r]))} for k, (v, r, c) in enumerate(picked)]
     columns = ["rank", "similarity", "x", "y", "row", "col", "geometry"]
     gdf = gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs=CRS.from_user_input(crs))
-    gdf = gdf.astype({"rank": "int32", "similarity": "float64", "x": "float64", "y": "float64", "row": "int64",
-                      "col": "int64"})
+    gdf = gdf.astype({"rank": "int32", "similarity": "float64", "x": "float64", "y": "float64",
+                      "row": "int64", "col": "int64"})
     tmp = path.with_name(f".{path.name}.tmp.gpkg")
     tmp.unlink(missing_ok=True)
     try:

@@ -130,6 +130,7 @@ class RasterInfo:
 
     @property
     def is_geographic(self) -> bool:
+        """Whether the grid's CRS is geographic (degrees, not metres)."""
         from pyproj import CRS
 
         return CRS.from_user_input(self.grid.crs).is_geographic
@@ -179,7 +180,8 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
                     raise SourceError(f"{path}: has no CRS; georeference it first")
                 t = src.transform
                 if t.b or t.d:
-                    raise SourceError(f"{path}: rotated/sheared geotransforms are not supported; warp it first")
+                    raise SourceError(f"{path}: rotated/sheared geotransforms are not supported; "
+                                      "warp it first")
                 if t.e >= 0:
                     raise SourceError(f"{path}: north-up rasters only (the transform's y scale is positive)")
                 if len(set(src.dtypes)) != 1:
@@ -234,8 +236,9 @@ class WindowReader:
             from rasterio.vrt import WarpedVRT
 
             g = self.info.grid
-            self._base, self._src = self._src, WarpedVRT(self._src, crs=g.crs, transform=g.transform, width=g.width,
-                                                         height=g.height, resampling=Resampling[self.info.resampling])
+            self._base, self._src = self._src, WarpedVRT(
+                self._src, crs=g.crs, transform=g.transform, width=g.width, height=g.height,
+                resampling=Resampling[self.info.resampling])
         self._mask_mode = self._choose_mask_mode()
         return self
 
@@ -332,10 +335,11 @@ class WindowReader:
             valid[rs, cs] = self._valid(self._src.read(list(self.info.bands), window=w), w)
         return valid
 
-    def decimated(self, height: int, width: int, *, values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-        """The whole raster read at ``height`` × ``width`` (bounded memory): ``(data or None, valid)``, with the
-        same validity as :meth:`read` (GDAL's dataset-mask rule, no band NaN/inf). ``values=False`` reads the
-        data only when it is needed for validity (floating-point rasters)."""
+    def decimated(self, height: int, width: int, *,
+                  values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """The whole raster read at ``height`` × ``width`` (bounded memory): ``(data or None, valid)``, with
+        the same validity as :meth:`read` (GDAL's dataset-mask rule, no band NaN/inf). ``values=False`` reads
+        the data only when it is needed for validity (floating-point rasters)."""
         if self._src is None:
             raise SourceError("WindowReader used outside its `with` block")
         shape = (len(self.info.bands), height, width)

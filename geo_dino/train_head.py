@@ -6,9 +6,10 @@
   label raster or polygons, :mod:`geo_dino.labels`) are put on that grid, and a pixel that is nodata on any
   date is :data:`~geo_dino.labels.IGNORE`. Only tiles with at least one labelled pixel are used (sparse labels
   such as Taizhou's), at most ``max_tiles`` of them, evenly spaced.
-* **Features.** Pixels are scaled exactly as a run scales them (:func:`geo_dino.preprocess.make_preprocessor`)
-  and go through the frozen backbone (:class:`~geo_dino.inference.FeatureExtractor`, the same code a run
-  uses). A change head sees both dates combined layer by layer by :func:`~geo_dino.seg_heads.siamese_features`.
+* **Features.** Pixels are scaled exactly as a run scales them
+  (:func:`geo_dino.preprocess.make_preprocessor`) and go through the frozen backbone
+  (:class:`~geo_dino.inference.FeatureExtractor`, the same code a run uses). A change head sees both dates
+  combined layer by layer by :func:`~geo_dino.seg_heads.siamese_features`.
 * **Split.** :func:`~geo_dino.labels.spatial_split` holds out whole blocks of tiles as the **test** part (the
   reported metrics; training tiles touching it are dropped), then splits the rest again into fit and
   early-stopping tiles. ``split.gpkg`` maps every tile's role.
@@ -36,18 +37,20 @@ METRICS = "metrics.json"
 
 
 def load_training_config(run_dir: Path) -> HeadTrainConfig:
+    """Read the training run folder's resolved config (``config.resolved.json``) back."""
     return HeadTrainConfig.model_validate_json((run_dir / CONFIG).read_text())
 
 
 def class_table(cfg: HeadTrainConfig):  # noqa: ANN201 - a ClassTable
+    """The configured classes as a :class:`~geo_dino.labels.ClassTable`; a bad table raises here."""
     from geo_dino.labels import ClassTable
 
     return ClassTable.from_dict({"classes": [c.model_dump(exclude_none=True) for c in cfg.labels.classes]})
 
 
 def hooked_layers(kind: str, layers: list[int] | None, depth: int) -> tuple[int, ...]:
-    """The 0-based blocks feeding a head: the configured ones, or DPT's four evenly spaced hooks, or () for the
-    last block's normed output."""
+    """The 0-based blocks feeding a head: the configured ones, or DPT's four evenly spaced hooks, or () for
+    the last block's normed output."""
     from geo_dino.errors import ConfigError
 
     if layers:
@@ -61,7 +64,8 @@ def hooked_layers(kind: str, layers: list[int] | None, depth: int) -> tuple[int,
 
 
 def combine_dates(f1: Any, f2: Any, mode: str, n_layers: int) -> Any:
-    """Two dates' features ``(N, L·C, h, w)`` → the change head's input, :func:`siamese_features` per layer."""
+    """Two dates' features ``(N, L·C, h, w)`` → the change head's input, :func:`siamese_features` per
+    layer."""
     import torch
 
     from geo_dino.seg_heads import siamese_features
@@ -71,6 +75,8 @@ def combine_dates(f1: Any, f2: Any, mode: str, n_layers: int) -> Any:
 
 
 def positive_value(cfg: HeadTrainConfig, table: Any) -> int:
+    """The label value of a change head's positive class: ``labels.positive_class``, else ``changed``, else
+    the last class."""
     if cfg.labels.positive_class:
         return table.values[table.names.index(cfg.labels.positive_class)]
     return table.values[table.names.index("changed")] if "changed" in table.names else table.values[-1]
@@ -101,13 +107,16 @@ def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, di
 
     lab = cfg.labels
     if lab.raster is not None:
-        mapping = None if lab.mapping is None else {k: IGNORE if v == "ignore" else v for k, v in lab.mapping.items()}
+        mapping = (None if lab.mapping is None
+                   else {k: IGNORE if v == "ignore" else v for k, v in lab.mapping.items()})
         return read_label_raster(lab.raster, grid, mapping=mapping, reproject=lab.reproject, table=table,
                                  sources=cfg.sources.model_copy(update={"bands": None}))  # one band of labels
     assert lab.polygons is not None and lab.attribute is not None  # validated: polygons with an attribute
-    arr = rasterize_polygons(lab.polygons, lab.attribute, table, grid, layer=lab.layer, all_touched=lab.all_touched)
+    arr = rasterize_polygons(lab.polygons, lab.attribute, table, grid, layer=lab.layer,
+                             all_touched=lab.all_touched)
     return arr, {"path": str(lab.polygons), "sha256": sha256_file(lab.polygons), "attribute": lab.attribute,
-                 "layer": lab.layer, "all_touched": lab.all_touched, "labelled_pixels": int((arr != IGNORE).sum())}
+                 "layer": lab.layer, "all_touched": lab.all_touched,
+                 "labelled_pixels": int((arr != IGNORE).sum())}
 
 
 @records_failure
@@ -135,7 +144,8 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence,
                                meta.get("licence"))
     ckpt_chans = int(meta["in_chans"]) if meta.get("in_chans", "").isdigit() else arch.in_chans
-    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans) for p in cfg.rasters]
+    infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans)
+             for p in cfg.rasters]
     if len(infos) == 2:
         infos[0].grid.same_as(infos[1].grid, what="the two dates' grids")
     grid = infos[0].grid
@@ -147,8 +157,8 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     tile_labels = {t.index: padded[t.box.row_off:t.box.row_end, t.box.col_off:t.box.col_end] for t in tiles}
     used = [t for t in tiles if (tile_labels[t.index] != IGNORE).any()]
     if len(used) < 4:
-        raise ConfigError(f"only {len(used)} tiles of {cfg.tile_size} px hold labelled pixels; at least 4 are "
-                          "needed for a spatial split (lower tile_size or add labels)")
+        raise ConfigError(f"only {len(used)} tiles of {cfg.tile_size} px hold labelled pixels; at least 4 "
+                          "are needed for a spatial split (lower tile_size or add labels)")
     if len(used) > cfg.max_tiles:
         used = [used[i] for i in np.unique(np.linspace(0, len(used) - 1, cfg.max_tiles).round().astype(int))]
 
@@ -187,21 +197,24 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
 
     s = cfg.split
     cells = [(t.grid_row, t.grid_col) for t in used]
-    trainval, test, dropped = spatial_split(cells, s.test_fraction, block=s.block, buffer=s.buffer, seed=s.seed)
+    trainval, test, dropped = spatial_split(cells, s.test_fraction, block=s.block, buffer=s.buffer,
+                                            seed=s.seed)
     fit, stop, _ = spatial_split(trainval, s.val_fraction, block=1, buffer=0, seed=s.seed + 1)
     role_of = {c: "test" for c in test} | {c: "dropped" for c in dropped} | {c: "fit" for c in fit} \
         | {c: "early_stopping" for c in stop}
     roles = [role_of[c] for c in cells]
     write_tile_index(run_dir / "split.gpkg", "tiles", grid, [(t.index, t.box) for t in used],
-                     extra={"role": roles, "grid_row": [t.grid_row for t in used], "grid_col": [t.grid_col for t in used],
+                     extra={"role": roles, "grid_row": [t.grid_row for t in used],
+                            "grid_col": [t.grid_col for t in used],
                             "labelled_pixels": [int((y != IGNORE).sum()) for y in y_all]})
-    split = {r: [i for i, role in enumerate(roles) if role == r] for r in ("fit", "early_stopping", "test", "dropped")}
+    split = {r: [i for i, role in enumerate(roles) if role == r]
+             for r in ("fit", "early_stopping", "test", "dropped")}
     atomic_json(run_dir / "work" / "split.json", split)
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     update_record(run_dir, inputs=inputs, labels=label_record | {"stats": label_stats(labels, table)},
                   backbone=spec.to_dict() | {"device": extractor.device, "layers": list(layers)},
-                  licence={"architecture_licence": arch.licence, "declared_by_checkpoint": meta.get("licence"),
-                           "acceptance": acceptance},
+                  licence={"architecture_licence": arch.licence,
+                           "declared_by_checkpoint": meta.get("licence"), "acceptance": acceptance},
                   preprocessing=pre.to_dict(),
                   split={"tile_size": cfg.tile_size, "tiles_with_labels": len(used),
                          **{r: len(v) for r, v in split.items()}, "settings": s.model_dump()})
@@ -211,8 +224,8 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
 
 @records_failure
 def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
-    """Train the head on the fit tiles (early stopping on their neighbours' blocks), score it on the test tiles,
-    write ``head.safetensors`` and ``metrics.json``."""
+    """Train the head on the fit tiles (early stopping on their neighbours' blocks), score it on the test
+    tiles, write ``head.safetensors`` and ``metrics.json``."""
     import torch
 
     from geo_dino.labels import label_stats
@@ -253,9 +266,9 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
         weights = label_stats(y[fit], table)["weight_vector"]
     elif isinstance(t.class_weights, list):
         weights = t.class_weights
-    res = train_head(head, x[fit], y[fit], x[stop], y[stop], table, class_weights=weights, epochs=t.epochs, lr=t.lr,
-                     weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=t.seed,
-                     eval_every=t.eval_every)
+    res = train_head(head, x[fit], y[fit], x[stop], y[stop], table, class_weights=weights, epochs=t.epochs,
+                     lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience,
+                     seed=t.seed, eval_every=t.eval_every)
     test_metrics = evaluate_head(res.head, x[test], y[test], table)
     pred = values_to_indices(predict_values(res.head, x[test], y.shape[-2:], table.values), table.values)
     cm = confusion_matrix(pred, values_to_indices(y[test], table.values), len(table.values))
@@ -263,7 +276,8 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
                          positive_value(cfg, table) if change else None)
     metrics = {"test": test_metrics | {"confusion_matrix": cm.tolist(), "classes": list(table.names)},
                "early_stopping": res.metrics, "best_measurement": res.best_epoch,
-               "history": res.history, "class_weights": None if weights is None else [float(w) for w in weights],
+               "history": res.history,
+               "class_weights": None if weights is None else [float(w) for w in weights],
                "split": {r: len(v) for r, v in split.items()}}
     lineage = {"training_run": rec["run_id"], "labels": {k: rec["labels"].get(k) for k in ("path", "sha256")},
                "rasters": [{"path": i["path"], "sha256": i.get("sha256")} for i in rec["inputs"]],
@@ -277,7 +291,8 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     update_record(run_dir, head={"path": HEAD_FILE, "sha256": sha256_file(run_dir / HEAD_FILE),
                                  "config": res.head.config(), "inputs": inputs,
                                  "parameters": int(sum(p.numel() for p in res.head.parameters()))},
-                  metrics={"test": {k: test_metrics[k] for k in ("miou", "macro_f1", "overall_accuracy", "pixels")},
+                  metrics={"test": {k: test_metrics[k]
+                                    for k in ("miou", "macro_f1", "overall_accuracy", "pixels")},
                            "path": METRICS},
                   status="succeeded", finished_at=datetime.now(UTC).isoformat())
     update_record(run_dir, timings={"train": round(time.perf_counter() - t0, 3)})

@@ -18,13 +18,13 @@ Emitting a polygon maps it to the raster CRS with the grid's affine transform, m
 area × unit factor² for projected CRSs; geodesic area on the CRS's ellipsoid with :class:`pyproj.Geod` for
 geographic ones; always of the *unsimplified* pixel polygon), drops it if below ``min_area_m2``, then
 simplifies it. Simplification is per polygon: each polygon stays valid, but neighbours may no longer share
-boundaries exactly (use ``simplify_m=0`` for an exact, gap-free coverage). The tolerance ``simplify_m`` is converted to CRS
-units; for geographic CRSs it becomes degrees at the polygon's centroid latitude using the larger of the
-metres-per-degree along the meridian and the parallel, so the ground tolerance never exceeds ``simplify_m``.
-Plain Douglas–Peucker is used when its result is valid with all the polygon's parts (holes narrower than the
-tolerance may close); otherwise the topology-preserving variant; a result still invalid is repaired with
-``make_valid`` (polygonal part); one that is empty or changes type falls back to the unsimplified polygon.
-Repairs and fallbacks are counted in the record.
+boundaries exactly (use ``simplify_m=0`` for an exact, gap-free coverage). The tolerance ``simplify_m`` is
+converted to CRS units; for geographic CRSs it becomes degrees at the polygon's centroid latitude using the
+larger of the metres-per-degree along the meridian and the parallel, so the ground tolerance never exceeds
+``simplify_m``. Plain Douglas–Peucker is used when its result is valid with all the polygon's parts (holes
+narrower than the tolerance may close); otherwise the topology-preserving variant; a result still invalid is
+repaired with ``make_valid`` (polygonal part); one that is empty or changes type falls back to the
+unsimplified polygon. Repairs and fallbacks are counted in the record.
 
 With 4-connectivity the layer is ``Polygon``; with 8-connectivity GDAL's polygons may touch themselves at a
 corner, so they are made valid and the layer is ``MultiPolygon`` (one feature per 8-connected component).
@@ -176,8 +176,8 @@ class _Sink:
 
     def _simplify(self, geom: Any, tol: float) -> Any:
         """Plain Douglas–Peucker when it keeps the polygon valid with all its parts (fast on huge polygons;
-        holes narrower than ``tol`` may close), else topology-preserving; ``make_valid`` repairs; the original if
-        the result is empty."""
+        holes narrower than ``tol`` may close), else topology-preserving; ``make_valid`` repairs; the original
+        if the result is empty."""
         import shapely
 
         simple = shapely.simplify(geom, tol, preserve_topology=False)
@@ -326,7 +326,8 @@ def _edges(ids: np.ndarray, cls: np.ndarray, base: int) -> dict[str, tuple[np.nd
             "right": line(ids[:, -1], cls[:, -1])}
 
 
-def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectivity: int, sink: _Sink) -> set[int]:
+def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectivity: int,
+          sink: _Sink) -> set[int]:
     """Polygonise ``src`` window by window into ``sink``; return the class values found."""
     height, width, diagonal = grid.height, grid.width, connectivity == 8
     uf, kept = _UnionFind(), {}  # kept: global id -> [value, geometry, pixels, conf sum, conf count]
@@ -416,12 +417,13 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
                       connectivity: int = 4, style: bool = True) -> dict[str, Any]:
     """Polygonise a one-band integer class raster into ``layer`` of ``run_dir/gpkg_name``; return the record.
 
-    ``classes`` is ``{value: name}`` or a :class:`~geo_dino.labels.ClassTable` (whose colours style the layer);
-    values found but not named become ``class_<value>``. Pixels masked in the class raster (its nodata) and
-    pixels in ``skip_values`` are never polygons. ``confidence_cog`` is a float raster on the same grid (NaN or
-    its nodata are left out of the means). ``min_area_m2`` (square metres) drops smaller polygons after
-    merging; ``simplify_m`` (metres, 0: none) simplifies each polygon. The raster is read in ``block × block``
-    pixel windows (rows × columns); ``connectivity`` is 4 or 8. See the module docstring for the algorithm.
+    ``classes`` is ``{value: name}`` or a :class:`~geo_dino.labels.ClassTable` (whose colours style the
+    layer); values found but not named become ``class_<value>``. Pixels masked in the class raster (its
+    nodata) and pixels in ``skip_values`` are never polygons. ``confidence_cog`` is a float raster on the same
+    grid (NaN or its nodata are left out of the means). ``min_area_m2`` (square metres) drops smaller polygons
+    after merging; ``simplify_m`` (metres, 0: none) simplifies each polygon. The raster is read in
+    ``block × block`` pixel windows (rows × columns); ``connectivity`` is 4 or 8. See the module docstring for
+    the algorithm.
 
     Attributes: ``class_value`` (int), ``class_name``, ``area_m2`` (true area of the pixels in m²),
     ``mean_confidence`` (NULL without a confidence raster), ``pixel_count``. The layer is in the raster's CRS.
@@ -445,8 +447,10 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
     for name, v in (("min_area_m2", min_area_m2), ("simplify_m", simplify_m)):
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"{name} must be a finite number >= 0 (metres), got {v!r}")
-    if not isinstance(layer, str) or not layer or layer.lower().startswith(("gpkg_", "rtree_", "layer_styles")):
-        raise ConfigError(f"layer {layer!r} must be a non-empty name not starting with gpkg_, rtree_ or layer_styles")
+    if (not isinstance(layer, str) or not layer
+            or layer.lower().startswith(("gpkg_", "rtree_", "layer_styles"))):
+        raise ConfigError(f"layer {layer!r} must be a non-empty name "
+                          "not starting with gpkg_, rtree_ or layer_styles")
     skip = {int(v) for v in skip_values}
     names, colours = _class_table(classes)
     run_root = Path(run_dir).resolve()
@@ -462,7 +466,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
         conf = None
         try:
             if np.dtype(src.dtypes[0]).kind not in "iu":
-                raise SourceError(f"the class raster {class_cog} is {src.dtypes[0]}; class rasters hold integers")
+                raise SourceError(f"the class raster {class_cog} is {src.dtypes[0]}; "
+                                  "class rasters hold integers")
             grid = _grid(src)
             if confidence_cog is not None:
                 conf = _open(Path(confidence_cog), "confidence raster")
@@ -473,11 +478,11 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
                 try:
                     before = {str(n) for n in pyogrio.list_layers(dst)[:, 0]}
                 except Exception as exc:
-                    raise OutputError(f"{dst} exists but is not a readable GeoPackage ({exc}); remove it or choose "
-                                      "another gpkg_name") from None
+                    raise OutputError(f"{dst} exists but is not a readable GeoPackage ({exc}); "
+                                      "remove it or choose another gpkg_name") from None
                 shutil.copyfile(dst, tmp)
-            sink = _Sink(tmp, layer, grid, names, min_area_m2=float(min_area_m2), simplify_m=float(simplify_m),
-                         multi=connectivity == 8)
+            sink = _Sink(tmp, layer, grid, names, min_area_m2=float(min_area_m2),
+                         simplify_m=float(simplify_m), multi=connectivity == 8)
             found = _scan(src, conf, grid, skip, block, connectivity, sink)
             sink.flush(final=True)
             unnamed = sorted(found - set(names))
@@ -491,7 +496,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
                 raise OutputError(f"{dst.name}:{layer}: {info['features']} features read back, "
                                   f"{sink.written} written")
             if not info["crs"] or not crs_equal(info["crs"], grid.crs):
-                raise OutputError(f"{dst.name}:{layer}: CRS {info['crs']} read back differs from the raster's")
+                raise OutputError(f"{dst.name}:{layer}: CRS {info['crs']} read back "
+                                  "differs from the raster's")
             lost = before - {str(n) for n in pyogrio.list_layers(tmp)[:, 0]}
             if lost:
                 raise OutputError(f"{dst.name}: writing {layer!r} lost the layers {sorted(lost)}")
@@ -503,7 +509,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
             if conf is not None:
                 conf.close()
     crs = CRS.from_user_input(grid.crs)
-    per_class = {names.get(v, f"class_{v}"): {"value": v, "features": s[0], "area_m2": s[1], "pixel_count": s[2]}
+    per_class = {names.get(v, f"class_{v}"): {"value": v, "features": s[0], "area_m2": s[1],
+                                              "pixel_count": s[2]}
                  for v, s in sorted(sink.stats.items())}
     return {
         "path": dst.relative_to(run_root).as_posix(), "layer": layer, "features": sink.written,
@@ -511,7 +518,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
         "sha256": digest, "classes": per_class, "unnamed_values": unnamed,
         "style": layer if style else None, **sink.counts,
         "parameters": {
-            "class_cog": str(class_cog), "confidence_cog": None if confidence_cog is None else str(confidence_cog),
+            "class_cog": str(class_cog),
+            "confidence_cog": None if confidence_cog is None else str(confidence_cog),
             "skip_values": sorted(skip), "min_area_m2": float(min_area_m2), "simplify_m": float(simplify_m),
             "simplify_method": "per-polygon Douglas-Peucker (topology-preserving where plain DP breaks "
                                "validity or parts); make_valid repairs; unsimplified fallback when empty",
@@ -602,8 +610,9 @@ def write_layer_style(gpkg: Path, layer: str, qml: str, *, name: str | None = No
             raise OutputError(f"{gpkg} has no feature layer {layer!r} to style")
         with con:
             con.execute(_LAYER_STYLES_SQL)
-            con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description, "
-                        f"last_change, srs_id) VALUES ('layer_styles', 'attributes', 'layer_styles', '', {_NOW}, 0)")
+            con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, "
+                        "description, last_change, srs_id) "
+                        f"VALUES ('layer_styles', 'attributes', 'layer_styles', '', {_NOW}, 0)")
             if "gpkg_ogr_contents" in tables:
                 con.execute("INSERT OR IGNORE INTO gpkg_ogr_contents (table_name, feature_count) "
                             "VALUES ('layer_styles', NULL)")
@@ -618,7 +627,8 @@ def write_layer_style(gpkg: Path, layer: str, qml: str, *, name: str | None = No
                               (*values, *key, style_name))
             if cur.rowcount == 0:
                 con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
-                            "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner) "
+                            "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
+                            "owner) "
                             "VALUES ('', '', ?, ?, ?, ?, ?, ?, ?, '')", (*key, style_name, *values))
             con.execute(f"UPDATE gpkg_contents SET last_change = {_NOW} WHERE table_name = 'layer_styles'")
     except sqlite3.Error as exc:

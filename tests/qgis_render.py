@@ -87,7 +87,8 @@ for layer_id, layer in project.mapLayers().items():
                                 "symbol_layers": symbol_layers(fresh)}
     if isinstance(layer, QgsRasterLayer):
         info["bands"] = layer.bandCount()
-        if layer.crs() == project.crs() and info["group"] != "Inputs":  # the outputs' extent: inputs may be larger
+        # the outputs' extent: inputs may be larger
+        if layer.crs() == project.crs() and info["group"] != "Inputs":
             e = QgsRectangle(layer.extent())
             extent = e if extent is None else extent.combineExtentWith(e) or extent
     layers[layer.name()] = info

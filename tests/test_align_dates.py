@@ -1,5 +1,6 @@
-"""Two dates on different grids: refused by default, or the second reprojected onto the first's grid explicitly
-(recorded). The bundled NAIP 2009/2020 pair is a real case: the 2020 tile is one row shorter and shifted 1 m."""
+"""Two dates on different grids: refused by default, or the second reprojected onto the first's grid
+explicitly (recorded). The bundled NAIP 2009/2020 pair is a real case: the 2020 tile is one row shorter and
+shifted 1 m."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ NAIP = [ROOT / "data/rasters/naip" / f"m_4709963_se_14_1_{d}.tif" for d in ("200
 
 def test_naip_pair_is_refused_then_reprojected_when_asked(tiny_config) -> None:
     cfg = tiny_config("aoi/naip_potholes.geojson", NAIP, sources={"bands": [1, 2, 3]},
-                      tiling={"size": 64, "overlap": 16, "chunk_tiles": 64}, heads={"kmeans": {"k": 3, "fit_tiles": 8}})
+                      tiling={"size": 64, "overlap": 16, "chunk_tiles": 64},
+                      heads={"kmeans": {"k": 3, "fit_tiles": 8}})
     with pytest.raises(CRSMismatchError, match="align_dates"):
         pl.run_local(parse_config(cfg))
     cfg["sources"] = cfg["sources"] | {"align_dates": "bilinear"}

@@ -70,8 +70,9 @@ def test_feature_loads():
 
 def test_feature_collection_is_union_of_features():
     overlapping = [[[-77.4, 25.0], [-77.0, 25.0], [-77.0, 25.3], [-77.4, 25.3], [-77.4, 25.0]]]
-    fc = {"type": "FeatureCollection", "features": [feature(poly()), feature(poly(overlapping)),
-                                                    feature({"type": "MultiPolygon", "coordinates": [OTHER]})]}
+    fc = {"type": "FeatureCollection",
+          "features": [feature(poly()), feature(poly(overlapping)),
+                       feature({"type": "MultiPolygon", "coordinates": [OTHER]})]}
     aoi = load_aoi(fc)
     expected = shapely.union_all([Polygon(SQUARE[0]), Polygon(overlapping[0]), Polygon(OTHER[0])])
     assert aoi.geometry.equals(expected)
@@ -180,15 +181,18 @@ def test_longitude_out_of_range():
 
 
 def test_latitude_out_of_range_hints_swapped_axes():
-    swapped = [[[35.6, 139.7], [35.7, 139.7], [35.7, 139.8], [35.6, 139.8], [35.6, 139.7]]]  # Tokyo as lat,lon
-    with pytest.raises(AOIError, match="latitude 139.7 out of range.*are the axes swapped\\? GeoJSON is lon,lat"):
+    # Tokyo as lat,lon
+    swapped = [[[35.6, 139.7], [35.7, 139.7], [35.7, 139.8], [35.6, 139.8], [35.6, 139.7]]]
+    with pytest.raises(AOIError,
+                       match="latitude 139.7 out of range.*are the axes swapped\\? GeoJSON is lon,lat"):
         load_aoi(poly(swapped))
 
 
 def test_projected_coordinates_detected():
     utm = [[[250000.0, 2760000.0], [260000, 2760000], [260000, 2770000], [250000, 2770000],
             [250000.0, 2760000.0]]]
-    with pytest.raises(AOIError, match=r"coordinates look projected \(metres\?\), AOIs must be WGS84 lon/lat"):
+    with pytest.raises(AOIError,
+                       match=r"coordinates look projected \(metres\?\), AOIs must be WGS84 lon/lat"):
         load_aoi(poly(utm))
 
 
@@ -364,7 +368,8 @@ def test_unsplit_antimeridian_polygon_is_split():
     assert aoi.area_m2() == pytest.approx(geodesic_area_m2(unsplit), rel=1e-6)
     # and matches pyproj directly on the densified, unwrapped ring
     lon, lat = shapely.segmentize(unsplit, 0.01).exterior.xy
-    assert aoi.area_m2() == pytest.approx(abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0]), rel=1e-6)
+    assert aoi.area_m2() == pytest.approx(abs(Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0]),
+                                          rel=1e-6)
 
 
 def test_properly_split_antimeridian_multipolygon_passes():
@@ -376,7 +381,7 @@ def test_properly_split_antimeridian_multipolygon_passes():
     assert geom.bounds == (-180.0, 0.0, 180.0, 10.0)
 
 
-# ------------------------------------------------------------------------------------------ reprojection, record
+# --------------------------------------------------------------------------------------- reprojection, record
 
 
 def test_to_crs_utm_matches_pyproj():
@@ -447,7 +452,8 @@ def _raster(*candidates: str) -> Path:
     pytest.skip(f"raster not available: {candidates[0]}")
 
 
-BAHAMAS = ("data/rasters/landsat7_bahamas_RGB.byte.tif", "/work/shared/data/rasters/landsat7_bahamas_RGB.byte.tif")
+BAHAMAS = ("data/rasters/landsat7_bahamas_RGB.byte.tif",
+           "/work/shared/data/rasters/landsat7_bahamas_RGB.byte.tif")
 PUCALLPA = ("data/rasters/pucallpa/landsat_pucallpa_1985.tif",
             "/work/shared/data/rasters/landsat_pucallpa_timeseries/landsat_pucallpa_1985.tif")
 

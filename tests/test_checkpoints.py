@@ -46,7 +46,8 @@ def _official_from_hf(sd: dict) -> dict:
            "mask_token": torch.zeros(1, sd["embeddings.cls_token"].shape[-1]),
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
-           "rope_embed.periods": torch.ones(6), "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+           "rope_embed.periods": torch.ones(6), "norm.weight": sd["norm.weight"],
+           "norm.bias": sd["norm.bias"]}
     for i in range(2):
         h = f"model.layer.{i}." if f"model.layer.{i}.norm1.weight" in sd else f"layer.{i}."
         b = f"blocks.{i}."
@@ -182,14 +183,15 @@ def test_inspect_real_vit_l_shapes_fit_web_and_sat(tmp_path):
     with torch.device("meta"):
         m = timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0)
     state = {k: torch.empty(v.shape) for k, v in m.state_dict().items()}
-    assert set(fitting_archs(inspect_state(state))) == {"vit_large_patch16_dinov3", "vit_large_patch16_dinov3_sat"}
+    assert set(fitting_archs(inspect_state(state))) == {"vit_large_patch16_dinov3",
+                                                         "vit_large_patch16_dinov3_sat"}
 
 
 def _hf_dinov2(registers: bool):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    kw = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=14, image_size=56,
-              layerscale_value=1.0)
+    kw = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=14,
+              image_size=56, layerscale_value=1.0)
     torch.manual_seed(1)
     m = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw)) if registers
          else Dinov2Model(Dinov2Config(**kw))).eval()
@@ -232,7 +234,8 @@ def test_dino_v1_layout(tmp_path):
     path = tmp_path / "dino_deitsmall16_pretrain.pth"
     torch.save({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
     d = inspect_state(torch.load(path, weights_only=True))
-    assert (d.family, d.embed_dim, d.depth, d.patch_size, d.n_registers, d.pos_grid) == ("dino", 384, 12, 16, 0, 14)
+    assert (d.family, d.embed_dim, d.depth, d.patch_size, d.n_registers, d.pos_grid) == (
+        "dino", 384, 12, 16, 0, 14)
     model, spec = build_backbone("dino_vits16", checkpoint=path)
     x = torch.randn(1, 3, 64, 48)
     with torch.inference_mode():
@@ -252,7 +255,8 @@ def test_dinov2_block_chunked_official_keys_load_like_flat_ones(tmp_path):
     flat = _hf_dinov2_to_official(dict(sd))
     chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{m.group(1)}.{m.group(1)}.", k): v
                for k, v in flat.items()}
-    assert any(k.startswith("blocks.1.1.") for k in chunked) and not any(k.startswith("blocks.1.norm1") for k in chunked)
+    assert (any(k.startswith("blocks.1.1.") for k in chunked)
+            and not any(k.startswith("blocks.1.norm1") for k in chunked))
     torch.save(flat, tmp_path / "flat.pth")
     torch.save(chunked, tmp_path / "chunked.pth")
     a, _ = build_backbone("vit_tiny_patch14_dinov2_test", checkpoint=tmp_path / "flat.pth")

@@ -1,4 +1,5 @@
-"""Feature cubes: georeferencing read back exactly, lossless parallel writes, lazy reads, refusals (seeded data)."""
+"""Feature cubes: georeferencing read back exactly, lossless parallel writes, lazy reads, refusals (seeded
+data)."""
 
 from __future__ import annotations
 
@@ -71,15 +72,18 @@ def test_rioxarray_reads_back_crs_and_transform_exactly(tmp_path: Path, grid: Gr
     assert cube.rio.transform() == grid.transform  # exact, not almost
     assert cube_grid(cube) == grid
     ref = cube.coords["spatial_ref"].attrs
-    assert CRS.from_wkt(ref["crs_wkt"]) == CRS.from_user_input(grid.crs) and ref["spatial_ref"] == ref["crs_wkt"]
+    assert (CRS.from_wkt(ref["crs_wkt"]) == CRS.from_user_input(grid.crs)
+            and ref["spatial_ref"] == ref["crs_wkt"])
     assert [float(v) for v in ref["GeoTransform"].split()] == list(grid.transform.to_gdal())
     # x/y are cell centres: transform * (j + 0.5, 0.5)
     t = grid.transform
     assert cube.x.values.tolist() == [(t @ (j + 0.5, 0.5))[0] for j in range(grid.width)]
     assert cube.y.values.tolist() == [(t @ (0.5, i + 0.5))[1] for i in range(grid.height)]
     meta = json.loads((path / CUBE_VAR / "zarr.json").read_text())
-    assert meta["dimension_names"] == ["feature", "y", "x"] and meta["attributes"]["grid_mapping"] == "spatial_ref"
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [6, 16, 16] and math.isnan(float(meta["fill_value"]))
+    assert (meta["dimension_names"] == ["feature", "y", "x"]
+            and meta["attributes"]["grid_mapping"] == "spatial_ref")
+    assert (meta["chunk_grid"]["configuration"]["chunk_shape"] == [6, 16, 16]
+            and math.isnan(float(meta["fill_value"])))
     root = json.loads((path / "zarr.json").read_text())["attributes"]
     assert root["geo_dino_kind"] == "feature_cube" and root["complete"] is True and root["nodata"] == "nan"
 
@@ -248,7 +252,8 @@ def test_open_cube_refuses_what_is_not_a_cube(tmp_path: Path) -> None:
 
 def test_import_is_light() -> None:
     code = ("import sys, geo_dino, geo_dino.cube, geo_dino.similar; "
-            "heavy = [m for m in ('torch', 'xarray', 'dask', 'zarr', 'rasterio', 'geopandas') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'xarray', 'dask', 'zarr', 'rasterio', 'geopandas') "
+            "if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr

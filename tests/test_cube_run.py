@@ -1,4 +1,5 @@
-"""The pipeline's feature cube, search by example on it, and the CLI commands of heads, change and similarity."""
+"""The pipeline's feature cube, search by example on it, and the CLI commands of heads, change and
+similarity."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ runner = CliRunner()
 def cube_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cube")
     cfg = {"name": "c", "aoi": str(ROOT / "aoi/pucallpa.geojson"), "rasters": [str(PUCALLPA[1])],
-           "output_dir": str(tmp / "runs"), "sources": {"allowed_roots": [str(ROOT / "data")], "bands": [1, 2, 3]},
+           "output_dir": str(tmp / "runs"),
+           "sources": {"allowed_roots": [str(ROOT / "data")], "bands": [1, 2, 3]},
            "screening": {"registry": str(ROOT / "data/registry/sensitive_sites.gpkg"),
                          "policy": str(ROOT / "configs/screening_policy.yaml")},
            "backbone": {"arch": "vit_tiny_patch16_dinov3_test", "batch_size": 16},
@@ -76,7 +78,8 @@ def test_cube_holds_each_tiles_patch_features_at_their_map_coordinates(cube_run:
 def test_cube_needs_whole_patch_overlap(tiny_config) -> None:
     from geo_dino.errors import ConfigError
 
-    cfg = parse_config(tiny_config(tiling={"size": 64, "overlap": 8, "chunk_tiles": 16}, heads={"cube": True}))
+    cfg = parse_config(tiny_config(tiling={"size": 64, "overlap": 8, "chunk_tiles": 16},
+                                   heads={"cube": True}))
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         pl.run_local(cfg)
 
@@ -93,22 +96,25 @@ def test_similar_cli_on_a_run(cube_run: Path, tmp_path: Path) -> None:
     x1, y1 = g.transform * (7, 5)
     (lx0, ly0), (lx1, ly1) = tr.transform(x0, y0), tr.transform(x1, y1)
     ex = tmp_path / "example.geojson"
-    ex.write_text(json.dumps({"type": "Polygon", "coordinates": [[[lx0, ly0], [lx1, ly0], [lx1, ly1], [lx0, ly1],
-                                                                   [lx0, ly0]]]}))
+    ex.write_text(json.dumps({"type": "Polygon",
+                              "coordinates": [[[lx0, ly0], [lx1, ly0], [lx1, ly1], [lx0, ly1], [lx0, ly0]]]}))
     res = runner.invoke(app, ["similar", "--cube", str(cube_run), "--example", str(ex), "--top-k", "3"])
     assert res.exit_code == 0, res.output
-    verify_raster(cube_run / "similarity.tif", RasterSpec(g, 1, "float32", float("nan"), ("cosine similarity",)))
+    verify_raster(cube_run / "similarity.tif",
+                  RasterSpec(g, 1, "float32", float("nan"), ("cosine similarity",)))
     with rasterio.open(cube_run / "similarity.tif") as s:
         sim = s.read(1)
     assert np.nanmax(sim) <= 1 + 1e-5 and np.nanmax(sim[5:8, 4:7]) > 0.9  # the example's own cells
     far = tmp_path / "far.geojson"
-    far.write_text(json.dumps({"type": "Polygon", "coordinates": [[[10, 10], [10.1, 10], [10.1, 10.1], [10, 10]]]}))
+    far.write_text(json.dumps({"type": "Polygon",
+                               "coordinates": [[[10, 10], [10.1, 10], [10.1, 10.1], [10, 10]]]}))
     res = runner.invoke(app, ["similar", "--cube", str(cube_run), "--example", str(far)])
     assert res.exit_code == 2
 
 
 def test_change_cli_needs_two_dates_and_train_head_cli(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["change", "--aoi", str(ROOT / "aoi/pucallpa.geojson"), "--raster", str(PUCALLPA[0])])
+    res = runner.invoke(app, ["change", "--aoi", str(ROOT / "aoi/pucallpa.geojson"), "--raster",
+                              str(PUCALLPA[0])])
     assert res.exit_code == 2 and "two" in res.output
     res = runner.invoke(app, ["train-head", str(ROOT / "configs/train_head_taizhou.yaml"), "--output-dir",
                               str(tmp_path / "heads")])
@@ -123,7 +129,8 @@ def test_change_cli_needs_two_dates_and_train_head_cli(tmp_path: Path) -> None:
                    f"sources: {{allowed_roots: [{ROOT / 'data'}], bands: [3, 2, 1]}}\n"
                    f"screening: {{registry: {ROOT / 'data/registry/sensitive_sites.gpkg'}, "
                    f"policy: {ROOT / 'configs/screening_policy.yaml'}}}\n"
-                   f"backbone: {{arch: vit_tiny_patch8_geo, checkpoint: {ROOT / 'models/vit_tiny_patch8_geo.safetensors'}}}\n"
+                   f"backbone: {{arch: vit_tiny_patch8_geo, "
+                   f"checkpoint: {ROOT / 'models/vit_tiny_patch8_geo.safetensors'}}}\n"
                    f"tiling: {{size: 128, overlap: 32}}\n")
     res = runner.invoke(app, ["change", "--config", str(cfg), "--head", str(head)])
     assert res.exit_code == 0, res.output

@@ -136,7 +136,8 @@ def test_linear_probe_more_dimensions_than_images_is_exact():
 
     rng = np.random.default_rng(2)
     x, y = _clusters(rng, 4, 15, 400, 3.0)
-    mix = rng.normal(size=(400, 400)) * np.logspace(0, -3, 400)[:, None]  # correlated columns: a decaying spectrum
+    # correlated columns: a decaying spectrum
+    mix = rng.normal(size=(400, 400)) * np.logspace(0, -3, 400)[:, None]
     x, test = x @ mix, rng.normal(size=(20, 400)) @ mix
     proba, info = ev.linear_probe(x, y, test, n_classes=4, candidates=(0.05,))
     mu, sd = x.mean(0), x.std(0)
@@ -244,8 +245,8 @@ def test_geotiff_band_selection_and_scaling(tmp_path):
     for i in range(4):
         p = tmp_path / "set" / f"c{i % 2}" / f"{i}.tif"
         p.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(p, "w", driver="GTiff", width=8, height=8, count=5, dtype="uint16", crs="EPSG:32633",
-                           transform=Affine(10, 0, 500000, 0, -10, 5000000)) as dst:
+        with rasterio.open(p, "w", driver="GTiff", width=8, height=8, count=5, dtype="uint16",
+                           crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5000000)) as dst:
             dst.write(data + i)
         rows.append((f"c{i % 2}/{i}.tif", f"c{i % 2}", i % 2, "train" if i < 2 else "test"))
     ds = ev.load_labelled(_write_csv(tmp_path / "set", rows))
@@ -287,7 +288,8 @@ def test_csv_refusals(tmp_path):
         "split": ([("a/0.png", "a", 0, "val")], ConfigError, "split 'val'"),
         "twice": ([("a/0.png", "a", 0, "train")], ConfigError, "listed twice"),
         "index": ([("b/0.png", "b", 0, "train")], ConfigError, "class_index"),
-        "only-test": ([("b/0.png", "b", 1, "test")], ConfigError, r"\['b'\] have test images but no training"),
+        "only-test": ([("b/0.png", "b", 1, "test")], ConfigError,
+                      r"\['b'\] have test images but no training"),
     }
     for name, (extra, error, message) in cases.items():
         root = tmp_path / name
@@ -316,7 +318,8 @@ def test_csv_structure_refusals(tmp_path):
         ev.load_labelled(root / "labels.txt")
     with pytest.raises(SourceError, match="not found"):
         ev.load_labelled(root / "nothing.csv")
-    assert len(ev.load_labelled(_write_csv(root, [r[:2] + r[3:] for r in rows], ("path", "class", "split"))).train)
+    assert len(ev.load_labelled(_write_csv(root, [r[:2] + r[3:] for r in rows],
+                                           ("path", "class", "split"))).train)
 
 
 def test_limits_and_folder_refusals(tmp_path):
@@ -391,7 +394,8 @@ def test_model_features_pools_and_mode(tiny, mini_prepared):
     assert not torch.allclose(cls.train, mean.train)
     from geo_dino.backbone import extract  # the reference: the feature interface itself, on normalised pixels
 
-    x = (mini_prepared.test[:4] - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    x = ((mini_prepared.test[:4] - torch.tensor(spec.mean).view(1, 3, 1, 1))
+         / torch.tensor(spec.std).view(1, 3, 1, 1))
     f = extract(model.eval(), x)
     torch.testing.assert_close(cls.test[:4], f.global_)
     torch.testing.assert_close(mean.test[:4], f.dense.mean(dim=(2, 3)))
@@ -433,8 +437,8 @@ def test_cli_raw_pixels_knn(tmp_path):
 
 def test_cli_tiny_backbone_linear(tmp_path):
     out = tmp_path / "l.json"
-    res = runner.invoke(app, ["eval", "linear", str(MINI / "labels.csv"), "--arch", TINY, "--pool", "cls+mean",
-                              "--out", str(out)])
+    res = runner.invoke(app, ["eval", "linear", str(MINI / "labels.csv"), "--arch", TINY, "--pool",
+                              "cls+mean", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rec = json.loads(out.read_text())
     assert rec["method"] == "linear" and rec["params"]["C"] in rec["params"]["candidates"]

@@ -49,7 +49,8 @@ def test_interleaved_rotation_layout_too():
     assert next(cast.parameters()).dtype == torch.float16  # nn.Module's fp16 cast is not shadowed
     x = torch.randn(1, 3, 32, 48)
     with torch.inference_mode():
-        torch.testing.assert_close(FusedRopeViT(m).forward_features(x), m.forward_features(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(FusedRopeViT(m).forward_features(x), m.forward_features(x),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_pipeline_dense_features_use_it():

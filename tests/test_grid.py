@@ -244,7 +244,8 @@ def _f(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 def _blend(region: PixelBox, size: int, overlap: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
     tg = TileGrid.cover(region, PixelBox(0, 0, 10_000, 10_000), size=size, overlap=overlap, patch=patch)
     nr, nc = tg.shape
-    canvas = PixelBox(region.row_off, region.col_off, (nr - 1) * tg.stride + size, (nc - 1) * tg.stride + size)
+    canvas = PixelBox(region.row_off, region.col_off, (nr - 1) * tg.stride + size,
+                      (nc - 1) * tg.stride + size)
     num = np.zeros((canvas.height, canvas.width), dtype=np.float64)
     den = np.zeros_like(num)
     hann = blend_weights(size)
@@ -279,15 +280,16 @@ def test_blending_property(rr, t):
     size, overlap, patch = t
     blended, den = _blend(region, size, overlap, patch)
     assert np.all(den > 0)
-    rr_, cc = np.meshgrid(np.arange(region.row_off, region.row_end), np.arange(region.col_off, region.col_end),
-                          indexing="ij")
+    rr_, cc = np.meshgrid(np.arange(region.row_off, region.row_end),
+                          np.arange(region.col_off, region.col_end), indexing="ij")
     np.testing.assert_allclose(blended, _f(rr_, cc).astype(np.float32), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- Grid
 
 @SETTINGS
-@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000), w=st.integers(1, 3000))
+@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000),
+       w=st.integers(1, 3000))
 def test_box_covering_round_trips_bounds(data, which, h, w):
     transform, crs = TRANSFORMS[which]
     g = Grid(h, w, transform, crs)
@@ -296,7 +298,8 @@ def test_box_covering_round_trips_bounds(data, which, h, w):
 
 
 @SETTINGS
-@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000), w=st.integers(1, 3000))
+@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000),
+       w=st.integers(1, 3000))
 def test_box_covering_of_a_subpixel_shrink_is_the_same_box(data, which, h, w):
     """Bounds strictly inside a box's outer pixels still need all of them."""
     transform, crs = TRANSFORMS[which]
@@ -315,7 +318,8 @@ def test_box_covering_clips_and_returns_none_outside():
 
 
 @SETTINGS
-@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000), w=st.integers(1, 3000))
+@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 3000),
+       w=st.integers(1, 3000))
 def test_subgrid_origin_matches_parent_pixel(data, which, h, w):
     transform, crs = TRANSFORMS[which]
     g = Grid(h, w, transform, crs)
@@ -333,7 +337,8 @@ def test_subgrid_origin_matches_parent_pixel(data, which, h, w):
 
 
 @SETTINGS
-@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 500), w=st.integers(1, 500))
+@given(data=st.data(), which=st.sampled_from(sorted(TRANSFORMS)), h=st.integers(1, 500),
+       w=st.integers(1, 500))
 def test_pixel_centres_are_half_a_pixel_from_corners(data, which, h, w):
     transform, crs = TRANSFORMS[which]
     g = Grid(h, w, transform, crs)
@@ -392,7 +397,8 @@ def test_same_as():
     with pytest.raises(CRSMismatchError, match="transform"):
         g.same_as(Grid(718, 791, UTM @ Affine.translation(1, 0), "EPSG:32618"))
     with pytest.raises(CRSMismatchError, match="transform"):
-        g.same_as(Grid(718, 791, Affine(300.0, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0), "EPSG:32618"))
+        g.same_as(Grid(718, 791, Affine(300.0, 0.0, 101985.0, 0.0, -300.041782729805, 2826915.0),
+                       "EPSG:32618"))
     with pytest.raises(CRSMismatchError, match="CRS"):
         g.same_as(Grid(718, 791, UTM, "EPSG:32619"))
     with pytest.raises(CRSMismatchError, match="before and after"):
@@ -435,8 +441,10 @@ def test_intersection_properties(a, b):
 
 
 @settings(max_examples=60, deadline=None)
-@given(a=st.builds(PixelBox, st.integers(-20, 20), st.integers(-20, 20), st.integers(1, 15), st.integers(1, 15)),
-       b=st.builds(PixelBox, st.integers(-20, 20), st.integers(-20, 20), st.integers(1, 15), st.integers(1, 15)))
+@given(a=st.builds(PixelBox, st.integers(-20, 20), st.integers(-20, 20), st.integers(1, 15),
+                   st.integers(1, 15)),
+       b=st.builds(PixelBox, st.integers(-20, 20), st.integers(-20, 20), st.integers(1, 15),
+                   st.integers(1, 15)))
 def test_intersection_matches_pixel_sets(a, b):
     def pixels(x: PixelBox | None) -> set[tuple[int, int]]:
         if x is None:

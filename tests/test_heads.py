@@ -36,7 +36,8 @@ def test_projection_commutes_with_upsampling():
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     # the class (arg-max of dot products) is the arg-max of cosine similarity of the upsampled feature
     up = _up(f, size)
-    cos = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(up, dim=1), torch.from_numpy(heads.centroids))
+    cos = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(up, dim=1),
+                       torch.from_numpy(heads.centroids))
     assert torch.equal(fast[:, 3:].argmax(1), cos.argmax(1))
 
 

@@ -163,7 +163,8 @@ def test_overlap_smallest_area_wins_whatever_the_order(tmp_path):
     big = box(500005.5, 4999805.5, 500225.5, 4999995.5)
     small = POLY_B
     assert big.area > small.area and big.contains(small)
-    for k, (geoms, names) in enumerate((([small, big], ["urban", "water"]), ([big, small], ["water", "urban"]))):
+    for k, (geoms, names) in enumerate((([small, big], ["urban", "water"]),
+                                        ([big, small], ["water", "urban"]))):
         out = rasterize_polygons(write_vector(tmp_path / f"o{k}.geojson", geoms, names), "cls", TABLE, GRID)
         expected = np.full((GRID.height, GRID.width), IGNORE, dtype=np.uint8)
         expected[centres_inside(big)] = 0
@@ -173,8 +174,8 @@ def test_overlap_smallest_area_wins_whatever_the_order(tmp_path):
 
 def test_overlap_equal_area_later_feature_wins(tmp_path):
     sq = box(500020.5, 4999900.5, 500080.5, 4999960.5)
-    out = rasterize_polygons(write_vector(tmp_path / "e.geojson", [sq, sq], ["water", "forest"]), "cls", TABLE,
-                             GRID)
+    out = rasterize_polygons(write_vector(tmp_path / "e.geojson", [sq, sq], ["water", "forest"]), "cls",
+                             TABLE, GRID)
     assert set(np.unique(out[centres_inside(sq)]).tolist()) == {1}
 
 
@@ -226,8 +227,8 @@ def test_rasterize_errors(tmp_path):
     bad = write_vector(tmp_path / "v.gpkg", [POLY_A], [9])
     with pytest.raises(LabelError, match="unknown class value 9"):
         rasterize_polygons(bad, "cls", TABLE, GRID)
-    line = write_vector(tmp_path / "line.geojson", [POLY_A, LineString([(500001, 4999999), (500100, 4999900)])],
-                        ["water", "water"])
+    line = write_vector(tmp_path / "line.geojson",
+                        [POLY_A, LineString([(500001, 4999999), (500100, 4999900)])], ["water", "water"])
     with pytest.raises(LabelError, match="feature 1.*LineString"):
         rasterize_polygons(line, "cls", TABLE, GRID)
     bowtie = Polygon([(500010.5, 4999990.5), (500100.5, 4999900.5), (500100.5, 4999990.5),
@@ -262,7 +263,8 @@ def test_label_raster_same_grid_with_nodata(tmp_path):
     labels, rec = read_label_raster(path, GRID, table=TABLE)
     np.testing.assert_array_equal(labels, np.where(raw == 9, IGNORE, raw))
     assert rec["ignored"] == 3 * GRID.width
-    assert rec["counts"] == {n: int(np.count_nonzero(raw == v)) for n, v in zip(TABLE.names, TABLE.values, strict=True)}
+    assert rec["counts"] == {n: int(np.count_nonzero(raw == v))
+                             for n, v in zip(TABLE.names, TABLE.values, strict=True)}
     assert rec["sha256"] == sha256_file(path) and rec["reprojected"] is None
     assert json.loads(json.dumps(rec)) == rec
     with pytest.raises(LabelError, match=r"raw values \[9\] are not in the mapping"):

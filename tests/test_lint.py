@@ -1,5 +1,5 @@
-"""The house style is checked by tools: ruff (the rule set of ``[tool.ruff.lint]``) and mypy (``[tool.mypy]``),
-both configured in pyproject.toml."""
+"""The house style is checked by tools: ruff (the rule set of ``[tool.ruff.lint]``) and mypy
+(``[tool.mypy]``), both configured in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 
 def test_ruff_finds_nothing():
-    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "geo_dino", "flows", "tests", "bench"],
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "geo_dino", "flows", "tests",
+                          "bench"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 

@@ -32,7 +32,8 @@ GEO = Grid(200, 300, Affine(0.001, 0.0, -77.5, 0.0, -0.001, 25.1), "EPSG:4326")
 
 
 def _fill(path: Path, spec: RasterSpec, seed: int = 0, block: int = 128) -> np.ndarray:
-    """Write ``path`` window by window (leaving the last column of blocks unwritten); return the expected array."""
+    """Write ``path`` window by window (leaving the last column of blocks unwritten); return the expected
+    array."""
     rng = np.random.default_rng(seed)
     g = spec.grid
     expected = np.full((spec.count, g.height, g.width), spec.nodata if spec.nodata is not None else 0,
@@ -170,7 +171,8 @@ def test_failed_verification_leaves_no_temporary(tmp_path: Path) -> None:
     assert sorted(p.name for p in run.iterdir()) == ["i.tif"]
 
 
-def test_invalid_cog_is_removed_and_intermediate_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_cog_is_removed_and_intermediate_kept(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import rio_cogeo.cogeo
 
     monkeypatch.setattr(rio_cogeo.cogeo, "cog_validate", lambda *a, **k: (False, ["broken layout"], []))
@@ -244,8 +246,10 @@ def test_qml_singleband(tmp_path: Path) -> None:
 def test_write_tile_index(tmp_path: Path) -> None:
     import geopandas as gpd
 
-    boxes = [(0, PixelBox(-16, -16, 224, 224)), (1, PixelBox(-16, 176, 224, 224)), (2, PixelBox(176, 0, 24, 50))]
-    path = write_tile_index(tmp_path / "tiles.gpkg", "tiles", UTM, boxes, extra={"status": ["ok", "ok", "skip"]})
+    boxes = [(0, PixelBox(-16, -16, 224, 224)), (1, PixelBox(-16, 176, 224, 224)),
+             (2, PixelBox(176, 0, 24, 50))]
+    path = write_tile_index(tmp_path / "tiles.gpkg", "tiles", UTM, boxes,
+                            extra={"status": ["ok", "ok", "skip"]})
     gdf = gpd.read_file(path, layer="tiles")
     assert gdf.crs.to_epsg() == 32618
     assert list(gdf["tile"]) == [0, 1, 2] and list(gdf["status"]) == ["ok", "ok", "skip"]

@@ -42,7 +42,8 @@ def _assert_on_input_grid(out: Path, src: Path) -> None:
 
 @pytest.mark.slow
 def test_flow_two_dates_end_to_end(tiny_config, tmp_path):
-    """The Prefect flow in ephemeral mode on the Pucallpa 1985/2020 pair: every output, exact grids, record."""
+    """The Prefect flow in ephemeral mode on the Pucallpa 1985/2020 pair: every output, exact grids,
+    record."""
     from rio_cogeo.cogeo import cog_validate
 
     from flows.run_aoi import run_aoi
@@ -63,7 +64,8 @@ def test_flow_two_dates_end_to_end(tiny_config, tmp_path):
             assert all(ds.descriptions)
     for name in ("classes_t1", "classes_t2", "change_mask"):
         assert (run_dir / f"{name}.qml").is_file()
-    with rasterio.open(run_dir / "change_mask.tif") as m, rasterio.open(run_dir / "change_magnitude.tif") as g:
+    with (rasterio.open(run_dir / "change_mask.tif") as m,
+          rasterio.open(run_dir / "change_magnitude.tif") as g):
         mask, mag = m.read(1), g.read(1)
     assert set(np.unique(mask)) <= {0, 1, 255}
     assert 0 < (mask == 1).sum() < (mask != 255).sum()  # some, not all, pixels changed
@@ -111,7 +113,8 @@ def test_mask_policy_blanks_airport(tiny_config, tmp_path):
 
 
 def test_deny_writes_only_the_decision_and_record(tiny_config, tmp_path):
-    """deny: no raster is opened (the raster path does not even exist) and nothing but the record is written."""
+    """deny: no raster is opened (the raster path does not even exist) and nothing but the record is
+    written."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
                       "categories:\n  port: {action: deny, buffer_m: 1000}\n")
@@ -121,7 +124,8 @@ def test_deny_writes_only_the_decision_and_record(tiny_config, tmp_path):
     run_dir = pl.prepare_run(parse_config(cfg))
     with pytest.raises(RunRefused, match="Nassau"):
         pl.screen_aoi(run_dir)
-    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
+                                                   "provenance.json"}
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "refused" and rec["screening"]["action"] == "deny"
     assert rec["screening"]["hits"][0]["category"] == "port"
@@ -176,7 +180,8 @@ def test_invalid_aoi_refused_with_decision(tiny_config, tmp_path):
     run_dir = pl.prepare_run(parse_config(tiny_config(str(bad))))
     with pytest.raises(AOIError):
         pl.screen_aoi(run_dir)
-    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
+                                                   "provenance.json"}
     assert json.loads((run_dir / "screening.json").read_text())["action"] == "refused"
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
 
@@ -187,7 +192,8 @@ def test_raster_outside_allowed_roots(tiny_config, tmp_path):
     pl.screen_aoi(run_dir)
     with pytest.raises(SourceError, match="allowed roots"):
         pl.plan_run(run_dir)
-    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json", "provenance.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
+                                                   "provenance.json"}
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "failed" and "allowed roots" in rec["error"]
 
@@ -320,8 +326,8 @@ def test_input_nodata_is_output_nodata(tiny_config):
 
 
 def test_resampling_to_a_target_gsd(tiny_config):
-    """Off by default; when asked, tiles are resized to the target GSD before the backbone, the outputs stay on
-    the input grid, and what was done is recorded. Refused without a target or beyond 8×."""
+    """Off by default; when asked, tiles are resized to the target GSD before the backbone, the outputs stay
+    on the input grid, and what was done is recorded. Refused without a target or beyond 8×."""
     base = _run_stages(tiny_config())
     cfg = tiny_config(preprocess={"resample_to_gsd": True, "target_gsd_m": 600.0})  # Landsat here is ~300 m
     run_dir = _run_stages(cfg)

@@ -1,4 +1,5 @@
-"""Against a real Prefect server: deploy flows/prefect.yaml, run the demo deployment through a process worker."""
+"""Against a real Prefect server: deploy flows/prefect.yaml, run the demo deployment through a process
+worker."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _free_port() -> int:
 @pytest.fixture
 def prefect_server(tmp_path):
     port = _free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect_home"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", GEO_DINO_REPO=str(ROOT))
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -72,7 +74,8 @@ def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
     out = tmp_path / "runs"
     overrides = {"output_dir": str(out),  # the demo with its shipped backbone, on small tiles
                  "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 64}}
-    _prefect(env, "deployment", "run", "run_aoi/demo-nightly", "--param", f"overrides={json.dumps(overrides)}")
+    _prefect(env, "deployment", "run", "run_aoi/demo-nightly", "--param",
+             f"overrides={json.dumps(overrides)}")
     _prefect(env, "worker", "start", "--pool", "geo-dino-cpu", "--run-once", timeout=300)
     (run_dir,) = run_folders(out)
     rec = json.loads((run_dir / "provenance.json").read_text())

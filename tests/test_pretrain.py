@@ -68,7 +68,8 @@ def test_a_run_writes_metrics_checkpoint_backbone_and_model_card(tmp_path: Path)
     # exported backbone: timm layout, the teacher's weights, metadata the loader reads
     tensors = load_file(str(res.checkpoint))
     state = load_training_checkpoint(res.run_dir / CHECKPOINT)
-    teacher = {k.removeprefix("backbone."): v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    teacher = {k.removeprefix("backbone."): v for k, v in state["teacher"].items()
+               if k.startswith("backbone.")}
     assert set(tensors) == set(teacher)
     assert all(torch.equal(tensors[k], teacher[k]) for k in tensors)
     from safetensors import safe_open
@@ -144,7 +145,8 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tmp_path:
     # --standalone: the rendezvous store binds a free port itself (no race for a port picked beforehand)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "geo_dino.pretrain", str(path)]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp_rows = metrics(tmp_path / "runs" / "ddp")
     assert all(r["world_size"] == 2 for r in ddp_rows) and len(ddp_rows) == 4  # rank 0 alone writes

@@ -93,7 +93,8 @@ def same(a: tuple, b: tuple) -> bool:
 def aoi_in_crs(path: Path, crs: str) -> shapely.Geometry:
     """The GeoJSON file's polygon union, densified and projected with pyproj here (not via geo_dino)."""
     obj = json.loads(path.read_text())
-    geoms = [shape(f["geometry"]) for f in obj["features"]] if obj["type"] == "FeatureCollection" else [shape(obj)]
+    geoms = ([shape(f["geometry"]) for f in obj["features"]] if obj["type"] == "FeatureCollection"
+             else [shape(obj)])
     t = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
     return shapely.transform(shapely.segmentize(shapely.union_all(geoms), 0.01),
                              lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
@@ -233,13 +234,14 @@ def test_aoi_restricts_tiles_on_a_geographic_raster(tmp_path: Path) -> None:
 
 
 def test_tile_centres_stay_inside_a_small_aoi(tmp_path: Path) -> None:
-    """A synthetic EPSG:4326 raster and a small triangular AOI: with a low valid threshold, only the centre rule
-    keeps tiles from being centred just outside the AOI's edge."""
+    """A synthetic EPSG:4326 raster and a small triangular AOI: with a low valid threshold, only the centre
+    rule keeps tiles from being centred just outside the AOI's edge."""
     t = Affine(0.001, 0.0, -60.0, 0.0, -0.001, -10.0)
     path = write_tif(tmp_path / "geo.tif", random_u8(np.random.default_rng(10), 1, 64, 64), crs="EPSG:4326",
                      transform=t)
     aoi = tmp_path / "triangle.geojson"
-    aoi.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+    aoi.write_text(json.dumps({"type": "Feature", "properties": {},
+                               "geometry": {"type": "Polygon", "coordinates": [
         [[-59.9803, -10.0197], [-59.9551, -10.0197], [-59.9803, -10.0452], [-59.9803, -10.0197]]]}}))
     geom = aoi_in_crs(aoi, "EPSG:4326")
     src = TileSource(data_cfg([path], [tmp_path], aois=[aoi], tile_size=16, min_valid_fraction=0.05), seed=5)
@@ -328,7 +330,8 @@ def test_multicrop_shapes_and_determinism() -> None:
     assert [c.shape for c in out["global_crops"]] == [(5, 32, 32)] * 2
     assert [c.shape for c in out["local_crops"]] == [(5, 16, 16)] * 3
     assert all(c.dtype == torch.float32 for c in out["global_crops"] + out["local_crops"])
-    assert [v.shape for v in out["local_valid"]] == [(16, 16)] * 3 and out["local_valid"][0].dtype == torch.bool
+    assert ([v.shape for v in out["local_valid"]] == [(16, 16)] * 3
+            and out["local_valid"][0].dtype == torch.bool)
     again, other = mc(tile, valid, gen(0)), mc(tile, valid, gen(1))
     assert all(torch.equal(a, b) for a, b in zip(out["local_crops"], again["local_crops"], strict=True))
     assert not torch.equal(out["global_crops"][0], other["global_crops"][0])
@@ -378,8 +381,8 @@ def test_invalid_pixels_are_zero_and_crops_avoid_nodata() -> None:
     for seed in range(10):
         for name, mc in (("loose", loose), ("strict", strict)):
             out = mc(tile, valid, gen(seed))
-            for crop, ok in zip(out["global_crops"] + out["local_crops"], out["global_valid"] + out["local_valid"],
-                                strict=True):
+            for crop, ok in zip(out["global_crops"] + out["local_crops"],
+                                out["global_valid"] + out["local_valid"], strict=True):
                 assert torch.all(crop[:, ~ok] == 0)
                 saw_invalid |= bool((~ok).any())
                 full[name] += bool(ok.all())
@@ -407,7 +410,8 @@ def test_flips_and_rot90_are_exact_symmetries() -> None:
     assert len(seen) >= 7
     fixed = MultiCrop(crops_cfg(**kw, flip_p=0.0, rot90=False), mean=(0.0, 0.0), std=(1.0, 1.0))
     assert all(torch.equal(c, variants[0]) for c in fixed(tile, valid, gen(3))["global_crops"])
-    flips = MultiCrop(crops_cfg(**kw, rot90=False), mean=(0.0, 0.0), std=(1.0, 1.0))  # no rotation: 4 variants
+    # no rotation: 4 variants
+    flips = MultiCrop(crops_cfg(**kw, rot90=False), mean=(0.0, 0.0), std=(1.0, 1.0))
     x = torch.from_numpy(tile)
     allowed = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
     seen = set()
@@ -446,7 +450,8 @@ def test_dataset_items_are_functions_of_seed_and_index(dataset: PretrainDataset)
     assert not torch.equal(a["global_crops"][0], other["global_crops"][0])
     t1, g1 = sample_rngs(11, 5)
     t2, g2 = sample_rngs(11, 5)
-    assert t1.random() == t2.random() and torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    assert (t1.random() == t2.random()
+            and torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2)))
     with pytest.raises(IndexError):
         dataset[-1]
 
@@ -456,25 +461,29 @@ def test_index_range_tiles_the_stream() -> None:
     seen = [i for s in range(5) for r in range(3) for i in index_range(s, 3, r, 4)]
     assert sorted(seen) == list(range(60))  # no gap, no overlap across steps and ranks
     resumed = list(StepBatchSampler(4, world_size=3, rank=2, start_step=3, end_step=5))
-    assert resumed == [list(index_range(s, 3, 2, 4)) for s in (3, 4)] and len(StepBatchSampler(4, end_step=2)) == 2
+    assert (resumed == [list(index_range(s, 3, 2, 4)) for s in (3, 4)]
+            and len(StepBatchSampler(4, end_step=2)) == 2)
     with pytest.raises(ValueError, match="rank"):
         index_range(0, 2, 2, 4)
 
 
 def test_collate_shapes(dataset: PretrainDataset) -> None:
     batch = collate([dataset[i] for i in index_range(0, 1, 0, 3)])
-    assert batch["global_crops"].shape == (2, 3, 3, 32, 32) and batch["local_crops"].shape == (2, 3, 3, 16, 16)
+    assert (batch["global_crops"].shape == (2, 3, 3, 32, 32)
+            and batch["local_crops"].shape == (2, 3, 3, 16, 16))
     assert batch["global_valid"].shape == (2, 3, 32, 32) and batch["global_valid"].dtype == torch.bool
     assert batch["index"].tolist() == [0, 1, 2] and len(batch["meta"]) == 3
     assert torch.equal(batch["global_crops"][1, 2], dataset[2]["global_crops"][1])  # crop-major
-    no_local = PretrainDataset(dataset.source, MultiCrop(crops_cfg(n_local=0), mean=(0.5,) * 3, std=(0.2,) * 3))
+    no_local = PretrainDataset(dataset.source,
+                               MultiCrop(crops_cfg(n_local=0), mean=(0.5,) * 3, std=(0.2,) * 3))
     assert collate([no_local[0], no_local[1]])["local_crops"].shape == (0, 2, 3, 0, 0)
 
 
 def test_dataloader_workers_give_identical_batches(dataset: PretrainDataset) -> None:
     dataset[0]  # open handles in this process first: workers must not use them
     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(BAHAMAS) as ds:
-        ds.read(window=((0, 400), (0, 400)))  # the parent has used GDAL's decoding thread pool (as inference does)
+        # the parent has used GDAL's decoding thread pool (as inference does)
+        ds.read(window=((0, 400), (0, 400)))
     sampler = StepBatchSampler(3, world_size=2, rank=1, start_step=2, end_step=4)
 
     def batches(workers: int) -> list[dict]:

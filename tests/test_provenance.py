@@ -89,7 +89,8 @@ def test_geotiff_tags_are_strings_with_random_init_and_unknown() -> None:
     assert tags["GEO_DINO_VERSION"] == "0.1.0"
     empty = geotiff_tags({})
     assert set(empty) == set(tags) and empty["GEO_DINO_CHECKPOINT_SHA256"] == "unknown"
-    assert geotiff_tags({"backbone": {"checkpoint_sha256": "d" * 64}})["GEO_DINO_CHECKPOINT_SHA256"] == "d" * 64
+    assert (geotiff_tags({"backbone": {"checkpoint_sha256": "d" * 64}})["GEO_DINO_CHECKPOINT_SHA256"]
+            == "d" * 64)
 
 
 @pytest.mark.skipif(not LANDSAT.exists(), reason="bundled sample raster missing")

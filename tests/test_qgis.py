@@ -1,4 +1,5 @@
-"""Every output of a run opens in real QGIS (Debian's python3-qgis, headless) with the right CRS and extent."""
+"""Every output of a run opens in real QGIS (Debian's python3-qgis, headless) with the right CRS and
+extent."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ QGIS_PY = "/usr/bin/python3"
 
 def _have_qgis() -> bool:
     try:
-        return subprocess.run([QGIS_PY, "-c", "import qgis.core"], capture_output=True, timeout=60).returncode == 0
+        return subprocess.run([QGIS_PY, "-c", "import qgis.core"], capture_output=True,
+                              timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 

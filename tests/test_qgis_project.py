@@ -123,7 +123,8 @@ def test_project_xml_relative_grouped_and_styled(tiny_config):
             renderer = layers[n].find("pipe/rasterrenderer")
             assert renderer.get("type") == "multibandcolor"
             assert [int(renderer.get(f"{c}Band")) for c in ("red", "green", "blue")] == inp["bands"][:3]
-            lo, hi = (float(renderer.findtext(f"redContrastEnhancement/{k}")) for k in ("minValue", "maxValue"))
+            lo, hi = (float(renderer.findtext(f"redContrastEnhancement/{k}"))
+                      for k in ("minValue", "maxValue"))
             assert 0 <= lo < hi <= 255  # a 2-98 % stretch of uint8 data
         sources = {m.findtext("datasource") for m in layers.values()}
         assert {f"./{o['path']}" for o in record["outputs"]} <= sources

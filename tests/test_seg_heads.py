@@ -40,7 +40,8 @@ def test_metrics_match_scikit_learn_with_ignored_pixels() -> None:
     rng = np.random.default_rng(1)
     k = 5
     target = rng.integers(0, k - 1, 4000).astype(np.uint8)  # class 4 never labelled ...
-    pred = np.where(rng.random(4000) < 0.6, target, rng.integers(0, k, 4000)).astype(np.uint8)  # ... but predicted
+    # ... but predicted
+    pred = np.where(rng.random(4000) < 0.6, target, rng.integers(0, k, 4000)).astype(np.uint8)
     target[rng.random(4000) < 0.2] = IGNORE
     pred[target == IGNORE] = rng.integers(0, k, int((target == IGNORE).sum()))
     cm = confusion_matrix(pred, target, k)
@@ -82,12 +83,13 @@ def test_metric_input_errors() -> None:
         confusion_matrix(np.array([3]), np.array([0]), 3)
     with pytest.raises(ConfigError, match="shape"):
         confusion_matrix(np.array([0, 1]), np.array([0]), 3)
-    np.testing.assert_array_equal(values_to_indices(np.array([7, 3, 255, 0], np.uint8), (0, 3, 7)), [2, 1, 255, 0])
+    np.testing.assert_array_equal(values_to_indices(np.array([7, 3, 255, 0], np.uint8), (0, 3, 7)),
+                                  [2, 1, 255, 0])
     with pytest.raises(LabelError, match=r"\[5\]"):
         values_to_indices(np.array([5], np.uint8), (0, 3, 7))
 
 
-# --------------------------------------------------------------------------------------------- a learnable problem
+# ---------------------------------------------------------------------------------------- a learnable problem
 
 
 def _scene(seed: int, n: int = 8, tile: int = 32, cell: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -113,9 +115,11 @@ def learnable() -> dict:
     model, spec = build_backbone("vit_tiny_patch8_geo", checkpoint=CKPT)
     tiles, labels = _scene(0)
     feats = tile_features(model, spec, tiles, batch_size=16)
-    train, val, _ = spatial_split([(r, c) for r in range(8) for c in range(8)], 0.25, block=2, buffer=1, seed=0)
+    train, val, _ = spatial_split([(r, c) for r in range(8) for c in range(8)], 0.25, block=2, buffer=1,
+                                  seed=0)
     ti, vi = [r * 8 + c for r, c in train], [r * 8 + c for r, c in val]
-    return {"model": model, "spec": spec, "tiles": tiles, "feats": feats, "labels": labels, "ti": ti, "vi": vi}
+    return {"model": model, "spec": spec, "tiles": tiles, "feats": feats, "labels": labels, "ti": ti,
+            "vi": vi}
 
 
 def test_tile_features_are_the_normalised_dense_features(learnable: dict) -> None:
@@ -136,8 +140,10 @@ def test_linear_head_learns_and_early_stopping_keeps_the_best_epoch(learnable: d
     # Majority-class baseline: the most common training class predicted everywhere on validation.
     counts = label_stats(y[ti], TABLE)["counts"]
     majority = TABLE.values[TABLE.names.index(max(counts, key=counts.get))]
-    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3), TABLE.names)
-    res = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, epochs=60, lr=1.0, patience=5, batch_size=4, seed=0)
+    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3),
+                                TABLE.names)
+    res = train_linear_head(f[ti], y[ti], f[vi], y[vi], TABLE, epochs=60, lr=1.0, patience=5, batch_size=4,
+                            seed=0)
     assert res.metrics["miou"] > base["miou"] + 0.5 and res.metrics["miou"] > 0.9
     mious = [h["val_miou"] for h in res.history]
     assert [h["epoch"] for h in res.history] == list(range(len(mious)))
@@ -259,7 +265,8 @@ def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
 
     four = ClassTable.from_mapping({"a": 0, "b": 1, "c": 2, "d": 3})
     wrong = tmp_path / "wrong.safetensors"
-    save_file(tensors, str(wrong), metadata={**meta, "class_table": json.dumps(four.to_dict()), "n_classes": "4"})
+    save_file(tensors, str(wrong),
+              metadata={**meta, "class_table": json.dumps(four.to_dict()), "n_classes": "4"})
     with pytest.raises(CheckpointError, match="4 classes"):
         load_head(wrong)
 
@@ -270,8 +277,8 @@ def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_head(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="classes"):
-        save_head(tmp_path / "x.safetensors", res.head, four, backbone_spec=learnable["spec"], preprocessing={},
-                  metrics=None)
+        save_head(tmp_path / "x.safetensors", res.head, four, backbone_spec=learnable["spec"],
+                  preprocessing={}, metrics=None)
 
 
 def test_siamese_features_shapes_symmetry_and_errors() -> None:
@@ -310,12 +317,14 @@ def test_dpt_head_learns_from_four_layers(learnable: dict) -> None:
     f = torch.cat([got[i] for i in layers], dim=1).clone()  # (64, 4·192, 4, 4), a plain tensor
     counts = label_stats(y[ti], TABLE)["counts"]
     majority = TABLE.values[TABLE.names.index(max(counts, key=counts.get))]
-    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3), TABLE.names)
+    base = segmentation_metrics(confusion_matrix(np.full(y[vi].shape, majority, np.uint8), y[vi], 3),
+                                TABLE.names)
     torch.manual_seed(0)
     head = DPTHead(spec.embed_dim, 3, n_layers=4, hidden=16)
     res = train_head(head, f[ti], y[ti], f[vi], y[vi], TABLE, epochs=40, lr=3e-3, batch_size=8, eval_every=4,
                      patience=6, seed=0)
     assert res.metrics["miou"] > base["miou"] + 0.4 and res.metrics["miou"] > 0.8, res.metrics
     assert evaluate_head(res.head, f[vi], y[vi], TABLE)["miou"] == res.metrics["miou"]  # the kept state
-    with pytest.raises(Exception, match="channels|shape|size"):  # one layer's features do not fit a 4-layer head
+    # one layer's features do not fit a 4-layer head
+    with pytest.raises(Exception, match="channels|shape|size"):
         res.head(f[:1, :spec.embed_dim], (32, 32))

@@ -1,6 +1,6 @@
 """The backbone shipped in models/: pinned by the demo configs, described by its model card, loaded without a
-licence acceptance, and better than its own architecture random-initialised (and than raw pixels) on the bundled
-EuroSAT images — the property that makes the demo's label-free outputs meaningful."""
+licence acceptance, and better than its own architecture random-initialised (and than raw pixels) on the
+bundled EuroSAT images — the property that makes the demo's label-free outputs meaningful."""
 
 from __future__ import annotations
 

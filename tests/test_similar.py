@@ -88,7 +88,8 @@ def test_example_over_class_a_finds_the_other_class_a_places(cube_path: Path, tm
         assert (math.floor(row_f), math.floor(col_f)) == (row.row, row.col)
         assert (row.geometry.x, row.geometry.y) == (row.x, row.y)
         assert classes[row.row, row.col] == 1  # every match is class A ...
-        square = next(k for k, (r, c) in enumerate(A_SQUARES) if r <= row.row < r + PATCH and c <= row.col < c + PATCH)
+        square = next(k for k, (r, c) in enumerate(A_SQUARES)
+                      if r <= row.row < r + PATCH and c <= row.col < c + PATCH)
         found.add(square)
     assert found == {1, 2, 3, 4, 5}  # ... one per other square, none in the example itself
     cells = matches[["row", "col"]].to_numpy()
@@ -106,7 +107,8 @@ def test_cosine_equals_numpy_and_the_cog_is_verified(cube_path: Path, tmp_path: 
         assert src.dtypes == ("float32",) and math.isnan(src.nodata)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-7)
     assert np.array_equal(np.isnan(got), np.isnan(expected)) and np.isnan(got[40:44, 28:32]).all()
-    spec = RasterSpec(grid=GRID, count=1, dtype="float32", nodata=math.nan, band_descriptions=("cosine similarity",))
+    spec = RasterSpec(grid=GRID, count=1, dtype="float32", nodata=math.nan,
+                      band_descriptions=("cosine similarity",))
     verify_raster(tif, spec)
     valid, errors, _ = cog_validate(str(tif), quiet=True)
     assert valid and not errors
@@ -119,7 +121,8 @@ def test_example_from_a_geojson_file_in_lon_lat(cube_path: Path, tmp_path: Path)
     to_ll = Transformer.from_crs(GRID.crs, "EPSG:4326", always_xy=True)
     ring = [list(to_ll.transform(x, y)) for x, y in _square(r0, c0, inset=30.0).exterior.coords]
     fc = {"type": "FeatureCollection",
-          "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+          "features": [{"type": "Feature", "properties": {},
+                        "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
     path = tmp_path / "example.geojson"
     path.write_text(json.dumps(fc))
     example = load_example(path)
@@ -130,7 +133,8 @@ def test_example_from_a_geojson_file_in_lon_lat(cube_path: Path, tmp_path: Path)
     matches = gpd.read_file(run / "similarity_matches.gpkg", layer="matches")
     assert (_class_map()[matches["row"], matches["col"]] == 1).all()
     # the same example given as a shapely polygon with its CRS
-    rec2 = similarity(cube_path, example.geometry, example_crs="EPSG:4326", run_dir=run, name="again", top_k=3)
+    rec2 = similarity(cube_path, example.geometry, example_crs="EPSG:4326", run_dir=run, name="again",
+                      top_k=3)
     assert rec2["top_scores"] == rec["top_scores"]
 
 

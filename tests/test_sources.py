@@ -1,4 +1,5 @@
-"""Tests of geo_dino.sources: rasters are checked before GDAL sees them, and read windows are padded/masked."""
+"""Tests of geo_dino.sources: rasters are checked before GDAL sees them, and read windows are
+padded/masked."""
 
 from __future__ import annotations
 

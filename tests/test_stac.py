@@ -190,7 +190,8 @@ def test_each_finished_run_joins_its_collection(tiny_config, tmp_path, no_networ
     coll = json.loads(coll_path.read_text())
     assert coll["id"] == "coastal"
     hrefs = sorted((coll_path.parent / lk["href"]).resolve() for lk in coll["links"] if lk["rel"] == "item")
-    assert hrefs == sorted([first / "stac_item.json", second / "stac_item.json"])  # not the other config's run
+    # not the other config's run
+    assert hrefs == sorted([first / "stac_item.json", second / "stac_item.json"])
     for run in (first, second):
         item = json.loads((run / "stac_item.json").read_text())
         assert item["collection"] == "coastal"

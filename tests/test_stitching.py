@@ -59,7 +59,8 @@ def test_chunking_does_not_change_outputs(tiny_config):
     """One tile row per task or all rows in one task: byte-identical rasters."""
     outs = []
     for chunk_tiles in (1, 10_000):
-        cfg = tiny_config("aoi/pucallpa.geojson", None, tiling={"size": 64, "overlap": 16, "chunk_tiles": chunk_tiles})
+        cfg = tiny_config("aoi/pucallpa.geojson", None,
+                          tiling={"size": 64, "overlap": 16, "chunk_tiles": chunk_tiles})
         from tests.conftest import PUCALLPA
 
         cfg["rasters"] = [str(p) for p in PUCALLPA]

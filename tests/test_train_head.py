@@ -1,5 +1,5 @@
-"""Supervised heads end to end on the bundled real labels: train (flow stages), score on held-out tiles, run over
-the scene with the head, polygons, provenance; and the refusals."""
+"""Supervised heads end to end on the bundled real labels: train (flow stages), score on held-out tiles, run
+over the scene with the head, polygons, provenance; and the refusals."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ SHIPPED = {"arch": "vit_tiny_patch8_geo", "checkpoint": str(ROOT / "models/vit_t
 
 def _head_cfg(name: str, tmp: Path, **over) -> object:
     cfg = load_head_config(ROOT / f"configs/train_head_{name}.yaml",
-                           {"output_dir": str(tmp / "heads"), "sources": {"allowed_roots": [str(ROOT / "data")]}}
+                           {"output_dir": str(tmp / "heads"),
+                            "sources": {"allowed_roots": [str(ROOT / "data")]}}
                            | over)
     return cfg
 
@@ -46,11 +47,13 @@ def taizhou_head(tmp_path_factory) -> Path:
 
 def _run_cfg(tmp: Path, aoi: str, rasters: list[Path], head: Path, bands=None, **heads) -> dict:
     return {"name": "h", "aoi": str(ROOT / aoi), "rasters": [str(r) for r in rasters],
-            "output_dir": str(tmp / "runs"), "sources": {"allowed_roots": [str(ROOT / "data")], "bands": bands},
+            "output_dir": str(tmp / "runs"),
+            "sources": {"allowed_roots": [str(ROOT / "data")], "bands": bands},
             "screening": {"registry": str(ROOT / "data/registry/sensitive_sites.gpkg"),
                           "policy": str(ROOT / "configs/screening_policy.yaml")},
             "backbone": SHIPPED, "tiling": {"size": 128, "overlap": 32, "chunk_tiles": 8},
-            "heads": {"kmeans": {"k": 3, "fit_tiles": 8}, "supervised": {"path": str(head / HEAD_FILE)}} | heads}
+            "heads": {"kmeans": {"k": 3, "fit_tiles": 8},
+                      "supervised": {"path": str(head / HEAD_FILE)}} | heads}
 
 
 def test_floods_head_is_scored_on_held_out_tiles_and_beats_chance(floods_head: Path) -> None:
@@ -59,8 +62,10 @@ def test_floods_head_is_scored_on_held_out_tiles_and_beats_chance(floods_head: P
     roles = split["role"].value_counts().to_dict()
     assert roles["test"] == m["split"]["test"] > 0 and roles["fit"] == m["split"]["fit"] > 0
     # no fit tile touches a test tile (buffer 1, Chebyshev)
-    test = {(r, c) for r, c, role in zip(split.grid_row, split.grid_col, split.role, strict=True) if role == "test"}
-    fit = {(r, c) for r, c, role in zip(split.grid_row, split.grid_col, split.role, strict=True) if role == "fit"}
+    test = {(r, c) for r, c, role in zip(split.grid_row, split.grid_col, split.role, strict=True)
+            if role == "test"}
+    fit = {(r, c) for r, c, role in zip(split.grid_row, split.grid_col, split.role, strict=True)
+           if role == "fit"}
     assert all(max(abs(a - c), abs(b - d)) > 1 for a, b in fit for c, d in test)
     cm = np.asarray(m["test"]["confusion_matrix"])
     assert cm.sum() == m["test"]["pixels"] > 10_000
@@ -84,7 +89,8 @@ def test_head_file_carries_its_lineage_and_preprocessing(floods_head: Path) -> N
     assert meta["metrics"]["test"]["miou"] == json.loads((floods_head / METRICS).read_text())["test"]["miou"]
 
 
-def test_run_with_a_segmentation_head_writes_classes_probabilities_and_polygons(floods_head, tmp_path) -> None:
+def test_run_with_a_segmentation_head_writes_classes_probabilities_and_polygons(floods_head,
+                                                                                tmp_path) -> None:
     cfg = parse_config(_run_cfg(tmp_path, "aoi/sen1floods11_spain.geojson",
                                 [FLOODS / "Spain_7370579_S2_B4B3B2.tif"], floods_head,
                                 supervised={"path": str(floods_head / HEAD_FILE),
@@ -93,7 +99,8 @@ def test_run_with_a_segmentation_head_writes_classes_probabilities_and_polygons(
     with rasterio.open(run / "seg_classes.tif") as c, rasterio.open(run / "seg_probability.tif") as p, \
             rasterio.open(FLOODS / "Spain_7370579_LabelHand.tif") as lab:
         cls, prob, lab_crs = c.read(1), p.read(1), c.crs.to_wkt()
-        assert c.nodata == 255 and c.colormap(1)[1][:3] == (0x1f, 0x6f, 0xd1)  # the class table's water colour
+        # the class table's water colour
+        assert c.nodata == 255 and c.colormap(1)[1][:3] == (0x1f, 0x6f, 0xd1)
         assert np.isnan(p.nodata) and c.crs == lab.crs and c.transform.almost_equals(
             lab.window_transform(rasterio.windows.from_bounds(*c.bounds, lab.transform).round_offsets()))
         win = rasterio.windows.from_bounds(*c.bounds, lab.transform).round_offsets().round_lengths()
@@ -121,7 +128,8 @@ def test_run_with_a_segmentation_head_writes_classes_probabilities_and_polygons(
     assert (run / "run.qgs").read_text().count("seg_polygons") >= 1
 
 
-def test_change_head_on_taizhou_scores_labelled_pixels_only_and_runs_as_change(taizhou_head, tmp_path) -> None:
+def test_change_head_on_taizhou_scores_labelled_pixels_only_and_runs_as_change(taizhou_head,
+                                                                               tmp_path) -> None:
     m = json.loads((taizhou_head / METRICS).read_text())
     # the reference is sparse: 21,390 labelled pixels of 160,000; test pixels are a part of those
     assert 0 < m["test"]["pixels"] < 21_390
@@ -151,7 +159,8 @@ def test_a_head_refuses_another_backbone_and_a_wrong_hash(floods_head, tmp_path)
     other = cfg | {"backbone": SHIPPED | {"checkpoint": None}}
     with pytest.raises(ConfigError, match="trained on checkpoint sha256"):
         pl.run_local(parse_config(other))
-    bad = cfg | {"heads": cfg["heads"] | {"supervised": {"path": str(floods_head / HEAD_FILE), "sha256": "0" * 64}}}
+    bad = cfg | {"heads": cfg["heads"] | {"supervised": {"path": str(floods_head / HEAD_FILE),
+                                                         "sha256": "0" * 64}}}
     with pytest.raises(CheckpointError, match="does not match"):
         pl.run_local(parse_config(bad))
 
@@ -163,7 +172,8 @@ def test_dpt_head_trains_on_several_layers(tmp_path) -> None:
     from geo_dino.seg_heads import load_head
 
     head, _, meta = load_head(run / HEAD_FILE)
-    assert meta["head"]["type"] == "dpt" and meta["inputs"]["layers"] == [0, 2, 3, 5]  # depth 6: 4 hooks, k·6//4 − 1
+    # depth 6: 4 hooks, k·6//4 − 1
+    assert meta["head"]["type"] == "dpt" and meta["inputs"]["layers"] == [0, 2, 3, 5]
     assert head.in_channels == 4 * 192
     m = json.loads((run / METRICS).read_text())
     assert m["test"]["pixels"] > 0 and m["history"] and all(h["step"] % 4 == 0 or h is m["history"][-1]

@@ -145,7 +145,8 @@ def test_mean_confidence_equals_numpy_mean_over_the_pixels(tmp_path):
     _, gdf = _run(tmp_path, arr, skip_values={0}, confidence_cog=conf_path, block=8)
     for value in (1, 2):
         f = gdf[gdf.class_value == value].iloc[0]
-        assert f.mean_confidence == pytest.approx(np.nanmean(conf[arr == value].astype(np.float64)), rel=1e-12)
+        assert f.mean_confidence == pytest.approx(np.nanmean(conf[arr == value].astype(np.float64)),
+                                                  rel=1e-12)
 
 
 def test_nodata_and_skip_values_are_never_polygons(tmp_path):
@@ -166,7 +167,8 @@ def test_geographic_grid_gets_geodesic_areas(tmp_path):
     expected = abs(Geod(ellps="WGS84").polygon_area_perimeter(lons, lats)[0])
     assert gdf.area_m2.iloc[0] == pytest.approx(expected, rel=1e-9)
     assert 5 * 0.001 * 78_000 * 5 * 0.001 * 111_000 < expected < 5 * 0.001 * 80_000 * 5 * 0.001 * 112_000
-    assert CRS.from_user_input(gdf.crs) == CRS.from_epsg(4326) and rec["parameters"]["area_method"].startswith("geo")
+    assert (CRS.from_user_input(gdf.crs) == CRS.from_epsg(4326)
+            and rec["parameters"]["area_method"].startswith("geo"))
 
 
 def test_foot_crs_areas_are_converted_to_square_metres(tmp_path):
@@ -188,7 +190,8 @@ def test_layers_are_added_or_replaced_and_styles_kept(tmp_path):
     assert len(again) == rec3["features"] < rec1["features"]
     assert set(again.class_value) == {2, 3}
     with sqlite3.connect(gpkg) as con:
-        rows = con.execute("SELECT f_table_name, styleName, useAsDefault FROM layer_styles ORDER BY id").fetchall()
+        rows = con.execute("SELECT f_table_name, styleName, useAsDefault FROM layer_styles "
+                           "ORDER BY id").fetchall()
     assert rows == [("first", "first", 1), ("second", "second", 1)]
 
 
@@ -234,14 +237,17 @@ def test_layer_styles_table_is_qgis_schema_and_registered(tmp_path):
     write_layer_style(gpkg, "classes", qml.replace("forest", "wood"), name="alt")  # new default
     with sqlite3.connect(gpkg) as con:
         cols = [r[1] for r in con.execute("PRAGMA table_info(layer_styles)")]
-        rows = con.execute("SELECT f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName, "
-                           "useAsDefault, styleQML LIKE '%categorizedSymbol%', update_time IS NOT NULL "
+        rows = con.execute("SELECT f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                           "styleName, useAsDefault, styleQML LIKE '%categorizedSymbol%', "
+                           "update_time IS NOT NULL "
                            "FROM layer_styles ORDER BY id").fetchall()
         contents = con.execute("SELECT data_type, identifier FROM gpkg_contents "
                                "WHERE table_name = 'layer_styles'").fetchall()
-    assert cols == ["id", "f_table_catalog", "f_table_schema", "f_table_name", "f_geometry_column", "styleName",
-                    "styleQML", "styleSLD", "useAsDefault", "description", "owner", "ui", "update_time"]
-    assert rows == [("", "", "classes", "geom", "classes", 0, 1, 1), ("", "", "classes", "geom", "alt", 1, 1, 1)]
+    assert cols == ["id", "f_table_catalog", "f_table_schema", "f_table_name", "f_geometry_column",
+                    "styleName", "styleQML", "styleSLD", "useAsDefault", "description", "owner", "ui",
+                    "update_time"]
+    assert rows == [("", "", "classes", "geom", "classes", 0, 1, 1),
+                    ("", "", "classes", "geom", "alt", 1, 1, 1)]
     assert contents == [("attributes", "layer_styles")]
     assert "layer_styles" in dict(pyogrio.list_layers(gpkg).tolist())
     assert len(gpd.read_file(gpkg, layer="classes")) > 0
@@ -252,7 +258,8 @@ def test_layer_styles_table_is_qgis_schema_and_registered(tmp_path):
 
 def _have_qgis() -> bool:
     try:
-        return subprocess.run([QGIS_PY, "-c", "import qgis.core"], check=False, capture_output=True, timeout=60).returncode == 0
+        return subprocess.run([QGIS_PY, "-c", "import qgis.core"], check=False, capture_output=True,
+                              timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
