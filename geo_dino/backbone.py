@@ -119,8 +119,7 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
                           bias=proj.bias is not None)
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, proj.weight.detach().clone()))
-        if proj.bias is not None:
-            assert new.bias is not None  # created with bias=True just above
+        if proj.bias is not None and new.bias is not None:  # new has a bias exactly when proj has one
             new.bias.copy_(proj.bias)
     model.patch_embed.proj = new
     return (f"patch embedding adapted from {old} to {in_chans} bands "

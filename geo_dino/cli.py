@@ -334,7 +334,8 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
         if raw_pixels:
             fs = ev.pixel_features(ds, **common)
         else:
-            assert arch is not None  # checked above: exactly one of --arch, --raw-pixels
+            if arch is None:  # unreachable after the check above; keeps the types exact
+                _fail("give --arch (a backbone) or --raw-pixels")
             fs = ev.backbone_features(ds, arch=arch, checkpoint=checkpoint,
                                       checkpoint_sha256=checkpoint_sha256, accept_licence=accept_licence,
                                       seed=seed, device=device, pool=pool, batch_size=batch_size, **common)

@@ -189,7 +189,8 @@ class CubeWriter:
             raise CubeError(f"{path}: no cube to reopen ({exc})") from None
         self = cls.__new__(cls)
         da = open_cube(path, allow_incomplete=True)
-        assert isinstance(arr, zarr.Array)  # the cube's data variable, written as an array by __init__
+        if not isinstance(arr, zarr.Array):  # __init__ writes an array: a group here is a damaged store
+            raise CubeError(f"{path}: {CUBE_VAR!r} is not an array; the cube is damaged, write it again")
         self.path, self.grid, self.n_features = path, cube_grid(da), int(arr.shape[0])
         self.dtype, self.chunk, self.closed = str(arr.dtype), int(arr.chunks[1]), False
         return self

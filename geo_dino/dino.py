@@ -69,14 +69,14 @@ def tokens(model: Any, x: torch.Tensor, mask: torch.Tensor | None = None,
     tokens are dropped by their count, never read as patches."""
     b = x.shape[0]
     h = model.patch_embed(x)
-    if h.ndim == 4:  # dynamic_img_size: (B, H, W, C)
-        gh, gw = h.shape[1], h.shape[2]
-        if mask is not None:
-            assert mask_token is not None, "a mask needs a mask_token"
+    if mask is not None:
+        if mask_token is None:
+            raise ValueError("tokens(): a mask needs a mask_token to put in the masked patches")
+        if h.ndim == 4:  # dynamic_img_size: (B, H, W, C)
+            gh, gw = h.shape[1], h.shape[2]
             h = torch.where(mask.view(b, gh, gw, 1), mask_token.to(h.dtype).view(1, 1, 1, -1), h)
-    elif mask is not None:
-        assert mask_token is not None, "a mask needs a mask_token"
-        h = torch.where(mask.unsqueeze(-1), mask_token.to(h.dtype).view(1, 1, -1), h)
+        else:
+            h = torch.where(mask.unsqueeze(-1), mask_token.to(h.dtype).view(1, 1, -1), h)
     out = model._pos_embed(h)
     rope = None
     if isinstance(out, tuple):  # timm Eva (DINOv3): tokens and the rotary embedding
@@ -120,9 +120,10 @@ class DINOLoss(_CentredLoss):
                 loss = torch.sum(-q * F.log_softmax(s.float() / self.student_temp, dim=-1), dim=-1)
                 total = total + loss.mean()
                 n += 1
-        mean = total / n
-        assert isinstance(mean, torch.Tensor)  # at least one pair of different views was summed
-        return mean
+        if not isinstance(total, torch.Tensor):
+            raise ValueError(f"the DINO loss needs a teacher view and a different student view "
+                             f"({len(teacher_probs)} teacher, {len(student_out)} student outputs)")
+        return total / n
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from geo_dino.errors import OutputError
 from geo_dino.grid import Grid, PixelBox
 
 BLOCK = 512
@@ -196,8 +197,7 @@ class OutputWriter:
                 ok &= ~_geometry_mask(near, self.grid, box)
             win = box.to_rasterio()
             for d in range(self.n_dates):
-                if heads.n_pca:
-                    assert lo is not None and span is not None  # fitted with the components
+                if heads.n_pca and lo is not None and span is not None:  # fitted with the components
                     p = v[layout.pca(d)]
                     rgb = np.clip((p - lo[:, None, None]) / span[:, None, None], 0, 1) * 254 + 1
                     rgb = np.where(ok[None], rgb, 0).round().astype(np.uint8)  # NaN only where not ok
@@ -207,18 +207,17 @@ class OutputWriter:
                     self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None],
                                                               window=win)
             if self.info:
-                _head_rows(self, v, ok, win)
+                _head_rows(self, self.info, v, ok, win)
             if layout.has_change:
                 ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)
                 self.dsts["change_magnitude"].write(ch[None], window=win)
                 self.hist += np.histogram(ch[ok], bins=HIST_BINS, range=HIST_RANGE)[0]
 
 
-def _head_rows(writer: OutputWriter, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
+def _head_rows(writer: OutputWriter, info: dict[str, Any], v: np.ndarray, ok: np.ndarray, win: Any) -> None:
     from geo_dino.run_heads import probabilities
 
-    info, layout = writer.info, writer.layout
-    assert info is not None  # called only for a run with a supervised head
+    layout = writer.layout
     if info["task"] == "segmentation":
         lut = np.asarray(info["values"], np.uint8)
         for d in range(writer.n_dates):
@@ -313,7 +312,8 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold
         if name.startswith("seg_classes") or name == "change_binary":
-            assert info is not None  # these outputs exist only for a run with a supervised head
+            if info is None:  # these outputs exist only for a run with a supervised head
+                raise OutputError(f"{name} is a supervised head's output, but the run has no head")
             entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
                                                              strict=True)]
                        if name.startswith("seg_classes") else

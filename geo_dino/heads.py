@@ -72,7 +72,8 @@ class LabelFreeHeads:
         """``project`` as one affine map: rows PCA components then centroids; bias −components·mean, 0."""
         rows, bias = [], []
         if self.pca_components is not None:
-            assert self.pca_mean is not None  # fit_label_free sets the PCA mean and components together
+            if self.pca_mean is None:  # fit_label_free sets the mean and components together
+                raise GeoDinoError("label-free heads with PCA components but no PCA mean; fit them again")
             rows.append(self.pca_components)
             bias.append(-(self.pca_components.astype(np.float64) @ self.pca_mean.astype(np.float64)))
         if self.centroids is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from geo_dino.config import RunConfig
-from geo_dino.errors import AOIError, RunRefused
+from geo_dino.errors import AOIError, OutputError, RunRefused
 from geo_dino.grid import Grid, PixelBox, TileGrid
 
 STATE = "state.json"
@@ -549,7 +549,8 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
 
         close_cube(run_dir)
         cube = open_cube(run_dir / CUBE_NAME)
-        assert cube.chunks is not None  # open_cube returns a dask-backed array
+        if cube.chunks is None:  # open_cube opens it lazily, with dask: never here
+            raise OutputError(f"{CUBE_NAME} did not open as a chunked (dask) array")
         records.append({"name": "features", "path": CUBE_NAME, "kind": "zarr feature cube",
                         "shape": [int(v) for v in cube.shape], "dims": list(cube.dims),
                         "chunks": [int(c[0]) for c in cube.chunks], "dtype": str(cube.dtype)})

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CheckpointError, ConfigError
-from geo_dino.pretrain_config import PretrainConfig
+from geo_dino.pretrain_config import KnnEvalConfig, PretrainConfig
 
 log = logging.getLogger("geo_dino.pretrain")
 
@@ -281,8 +281,9 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
             s_chunks = list(out["logits_g"].chunk(2)) + (list(out["logits_l"].chunk(cfg.crops.n_local))
                                                         if locals_ is not None else [])
             losses = {"dino": dino_loss(s_chunks, list(t_probs.chunk(2)))}
-            if masks is not None and ibot_loss is not None:
-                assert r.ibot is not None and t_patch_logits is not None  # masks are drawn only with ibot
+            # masks, the iBOT loss and the teacher's patch logits exist together (only with recipe.ibot)
+            if (masks is not None and ibot_loss is not None and r.ibot is not None
+                    and t_patch_logits is not None):
                 losses["ibot"] = r.ibot.loss_weight * ibot_loss(
                     out["patch_logits"], ibot_loss.teacher_probs(t_patch_logits, temp), masks)
             if r.koleo_weight:
@@ -342,7 +343,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                 log.warning(msg)
             rec["collapse_warnings"] = warn
             if cfg.eval is not None and rank == 0 and (done % cfg.eval.every == 0 or done == r.steps):
-                rec["knn"] = _knn(cfg, teacher.backbone, spec, done)
+                rec["knn"] = _knn(cfg.eval, teacher.backbone, spec, done)
             last = rec
             if rank == 0:
                 with (run_dir / METRICS).open("a") as fh:
@@ -420,12 +421,10 @@ def _save_checkpoint(cfg: PretrainConfig, run_dir: Path, step: int, student: Any
 _PREPARED: dict[tuple[str, int | None, int], Any] = {}
 
 
-def _knn(cfg: PretrainConfig, backbone: Any, spec: Any, step: int) -> dict[str, Any]:
+def _knn(ev: KnnEvalConfig, backbone: Any, spec: Any, step: int) -> dict[str, Any]:
     """Weighted k-NN top-1 of the teacher on the labelled images (decoded once per process)."""
     from geo_dino.evaluation import evaluate_model, load_labelled, prepare_images
 
-    ev = cfg.eval
-    assert ev is not None  # called only when the config has an eval section
     key = (str(ev.data), ev.size, spec.patch_size)
     if key not in _PREPARED:
         _PREPARED[key] = prepare_images(load_labelled(ev.data), size=ev.size, patch_size=spec.patch_size)

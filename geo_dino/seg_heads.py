@@ -61,8 +61,8 @@ class LinearHead(torch.nn.Module):
         self.n_classes = int(n_classes)
         self.conv = torch.nn.Conv2d(self.embed_dim, self.n_classes, kernel_size=1, bias=True)
         torch.nn.init.zeros_(self.conv.weight)
-        assert self.conv.bias is not None  # bias=True
-        torch.nn.init.zeros_(self.conv.bias)
+        if self.conv.bias is not None:  # always: bias=True
+            torch.nn.init.zeros_(self.conv.bias)
 
     kind = "linear"
 

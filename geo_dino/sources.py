@@ -356,7 +356,8 @@ class WindowReader:
         g = self.info.grid
         f = max(1, math.ceil(max(g.height, g.width) / max_side))
         arr, ok = self.decimated(max(1, g.height // f), max(1, g.width // f))
-        assert arr is not None  # values=True (the default) always reads the data
+        if arr is None:  # never with values=True (the default): the data is always read
+            raise SourceError(f"{self.info.path}: no pixel values read for the percentiles")
         shape = arr.shape
         out = np.zeros((shape[0], 2), dtype=np.float64)
         for b in range(shape[0]):

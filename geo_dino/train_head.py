@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from geo_dino.errors import LabelError
 from geo_dino.head_config import HeadTrainConfig
 from geo_dino.pipeline import CONFIG, RECORD, atomic_json, records_failure, update_record
 
@@ -111,7 +112,8 @@ def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, di
                    else {k: IGNORE if v == "ignore" else v for k, v in lab.mapping.items()})
         return read_label_raster(lab.raster, grid, mapping=mapping, reproject=lab.reproject, table=table,
                                  sources=cfg.sources.model_copy(update={"bands": None}))  # one band of labels
-    assert lab.polygons is not None and lab.attribute is not None  # validated: polygons with an attribute
+    if lab.polygons is None or lab.attribute is None:  # the config's validator refuses this already
+        raise LabelError("labels need a raster, or polygons with the attribute that holds their class")
     arr = rasterize_polygons(lab.polygons, lab.attribute, table, grid, layer=lab.layer,
                              all_touched=lab.all_touched)
     return arr, {"path": str(lab.polygons), "sha256": sha256_file(lab.polygons), "attribute": lab.attribute,
@@ -180,15 +182,15 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
         readers = [stack.enter_context(WindowReader(i)) for i in infos]
         for k in range(0, len(used), cfg.backbone.batch_size):
             batch = used[k:k + cfg.backbone.batch_size]
-            per_date, valid = [], None
+            per_date, valids = [], []
             for reader in readers:
                 f, v = extractor.features(reader, [t.box for t in batch])
                 per_date.append(f)
-                valid = v if valid is None else valid & v
+                valids.append(v)
+            valid = np.logical_and.reduce(valids)  # valid on every date
             x = (per_date[0] if len(per_date) == 1
                  else combine_dates(per_date[0], per_date[1], cfg.head.siamese, max(len(layers), 1)))
             y = np.stack([tile_labels[t.index] for t in batch])
-            assert valid is not None  # one reader at least
             feats.append(x.numpy().astype(np.float32))
             labs.append(np.where(valid, y, IGNORE).astype(np.uint8))
     x_all, y_all = np.concatenate(feats), np.concatenate(labs)

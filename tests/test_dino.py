@@ -166,6 +166,15 @@ def test_masked_patches_are_replaced_before_the_blocks() -> None:
     # with every patch masked the image no longer matters; with none masked it does
     assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
     assert not torch.allclose(a[1], c[1], atol=1e-4)
+    with pytest.raises(ValueError, match="mask_token"):  # a raised error, not an assert (gone under -O)
+        tokens(model, x1, every)
+
+
+def test_dino_loss_without_a_pair_of_views_is_a_clear_error() -> None:
+    loss = DINOLoss(8)
+    q = torch.softmax(torch.randn(4, 8), -1)
+    with pytest.raises(ValueError, match="different student view"):
+        loss([torch.randn(4, 8)], [q])  # one view: no teacher/student pair of different views
 
 
 def test_collapse_monitors_flag_each_kind_of_collapse_and_not_healthy_training() -> None:

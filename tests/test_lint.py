@@ -17,15 +17,16 @@ def test_ruff_finds_nothing():
 
 
 def test_ruff_catches_what_it_is_configured_for(tmp_path):
-    """The check is live: an unused import and an unannotated library function are reported."""
+    """The check is live: an unused import, an unannotated and undocumented library function and an assert
+    are reported."""
     pkg = tmp_path / "geo_dino"
     pkg.mkdir()
-    (pkg / "bad.py").write_text("import os\n\n\ndef f(x):\n    return x\n")
+    (pkg / "bad.py").write_text("import os\n\n\ndef f(x):\n    assert x\n    return x\n")
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "geo_dino"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 1
-    assert "F401" in res.stdout and "ANN001" in res.stdout and "ANN201" in res.stdout
+    assert all(code in res.stdout for code in ("F401", "ANN001", "ANN201", "S101", "D103"))
 
 
 def test_mypy_finds_nothing(tmp_path):
