@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -212,26 +212,36 @@ def resolve_path(p: Path | None, base: Path) -> Path | None:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _format_error(exc: ValidationError) -> str:
+def _format_error(exc: ValidationError, what: str, example: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for every key)"
+            msg = f"unknown key (check the spelling; see {example} for every key)"
         lines.append(f"  {key}: {msg}")
-    return "invalid run configuration:\n" + "\n".join(lines)
+    return f"invalid {what}:\n" + "\n".join(lines)
+
+
+_C = TypeVar("_C", bound=_Model)
+
+
+def validate_mapping(model: type[_C], data: Any, base: Path | None, what: str, example: str) -> _C:
+    """``data`` validated into ``model`` (a config with ``resolved(base)``), its paths resolved against
+    ``base`` (default: the working directory); :class:`ConfigError` naming each bad key, with ``what`` (the
+    kind of configuration) and ``example`` (a file that shows every key) in the message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {what} must be a mapping of keys to values")
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, what, example)) from None
+    return cfg.resolved(base or Path.cwd())  # type: ignore[attr-defined]  # each config model defines it
 
 
 def parse_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:
     """Validate a mapping into a :class:`RunConfig` with paths resolved against ``base``."""
-    if not isinstance(data, dict):
-        raise ConfigError("a run configuration must be a mapping of keys to values")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
-    return cfg.resolved(base or Path.cwd())
+    return validate_mapping(RunConfig, data, base, "run configuration", "configs/demo.yaml")
 
 
 def read_yaml_mapping(path: str | Path, what: str = "run configuration",

@@ -13,18 +13,17 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from geo_dino.config import (
     BackboneConfig,
     PreprocessConfig,
     SourceConfig,
-    _format_error,
     _Model,
     read_yaml_mapping,
     resolve_path,
+    validate_mapping,
 )
-from geo_dino.errors import ConfigError
 
 
 class ClassConfig(_Model):
@@ -142,14 +141,8 @@ class HeadTrainConfig(_Model):
 
 def parse_head_config(data: dict[str, Any], base: Path | None = None) -> HeadTrainConfig:
     """Validate a mapping into a :class:`HeadTrainConfig` with paths resolved against ``base``."""
-    if not isinstance(data, dict):
-        raise ConfigError("a head training configuration must be a mapping of keys to values")
-    try:
-        cfg = HeadTrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc).replace("run configuration",
-                                                     "head training configuration")) from None
-    return cfg.resolved(base or Path.cwd())
+    return validate_mapping(HeadTrainConfig, data, base, "head training configuration",
+                            "configs/train_head_floods.yaml")
 
 
 def load_head_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HeadTrainConfig:

@@ -198,19 +198,10 @@ class PretrainConfig(_Model):
 def parse_pretrain_config(data: dict[str, Any], base: Path | None = None) -> PretrainConfig:
     """Validate a mapping into a :class:`PretrainConfig` with paths resolved against ``base`` (default:
     cwd)."""
-    from pydantic import ValidationError
+    from geo_dino.config import validate_mapping
 
-    from geo_dino.config import _format_error
-    from geo_dino.errors import ConfigError
-
-    if not isinstance(data, dict):
-        raise ConfigError("a pretraining configuration must be a mapping of keys to values")
-    try:
-        cfg = PretrainConfig.model_validate(data)
-    except ValidationError as exc:
-        msg = _format_error(exc).replace("run configuration", "pretraining configuration")
-        raise ConfigError(msg.replace("configs/demo.yaml", "configs/pretrain_default.yaml")) from None
-    return cfg.resolved(base or Path.cwd())
+    return validate_mapping(PretrainConfig, data, base, "pretraining configuration",
+                            "configs/pretrain_default.yaml")
 
 
 def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
