@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,6 +19,23 @@ from geo_dino.errors import ConfigError
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _TopLevel(_Model):
+    """A whole configuration file (run, head training, pretraining): its paths resolve against a folder, and
+    it is written to the run folder and hashed into the record."""
+
+    def resolved(self, base: Path) -> Self:
+        """A copy with every relative path made absolute against ``base``."""
+        raise NotImplementedError
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types (paths as strings), as written to ``config.resolved.json``."""
+        return json.loads(self.model_dump_json())
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the config's key-sorted JSON: identifies the exact settings of a run."""
+        return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
 class Approval(_Model):
@@ -143,7 +160,7 @@ class HeadsConfig(_Model):
     cube: bool = False
 
 
-class RunConfig(_Model):
+class RunConfig(_TopLevel):
     """One run: the AOI, one raster or two dates, the output folder and the settings of every stage."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "run"
@@ -192,14 +209,6 @@ class RunConfig(_Model):
                     update={"path": fix(self.heads.supervised.path)})}),
         })
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """The config as plain JSON types (paths as strings), as written to ``config.resolved.json``."""
-        return json.loads(self.model_dump_json())
-
-    def sha256(self) -> str:
-        """Hex SHA-256 of the config's key-sorted JSON: identifies the exact settings of a run."""
-        return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
-
 
 def resolve_path(p: Path | None, base: Path) -> Path | None:
     """``p`` made absolute against ``base``; remote and GDAL-virtual paths are kept verbatim (the source
@@ -223,7 +232,7 @@ def _format_error(exc: ValidationError, what: str, example: str) -> str:
     return f"invalid {what}:\n" + "\n".join(lines)
 
 
-_C = TypeVar("_C", bound=_Model)
+_C = TypeVar("_C", bound=_TopLevel)
 
 
 def validate_mapping(model: type[_C], data: Any, base: Path | None, what: str, example: str) -> _C:
@@ -236,7 +245,7 @@ def validate_mapping(model: type[_C], data: Any, base: Path | None, what: str, e
         cfg = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, what, example)) from None
-    return cfg.resolved(base or Path.cwd())  # type: ignore[attr-defined]  # each config model defines it
+    return cfg.resolved(base or Path.cwd())
 
 
 def parse_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:

@@ -8,8 +8,6 @@ resolved against the working directory. The sections reuse the run configuration
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +18,7 @@ from geo_dino.config import (
     PreprocessConfig,
     SourceConfig,
     _Model,
+    _TopLevel,
     read_yaml_mapping,
     resolve_path,
     validate_mapping,
@@ -98,7 +97,7 @@ class TrainConfig(_Model):
     seed: int = 0
 
 
-class HeadTrainConfig(_Model):
+class HeadTrainConfig(_TopLevel):
     """A head training run: the rasters (two for a change head), labels, tiles and each stage's settings."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "head"
@@ -130,13 +129,6 @@ class HeadTrainConfig(_Model):
             "backbone": self.backbone.model_copy(update={"checkpoint": fix(self.backbone.checkpoint)}),
         })
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """The config as plain JSON types (paths as strings), as written to ``config.resolved.json``."""
-        return json.loads(self.model_dump_json())
-
-    def sha256(self) -> str:
-        """Hex SHA-256 of the config's key-sorted JSON: identifies the exact settings of a training run."""
-        return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def parse_head_config(data: dict[str, Any], base: Path | None = None) -> HeadTrainConfig:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from geo_dino.config import AOIOptions, PreprocessConfig, SourceConfig, _Model
+from geo_dino.config import AOIOptions, PreprocessConfig, SourceConfig, _Model, _TopLevel
 
 
 class PretrainDataConfig(_Model):
@@ -151,7 +151,7 @@ class KnnEvalConfig(_Model):
     k: Annotated[int, Field(ge=1)] = 20
 
 
-class PretrainConfig(_Model):
+class PretrainConfig(_TopLevel):
     """A whole pretraining run: data, crops, backbone, head and recipe, with the run's name, output folder,
     seed, device and precision, logging and checkpoint intervals, optional k-NN evaluation and the export."""
 
