@@ -360,12 +360,13 @@ def collection_href(key: str, *, from_run: bool = False) -> str:
     return f"../{rel}" if from_run else rel
 
 
-def collection_key(run_dir: Path | str) -> str:
+def collection_key(run_dir: Path | str, record: dict[str, Any] | None = None) -> str:
     """The Collection a run belongs to: its Prefect deployment's name when a deployment started it, else its
-    config's ``name`` (so the scheduled runs of one deployment, or the runs of one config, share one)."""
+    config's ``name`` (so the scheduled runs of one deployment, or the runs of one config, share one).
+    ``record``: the run's provenance record when already read."""
     run_dir = Path(run_dir)
     try:
-        rec = json.loads((run_dir / RECORD).read_text())
+        rec = record if record is not None else json.loads((run_dir / RECORD).read_text())
         key = (rec.get("prefect") or {}).get("deployment")
         if not key:
             key = json.loads((run_dir / "config.resolved.json").read_text())["name"]
@@ -390,7 +391,7 @@ def update_collection(output_dir: Path | str, key: str, *, description: str | No
         run = item.parent
         try:
             rec = json.loads((run / RECORD).read_text())
-            if rec.get("status") != "succeeded" or collection_key(run) != key:
+            if rec.get("status") != "succeeded" or collection_key(run, rec) != key:
                 continue
         except (OSError, ValueError, STACError):
             continue
