@@ -38,6 +38,9 @@ class CheckpointSpec:
     licence: str
     seed: int | None
     training_lineage: str
+    # the raw-value range mean/std assume for the [0, 1] scaling (preprocess.scale: range with this
+    # value_range), as for torchgeo's Sentinel-2 weights (x / 10000); None: the run's own scaling
+    value_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (for JSON provenance)."""
@@ -115,6 +118,10 @@ def adapt_patch_embed(model: Any, in_chans: int) -> str:
 
     proj = model.patch_embed.proj
     old = proj.in_channels
+    if old != 3:
+        raise ConfigError(f"backbone.in_chans {in_chans}: the weights take {old} bands and only RGB "
+                          f"weights are adapted; select the {old} bands they were trained on (sources.bands) "
+                          "and leave backbone.in_chans unset")
     new = torch.nn.Conv2d(in_chans, proj.out_channels, proj.kernel_size, proj.stride, proj.padding,
                           bias=proj.bias is not None)
     with torch.no_grad():
@@ -184,7 +191,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
                 raise CheckpointError(
                     f"{checkpoint}: metadata in_chans {meta['in_chans']!r} is not a number") from None
         detected = inspect_state(state)
-        diffs = detected.matches(a)
+        diffs = detected.matches(a, ckpt_chans)
         if diffs:
             raise CheckpointError(f"{checkpoint}: its tensors describe another architecture than "
                                   f"backbone.arch {arch}: {'; '.join(diffs)}; "
@@ -222,6 +229,8 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     if in_chans is not None and in_chans != ckpt_chans:
         adaptation = adapt_patch_embed(model, in_chans)
     model.eval()
+    digest = sha256_of(Path(checkpoint)) if checkpoint else None
+    value_range = _meta_floats(meta, "value_range") or a.value_range
     spec = CheckpointSpec(
         arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=in_chans or ckpt_chans,
         n_registers=a.n_registers, adaptation=adaptation,
@@ -230,13 +239,26 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         bands=tuple(meta["bands"].split(",")) if "bands" in meta else a.bands,
         source=str(checkpoint) if checkpoint else "random-init",
         layout=layout,
-        sha256=sha256_of(Path(checkpoint)) if checkpoint else None,
+        sha256=digest,
         licence=meta.get("licence", a.licence) if checkpoint else "n/a (random weights)",
         seed=None if checkpoint else seed,
-        training_lineage=meta.get("training_lineage", "unknown (not stated in the checkpoint)"
-                                  if checkpoint else "none: random initialisation"),
+        training_lineage=meta.get("training_lineage") or _lineage(a, digest),
+        value_range=(value_range[0], value_range[1]) if value_range and len(value_range) == 2 else None,
     )
     return model, spec
+
+
+def _lineage(a: ArchSpec, digest: str | None) -> str:
+    """What the weights were trained on when the checkpoint does not say: known only for a registered
+    published file whose sha256 the bytes match."""
+    if digest is None:
+        return "none: random initialisation"
+    if a.published is not None and digest == a.published.sha256:
+        return f"{a.training_data} (the published {a.published.file_name}: sha256 verified)"
+    if a.published is not None:
+        return (f"unknown: the file is not the published {a.published.name} (whose sha256 begins "
+                f"{a.published.sha256[:8]}), and the checkpoint does not say")
+    return "unknown (not stated in the checkpoint)"
 
 
 def _meta_floats(meta: dict[str, str], key: str) -> tuple[float, ...] | None:

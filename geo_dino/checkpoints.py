@@ -1,23 +1,29 @@
 """Checkpoint layouts: recognise a state dict by its keys and shapes, never by its file name.
 
-Three layouts are read, each converted to timm's names (the modules the pipeline builds):
+Four layouts are read, each converted to timm's names (the modules the pipeline builds):
 
 * ``timm``     — timm's own names (``reg_token``, ``blocks.N.gamma_1``, ``attn.q_bias`` …).
 * ``official`` — Meta's DINO / DINOv2 / DINOv3 repositories (``storage_tokens``, ``blocks.N.ls1.gamma``,
   ``rope_embed.periods``, ``register_tokens``, ``mlp.w12`` …); converted by timm's own checkpoint filters.
 * ``hf``       — Hugging Face transformers (``embeddings.cls_token``, ``layer.N.attention.q_proj`` …, as in
   ``DINOv3ViTModel``); converted here.
+* ``torchgeo`` — torchgeo's published multispectral ViTs (``ViTSmall16_Weights.SENTINEL2_ALL_DINO`` …): a
+  bare state dict of timm's plain ViT (learned positions, no registers, no layer scale) whose patch embedding
+  takes other than 3 bands, saved with ``torch.save``. timm's names already; a classifier ``head.*``, which
+  torchgeo's own loader ignores and a backbone has no place for, is dropped.
 
-:func:`inspect_state` tells the layout and the architecture (family, width, depth, patch size, registers, MLP
-type, q/v biases) from the tensors; :func:`to_timm` converts. Strictness (missing, unexpected and misshaped
-keys) is checked by the loader against the model it builds.
+:func:`inspect_state` tells the layout and the architecture (family, width, depth, patch size, input bands,
+registers, MLP type, q/v biases) from the tensors; :func:`to_timm` converts. Strictness (missing, unexpected
+and misshaped keys) is checked by the loader against the model it builds. :func:`identify_published` tells
+which registered published file a local file is, by its sha256.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from geo_dino.errors import CheckpointError
 
@@ -26,8 +32,8 @@ from geo_dino.errors import CheckpointError
 class Detected:
     """What the tensors say about a checkpoint."""
 
-    layout: str  # timm | official | hf
-    family: str  # dino | dinov2 | dinov3
+    layout: str  # timm | official | hf | torchgeo
+    family: str  # dino (a plain ViT: learned positions, no layer scale, no registers) | dinov2 | dinov3
     embed_dim: int
     depth: int
     patch_size: int
@@ -36,17 +42,23 @@ class Detected:
     qkv_bias: bool  # q and v biases present (DINOv3 "qkvb" variants)
     n_params: int
     pos_grid: int | None = None  # side of the learned position-embedding grid (DINO, DINOv2), None with RoPE
+    in_chans: int | None = None  # input bands of the patch embedding
 
-    def matches(self, arch: Any) -> list[str]:
+    def matches(self, arch: Any, in_chans: int | None = None) -> list[str]:
         """Differences between this checkpoint and a registry :class:`~geo_dino.archs.ArchSpec`
-        (empty: fits)."""
+        (empty: fits). ``in_chans``: the bands the checkpoint declares in its metadata (geo_dino's own
+        exports of adapted models), else the architecture's."""
         diffs = []
-        for name, mine, theirs in (("family", self.family, arch.family),
+        # a MoCo v3 ViT's tensors are a plain ViT's, as DINO's: only the registry tells them apart
+        family = "dino" if arch.family == "moco" else arch.family
+        bands = in_chans or arch.in_chans
+        for name, mine, theirs in (("family", self.family, family),
                                    ("embed_dim", self.embed_dim, arch.embed_dim),
                                    ("depth", self.depth, arch.depth),
                                    ("patch_size", self.patch_size, arch.patch_size),
                                    ("registers", self.n_registers, arch.n_registers),
-                                   ("mlp", self.mlp, arch.mlp)):
+                                   ("mlp", self.mlp, arch.mlp),
+                                   ("in_chans", self.in_chans or bands, bands)):
             if mine != theirs and not (name == "family" and theirs == "test"):
                 diffs.append(f"{name} {mine} (checkpoint) vs {theirs} ({arch.name})")
         return diffs
@@ -79,8 +91,9 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def detect_layout(state: dict[str, Any]) -> str:
-    """The key layout of a state dict: ``"timm"``, ``"official"`` (DINO/DINOv2/DINOv3 repositories) or
-    ``"hf"`` (Hugging Face transformers); an error for anything else."""
+    """The key layout of a state dict: ``"timm"``, ``"official"`` (DINO/DINOv2/DINOv3 repositories), ``"hf"``
+    (Hugging Face transformers) or ``"torchgeo"`` (a multispectral plain ViT in timm's names, as torchgeo
+    publishes them); an error for anything else."""
     keys = set(state)
     if "embeddings.cls_token" in keys and any(_HF_LAYER.match(k) for k in keys):
         return "hf"
@@ -94,6 +107,10 @@ def detect_layout(state: dict[str, Any]) -> str:
         return "official"
     if "mask_token" in keys and "pos_embed" in keys:
         return "official"  # DINOv2 official keeps its mask token
+    w = state.get("patch_embed.proj.weight")
+    plain = "pos_embed" in keys and not keys & {"reg_token", "blocks.0.ls1.gamma", "blocks.0.gamma_1"}
+    if plain and w is not None and len(w.shape) == 4 and w.shape[1] != 3:
+        return "torchgeo"
     return "timm"
 
 
@@ -114,7 +131,7 @@ def inspect_state(state: dict[str, Any]) -> Detected:
         qkv_bias = any(k.endswith("attention.q_proj.bias") for k in keys) and not dinov2
         grid = _grid_side(state["embeddings.position_embeddings"].shape[1] - 1) if dinov2 else None
         return Detected("hf", "dinov2" if dinov2 else "dinov3", int(w.shape[0]), depth, int(w.shape[-1]),
-                        int(regs), mlp, qkv_bias, n_params, grid)
+                        int(regs), mlp, qkv_bias, n_params, grid, int(w.shape[1]))
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(m.group(1)) for k in keys if (m := _BLOCK.match(k)))
     reg_key = next((k for k in ("reg_token", "storage_tokens", "register_tokens") if k in keys), None)
@@ -136,7 +153,7 @@ def inspect_state(state: dict[str, Any]) -> Detected:
         with_cls = not (layout == "timm" and regs > 0 and family == "dinov2")
         grid = _grid_side(n - 1 if with_cls else n)
     return Detected(layout, family, int(w.shape[0]), depth, int(w.shape[-1]), regs,
-                    "swiglu" if swiglu else "mlp", qkv_bias, n_params, grid)
+                    "swiglu" if swiglu else "mlp", qkv_bias, n_params, grid, int(w.shape[1]))
 
 
 def _grid_side(n: int) -> int:
@@ -255,6 +272,8 @@ def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, 
     state = _strip(state)
     if detected.layout == "timm":
         return state
+    if detected.layout == "torchgeo":  # timm's names; the classifier torchgeo's loader ignores is dropped
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
     if detected.layout == "hf" and detected.family == "dinov3":
         return _hf_dinov3_to_timm(state)
     if detected.layout == "hf":
@@ -268,42 +287,103 @@ def to_timm(state: dict[str, Any], detected: Detected, model: Any) -> dict[str, 
     return checkpoint_filter_fn(dict(state), model)
 
 
-def fitting_archs(detected: Detected) -> list[str]:
-    """Registered architectures whose tensors match (the test architecture excluded)."""
+def fitting_archs(detected: Detected, in_chans: int | None = None) -> list[str]:
+    """Registered architectures whose tensors match (the test architecture excluded); ``in_chans``: the bands
+    the checkpoint's metadata declares."""
     from geo_dino.archs import ARCHS
 
-    return [n for n, a in ARCHS.items() if a.family != "test" and not detected.matches(a)]
+    return [n for n, a in ARCHS.items() if a.family != "test" and not detected.matches(a, in_chans)]
+
+
+@dataclass(frozen=True)
+class PublishedMatch:
+    """A registered published file that a local file (or a sha256) is.
+
+    ``by``: ``"sha256"`` (the whole digest is the published one), ``"sha256 prefix"`` (a prefix of at least 8
+    hex digits given by the user, as in torchgeo's file names) or ``"file name"`` (the name only: nothing
+    about the bytes is known, or they differ). ``verified``: the file's own bytes hash to the published
+    sha256.
+    """
+
+    arch: str
+    weights: str  # the publisher's name, e.g. torchgeo.models.ViTSmall16_Weights.SENTINEL2_ALL_DINO
+    sha256: str  # the published file's
+    by: Literal["sha256", "sha256 prefix", "file name"]
+    verified: bool
+
+
+_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def identify_published(path: str | Path | None = None, *, sha256: str | None = None) -> PublishedMatch | None:
+    """Which registered published weights file ``path`` is, or the file a ``sha256`` (whole, or a prefix of at
+    least 8 hex digits) belongs to; None when none. Never opens the file as a checkpoint.
+
+    The bytes decide: an existing file is hashed (and must agree with ``sha256`` when both are given). Only
+    when the bytes match nothing is the file name compared with the published names (``…-36bcc127.pth`` or the
+    same without the hash suffix), and such a match says so (``by="file name"``, not verified). The
+    architecture a run builds is still the configured one: this only tells the user what they hold.
+    """
+    from geo_dino.archs import ARCHS
+    from geo_dino.backbone import sha256_of
+
+    given = sha256.strip().lower() if sha256 else None
+    if given is not None and not _HEX.match(given):
+        raise CheckpointError(f"sha256 {sha256!r}: give the whole hex digest or at least its first 8 digits")
+    p = Path(path) if path is not None else None
+    digest = sha256_of(p) if p is not None and p.is_file() else None
+    if digest and given and not digest.startswith(given):
+        raise CheckpointError(f"{p}: its sha256 {digest} does not start with the given {given}")
+    published = [(n, a.published) for n, a in ARCHS.items() if a.published is not None]
+    key = digest or given
+    if key:
+        for name, w in published:
+            if w.sha256 == key or (len(key) < 64 and w.sha256.startswith(key)):
+                by: Literal["sha256", "sha256 prefix"] = "sha256" if len(key) == 64 else "sha256 prefix"
+                return PublishedMatch(name, w.name, w.sha256, by, digest == w.sha256)
+    if p is not None:
+        for name, w in published:
+            bare = w.file_name.replace(f"-{w.hash_prefix}.", ".") if w.hash_prefix else w.file_name
+            if p.name in (w.file_name, bare):
+                return PublishedMatch(name, w.name, w.sha256, "file name", False)
+    return None
 
 
 def inspect_file(path: Any) -> dict[str, Any]:
     """What a checkpoint file is: hash, format, layout, architecture facts, the registry entries it fits with
     their licence and preprocessing, and the metadata stored in it. Never executes code from the file."""
-    from pathlib import Path
-
     from geo_dino.archs import ARCHS
     from geo_dino.backbone import read_state_dict, sha256_of
 
     p = Path(path)
     state, meta = read_state_dict(p, None)
     d = inspect_state(state)
-    fits = fitting_archs(d)
+    fits = fitting_archs(d, _declared_chans(meta))
+    match = identify_published(p)
     return {
         "path": str(p), "sha256": sha256_of(p), "size_bytes": p.stat().st_size,
         "format": "safetensors" if p.suffix == ".safetensors" else "torch (weights_only)",
         "layout": d.layout, "family": d.family, "embed_dim": d.embed_dim, "depth": d.depth,
-        "patch_size": d.patch_size, "registers": d.n_registers, "mlp": d.mlp, "qkv_bias": d.qkv_bias,
-        "parameters": d.n_params,
+        "patch_size": d.patch_size, "in_chans": d.in_chans, "registers": d.n_registers, "mlp": d.mlp,
+        "qkv_bias": d.qkv_bias, "parameters": d.n_params,
+        "published": None if match is None else {"arch": match.arch, "weights": match.weights,
+                                                 "by": match.by, "verified": match.verified},
         "architectures": [{"name": n, "licence": ARCHS[n].licence, "mean": ARCHS[n].mean, "std": ARCHS[n].std,
                            "gsd_m": ARCHS[n].gsd_m, "training_data": ARCHS[n].training_data} for n in fits],
         "metadata": meta,
     }
 
 
+def _declared_chans(meta: dict[str, str]) -> int | None:
+    """The input bands a checkpoint's metadata declares (None: not stated or not a number)."""
+    value = meta.get("in_chans", "")
+    return int(value) if value.isdigit() else None
+
+
 def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     """Convert any readable layout to a timm-layout ``.safetensors`` with its metadata (and ``dst.json``)."""
     import json
     import os
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
@@ -316,9 +396,9 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{dst}: the converted file must be a .safetensors file")
     if dst.resolve() == src.resolve():
         raise CheckpointError("the output would overwrite the input")
-    state, _ = read_state_dict(src, None)
+    state, src_meta = read_state_dict(src, None)
     d = inspect_state(state)
-    fits = fitting_archs(d)
+    fits = fitting_archs(d, _declared_chans(src_meta))
     if arch is None:
         if len(fits) != 1:
             raise CheckpointError(f"{src}: its tensors fit {fits or 'no registered architecture'}; "
@@ -330,8 +410,12 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     model, spec = build_backbone(arch, checkpoint=src, accept_licence=a.licence)  # converting is not running
     meta = {"arch": arch, "source_layout": d.layout, "source_sha256": sha256_of(src), "source_name": src.name,
             "licence": a.licence, "mean": ",".join(map(str, spec.mean)), "std": ",".join(map(str, spec.std)),
-            "bands": ",".join(a.bands), "training_lineage": a.training_data or "unknown",
+            "bands": ",".join(a.bands),
+            # an entry pinned to a published file knows the lineage only when the bytes are that file's
+            "training_lineage": spec.training_lineage if a.published else a.training_data or "unknown",
             "converted_by": f"geo_dino {__version__}"}
+    if spec.value_range is not None:
+        meta["value_range"] = ",".join(map(str, spec.value_range))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = dst.with_name(f".{dst.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)

@@ -73,6 +73,9 @@ class SourceConfig(_Model):
     # width × height × bands budget, checked before reading
     max_pixels: Annotated[int, Field(gt=0)] = 4_000_000_000
     bands: list[int | str] | None = None  # 1-based indexes or band descriptions; None = first three / all
+    # the bands the spectral part sees (label-free spectral change; heads' per-pixel spectral input):
+    # 1-based indexes or descriptions; None = every band of the raster
+    spectral_bands: list[int | str] | None = None
     # two dates on different grids: refuse (default), or reproject the second onto the first's grid with this
     # resampling (recorded in the provenance record; the co-registration check then measures what is left)
     align_dates: Literal["refuse", "nearest", "bilinear", "cubic"] = "refuse"
@@ -126,9 +129,22 @@ class KMeansConfig(_Model):
 
 
 class ChangeConfig(_Model):
-    """Label-free change between two dates: the cosine-distance threshold, fixed or found by Otsu's method."""
+    """Label-free change between two dates (:mod:`geo_dino.change`): which score, and its threshold.
 
-    threshold: float | Literal["otsu"] = "otsu"  # cosine distance above which a pixel is "changed"
+    ``fused`` (default) combines the spectral score over every band with the backbone's feature distance as
+    a weighted geometric mean of the two median-scaled scores; ``spectral`` and ``features`` use one alone.
+    """
+
+    method: Literal["spectral", "features", "fused"] = "fused"
+    spectral: Literal["cva", "irmad"] = "cva"  # change-vector magnitude of standardised bands, or IR-MAD
+    # the fused score's weight on the feature distance (the spectral score gets 1 - feature_weight); 0.25 is
+    # the bench's choice (bench/change.py: a plateau from 0.15 to 0.35 on every labelled pair)
+    feature_weight: Annotated[float, Field(ge=0, le=1)] = 0.25
+    # a fixed value of the thresholded score, or a method on the score's histogram: minimum-error (Kittler and
+    # Illingworth; suits a few per cent of changed pixels) or otsu
+    threshold: float | Literal["minimum-error", "otsu"] = "minimum-error"
+    # pixels sampled from the fit tiles to fit the scores
+    fit_pixels: Annotated[int, Field(ge=1000)] = 100_000
 
 
 class VectorsConfig(_Model):

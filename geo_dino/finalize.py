@@ -3,8 +3,9 @@
 :class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
 and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave
 it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or inside
-a site the screening policy masks. :func:`finish_outputs` thresholds the change (Otsu on the histogram
-gathered while writing), turns every intermediate into a COG and verifies it (CRS, transform, nodata, dtype).
+a site the screening policy masks. :func:`finish_outputs` thresholds the change (minimum-error or Otsu on
+the histogram gathered while writing, :mod:`geo_dino.change`), turns every intermediate into a COG and
+verifies it (CRS, transform, nodata, dtype).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from geo_dino.grid import Grid, PixelBox
 
 BLOCK = 512
 CLASS_NODATA = 255
-HIST_BINS = 1000
-HIST_RANGE = (0.0, 2.0)  # cosine distance
 
 
 def _blocks(grid: Grid, size: int = BLOCK):  # noqa: ANN202
@@ -111,13 +110,22 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
                                                 colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
                                                 tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
     if layout.has_change:
-        specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"),
-                                               ("cosine distance between dates' features",),
-                                               tags=tags | {"GEO_DINO_PRODUCT": "feature change magnitude"})
+        method = pl.load_run_config(run_dir).heads.change.method
+        what = {"fused": "fused spectral and feature change score", "spectral": "spectral change score",
+                "features": "cosine distance between dates' features"}[method]
+        specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"), (what,),
+                                               tags=tags | {"GEO_DINO_PRODUCT": f"label-free {what}"})
+        if method == "fused":  # the two parts, so a user sees why a pixel changed
+            specs["change_spectral"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("spectral change score",),
+                tags=tags | {"GEO_DINO_PRODUCT": "spectral change score (part of the fused change)"})
+            specs["change_features"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("cosine distance between dates' features",),
+                tags=tags | {"GEO_DINO_PRODUCT": "feature change (part of the fused change)"})
         specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
                                           ("changed (1) / unchanged (0)",), categorical=True,
                                           colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
-                                          tags=tags | {"GEO_DINO_PRODUCT": "thresholded feature change"})
+                                          tags=tags | {"GEO_DINO_PRODUCT": f"thresholded {what}"})
     return specs, heads, layout
 
 
@@ -157,6 +165,10 @@ class OutputWriter:
 
         shapely.prepare(self.aoi)  # fast contains/intersects per block
         # the change histogram travels with the chunk checkpoint (the carried strip), not in a file of its own
+        from geo_dino.change import HIST_BINS, ChangeModel
+
+        self.change = (ChangeModel.load(run_dir / "work" / pl.CHANGE_MODEL) if self.layout.has_change
+                       else None)
         self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
         self._stack = ExitStack()
 
@@ -208,10 +220,19 @@ class OutputWriter:
                                                               window=win)
             if self.info:
                 _head_rows(self, self.info, v, ok, win)
-            if layout.has_change:
-                ch = np.where(ok, v[layout.change], np.nan).astype(np.float32)
+            if layout.has_change and self.change is not None:
+                from geo_dino.change import histogram
+
+                fusion = self.change.fusion
+                feat = np.where(ok, v[layout.change], np.nan).astype(np.float32)
+                spec = np.where(ok, v[layout.change_spectral], np.nan).astype(np.float32)
+                # fused per pixel from the blended parts: change_magnitude = combine(spectral, features)
+                ch = np.asarray(fusion.combine(spec, feat), dtype=np.float32)
                 self.dsts["change_magnitude"].write(ch[None], window=win)
-                self.hist += np.histogram(ch[ok], bins=HIST_BINS, range=HIST_RANGE)[0]
+                if "change_spectral" in self.dsts:
+                    self.dsts["change_spectral"].write(spec[None], window=win)
+                    self.dsts["change_features"].write(feat[None], window=win)
+                self.hist += histogram(ch[ok], fusion.hist_high)
 
 
 def _head_rows(writer: OutputWriter, info: dict[str, Any], v: np.ndarray, ok: np.ndarray, win: Any) -> None:
@@ -260,7 +281,6 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
     import rasterio
 
     from geo_dino import pipeline as pl
-    from geo_dino.heads import otsu_threshold
     from geo_dino.outputs import (
         GDAL_WRITE_ENV,
         class_colormap,
@@ -274,16 +294,27 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
     info = pl._state(run_dir).get("head")
     work = run_dir / "work"
     threshold = None
+    change_record = None
     if layout.has_change:
+        from geo_dino.change import ChangeModel, threshold_from_histogram
+
+        model = ChangeModel.load(work / pl.CHANGE_MODEL)
         thr = cfg.heads.change.threshold
-        if thr == "otsu":
+        if isinstance(thr, str):
             last = sorted(work.glob("carry_*.npz"))[-1]
             with np.load(last, allow_pickle=False) as z:
                 hist = z["hist"]
-            edges = np.linspace(*HIST_RANGE, HIST_BINS + 1)
-            threshold = otsu_threshold(hist, edges) if hist.sum() else 1.0
+            threshold = (threshold_from_histogram(hist, model.fusion.edges(), thr) if hist.sum()
+                         else float("inf"))  # no valid pixel: nothing is changed
+            how = {"minimum-error": "Kittler-Illingworth minimum-error threshold",
+                   "otsu": "Otsu's threshold"}[thr] + " on the histogram of the run's own scores"
         else:
             threshold = float(thr)
+            how = "fixed (heads.change.threshold)"
+        change_record = model.to_record() | {"threshold": {"value": threshold if math.isfinite(threshold)
+                                                           else None, "method": thr,
+                                                           "how_chosen": how}}
+        pl.update_record(run_dir, change=change_record)
         grid = specs["change_mask"].grid
         mag = work / "change_magnitude.tif"
         mag = mag if mag.exists() else run_dir / "change_magnitude.tif"  # already a COG (a resumed run)
@@ -323,6 +354,9 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
             write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, 1.0)
         if name == "change_magnitude":
             hi = threshold * 2 if threshold and math.isfinite(threshold) else 1.0
-            write_qml_singleband(run_dir / "change_magnitude.qml", 1, 0.0, float(min(max(hi, 0.05), 2.0)))
+            write_qml_singleband(run_dir / "change_magnitude.qml", 1, 0.0, float(max(hi, 1e-3)))
+        if name in ("change_spectral", "change_features") and change_record is not None:
+            scale = change_record["scales"][f"{name.split('_')[1]}_median"]
+            write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, float(max(4 * scale, 1e-3)))
         records.append(rec)
     return records

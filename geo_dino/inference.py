@@ -23,7 +23,8 @@ from geo_dino.sources import WindowReader
 @dataclass(frozen=True)
 class ChannelLayout:
     """Which accumulator band holds what: per date PCA, k-means scores and a segmentation head's logits; then
-    the label-free change; then a change head's logits; then the weight."""
+    the label-free change (the feature distance, then the spectral score); then a change head's logits; then
+    the weight."""
 
     n_dates: int
     n_pca: int
@@ -44,7 +45,7 @@ class ChannelLayout:
     @property
     def n_values(self) -> int:
         """Number of value bands (all dates, change, change-head logits); the weight band follows."""
-        return self.n_dates * self.per_date + int(self.has_change) + self.n_change_logits
+        return self.n_dates * self.per_date + 2 * int(self.has_change) + self.n_change_logits
 
     def seg(self, date: int) -> slice:
         """The segmentation head's logit bands of ``date``."""
@@ -54,7 +55,7 @@ class ChannelLayout:
     @property
     def change_logits(self) -> slice:
         """The change head's logit bands."""
-        s = self.n_dates * self.per_date + int(self.has_change)
+        s = self.n_dates * self.per_date + 2 * int(self.has_change)
         return slice(s, s + self.n_change_logits)
 
     def pca(self, date: int) -> slice:
@@ -68,8 +69,13 @@ class ChannelLayout:
 
     @property
     def change(self) -> int:
-        """The label-free change band (cosine distance between the dates)."""
+        """The feature change band (cosine distance between the dates' upsampled features)."""
         return self.n_dates * self.per_date
+
+    @property
+    def change_spectral(self) -> int:
+        """The spectral change band (:class:`~geo_dino.change.SpectralChange` score; 0 when not computed)."""
+        return self.n_dates * self.per_date + 1
 
     @property
     def weight(self) -> int:
@@ -194,6 +200,54 @@ def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowR
     return x
 
 
+def sample_change_pixels(extractor: FeatureExtractor, readers: Sequence[WindowReader],
+                         spectral_readers: Sequence[WindowReader] | None, tiles: Sequence[Tile],
+                         batch_size: int, n_pixels: int, seed: int = 0,
+                         cache_dir: Path | None = None) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                 np.ndarray]:
+    """Pixels valid on both dates, sampled evenly from ``tiles``: the two dates' spectral bands ``(N, S)``
+    (None without ``spectral_readers``) and the feature distance ``(N,)`` at the same pixels (to fit the
+    label-free change scores). Features come from the fit pass's cache."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    per_tile = max(1, n_pixels // max(len(tiles), 1))
+    x1s, x2s, fds = [], [], []
+    for k in range(0, len(tiles), batch_size):
+        batch = tiles[k:k + batch_size]
+        boxes = [t.box for t in batch]
+        feats, valids = [], []
+        for d, reader in enumerate(readers):
+            f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
+            feats.append(extractor.deepest(f))
+            valids.append(valid)
+        spec = None
+        if spectral_readers is not None:
+            reads = [r.read_many(list(boxes)) for r in spectral_readers]
+            spec = [np.stack([a for a, _ in rd]) for rd in reads]
+            valids += [np.stack([v for _, v in rd]) for rd in reads]
+        ok = np.logical_and.reduce(valids)
+        with torch.inference_mode():
+            fd = upsampled_cosine_distance(feats[0], feats[1], ok.shape[-2:])[:, 0].numpy()
+        for i in range(len(batch)):
+            rows, cols = np.nonzero(ok[i])
+            if rows.size == 0:
+                continue
+            pick = rng.choice(rows.size, min(per_tile, rows.size), replace=False)
+            r, c = rows[pick], cols[pick]
+            fds.append(fd[i, r, c])
+            if spec is not None:
+                x1s.append(spec[0][i][:, r, c].T.astype(np.float64))
+                x2s.append(spec[1][i][:, r, c].T.astype(np.float64))
+    if not fds:
+        from geo_dino.errors import GeoDinoError
+
+        raise GeoDinoError("no pixel is valid on both dates in the tiles sampled to fit the change scores")
+    x1 = np.concatenate(x1s) if x1s else None
+    x2 = np.concatenate(x2s) if x2s else None
+    return x1, x2, np.concatenate(fds)
+
+
 class StripAccumulator:
     """Weighted sums over the open strip of the output grid: one tile height, the full output width.
 
@@ -280,11 +334,14 @@ class StripAccumulator:
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
                 layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: StripAccumulator,
                 tile_size: int, batch_size: int, cache_dir: Path | None = None, runner=None,  # noqa: ANN001
-                cube=None) -> int:  # noqa: ANN001
+                cube=None, spectral=None,  # noqa: ANN001
+                spectral_readers: Sequence[WindowReader] | None = None) -> int:
     """Run ``tiles`` (one tile row) through backbone and heads; blend the per-pixel results into ``acc``.
 
     ``runner``: a :class:`~geo_dino.run_heads.HeadRunner` (a trained head) or None; ``cube``: a callable
-    ``cube(tiles, features of date 1)`` that stores the patch features (the feature cube) or None."""
+    ``cube(tiles, features of date 1)`` that stores the patch features (the feature cube) or None;
+    ``spectral``: the run's :class:`~geo_dino.change.SpectralChange` with ``spectral_readers`` (the two
+    dates' spectral bands), or None (the spectral change band stays 0)."""
     import torch
 
     hann = blend_weights(tile_size)
@@ -310,6 +367,13 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
         chans = list(per_date)
         if layout.has_change:
             chans.append(upsampled_cosine_distance(deep[0], deep[1], size))
+            if spectral is not None and spectral_readers is not None:
+                reads = [r.read_many(boxes) for r in spectral_readers]
+                x = [torch.from_numpy(np.stack([a for a, _ in rd]).astype(np.float32)) for rd in reads]
+                valids += [np.stack([v for _, v in rd]) for rd in reads]
+                chans.append(spectral.score(x[0], x[1]))
+            else:
+                chans.append(torch.zeros_like(chans[-1]))
         if runner is not None and runner.change:
             chans.append(logits[0])
         values = torch.cat(chans, dim=1).cpu().numpy()

@@ -28,6 +28,7 @@ from geo_dino.grid import Grid, PixelBox, TileGrid
 STATE = "state.json"
 CONFIG = "config.resolved.json"
 RECORD = "provenance.json"
+CHANGE_MODEL = "change.npz"  # in work/: the label-free change scores fitted by fit_heads
 
 _MODELS: dict[tuple, Any] = {}  # one model per process, reused by every chunk task
 
@@ -243,7 +244,8 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         "rasters": [{"path": i.path, "grid": _grid_to_dict(i.grid), "count": i.count, "dtype": i.dtype,
                      "nodata": i.nodata, "bands": list(i.bands), "band_names": list(i.band_names),
                      "warped_from": None if i.warped_from is None else _grid_to_dict(i.warped_from),
-                     "resampling": i.resampling} for i in infos],
+                     "resampling": i.resampling, "spectral_bands": list(i.spectral_bands),
+                     "spectral_names": list(i.spectral_names)} for i in infos],
         "region": [region.row_off, region.col_off, region.height, region.width],
         "out_grid": _grid_to_dict(out_grid),
         "tiling": {"size": tiles.size, "overlap": tiles.overlap, "shape": list(tiles.shape),
@@ -336,7 +338,9 @@ def _infos(state: dict[str, Any]) -> list[Any]:
     return [RasterInfo(path=r["path"], grid=_grid_from_dict(r["grid"]), count=r["count"], dtype=r["dtype"],
                        nodata=r["nodata"], bands=tuple(r["bands"]), band_names=tuple(r["band_names"]),
                        warped_from=_grid_from_dict(r["warped_from"]) if r.get("warped_from") else None,
-                       resampling=r.get("resampling", "bilinear"))
+                       resampling=r.get("resampling", "bilinear"),
+                       spectral_bands=tuple(r.get("spectral_bands") or ()),
+                       spectral_names=tuple(r.get("spectral_names") or ()))
             for r in state["rasters"]]
 
 
@@ -431,12 +435,27 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
         cache.mkdir(exist_ok=True)
         samples = sample_patch_features(extractor, readers, [tiles[i] for i in idx], cfg.backbone.batch_size,
                                         seed=kcfg.seed if kcfg else 0, cache_dir=cache)
+        change = None
+        if len(readers) == 2:  # the label-free change scores, fitted on pixels of the same tiles
+            from geo_dino.change import fit_change_model
+            from geo_dino.inference import sample_change_pixels
+
+            ch = cfg.heads.change
+            spectral_readers = (None if ch.method == "features" else
+                                [stack.enter_context(WindowReader(i.spectral())) for i in _infos(state)])
+            x1, x2, fd = sample_change_pixels(extractor, readers, spectral_readers, [tiles[i] for i in idx],
+                                              cfg.backbone.batch_size, ch.fit_pixels,
+                                              seed=kcfg.seed if kcfg else 0, cache_dir=cache)
+            change = fit_change_model(ch.method, ch.spectral, ch.feature_weight, x1, x2, fd)
+            change.save(run_dir / "work" / CHANGE_MODEL)
     heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None,
                            seed=kcfg.seed if kcfg else 0)
     heads.save(run_dir / "work" / "heads.npz")
     update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device},
                   heads={"pca": cfg.heads.pca, "kmeans_k": heads.k, "fit_tiles": len(idx),
-                         "fit_patches": int(samples.shape[0]), "change": len(state["rasters"]) == 2})
+                         "fit_patches": int(samples.shape[0]), "change": len(state["rasters"]) == 2},
+                  **({"change": change.to_record() | {"fit_pixels": int(fd.size)}} if change is not None
+                     else {}))
     _timed(run_dir, "fit_heads", t0)
     return {"fit_patches": int(samples.shape[0]), "k": heads.k}
 
@@ -477,6 +496,14 @@ def _carry_path(run_dir: Path, chunk: int) -> Path:
 _STRIPS: dict[tuple[str, int], tuple[Any, np.ndarray]] = {}
 
 
+def _spectral_change(run_dir: Path) -> Any:
+    """The run's fitted spectral change score (None: one date, or ``method: features``)."""
+    from geo_dino.change import ChangeModel
+
+    path = run_dir / "work" / CHANGE_MODEL
+    return ChangeModel.load(path).spectral if path.exists() else None
+
+
 @records_failure
 def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     """Run one chunk (whole tile rows) and write the rows that became final. Chunks run in order: each loads
@@ -513,9 +540,12 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     if acc is None:
         acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
     region = _box(state["region"])
+    spectral = _spectral_change(run_dir)
     n = 0
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
+        spectral_readers = (None if spectral is None else
+                            [stack.enter_context(WindowReader(i.spectral())) for i in _infos(state)])
         writer = stack.enter_context(OutputWriter(run_dir, hist))
         cube = None
         if cfg.heads.cube:
@@ -525,7 +555,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
         for row in chunks[chunk]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
                              cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features",
-                             runner=_runner(state), cube=cube)
+                             runner=_runner(state), cube=cube, spectral=spectral,
+                             spectral_readers=spectral_readers)
             acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it
     acc.save(_carry_path(run_dir, chunk), hist=writer.hist)

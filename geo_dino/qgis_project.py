@@ -46,6 +46,7 @@ _RASTERS: tuple[tuple[str, str, str], ...] = (
     (r"change_(mask|binary)", "Change", "binary"),
     (r"change_probability", "Change", "probability"),
     (r"change_magnitude", "Change", "continuous"),
+    (r"change_(spectral|features)", "Change", "continuous"),
 )
 _SUFFIXES = (".tif", ".tiff", ".gpkg")  # map layers; anything else (features.zarr, *.json) is not one
 

@@ -127,6 +127,18 @@ class RasterInfo:
     # own grid and the resampling; None: read as it is
     warped_from: Grid | None = None
     resampling: str = "bilinear"
+    # the bands of the spectral part (label-free spectral change, heads' per-pixel spectral input), 1-based:
+    # every band unless ``sources.spectral_bands`` narrows them; () = the backbone's bands
+    spectral_bands: tuple[int, ...] = ()
+    spectral_names: tuple[str, ...] = ()
+
+    def spectral(self) -> RasterInfo:
+        """This source with its spectral bands selected (for a :class:`WindowReader` of those bands)."""
+        import dataclasses
+
+        if not self.spectral_bands:
+            return self
+        return dataclasses.replace(self, bands=self.spectral_bands, band_names=self.spectral_names)
 
     @property
     def is_geographic(self) -> bool:
@@ -189,6 +201,7 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
                 if src.dtypes[0] not in ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"):
                     raise SourceError(f"{path}: data type {src.dtypes[0]} is not supported")
                 bands = _select_bands(cfg.bands, src.count, src.descriptions, str(path), needed_bands)
+                spectral = _select_bands(cfg.spectral_bands, src.count, src.descriptions, str(path), None)
                 epsg = src.crs.to_epsg()
                 crs = f"EPSG:{epsg}" if epsg else src.crs.to_wkt()
                 return RasterInfo(
@@ -199,6 +212,8 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
                     nodata=src.nodata,
                     bands=bands,
                     band_names=tuple(src.descriptions[b - 1] or f"band {b}" for b in bands),
+                    spectral_bands=spectral,
+                    spectral_names=tuple(src.descriptions[b - 1] or f"band {b}" for b in spectral),
                 )
         except rasterio.errors.RasterioIOError as exc:
             raise SourceError(f"{path}: cannot be opened as a GeoTIFF: {exc}") from None

@@ -50,7 +50,8 @@ def test_flow_two_dates_end_to_end(tiny_config, tmp_path):
 
     cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]})
     run_dir = Path(run_aoi(config=cfg))
-    names = {"pca_rgb_t1", "pca_rgb_t2", "classes_t1", "classes_t2", "change_magnitude", "change_mask"}
+    names = {"pca_rgb_t1", "pca_rgb_t2", "classes_t1", "classes_t2", "change_magnitude", "change_mask",
+             "change_spectral", "change_features"}  # fused change (the default) and its two parts
     assert {p.stem for p in run_dir.glob("*.tif")} == names
     for name in names:
         path = run_dir / f"{name}.tif"
@@ -83,7 +84,9 @@ def test_flow_two_dates_end_to_end(tiny_config, tmp_path):
     assert rec["pipeline"]["tile_size"] == 64 and rec["pipeline"]["overlap"] == 16
     assert {o["name"] for o in rec["outputs"]} == names
     thr = next(o for o in rec["outputs"] if o["name"] == "change_mask")["threshold"]
-    assert 0 < thr < 2
+    assert thr > 0 and thr == rec["change"]["threshold"]["value"]
+    valid = mask != 255
+    assert np.array_equal(mask[valid] == 1, mag[valid] > thr)  # the mask is the thresholded fused score
     assert {"screen", "plan", "fit_heads", "finalize", "infer"} <= set(rec["timings"])
     import geopandas as gpd
 

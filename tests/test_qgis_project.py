@@ -188,7 +188,8 @@ def test_project_finds_outputs_by_name(tiny_config):
     groups = _groups(project)
     assert groups["Features"] == ["pca_rgb_t1", "pca_rgb_t2", "similarity"]
     assert groups["Classes"] == ["classes_t1", "classes_t2", "seg_classes_t2", "seg_probability_t2"]
-    assert groups["Change"] == ["change_binary", "change_magnitude", "change_mask", "change_probability"]
+    assert groups["Change"] == ["change_binary", "change_features", "change_magnitude", "change_mask",
+                                "change_probability", "change_spectral"]
     assert groups["Vectors"] == ["tiles", "change_polygons"]
     layers = _layers(project)
     kinds = {n: m.find("pipe/rasterrenderer").get("type") for n, m in layers.items()
