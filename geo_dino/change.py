@@ -196,12 +196,18 @@ def _irmad(z1: np.ndarray, z2: np.ndarray, m1: np.ndarray, sd1: np.ndarray, m2: 
         b = b / np.sqrt(np.maximum(np.einsum("si,st,ti->i", b, c22, b), EPS))
         sign = np.sign(np.einsum("si,st,ti->i", a, c12, b))
         b = b * np.where(sign == 0, 1.0, sign)
-        sigma = np.sqrt(np.maximum(2.0 * (1.0 - rho), EPS))
         mad = (z1 - mean[:s]) @ a - (z2 - mean[s:]) @ b
+        # each MAD variate's spread on the (weighted) no-change pixels, measured rather than taken from
+        # 2 (1 - rho): with near-duplicate bands rho -> 1 and that formula collapses to 0
+        sigma = np.sqrt(np.maximum((w[:, None] * mad ** 2).sum(0) / w.sum(), EPS))
         chi2 = ((mad / sigma) ** 2).sum(1)
-        w = 1.0 - chi2_dist.cdf(chi2, s)
-        if w.sum() <= 0:
+        w_next = 1.0 - chi2_dist.cdf(chi2, s)
+        # the reweighting must not narrow the fit down to a handful of pixels (on real scenes whose no-change
+        # spread is far from Gaussian it would, and the correlations run to 1): stop while a tenth of the
+        # sample still carries the weight
+        if w_next.sum() < 0.1 * n:
             break
+        w = w_next
         if np.max(np.abs(rho - rho_prev)) < tol:
             break
         rho_prev = rho

@@ -12,7 +12,10 @@ training loop and one file format serve both. DPT's stages, scaled down:
 2. **Fuse**, deepest first: a residual convolution unit, then bilinear resize to the next (finer) scale and a
    sum with that scale's reassembled layer, and another residual unit.
 3. **Predict**: a 3×3 convolution and ReLU, a 1×1 convolution to ``n_classes`` logits at the finest scale,
-   bilinearly upsampled to the requested output size.
+   bilinearly upsampled to the requested output size. With ``spectral`` bands per pixel
+   (:class:`~geo_dino.seg_heads.SpectralInput`), the 3×3 convolution's output is upsampled to the output
+   size first, the standardised bands are added through a 1×1 convolution, and the ReLU and the last 1×1
+   convolution run per pixel: the context from the features meets the spectrum at full resolution.
 
 No batch normalisation (heads are trained on small label sets, often one chip): the result of a forward pass
 does not depend on what else is in the batch.
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from geo_dino.errors import ConfigError
+from geo_dino.seg_heads import SpectralInput
 
 __all__ = ["DPTHead"]
 
@@ -52,7 +56,7 @@ def _resampler(scale: float, ch: int) -> nn.Module:
     return nn.Identity()
 
 
-class DPTHead(nn.Module):
+class DPTHead(SpectralInput):
     """Logits ``(B, K, H, W)`` from ``n_layers`` concatenated layers of ``embed_dim`` features each.
 
     ``embed_dim``: channels of one backbone layer (C); ``n_layers``: how many layers are concatenated (L);
@@ -61,7 +65,8 @@ class DPTHead(nn.Module):
 
     kind = "dpt"
 
-    def __init__(self, embed_dim: int, n_classes: int, n_layers: int = 4, hidden: int = 64) -> None:
+    def __init__(self, embed_dim: int, n_classes: int, n_layers: int = 4, hidden: int = 64,
+                 spectral: int = 0) -> None:
         super().__init__()
         if embed_dim < 1 or n_classes < 1 or hidden < 1:
             raise ConfigError(f"embed_dim {embed_dim}, n_classes {n_classes} and hidden {hidden} "
@@ -79,14 +84,27 @@ class DPTHead(nn.Module):
         self.units_out = nn.ModuleList(_ResidualUnit(hidden) for _ in scales)
         self.out = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(hidden, n_classes, 1))
+        self._init_spectral(spectral)
+        if self.spectral:
+            self.proj_spectral = nn.Conv2d(self.spectral, hidden, 1, bias=False)
+            # a linear path from the bands to the logits (started as the per-pixel logistic regression); the
+            # DPT part's last layer starts at zero and learns what the context adds
+            self.skip = nn.Conv2d(self.spectral, n_classes, 1)
+            for p in (*self.skip.parameters(), *self.out[2].parameters()):
+                nn.init.zeros_(p)
 
     def config(self) -> dict[str, Any]:
         """What :func:`~geo_dino.seg_heads.build_head` needs to make this head again (stored in head
         files)."""
-        return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes,
-                "n_layers": self.n_layers, "hidden": self.hidden}
+        cfg = {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes,
+               "n_layers": self.n_layers, "hidden": self.hidden}
+        return cfg | ({"spectral": self.spectral} if self.spectral else {})
 
-    def forward(self, features: Any, out_size: tuple[int, int] | None = None) -> Any:
+    def linear_spectral(self) -> tuple[Any, Any]:
+        """The (weight, bias) of the linear path from the standardised bands to the logits."""
+        return self.skip.weight, self.skip.bias
+
+    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
         """Logits of ``features (B, L·C, h, w)``: at 4× (or the finest hooked scale of) the patch grid, or
         bilinearly resized to ``out_size`` ``(rows, cols)`` when given."""
         if features.ndim != 4 or features.shape[1] != self.in_channels:
@@ -100,8 +118,14 @@ class DPTHead(nn.Module):
             up = nn.functional.interpolate(fused, size=maps[i].shape[-2:], mode="bilinear",
                                            align_corners=False)
             fused = self.units_out[i](up + self.units_in[i](maps[i]))
-        logits = self.out(fused)
         size = tuple(out_size) if out_size is not None else (int(h * self.scales[0]), int(w * self.scales[0]))
+        if self.spectral:
+            size = tuple(out_size) if out_size is not None else tuple(spectral.shape[-2:])
+            hid = nn.functional.interpolate(self.out[0](fused), size=size, mode="bilinear",
+                                            align_corners=False)
+            s = self._spectral(spectral, (int(size[0]), int(size[1])))
+            return self.out[2](self.out[1](hid + self.proj_spectral(s))) + self.skip(s)
+        logits = self.out(fused)
         if tuple(logits.shape[-2:]) != size:
             logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits

@@ -63,25 +63,45 @@ class LabelsConfig(_Model):
 
 
 class HeadSpecConfig(_Model):
-    """The head to train: linear or DPT, the backbone blocks feeding it, how a change head combines dates."""
+    """The head to train: linear, MLP or DPT, the backbone blocks feeding it, how a change head combines
+    dates, and whether it also sees every band of each pixel (the spectrum)."""
 
-    type: Literal["linear", "dpt"] = "linear"
+    type: Literal["linear", "mlp", "dpt"] = "linear"
     # backbone blocks (0-based; negative counts from the end) whose features feed the head. None: linear → the
     # last block; dpt → four blocks evenly spaced over the depth, as DPT hooks them
     layers: list[int] | None = None
-    hidden: Annotated[int, Field(ge=4, le=512)] = 64  # dpt channels
+    hidden: Annotated[int, Field(ge=4, le=512)] = 64  # mlp / dpt channels
     siamese: Literal["diff", "concat", "concat+diff"] = "concat+diff"  # change heads (two rasters)
+    # per pixel, the standardised bands of the raster (sources.spectral_bands, default all; a change head:
+    # both dates and their absolute difference) beside the upsampled features
+    spectral: bool = True
 
 
 class SplitConfig(_Model):
-    """Spatial split (:func:`geo_dino.labels.spatial_split`): whole blocks of tiles are held out, with a
-    buffer."""
+    """Which tiles are held out for the test metrics, with a buffer of dropped tiles around them.
 
+    ``blocks`` (:func:`geo_dino.labels.spatial_split`): random square blocks of tiles; ``halves``: one half of
+    the labelled tiles, cut across ``axis`` (``east`` holds out the eastern half); ``box``: the tiles that
+    intersect ``test_box`` (minx, miny, maxx, maxy in the first raster's CRS). The early-stopping tiles are
+    then taken from the rest as blocks."""
+
+    method: Literal["blocks", "halves", "box"] = "blocks"
+    axis: Literal["east", "west", "north", "south"] = "east"  # halves: the half held out
+    test_box: tuple[float, float, float, float] | None = None  # box: in the first raster's CRS
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3  # reported metrics: never seen in training
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # of the rest: early stopping
     block: Annotated[int, Field(ge=1)] = 2
     buffer: Annotated[int, Field(ge=0)] = 1
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _box_given(self) -> SplitConfig:
+        if (self.method == "box") != (self.test_box is not None):
+            raise ValueError("split.test_box: give it with split.method 'box' (and only then)")
+        if self.test_box is not None and not (self.test_box[0] < self.test_box[2]
+                                              and self.test_box[1] < self.test_box[3]):
+            raise ValueError("split.test_box: (minx, miny, maxx, maxy) with minx < maxx and miny < maxy")
+        return self
 
 
 class TrainConfig(_Model):

@@ -361,17 +361,20 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
             cube(batch, deep[0], valids[0])
         per_date = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear",
                                                     align_corners=False) for f in deep]
-        logits = runner.logits(feats, size) if runner is not None else []
+        bands = None  # each date's spectral bands (raw values), read once for the change and the head
+        wants_bands = spectral is not None or (runner is not None and runner.spectral)
+        if spectral_readers is not None and wants_bands:
+            reads = [r.read_many(boxes) for r in spectral_readers]
+            bands = [torch.from_numpy(np.stack([a for a, _ in rd]).astype(np.float32)) for rd in reads]
+            valids += [np.stack([v for _, v in rd]) for rd in reads]
+        logits = runner.logits(feats, size, bands) if runner is not None else []
         if runner is not None and not runner.change:
             per_date = [torch.cat([p, lg], dim=1) for p, lg in zip(per_date, logits, strict=True)]
         chans = list(per_date)
         if layout.has_change:
             chans.append(upsampled_cosine_distance(deep[0], deep[1], size))
-            if spectral is not None and spectral_readers is not None:
-                reads = [r.read_many(boxes) for r in spectral_readers]
-                x = [torch.from_numpy(np.stack([a for a, _ in rd]).astype(np.float32)) for rd in reads]
-                valids += [np.stack([v for _, v in rd]) for rd in reads]
-                chans.append(spectral.score(x[0], x[1]))
+            if spectral is not None and bands is not None:
+                chans.append(spectral.score(bands[0], bands[1]))
             else:
                 chans.append(torch.zeros_like(chans[-1]))
         if runner is not None and runner.change:

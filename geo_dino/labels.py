@@ -527,3 +527,43 @@ def spatial_split(tiles: TileGrid | Iterable[tuple[int, int] | Tile], val_fracti
         raise ConfigError(f"the split leaves no training tile ({len(val)} validation, {len(dropped)} dropped "
                           f"of {len(idx)}); lower val_fraction, block or buffer")
     return sorted(train), sorted(val), sorted(dropped)
+
+
+def held_out_split(cells: Iterable[tuple[int, int]], test: Iterable[tuple[int, int]], *, buffer: int = 1
+                   ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(train, test, dropped)`` for a given set of ``test`` tiles: the training tiles within ``buffer``
+    tiles (Chebyshev distance) of a test tile are dropped. Raises :class:`ConfigError` when either side would
+    be empty."""
+    idx = sorted(set(cells))
+    held = {c for c in test if c in set(idx)}
+    if not held:
+        raise ConfigError("the geographic hold-out holds no labelled tile; move split.test_box or change "
+                          "split.axis")
+    train: list[tuple[int, int]] = []
+    dropped: list[tuple[int, int]] = []
+    for r, c in idx:
+        if (r, c) in held:
+            continue
+        near = any((r + dr, c + dc) in held
+                   for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
+        (dropped if near else train).append((r, c))
+    if not train:
+        raise ConfigError(f"the hold-out leaves no training tile ({len(held)} test, {len(dropped)} dropped "
+                          f"of {len(idx)}); lower split.buffer or hold out less")
+    return train, sorted(held), dropped
+
+
+def half_cells(cells: Iterable[tuple[int, int]], axis: str) -> list[tuple[int, int]]:
+    """The tiles ``(row, col)`` of one half of the labelled tiles' extent: ``east`` (columns in the eastern
+    half), ``west``, ``north`` (rows in the northern half) or ``south``."""
+    idx = sorted(set(cells))
+    if not idx:
+        raise ConfigError("no tiles to split")
+    k = 1 if axis in ("east", "west") else 0
+    lo, hi = min(c[k] for c in idx), max(c[k] for c in idx)
+    mid = (lo + hi + 1) / 2
+    if axis in ("east", "south"):
+        return [c for c in idx if c[k] >= mid]
+    if axis in ("west", "north"):
+        return [c for c in idx if c[k] < mid]
+    raise ConfigError(f"split.axis {axis!r}: choose east, west, north or south")

@@ -228,7 +228,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     if cfg.heads.supervised is not None:
         from geo_dino.run_heads import head_preprocessor, plan_head
 
-        head_state, head_record = plan_head(cfg, len(infos))
+        head_state, head_record = plan_head(cfg, len(infos), infos[0])
         if head_record["preprocessing"].get("scale") == "percentile" and stats is None:
             with WindowReader(infos[0]) as r:
                 stats = r.sample_stats(cfg.preprocess.percentiles)
@@ -541,10 +541,11 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
         acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
     region = _box(state["region"])
     spectral = _spectral_change(run_dir)
+    runner = _runner(state)
     n = 0
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in _infos(state)]
-        spectral_readers = (None if spectral is None else
+        spectral_readers = (None if spectral is None and not (runner is not None and runner.spectral) else
                             [stack.enter_context(WindowReader(i.spectral())) for i in _infos(state)])
         writer = stack.enter_context(OutputWriter(run_dir, hist))
         cube = None
@@ -555,7 +556,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
         for row in chunks[chunk]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
                              cfg.backbone.batch_size, cache_dir=run_dir / "work" / "features",
-                             runner=_runner(state), cube=cube, spectral=spectral,
+                             runner=runner, cube=cube, spectral=spectral,
                              spectral_readers=spectral_readers)
             acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it

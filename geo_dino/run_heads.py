@@ -30,9 +30,32 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_bands(recorded: dict[str, Any] | None, info: Any) -> None:
+    """Refuse a head whose bands differ from the run's by identity (index or description), not only by
+    count: ``recorded`` is the head's ``inputs["bands"]``, ``info`` the run's first
+    :class:`~geo_dino.sources.RasterInfo`."""
+    from geo_dino.seg_heads import band_identity
+
+    if not recorded:
+        return  # a head written before band identities were recorded: its band count is checked instead
+    spectral = info.spectral()
+    run = {"backbone": band_identity(info.bands, info.band_names),
+           "spectral": band_identity(spectral.bands, spectral.band_names) if recorded.get("spectral") else []}
+    for part, key in (("backbone", "sources.bands"), ("spectral", "sources.spectral_bands")):
+        want, have = recorded.get(part) or [], run[part]
+
+        def fmt(bands: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{b['index']} ({b['description']})" for b in bands)
+
+        if [(b["index"], b["description"].lower()) for b in want] != \
+                [(b["index"], b["description"].lower()) for b in have]:
+            raise ConfigError(f"heads.supervised: the head's {part} bands are [{fmt(want)}], this run's are "
+                              f"[{fmt(have)}]; select the same bands with {key} (or train a head on these)")
+
+
+def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state entry, provenance record entry)`` of the run's supervised head; raises when it does not
-    fit."""
+    fit (backbone, checkpoint, dates, or — given the run's first raster ``info`` — bands)."""
     from geo_dino.seg_heads import load_head
 
     hc = cfg.heads.supervised
@@ -58,12 +81,15 @@ def plan_head(cfg: Any, n_dates: int) -> tuple[dict[str, Any], dict[str, Any]]:
                           f"(seed {bb.get('seed')}); this run's backbone differs")
     if inputs["task"] == "change" and n_dates != 2:
         raise ConfigError("heads.supervised: a change head needs two rasters (two dates)")
+    if info is not None:
+        check_bands(inputs.get("bands"), info)
     values = list(table.values)
     positive = inputs.get("positive_class")
     state = {"path": str(hc.path), "task": inputs["task"], "layers": list(inputs.get("layers") or []),
              "siamese": inputs.get("siamese"), "values": values, "names": list(table.names),
              "colours": [list(c.colour) for c in table.classes],
-             "positive_index": values.index(positive) if positive is not None else None}
+             "positive_index": values.index(positive) if positive is not None else None,
+             "spectral": int(getattr(head, "spectral", 0))}
     record = {"path": str(hc.path), "sha256": digest, "format": meta["format"], "config": meta["head"],
               "inputs": inputs, "class_table": table.to_dict(), "metrics": meta.get("metrics"),
               "lineage": meta.get("lineage"), "preprocessing": meta.get("preprocessing")}
@@ -103,16 +129,30 @@ class HeadRunner:
         """Whether this is a change head (two dates in, one map out) rather than a segmentation head."""
         return self.info["task"] == "change"
 
-    def logits(self, feats: list[Any], size: tuple[int, int]) -> list[Any]:
-        """Per date (segmentation) or one (change) logits ``(B, K, H, W)`` of features ``(B, L·C, h, w)``."""
+    @property
+    def spectral(self) -> bool:
+        """Whether the head also takes the pixels' bands (read with the run's spectral readers)."""
+        return bool(getattr(self.head, "spectral", 0))
+
+    def logits(self, feats: list[Any], size: tuple[int, int], bands: list[Any] | None = None) -> list[Any]:
+        """Per date (segmentation) or one (change) logits ``(B, K, H, W)`` of features ``(B, L·C, h, w)``
+        and, for a spectral head, each date's raw bands ``(B, S, H, W)``."""
         import torch
 
+        from geo_dino.seg_heads import spectral_input
         from geo_dino.train_head import combine_dates
 
+        if self.spectral and (bands is None or len(bands) != len(feats)):
+            raise ConfigError("the head takes the pixels' bands; none were read")
         with torch.inference_mode():
             if self.change:
                 x = combine_dates(feats[0], feats[1], self.info["siamese"], max(len(self.info["layers"]), 1))
+                if self.spectral and bands is not None:
+                    return [self.head(x, size, spectral=spectral_input(bands[0], bands[1]))]
                 return [self.head(x, size)]
+            if self.spectral and bands is not None:
+                return [self.head(f, size, spectral=spectral_input(b))
+                        for f, b in zip(feats, bands, strict=True)]
             return [self.head(f, size) for f in feats]
 
 

@@ -10,10 +10,20 @@ Labels are ``uint8 (N, H, W)`` class *values* of a :class:`~geo_dino.labels.Clas
 :data:`~geo_dino.labels.IGNORE` (255) skipped by the loss and the metrics. Logit channel ``k`` is the table's
 ``k``-th class (``table.values[k]``), which need not be ``k``.
 
-Heads: :class:`LinearHead` (one 1×1 convolution) and :class:`~geo_dino.dpt_head.DPTHead` (several backbone
-layers, DPT-style fusion). Both take ``(B, C_in, h, w)`` and return logits; what ``C_in`` is made of (which
-layers, one date or two combined by :func:`siamese_features`) is the head's ``inputs`` record
-(:func:`head_inputs`). One training loop (:func:`train_head`) serves both.
+Heads: :class:`LinearHead` (one 1×1 convolution), :class:`MLPHead` (a small per-pixel MLP of 1×1
+convolutions) and :class:`~geo_dino.dpt_head.DPTHead` (several backbone layers, DPT-style fusion). All take
+``(B, C_in, h, w)`` features and return logits: what ``C_in`` is made of (which layers, one date or two
+combined by :func:`siamese_features`) is the head's ``inputs`` record (:func:`head_inputs`). One training
+loop (:func:`train_head`) serves all three.
+
+**Spectrum and context together.** A head built with ``spectral=S`` also takes, per pixel, ``S`` raw band
+values at pixel resolution (:func:`spectral_input`: every band of one date, or both dates and their absolute
+difference for a change head), standardised inside the head by the per-band mean and standard deviation of
+its training pixels (buffers saved with the weights). The features give the context (texture, shape), the
+bands the spectrum at full resolution: a linear head on both contains the per-pixel logistic regression on
+the bands, and the MLP and DPT heads can combine them non-linearly. The feature part is computed at patch
+resolution and upsampled (linear maps commute with bilinear upsampling), the spectral part at pixel
+resolution.
 
 A head file is a ``.safetensors`` file (never a pickle): the head's ``state_dict`` tensors, and string
 metadata holding JSON: the head config, its inputs, the class table, the backbone it was trained on (arch,
@@ -38,22 +48,72 @@ from geo_dino.errors import CheckpointError, ConfigError
 from geo_dino.labels import IGNORE
 from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 
-__all__ = ["HEAD_FORMAT", "LinearHead", "TrainResult", "build_head", "evaluate_head", "head_inputs",
-           "input_channels", "load_head", "predict_values", "save_head", "siamese_features", "tile_features",
-           "train_head", "train_linear_head"]
+__all__ = ["HEAD_FORMAT", "LinearHead", "MLPHead", "TrainResult", "build_head", "evaluate_head",
+           "head_inputs", "input_channels", "load_head", "predict_values", "save_head", "siamese_features",
+           "spectral_input", "tile_features", "train_head", "train_linear_head"]
 
 HEAD_FORMAT = "geo_dino.head/1"
 _META_KEYS = ("format", "head", "inputs", "class_table", "backbone", "preprocessing", "metrics", "lineage",
               "n_classes")
 
 
-class LinearHead(torch.nn.Module):
-    """A 1×1 convolution (no normalisation) from ``embed_dim`` patch features to ``n_classes`` logits.
+class SpectralInput(torch.nn.Module):
+    """The per-pixel spectral part of a head: ``spectral`` band values standardised by buffers
+    (``spec_mean``, ``spec_std``, set from the training pixels by :meth:`set_spectral_stats`)."""
+
+    spectral: int = 0
+    spec_mean: Any  # buffers (spectral heads only)
+    spec_std: Any
+
+    def _init_spectral(self, spectral: int) -> None:
+        if spectral < 0:
+            raise ConfigError(f"spectral channels {spectral} must be >= 0")
+        self.spectral = int(spectral)
+        if self.spectral:
+            self.register_buffer("spec_mean", torch.zeros(self.spectral))
+            self.register_buffer("spec_std", torch.ones(self.spectral))
+
+    def set_spectral_stats(self, mean: Any, std: Any) -> None:
+        """Standardise the spectral input with these per-channel statistics (of the training pixels)."""
+        m = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+        s = torch.as_tensor(np.asarray(std, dtype=np.float32)).clamp(min=1e-6)
+        if m.shape != (self.spectral,) or s.shape != (self.spectral,):
+            raise ConfigError(f"spectral statistics of shape {tuple(m.shape)} for {self.spectral} channels")
+        self.spec_mean.copy_(m)
+        self.spec_std.copy_(s)
+
+    def _spectral(self, spectral: Any, size: tuple[int, int]) -> Any:
+        """Standardised spectral input ``(B, S, H, W)`` (checked against the head's ``S`` and ``size``)."""
+        if spectral is None:
+            raise ConfigError(f"this head takes {self.spectral} spectral channels per pixel; none were given")
+        if spectral.ndim != 4 or spectral.shape[1] != self.spectral or tuple(spectral.shape[-2:]) != size:
+            raise ConfigError(f"spectral input {tuple(spectral.shape)} is not "
+                              f"(B, {self.spectral}, {size[0]}, {size[1]})")
+        return (spectral.float() - self.spec_mean.view(1, -1, 1, 1)) / self.spec_std.view(1, -1, 1, 1)
+
+
+def _out_size(features: Any, out_size: tuple[int, int] | None, spectral: Any) -> tuple[int, int]:
+    if out_size is not None:
+        return (int(out_size[0]), int(out_size[1]))
+    if spectral is not None:
+        return (int(spectral.shape[-2]), int(spectral.shape[-1]))
+    return (int(features.shape[-2]), int(features.shape[-1]))
+
+
+def _up(x: Any, size: tuple[int, int]) -> Any:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class LinearHead(SpectralInput):
+    """A 1×1 convolution (no normalisation) from ``embed_dim`` patch features (and, with ``spectral``, the
+    standardised bands of each pixel) to ``n_classes`` logits.
 
     Initialised to zero (the softmax problem is convex: no random init is needed, so the seed only orders
     the mini-batches)."""
 
-    def __init__(self, embed_dim: int, n_classes: int) -> None:
+    def __init__(self, embed_dim: int, n_classes: int, spectral: int = 0) -> None:
         super().__init__()
         if embed_dim < 1 or n_classes < 1:
             raise ConfigError(f"embed_dim {embed_dim} and n_classes {n_classes} must be positive")
@@ -63,6 +123,10 @@ class LinearHead(torch.nn.Module):
         torch.nn.init.zeros_(self.conv.weight)
         if self.conv.bias is not None:  # always: bias=True
             torch.nn.init.zeros_(self.conv.bias)
+        self._init_spectral(spectral)
+        if self.spectral:
+            self.conv_spectral = torch.nn.Conv2d(self.spectral, self.n_classes, kernel_size=1, bias=False)
+            torch.nn.init.zeros_(self.conv_spectral.weight)
 
     kind = "linear"
 
@@ -73,51 +137,193 @@ class LinearHead(torch.nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What :func:`build_head` needs to make this head again (stored in head files)."""
-        return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes}
+        cfg: dict[str, Any] = {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes}
+        return cfg | ({"spectral": self.spectral} if self.spectral else {})
 
-    def forward(self, features: Any, out_size: tuple[int, int] | None = None) -> Any:
+    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
         """Logits ``(B, K, h, w)`` of features ``(B, C, h, w)``; bilinearly upsampled to ``out_size``
-        ``(rows, cols)`` when given."""
+        ``(rows, cols)`` when given, plus the spectral part ``(B, S, H, W)`` for a spectral head."""
         if features.ndim != 4 or features.shape[1] != self.embed_dim:
             raise ConfigError(f"features {tuple(features.shape)} are not (B, {self.embed_dim}, h, w)")
         logits = self.conv(features)
-        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-            logits = torch.nn.functional.interpolate(logits, size=tuple(out_size), mode="bilinear",
-                                                     align_corners=False)
+        size = _out_size(logits, out_size, spectral if self.spectral else None)
+        logits = _up(logits, size)
+        if self.spectral:
+            logits = logits + self.conv_spectral(self._spectral(spectral, size))
         return logits
 
+    def linear_spectral(self) -> tuple[Any, Any]:
+        """The (weight, bias) of the linear path from the standardised bands to the logits."""
+        return self.conv_spectral.weight, self.conv.bias
 
-HEAD_TYPES = ("linear", "dpt")
+
+class MLPHead(SpectralInput):
+    """A small per-pixel MLP of 1×1 convolutions: ``hidden`` units (ReLU), twice, then ``n_classes`` logits.
+
+    The first layer is linear in the features and the bands, so its feature part runs at patch resolution
+    and is upsampled before the spectral part is added at pixel resolution; the rest runs per pixel."""
+
+    kind = "mlp"
+
+    def __init__(self, embed_dim: int, n_classes: int, spectral: int = 0, hidden: int = 64) -> None:
+        super().__init__()
+        if embed_dim < 1 or n_classes < 1 or hidden < 1:
+            raise ConfigError(f"embed_dim {embed_dim}, n_classes {n_classes} and hidden {hidden} "
+                              "must be positive")
+        self.embed_dim, self.n_classes, self.hidden = int(embed_dim), int(n_classes), int(hidden)
+        self.proj = torch.nn.Conv2d(self.embed_dim, self.hidden, 1)
+        self._init_spectral(spectral)
+        if self.spectral:
+            self.proj_spectral = torch.nn.Conv2d(self.spectral, self.hidden, 1, bias=False)
+        self.mlp = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(self.hidden, self.hidden, 1),
+                                       torch.nn.ReLU(), torch.nn.Conv2d(self.hidden, self.n_classes, 1))
+        if self.spectral:
+            # a linear path from the bands straight to the logits (started as the per-pixel logistic
+            # regression, see init_from_logistic); the MLP starts at zero and learns what the context adds
+            self.skip = torch.nn.Conv2d(self.spectral, self.n_classes, 1)
+            for p in (*self.skip.parameters(), *self.mlp[3].parameters()):
+                torch.nn.init.zeros_(p)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels ``C`` of the features the head takes."""
+        return self.embed_dim
+
+    def config(self) -> dict[str, Any]:
+        """What :func:`build_head` needs to make this head again (stored in head files)."""
+        return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes,
+                "spectral": self.spectral, "hidden": self.hidden}
+
+    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
+        """Logits ``(B, K, H, W)``; ``H, W``: ``out_size``, else the spectral input's, else the patch grid."""
+        if features.ndim != 4 or features.shape[1] != self.embed_dim:
+            raise ConfigError(f"features {tuple(features.shape)} are not (B, {self.embed_dim}, h, w)")
+        size = _out_size(features, out_size, spectral if self.spectral else None)
+        h = _up(self.proj(features), size)
+        if not self.spectral:
+            return self.mlp(h)
+        s = self._spectral(spectral, size)
+        return self.mlp(h + self.proj_spectral(s)) + self.skip(s)
+
+    def linear_spectral(self) -> tuple[Any, Any]:
+        """The (weight, bias) of the linear path from the standardised bands to the logits."""
+        return self.skip.weight, self.skip.bias
 
 
-def build_head(config: Mapping[str, Any]) -> torch.nn.Module:
+HEAD_TYPES = ("linear", "mlp", "dpt")
+
+
+def build_head(config: Mapping[str, Any]) -> Any:
     """A fresh head from its :meth:`config` (``type`` ``linear`` or ``dpt`` and its sizes)."""
     from geo_dino.dpt_head import DPTHead
 
     cfg = dict(config)
     kind = cfg.pop("type", None)
     try:
+        spectral = int(cfg.get("spectral", 0))
         if kind == "linear":
-            return LinearHead(int(cfg["embed_dim"]), int(cfg["n_classes"]))
+            return LinearHead(int(cfg["embed_dim"]), int(cfg["n_classes"]), spectral)
+        if kind == "mlp":
+            return MLPHead(int(cfg["embed_dim"]), int(cfg["n_classes"]), spectral, int(cfg.get("hidden", 64)))
         if kind == "dpt":
             return DPTHead(int(cfg["embed_dim"]), int(cfg["n_classes"]), int(cfg.get("n_layers", 4)),
-                           int(cfg.get("hidden", 64)))
+                           int(cfg.get("hidden", 64)), spectral)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"head config {config}: {exc}") from None
     raise ConfigError(f"head type {kind!r}: choose one of {list(HEAD_TYPES)}")
 
 
-def predict_values(head: LinearHead, features: Any, out_size: tuple[int, int], values: Sequence[int],
-                   batch_size: int = 64) -> np.ndarray:
+def predict_values(head: Any, features: Any, out_size: tuple[int, int], values: Sequence[int],
+                   batch_size: int = 64, spectral: Any = None) -> np.ndarray:
     """Class values ``uint8 (N, rows, cols)`` (the arg-max logit's ``values[k]``) of features
-    ``(N, C, h, w)``."""
+    ``(N, C, h, w)`` (and, for a spectral head, the pixels' bands ``(N, S, rows, cols)``)."""
     lut = np.asarray(values, dtype=np.uint8)
     out = []
     head.eval()
     with torch.inference_mode():
         for i in range(0, features.shape[0], batch_size):
-            out.append(head(features[i:i + batch_size], out_size).argmax(1).numpy())
+            sp = None if spectral is None else spectral[i:i + batch_size]
+            out.append(_call(head, features[i:i + batch_size], out_size, sp).argmax(1).numpy())
     return lut[np.concatenate(out)] if out else np.zeros((0, *out_size), np.uint8)
+
+
+def _call(head: Any, features: Any, out_size: tuple[int, int], spectral: Any) -> Any:
+    """``head(features, out_size)``, with the spectral input for a spectral head (refused for another)."""
+    if getattr(head, "spectral", 0):
+        return head(features, out_size, spectral=spectral)
+    if spectral is not None:
+        raise ConfigError("spectral input given to a head that takes none (built with spectral=0)")
+    return head(features, out_size)
+
+
+def spectral_input(x1: Any, x2: Any = None) -> Any:
+    """A head's per-pixel spectral input from raw band values ``(N, S, H, W)``: one date as it is, or two
+    dates as ``[x1, x2, |x2 - x1|]`` (3S channels), float32."""
+    a = torch.as_tensor(np.asarray(x1, dtype=np.float32)) if not torch.is_tensor(x1) else x1.float()
+    if x2 is None:
+        return a
+    b = torch.as_tensor(np.asarray(x2, dtype=np.float32)) if not torch.is_tensor(x2) else x2.float()
+    if a.shape != b.shape:
+        raise ConfigError(f"the two dates' bands differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return torch.cat([a, b, (b - a).abs()], dim=1)
+
+
+def init_from_logistic(head: Any, spectral: Any, labels: Any, table: Any, *, max_pixels: int = 60_000,
+                       seed: int = 0) -> dict[str, Any]:
+    """Start a spectral head as the per-pixel logistic regression on its (standardised) bands.
+
+    A multinomial logistic regression (scikit-learn, balanced class weights) is fitted on up to
+    ``max_pixels`` labelled pixels of ``spectral (N, S, H, W)`` / ``labels (N, H, W)``, standardised with the
+    head's own statistics, and written into the head's linear spectral path (the feature part and the MLP /
+    DPT part start at zero output): before training the head *is* that regression, so training with early
+    stopping — whose first measurement is this starting point — keeps it unless the features improve on it.
+    Returns what was fitted (pixels, iterations)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = spectral.numpy() if torch.is_tensor(spectral) else np.asarray(spectral, np.float32)
+    y = np.asarray(labels)
+    flat = x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+    yy = values_to_indices(y.reshape(-1), table.values)
+    keep = np.nonzero(yy != IGNORE)[0]
+    if keep.size == 0:
+        raise ConfigError("no labelled pixel to fit the spectral start of the head on")
+    rng = np.random.default_rng(seed)
+    if keep.size > max_pixels:
+        keep = rng.choice(keep, max_pixels, replace=False)
+    mean = head.spec_mean.numpy().astype(np.float64)
+    std = head.spec_std.numpy().astype(np.float64)
+    xs = (flat[keep].astype(np.float64) - mean) / std
+    present = np.unique(yy[keep])
+    if present.size < 2:
+        raise ConfigError("the training pixels hold one class only: nothing to separate")
+    clf = LogisticRegression(class_weight="balanced", max_iter=2000).fit(xs, yy[keep])
+    k = len(table.values)
+    w = np.zeros((k, x.shape[1]))
+    b = np.full(k, -30.0)  # a class absent from the training pixels is never predicted at the start
+    if clf.coef_.shape[0] == 1:  # binary: sklearn keeps one row, logit(class 1) - logit(class 0)
+        c0, c1 = (int(c) for c in clf.classes_)
+        w[c1], b[c1], b[c0] = clf.coef_[0], clf.intercept_[0], 0.0
+    else:
+        for row, c in enumerate(clf.classes_):
+            w[int(c)], b[int(c)] = clf.coef_[row], clf.intercept_[row]
+    weight, bias = head.linear_spectral()
+    with torch.no_grad():
+        weight.copy_(torch.as_tensor(w, dtype=weight.dtype).view_as(weight))
+        bias.copy_(torch.as_tensor(b, dtype=bias.dtype))
+    return {"pixels": int(keep.size), "iterations": int(np.max(clf.n_iter_)),
+            "classes": [int(c) for c in present]}
+
+
+def spectral_stats(spectral: Any, labels: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of spectral input ``(N, S, H, W)`` over its pixels (those
+    with a label when ``labels`` ``(N, H, W)`` is given)."""
+    x = spectral.numpy() if torch.is_tensor(spectral) else np.asarray(spectral, np.float32)
+    flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    if labels is not None:
+        keep = (np.asarray(labels) != IGNORE).reshape(-1)
+        if keep.any():
+            flat = flat[:, keep]
+    return flat.mean(1).astype(np.float32), flat.std(1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -209,10 +415,12 @@ def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def evaluate_head(head: LinearHead, features: Any, labels: Any, table: Any) -> dict[str, Any]:
-    """:func:`~geo_dino.metrics.segmentation_metrics` of the head on features and ``uint8`` label values."""
+def evaluate_head(head: Any, features: Any, labels: Any, table: Any, spectral: Any = None) -> dict[str, Any]:
+    """:func:`~geo_dino.metrics.segmentation_metrics` of the head on features (and spectral input) and
+    ``uint8`` label values."""
     lab = np.asarray(labels)
-    pred = values_to_indices(predict_values(head, features, lab.shape[-2:], table.values), table.values)
+    pred = values_to_indices(predict_values(head, features, lab.shape[-2:], table.values, spectral=spectral),
+                             table.values)
     target = values_to_indices(lab, table.values)
     return segmentation_metrics(confusion_matrix(pred, target, len(table.values)), table.names)
 
@@ -233,9 +441,11 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
 def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
                class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
                lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
-               seed: int = 0, eval_every: int | None = None) -> TrainResult:
-    """Fit ``head`` (a :class:`LinearHead` or :class:`~geo_dino.dpt_head.DPTHead`) on frozen features with
-    early stopping on validation mIoU.
+               seed: int = 0, eval_every: int | None = None, train_spectral: Any = None,
+               val_spectral: Any = None) -> TrainResult:
+    """Fit ``head`` (a :class:`LinearHead`, :class:`MLPHead` or :class:`~geo_dino.dpt_head.DPTHead`) on
+    frozen features (and, for a spectral head, ``*_spectral`` pixel bands ``(N, S, H, W)``) with early
+    stopping on validation mIoU.
 
     ``*_feats``: ``float32 (N, C, h, w)``; ``*_labels``: ``uint8 (N, H, W)`` class values of ``table`` or
     :data:`~geo_dino.labels.IGNORE`. Loss: cross-entropy on logits upsampled to ``(H, W)``, ignore index 255,
@@ -262,13 +472,23 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
         raise ConfigError(f"train and val features have {xt.shape[1]} and {xv.shape[1]} channels")
     if xt.shape[1] != head.in_channels:
         raise ConfigError(f"the features have {xt.shape[1]} channels; the head takes {head.in_channels}")
+    st = sv = None
+    if getattr(head, "spectral", 0):
+        if train_spectral is None or val_spectral is None:
+            raise ConfigError(f"the head takes {head.spectral} spectral channels: give train_spectral and "
+                              "val_spectral")
+        st, sv = _as_tensor(train_spectral, torch.float32), _as_tensor(val_spectral, torch.float32)
+        for name, s_, y in (("train", st, yt_np), ("val", sv, yv_np)):
+            if s_.ndim != 4 or s_.shape[0] != y.shape[0] or tuple(s_.shape[-2:]) != tuple(y.shape[-2:]):
+                raise ConfigError(f"{name}: spectral input {tuple(s_.shape)} must be (N, S, H, W) with the "
+                                  f"labels' N, H, W {y.shape}")
     if head.n_classes != len(table.values):
         raise ConfigError(f"the head has {head.n_classes} classes but the table {len(table.values)}")
     yt = torch.as_tensor(values_to_indices(yt_np, table.values).astype(np.int64))
     if not (yt != IGNORE).any():
         raise ConfigError("the training labels are all IGNORE: nothing to learn from")
     weight = _weights(class_weights, table)
-    out_size = tuple(yt.shape[-2:])
+    out_size = (int(yt.shape[-2]), int(yt.shape[-1]))
 
     gen = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))  # a DPT head's random init; a linear head starts at zero
@@ -280,7 +500,7 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
     step = 0
 
     def measure(epoch: int) -> bool:  # True: stop (patience spent)
-        metrics = evaluate_head(head, xv, yv_np, table)
+        metrics = evaluate_head(head, xv, yv_np, table, spectral=sv)
         miou = metrics["miou"] if metrics["miou"] is not None else 0.0
         history.append({"step": step, "epoch": epoch, "train_loss": window["loss"] / max(window["n"], 1),
                         "val_miou": miou, "lr": lr})
@@ -291,6 +511,10 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
         head.train()
         return len(history) - 1 - best["index"] >= patience
 
+    if getattr(head, "spectral", 0):
+        # a spectral head's start (the logistic regression, init_from_logistic) competes too, as epoch -1:
+        # it is kept unless training improves on it
+        measure(-1)
     stop = False
     for epoch in range(epochs):
         head.train()
@@ -300,7 +524,7 @@ def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, v
             yb = yt[idx]
             if not (yb != IGNORE).any():
                 continue
-            loss = loss_fn(head(xt[idx], out_size), yb)
+            loss = loss_fn(_call(head, xt[idx], out_size, None if st is None else st[idx]), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -334,14 +558,17 @@ SIAMESE_FACTOR = {"diff": 1, "concat": 2, "concat+diff": 3}
 
 
 def head_inputs(task: str = "segmentation", layers: Sequence[int] = (), siamese: str | None = None,
-                positive_class: int | None = None) -> dict[str, Any]:
+                positive_class: int | None = None,
+                bands: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """How a head's input is made from backbone features (stored in head files, read by the pipeline).
 
     ``task``: ``segmentation`` (one date) or ``change`` (two dates, combined by :func:`siamese_features` with
     mode ``siamese``); ``layers``: 0-based backbone blocks whose dense features are concatenated, in this
     order (empty: the last block's normed output, :attr:`~geo_dino.backbone.Features.dense`);
     ``positive_class``: for change heads, the class value that means "changed" (its probability is the change
-    probability).
+    probability); ``bands``: the identity of the bands the head was trained on, ``{"backbone": [...],
+    "spectral": [...]}``, each a list of ``{"index": 1-based band, "description": ...}`` (a run refuses a
+    head whose bands differ).
     """
     if task not in ("segmentation", "change"):
         raise ConfigError(f"task {task!r}: choose 'segmentation' or 'change'")
@@ -349,8 +576,17 @@ def head_inputs(task: str = "segmentation", layers: Sequence[int] = (), siamese:
         raise ConfigError("a change head needs a siamese mode, a segmentation head none")
     if siamese is not None and siamese not in SIAMESE_MODES:
         raise ConfigError(f"siamese mode {siamese!r}: choose one of {list(SIAMESE_MODES)}")
-    return {"task": task, "layers": [int(i) for i in layers], "siamese": siamese,
-            "positive_class": None if positive_class is None else int(positive_class)}
+    out: dict[str, Any] = {"task": task, "layers": [int(i) for i in layers], "siamese": siamese,
+                           "positive_class": None if positive_class is None else int(positive_class)}
+    if bands is not None:
+        out["bands"] = {k: [{"index": int(b["index"]), "description": str(b["description"])} for b in v]
+                        for k, v in bands.items()}
+    return out
+
+
+def band_identity(bands: Sequence[int], names: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"index", "description"}]`` of selected 1-based bands and their descriptions."""
+    return [{"index": int(b), "description": str(n)} for b, n in zip(bands, names, strict=True)]
 
 
 def input_channels(embed_dim: int, inputs: Mapping[str, Any]) -> int:

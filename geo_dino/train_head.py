@@ -132,10 +132,11 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     from geo_dino.errors import ConfigError
     from geo_dino.grid import TileGrid
     from geo_dino.inference import FeatureExtractor, pick_device
-    from geo_dino.labels import IGNORE, label_stats, spatial_split
+    from geo_dino.labels import IGNORE, half_cells, held_out_split, label_stats, spatial_split
     from geo_dino.outputs import write_tile_index
     from geo_dino.preprocess import make_preprocessor
     from geo_dino.provenance import raster_input_record
+    from geo_dino.seg_heads import band_identity, spectral_input
     from geo_dino.sources import WindowReader, open_raster
 
     t0 = time.perf_counter()
@@ -177,9 +178,11 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                                  accept_licence=cfg.backbone.accept_licence, in_chans=cfg.backbone.in_chans)
     layers = hooked_layers(cfg.head.type, cfg.head.layers, len(model.blocks))
     extractor = FeatureExtractor(model, pre, device, layers=layers)
-    feats, labs = [], []
+    feats, labs, spectra = [], [], []
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in infos]
+        spectral_readers = ([stack.enter_context(WindowReader(i.spectral())) for i in infos]
+                            if cfg.head.spectral else [])
         for k in range(0, len(used), cfg.backbone.batch_size):
             batch = used[k:k + cfg.backbone.batch_size]
             per_date, valids = [], []
@@ -187,6 +190,13 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                 f, v = extractor.features(reader, [t.box for t in batch])
                 per_date.append(f)
                 valids.append(v)
+            if spectral_readers:
+                bands = []
+                for reader in spectral_readers:
+                    reads = reader.read_many([t.box for t in batch])
+                    bands.append(np.stack([a for a, _ in reads]))
+                    valids.append(np.stack([v for _, v in reads]))
+                spectra.append(spectral_input(*bands).numpy())
             valid = np.logical_and.reduce(valids)  # valid on every date
             x = (per_date[0] if len(per_date) == 1
                  else combine_dates(per_date[0], per_date[1], cfg.head.siamese, max(len(layers), 1)))
@@ -196,11 +206,26 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     x_all, y_all = np.concatenate(feats), np.concatenate(labs)
     np.save(run_dir / "work" / "features.npy", x_all)
     np.save(run_dir / "work" / "labels.npy", y_all)
+    if spectra:
+        np.save(run_dir / "work" / "spectral.npy", np.concatenate(spectra).astype(np.float32))
 
     s = cfg.split
     cells = [(t.grid_row, t.grid_col) for t in used]
-    trainval, test, dropped = spatial_split(cells, s.test_fraction, block=s.block, buffer=s.buffer,
-                                            seed=s.seed)
+    if s.method == "blocks":
+        trainval, test, dropped = spatial_split(cells, s.test_fraction, block=s.block, buffer=s.buffer,
+                                                seed=s.seed)
+    else:
+        if s.method == "halves":
+            held = half_cells(cells, s.axis)
+        else:
+            from shapely.geometry import box as shp_box
+
+            if s.test_box is None:  # the config's validator requires it with method box
+                raise ConfigError("split.test_box: required with split.method 'box'")
+            target = shp_box(*s.test_box)
+            held = [(t.grid_row, t.grid_col) for t in used
+                    if shp_box(*grid.bounds(t.box.intersection(grid.box) or t.box)).intersects(target)]
+        trainval, test, dropped = held_out_split(cells, held, buffer=s.buffer)
     fit, stop, _ = spatial_split(trainval, s.val_fraction, block=1, buffer=0, seed=s.seed + 1)
     role_of = {c: "test" for c in test} | {c: "dropped" for c in dropped} | {c: "fit" for c in fit} \
         | {c: "early_stopping" for c in stop}
@@ -218,6 +243,9 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                   licence={"architecture_licence": arch.licence,
                            "declared_by_checkpoint": meta.get("licence"), "acceptance": acceptance},
                   preprocessing=pre.to_dict(),
+                  bands={"backbone": band_identity(infos[0].bands, infos[0].band_names),
+                         "spectral": (band_identity(infos[0].spectral().bands, infos[0].spectral().band_names)
+                                      if cfg.head.spectral else [])},
                   split={"tile_size": cfg.tile_size, "tiles_with_labels": len(used),
                          **{r: len(v) for r, v in split.items()}, "settings": s.model_dump()})
     update_record(run_dir, timings={"features": round(time.perf_counter() - t0, 3)})
@@ -238,8 +266,10 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
         build_head,
         evaluate_head,
         head_inputs,
+        init_from_logistic,
         predict_values,
         save_head,
+        spectral_stats,
         train_head,
     )
 
@@ -255,13 +285,22 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     change = len(cfg.rasters) == 2
     factor = SIAMESE_FACTOR[cfg.head.siamese] if change else 1
     embed = int(rec["backbone"]["embed_dim"])
-    config = {"type": cfg.head.type, "n_classes": len(table.values)}
+    spec_path = run_dir / "work" / "spectral.npy"
+    sp = torch.from_numpy(np.load(spec_path)) if spec_path.exists() else None
+    config: dict[str, Any] = {"type": cfg.head.type, "n_classes": len(table.values),
+                              "spectral": 0 if sp is None else int(sp.shape[1])}
     if cfg.head.type == "dpt":
         config |= {"embed_dim": embed * factor, "n_layers": len(layers), "hidden": cfg.head.hidden}
+    elif cfg.head.type == "mlp":
+        config |= {"embed_dim": int(x.shape[1]), "hidden": cfg.head.hidden}
     else:
         config |= {"embed_dim": int(x.shape[1])}
     torch.manual_seed(cfg.train.seed)
     head = build_head(config)
+    start = None
+    if sp is not None:  # standardised by the fit tiles' labelled pixels (never the test tiles')
+        head.set_spectral_stats(*spectral_stats(sp[fit], y[fit]))
+        start = init_from_logistic(head, sp[fit], y[fit], table, seed=cfg.train.seed)
     t = cfg.train
     weights = None
     if t.class_weights == "auto":
@@ -270,14 +309,18 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
         weights = t.class_weights
     res = train_head(head, x[fit], y[fit], x[stop], y[stop], table, class_weights=weights, epochs=t.epochs,
                      lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience,
-                     seed=t.seed, eval_every=t.eval_every)
-    test_metrics = evaluate_head(res.head, x[test], y[test], table)
-    pred = values_to_indices(predict_values(res.head, x[test], y.shape[-2:], table.values), table.values)
+                     seed=t.seed, eval_every=t.eval_every, train_spectral=None if sp is None else sp[fit],
+                     val_spectral=None if sp is None else sp[stop])
+    sp_test = None if sp is None else sp[test]
+    test_metrics = evaluate_head(res.head, x[test], y[test], table, spectral=sp_test)
+    pred = values_to_indices(predict_values(res.head, x[test], y.shape[-2:], table.values, spectral=sp_test),
+                             table.values)
     cm = confusion_matrix(pred, values_to_indices(y[test], table.values), len(table.values))
     inputs = head_inputs("change" if change else "segmentation", layers, cfg.head.siamese if change else None,
-                         positive_value(cfg, table) if change else None)
+                         positive_value(cfg, table) if change else None, bands=rec["bands"])
     metrics = {"test": test_metrics | {"confusion_matrix": cm.tolist(), "classes": list(table.names)},
                "early_stopping": res.metrics, "best_measurement": res.best_epoch,
+               "spectral_start": start,
                "history": res.history,
                "class_weights": None if weights is None else [float(w) for w in weights],
                "split": {r: len(v) for r, v in split.items()}}
@@ -288,7 +331,7 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     save_head(run_dir / HEAD_FILE, res.head, table, backbone_spec=spec, preprocessing=rec["preprocessing"],
               metrics={"test": test_metrics}, inputs=inputs, lineage=lineage)
     atomic_json(run_dir / METRICS, metrics)
-    for name in ("features.npy", "labels.npy"):
+    for name in ("features.npy", "labels.npy", "spectral.npy"):
         (run_dir / "work" / name).unlink(missing_ok=True)
     update_record(run_dir, head={"path": HEAD_FILE, "sha256": sha256_file(run_dir / HEAD_FILE),
                                  "config": res.head.config(), "inputs": inputs,

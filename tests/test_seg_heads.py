@@ -328,3 +328,76 @@ def test_dpt_head_learns_from_four_layers(learnable: dict) -> None:
     # one layer's features do not fit a 4-layer head
     with pytest.raises(Exception, match="channels|shape|size"):
         res.head(f[:1, :spec.embed_dim], (32, 32))
+
+
+BINARY = ClassTable.from_mapping({"no": 0, "yes": 1})
+
+
+def _spectral_problem(seed: int = 0) -> dict:
+    """Labels set by the bands (a linear rule on two of three bands), features that are pure noise."""
+    rng = np.random.default_rng(seed)
+    spec = torch.from_numpy(rng.normal(size=(24, 3, 16, 16)).astype(np.float32) * 5 + 40)
+    lab = ((spec[:, 0] - 40) + 0.5 * (spec[:, 1] - 40) > 0).numpy().astype(np.uint8)
+    feats = torch.from_numpy(rng.normal(size=(24, 8, 4, 4)).astype(np.float32))
+    return {"spec": spec, "lab": lab, "feats": feats}
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "dpt"])
+def test_a_spectral_head_starts_as_the_logistic_regression_and_keeps_it(kind: str) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from geo_dino.seg_heads import build_head, evaluate_head, init_from_logistic, spectral_stats, train_head
+
+    p = _spectral_problem()
+    cfg = {"type": kind, "embed_dim": 8, "n_classes": 2, "spectral": 3}
+    if kind == "dpt":
+        cfg |= {"n_layers": 1, "hidden": 8}
+    torch.manual_seed(0)
+    head = build_head(cfg)
+    head.set_spectral_stats(*spectral_stats(p["spec"][:16], p["lab"][:16]))
+    start = init_from_logistic(head, p["spec"][:16], p["lab"][:16], BINARY)
+    assert start["classes"] == [0, 1]
+    # before any training the head's decisions are the regression's, pixel for pixel
+    x = p["spec"][16:].permute(0, 2, 3, 1).reshape(-1, 3).numpy().astype(np.float64)
+    mean, std = head.spec_mean.numpy(), head.spec_std.numpy()
+    xs = p["spec"][:16].permute(0, 2, 3, 1).reshape(-1, 3).numpy().astype(np.float64)
+    ref = LogisticRegression(class_weight="balanced", max_iter=2000).fit(
+        (xs - mean) / std, p["lab"][:16].reshape(-1))
+    want = ref.predict((x - mean) / std).reshape(8, 16, 16)
+    got = predict_values(head, p["feats"][16:], (16, 16), BINARY.values, spectral=p["spec"][16:])
+    assert (got == want).mean() > 0.999
+    assert (got == p["lab"][16:]).mean() > 0.97
+    miou0 = evaluate_head(head, p["feats"][16:], p["lab"][16:], BINARY, spectral=p["spec"][16:])["miou"]
+    # training on noise features cannot make it worse on the early-stopping pixels: the start competes
+    res = train_head(head, p["feats"][:16], p["lab"][:16], p["feats"][16:], p["lab"][16:], BINARY, epochs=5,
+                     lr=1e-2, batch_size=4, patience=3, eval_every=2, train_spectral=p["spec"][:16],
+                     val_spectral=p["spec"][16:])
+    assert res.history[0]["step"] == 0 and res.history[0]["epoch"] == -1
+    assert res.history[0]["val_miou"] == pytest.approx(miou0)
+    assert res.metrics["miou"] >= miou0 - 1e-12 and len(res.history) > 1
+
+
+def test_spectral_heads_check_their_input_and_round_trip(tmp_path: Path) -> None:
+    from geo_dino.seg_heads import MLPHead, spectral_input
+
+    p = _spectral_problem()
+    head = MLPHead(8, 2, spectral=3, hidden=6)
+    head.set_spectral_stats([40, 40, 40], [5, 5, 5])
+    with pytest.raises(ConfigError, match="spectral channels per pixel"):
+        head(p["feats"][:2], (16, 16))
+    with pytest.raises(ConfigError, match="spectral input"):
+        head(p["feats"][:2], (16, 16), spectral=p["spec"][:2, :2])
+    with pytest.raises(ConfigError, match="takes none"):
+        predict_values(LinearHead(8, 2), p["feats"][:2], (16, 16), BINARY.values, spectral=p["spec"][:2])
+    x1, x2 = p["spec"][:2], p["spec"][2:4]
+    both = spectral_input(x1, x2)
+    assert both.shape == (2, 9, 16, 16) and torch.equal(both[:, 6:], (x2 - x1).abs())
+    spec = {"arch": "vit_tiny_patch16_dinov3_test", "source": "random-init", "embed_dim": 8}
+    path = save_head(tmp_path / "h.safetensors", head, BINARY, backbone_spec=spec, preprocessing={},
+                     metrics=None)
+    back, _, meta = load_head(path)
+    assert meta["head"] == {"type": "mlp", "embed_dim": 8, "n_classes": 2, "spectral": 3, "hidden": 6}
+    assert torch.equal(back.spec_mean, head.spec_mean)
+    with torch.inference_mode():
+        assert torch.equal(back(p["feats"][:2], (16, 16), spectral=x1), head(p["feats"][:2], (16, 16),
+                                                                           spectral=x1))

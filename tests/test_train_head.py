@@ -234,3 +234,57 @@ def test_polygon_labels_train_a_head(tmp_path) -> None:
     assert json.loads((run / METRICS).read_text())["test"]["per_class"]["water"]["iou"] > 0.45
     assert torch.is_grad_enabled()  # training leaves autograd on (inference_mode is scoped)
     shutil.rmtree(run)
+
+
+def test_a_head_sees_every_band_and_refuses_other_bands_by_identity(taizhou_head, tmp_path) -> None:
+    """The Taizhou change head: backbone bands 3,2,1, spectral part every band of both dates and their
+    difference (18 channels). A run with the same *number* of bands in another order is refused."""
+    from geo_dino.seg_heads import load_head
+
+    head, _, meta = load_head(taizhou_head / HEAD_FILE)
+    assert head.spectral == 18 and meta["head"]["spectral"] == 18
+    bands = meta["inputs"]["bands"]
+    assert [b["index"] for b in bands["backbone"]] == [3, 2, 1]
+    assert [b["index"] for b in bands["spectral"]] == [1, 2, 3, 4, 5, 6]
+    m = json.loads((taizhou_head / METRICS).read_text())
+    assert m["spectral_start"]["pixels"] > 1000  # started as the logistic regression on the fit pixels
+    assert m["history"][0]["step"] == 0  # ... and that start was measured like every later state
+    pair = [TAIZHOU / "taizhou_L7ETM_2000-03-17.tif", TAIZHOU / "taizhou_L7ETM_2003-02-06.tif"]
+    swapped = _run_cfg(tmp_path, "aoi/taizhou.geojson", pair, taizhou_head, bands=[1, 2, 3])
+    with pytest.raises(ConfigError, match=r"backbone bands are \[3 \(B3 red\), 2 \(B2 green\), 1 \(B1 blue\)\]"):
+        pl.run_local(parse_config(swapped))
+    narrow = _run_cfg(tmp_path, "aoi/taizhou.geojson", pair, taizhou_head, bands=[3, 2, 1])
+    narrow["sources"]["spectral_bands"] = [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="spectral bands"):
+        pl.run_local(parse_config(narrow))
+
+
+def test_geographic_hold_out_by_halves_and_by_box(tmp_path) -> None:
+    """split.method halves: every test tile lies in the eastern half, no fit tile touches one; box: the
+    tiles meeting the box are the test part."""
+    run = train_head_local(_head_cfg("floods", tmp_path, head={"type": "mlp"},
+                                     split={"method": "halves", "axis": "east", "buffer": 1},
+                                     train={"epochs": 3, "eval_every": 4, "patience": 2}))
+    split = gpd.read_file(run / "split.gpkg")
+    test = split[split.role == "test"]
+    fit = split[split.role == "fit"]
+    mid = (split.grid_col.min() + split.grid_col.max() + 1) / 2
+    assert len(test) and (test.grid_col >= mid).all() and (fit.grid_col < mid - 1).all()
+    assert test.geometry.centroid.x.min() > fit.geometry.centroid.x.max()  # east of every fit tile
+    m = json.loads((run / METRICS).read_text())
+    assert m["test"]["pixels"] > 0
+    rec = json.loads((run / "provenance.json").read_text())
+    assert rec["split"]["settings"]["method"] == "halves"
+    with rasterio.open(FLOODS / "Spain_7370579_S2_B4B3B2.tif") as src:
+        left, bottom, right, top = src.bounds
+    box = (left, bottom, left + (right - left) / 4, bottom + (top - bottom) / 4)  # the south-west corner
+    run2 = train_head_local(_head_cfg("floods", tmp_path, split={"method": "box", "test_box": list(box)},
+                                      train={"epochs": 2, "eval_every": 4, "patience": 2}))
+    split2 = gpd.read_file(run2 / "split.gpkg")
+    from shapely.geometry import box as shp_box
+
+    test2 = split2[split2.role == "test"]
+    assert len(test2) and test2.geometry.intersects(shp_box(*box)).all()
+    assert not split2[split2.role == "fit"].geometry.intersects(shp_box(*box)).any()
+    with pytest.raises(ConfigError, match="test_box"):
+        _head_cfg("floods", tmp_path, split={"method": "box"})
