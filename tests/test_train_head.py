@@ -251,7 +251,8 @@ def test_a_head_sees_every_band_and_refuses_other_bands_by_identity(taizhou_head
     assert m["history"][0]["step"] == 0  # ... and that start was measured like every later state
     pair = [TAIZHOU / "taizhou_L7ETM_2000-03-17.tif", TAIZHOU / "taizhou_L7ETM_2003-02-06.tif"]
     swapped = _run_cfg(tmp_path, "aoi/taizhou.geojson", pair, taizhou_head, bands=[1, 2, 3])
-    with pytest.raises(ConfigError, match=r"backbone bands are \[3 \(B3 red\), 2 \(B2 green\), 1 \(B1 blue\)\]"):
+    want = r"backbone bands are \[3 \(B3 red\), 2 \(B2 green\), 1 \(B1 blue\)\]"
+    with pytest.raises(ConfigError, match=want):
         pl.run_local(parse_config(swapped))
     narrow = _run_cfg(tmp_path, "aoi/taizhou.geojson", pair, taizhou_head, bands=[3, 2, 1])
     narrow["sources"]["spectral_bands"] = [1, 2, 3, 4, 5]
