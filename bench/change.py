@@ -18,9 +18,11 @@ Each dataset's run: the AOI is the raster's footprint (densified, in EPSG:4326) 
 folder; screening with the bundled registry and ``configs/screening_policy.yaml`` (masked pixels are nodata
 and excluded from every method's scoring alike; a refused AOI is reported and not scored); the shipped
 backbone ``vit_tiny_patch8_geo``; tiles 224, overlap 32; k-means k 6 on 32 tiles; default preprocessing.
-:func:`geo_dino.pipeline.run_local` runs five times per dataset with ``heads.change`` set to
+:func:`geo_dino.pipeline.run_local` runs once per entry of ``RUNS``: ``heads.change`` set to
 ``method: fused`` (every other key at its default), ``spectral``, ``features``, ``fused`` with
-``threshold: otsu`` and ``fused`` with ``spectral: irmad``; each run's ``change_mask.tif`` is read back.
+``threshold: otsu``, ``fused`` with ``spectral: irmad``, ``fused`` with feature weights 0.15 / 0.35 / 0.5
+around the default 0.25, and ``features`` and ``fused`` with ``backbone.shift_average`` (finer dense
+features); each run's ``change_mask.tif`` is read back.
 
 Baselines, in this process on the run's output grid (a window of the input rasters): (a) ``|x2 - x1|``
 (L2 over every band, raw values) + Otsu, (b) the same over the three backbone bands, (c) IR-MAD
@@ -71,6 +73,13 @@ RUNS: dict[str, dict[str, Any]] = {
     "pipeline features": {"method": "features"},
     "pipeline fused, otsu": {"method": "fused", "threshold": "otsu"},
     "pipeline fused, irmad": {"method": "fused", "spectral": "irmad"},
+    # the feature weight around the default 0.25 (the config's choice; reported, not tuned on the test half)
+    "pipeline fused, w=0.15": {"method": "fused", "feature_weight": 0.15},
+    "pipeline fused, w=0.35": {"method": "fused", "feature_weight": 0.35},
+    "pipeline fused, w=0.5": {"method": "fused", "feature_weight": 0.5},
+    # finer dense features: offsets 0 and half a patch averaged (backbone.shift_average)
+    "pipeline features, shift-avg": {"method": "features", "backbone": {"shift_average": True}},
+    "pipeline fused, shift-avg": {"method": "fused", "backbone": {"shift_average": True}},
 }
 
 
@@ -153,6 +162,8 @@ def datasets(data: Path) -> dict[str, dict[str, Any]]:
 def run_config(name: str, aoi: Path, rasters: list[Path], out_dir: Path, roots: list[Path],
                bands: list[int | str], change: dict[str, Any], threads: int) -> dict[str, Any]:
     """The run config mapping (validated by :func:`geo_dino.config.parse_config`)."""
+    change = dict(change)
+    backbone = change.pop("backbone", {})
     return {
         "name": name,
         "aoi": str(aoi),
@@ -162,7 +173,7 @@ def run_config(name: str, aoi: Path, rasters: list[Path], out_dir: Path, roots: 
         "screening": {"registry": str(ROOT / "data" / "registry" / "sensitive_sites.gpkg"),
                       "policy": str(ROOT / "configs" / "screening_policy.yaml")},
         "backbone": {"arch": ARCH, "checkpoint": str(CKPT), "checkpoint_sha256": CKPT_SHA256, "seed": 0,
-                     "batch_size": 8, "threads": threads},
+                     "batch_size": 8, "threads": threads} | backbone,
         "tiling": {"size": 224, "overlap": 32},
         "heads": {"pca": True, "kmeans": {"k": 6, "fit_tiles": 32}, "change": change},
     }
@@ -337,7 +348,7 @@ def run_dataset(name: str, ds: dict[str, Any], tmp: Path, data: Path, threads: i
 
     runs: dict[str, Any] = {}
     for label, change in RUNS.items():
-        slug = label.replace("pipeline ", "").replace(", ", "_")
+        slug = label.replace("pipeline ", "").replace(", ", "_").replace("=", "").replace(".", "")
         cfg = run_config(f"{name}_{slug}", aoi, rasters, work / "runs" / slug, [tmp, data], ds["bands"],
                          change, threads)
         r = run_pipeline(cfg)

@@ -406,3 +406,19 @@ def fit_change_model(method: str, spectral_kind: str, w_features: float, x1: np.
         spec_sample = spectral.score(x1.T[None, :, :, None], x2.T[None, :, :, None])[0, 0, :, 0]
     feats = feature_distance if method != "spectral" else None
     return ChangeModel(spectral, fit_fusion(method, w_features, spec_sample, feats))
+
+
+def patch_period_power(values: np.ndarray, patch: int) -> float:
+    """How strongly a map repeats with the backbone's patch period along its rows (a checkerboard measure):
+    the mean row power spectrum's peak within one bin of frequency ``1 / patch``, over the mean of the bins
+    3 to 6 away on either side. About 1: no patch grid in the map; a patch-grid checkerboard gives several.
+    Rows with a NaN in more than 1 % of their pixels are left out (NaN counts as the row mean)."""
+    m = np.asarray(values, dtype=np.float64)
+    rows = [r for r in m if np.isfinite(r).mean() >= 0.99]
+    if not rows or m.shape[1] < 4 * patch:
+        raise GeoDinoError(f"too few complete rows, or rows shorter than {4 * patch} pixels, to measure")
+    power = np.mean([np.abs(np.fft.rfft(np.nan_to_num(r - np.nanmean(r)))) ** 2 for r in rows], axis=0)
+    freq = np.fft.rfftfreq(m.shape[1])
+    k = int(np.argmin(np.abs(freq - 1.0 / patch)))
+    side = np.r_[power[max(k - 6, 1):max(k - 2, 1)], power[k + 3:k + 7]]
+    return float(power[k - 1:k + 2].max() / max(side.mean(), 1e-30))

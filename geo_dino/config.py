@@ -110,6 +110,9 @@ class BackboneConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: Annotated[int, Field(gt=0)] = 8
     threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = torch's default
+    # finer dense features: the mean of the features at offsets 0 and half a patch, on a grid twice as fine
+    # as the patch grid (no patch-grid checkerboard in the change and class maps; twice the backbone's work)
+    shift_average: bool = False
 
 
 class TilingConfig(_Model):

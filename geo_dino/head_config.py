@@ -66,7 +66,7 @@ class HeadSpecConfig(_Model):
     """The head to train: linear, MLP or DPT, the backbone blocks feeding it, how a change head combines
     dates, and whether it also sees every band of each pixel (the spectrum)."""
 
-    type: Literal["linear", "mlp", "dpt"] = "linear"
+    type: Literal["linear", "mlp", "dpt"] = "mlp"  # the best of the three in bench/heads.py
     # backbone blocks (0-based; negative counts from the end) whose features feed the head. None: linear → the
     # last block; dpt → four blocks evenly spaced over the depth, as DPT hooks them
     layers: list[int] | None = None

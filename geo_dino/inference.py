@@ -100,9 +100,12 @@ class FeatureExtractor:
     """Backbone + preprocessing on one device; returns dense features per date for a batch of tiles."""
 
     def __init__(self, model, preprocessor: Preprocessor, device: str,  # noqa: ANN001
-                 model_size: int | None = None, layers: tuple[int, ...] = ()) -> None:
+                 model_size: int | None = None, layers: tuple[int, ...] = (),
+                 shift_average: bool = False) -> None:
         import torch
 
+        # features averaged over offsets 0 and half a patch, on a grid twice as fine (shift_averaged)
+        self.shift_average = bool(shift_average)
         self.model_size = model_size  # tiles resized to this many pixels (GSD resampling), None: native
         # blocks whose dense features are concatenated (a multi-layer head's input); () = the last block only
         self.layers = tuple(layers)
@@ -119,7 +122,20 @@ class FeatureExtractor:
         return f[:, -self.model.embed_dim:] if self.layers else f
 
     def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors (B, bands, H, W) -> (B, C·L, h, w)
-        """Dense features of preprocessed pixels: the last block's, or the concatenated :attr:`layers`."""
+        """Dense features of preprocessed pixels: the last block's, or the concatenated :attr:`layers`; with
+        :attr:`shift_average`, on the grid twice as fine (:func:`shift_averaged`)."""
+        if self.shift_average:
+            return shift_averaged(self._forward, x, int(self.model.patch_embed.patch_size[0]))
+        return self._forward(x)
+
+    def patch_grid(self, f):  # noqa: ANN001, ANN201 - torch tensors
+        """Features on the patch grid (the feature cube's cells): as they are, or 2×2-averaged back from the
+        finer grid of :attr:`shift_average`."""
+        import torch
+
+        return torch.nn.functional.avg_pool2d(f, 2) if self.shift_average else f
+
+    def _forward(self, x):  # noqa: ANN001, ANN202
         import torch
 
         from geo_dino.backbone import dense_features, extract
@@ -167,6 +183,31 @@ class FeatureExtractor:
             if h and path is not None:  # have[i] implies a path
                 out[i] = torch.from_numpy(np.load(path))
         return torch.stack(out), valid
+
+
+def shift_averaged(fn, x, patch: int):  # noqa: ANN001, ANN201 - torch tensors
+    """Dense features of ``x (B, bands, H, W)`` on a grid of half-patch cells ``(B, C, 2H/p, 2W/p)``: the mean
+    of the features at offset 0 and at offset ``p/2`` in both axes.
+
+    ``fn`` maps pixels to patch features (``(B, C, H/p, W/p)``). The shifted pass sees ``x`` reflect-padded
+    by ``p/2`` on every side, so its patches straddle the unshifted ones; each half-patch cell lies in exactly
+    one patch of each pass, and takes the mean of the two. The patch grid's blocks (a checkerboard in maps
+    made from the features) are halved in size and their edges no longer line up; the backbone runs twice.
+    """
+    import torch
+
+    if patch % 2:
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError(f"backbone.shift_average needs an even patch size, not {patch}")
+    half = patch // 2
+    f0 = fn(x)
+    fs = fn(torch.nn.functional.pad(x, (half, half, half, half), mode="reflect"))
+    i = torch.arange(2 * f0.shape[-2], device=f0.device)
+    j = torch.arange(2 * f0.shape[-1], device=f0.device)
+    a = f0.index_select(-2, i // 2).index_select(-1, j // 2)
+    b = fs.index_select(-2, (i + 1) // 2).index_select(-1, (j + 1) // 2)
+    return (a + b) * 0.5
 
 
 def feature_cache_paths(cache_dir: Path | None, date: int, tiles: Sequence[Tile]) -> list[Path | None] | None:
@@ -358,7 +399,7 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
         size = (tile_size, tile_size)
         deep = [extractor.deepest(f) for f in feats]
         if cube is not None:
-            cube(batch, deep[0], valids[0])
+            cube(batch, extractor.patch_grid(deep[0]), valids[0])
         per_date = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear",
                                                     align_corners=False) for f in deep]
         bands = None  # each date's spectral bands (raw values), read once for the change and the head

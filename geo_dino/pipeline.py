@@ -395,7 +395,7 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]) -> tuple[Any, Any]:
     pre = Preprocessor(**pre_args)
     layers = tuple((state.get("head") or {}).get("layers") or ())
     return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"),
-                            layers=layers), spec
+                            layers=layers, shift_average=cfg.backbone.shift_average), spec
 
 
 _RUNNERS: dict[str, Any] = {}  # one trained head per process

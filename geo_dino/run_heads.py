@@ -83,6 +83,9 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[dict[str, Any],
         raise ConfigError("heads.supervised: a change head needs two rasters (two dates)")
     if info is not None:
         check_bands(inputs.get("bands"), info)
+    if bool(inputs.get("shift_average", False)) != cfg.backbone.shift_average:
+        raise ConfigError(f"heads.supervised: the head was trained with backbone.shift_average "
+                          f"{bool(inputs.get('shift_average', False))}; set the same in this run")
     values = list(table.values)
     positive = inputs.get("positive_class")
     state = {"path": str(hc.path), "task": inputs["task"], "layers": list(inputs.get("layers") or []),

@@ -177,7 +177,7 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                                  checkpoint_sha256=cfg.backbone.checkpoint_sha256, seed=cfg.backbone.seed,
                                  accept_licence=cfg.backbone.accept_licence, in_chans=cfg.backbone.in_chans)
     layers = hooked_layers(cfg.head.type, cfg.head.layers, len(model.blocks))
-    extractor = FeatureExtractor(model, pre, device, layers=layers)
+    extractor = FeatureExtractor(model, pre, device, layers=layers, shift_average=cfg.backbone.shift_average)
     feats, labs, spectra = [], [], []
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in infos]
@@ -318,6 +318,7 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     cm = confusion_matrix(pred, values_to_indices(y[test], table.values), len(table.values))
     inputs = head_inputs("change" if change else "segmentation", layers, cfg.head.siamese if change else None,
                          positive_value(cfg, table) if change else None, bands=rec["bands"])
+    inputs["shift_average"] = cfg.backbone.shift_average  # a run must make its features the same way
     metrics = {"test": test_metrics | {"confusion_matrix": cm.tolist(), "classes": list(table.names)},
                "early_stopping": res.metrics, "best_measurement": res.best_epoch,
                "spectral_start": start,

