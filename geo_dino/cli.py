@@ -55,9 +55,26 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
         if not (approve_by and approve_reason):
             _fail("--approve-by and --approve-reason go together")
         overrides["screening"] = {"approval": {"approver": approve_by, "reason": approve_reason}}
+    if head is not None and not (arch or checkpoint):
+        # --head alone: the backbone, checkpoint and bands it was trained on (its metadata says which)
+        from geo_dino.errors import GeoDinoError as _Err
+        from geo_dino.run_heads import settings_from_head
+
+        try:
+            from_head = settings_from_head(head)
+        except _Err as exc:
+            _fail(str(exc))
+        overrides["backbone"] = from_head["backbone"]
+        if from_head["sources"]:
+            overrides["sources"] = from_head["sources"]
+        typer.echo(f"from the head: backbone {from_head['backbone'].get('arch')} "
+                   f"({from_head['backbone'].get('checkpoint') or 'random-init'}), "
+                   f"bands {from_head['sources'].get('bands')}, "
+                   f"spectral bands {from_head['sources'].get('spectral_bands')}")
     if arch or checkpoint or accept_licence:
-        overrides["backbone"] = {k: str(v) for k, v in (("arch", arch), ("checkpoint", checkpoint),
-                                                         ("accept_licence", accept_licence)) if v}
+        overrides["backbone"] = overrides.get("backbone", {}) | {
+            k: str(v) for k, v in (("arch", arch), ("checkpoint", checkpoint),
+                                   ("accept_licence", accept_licence)) if v}
     if head is not None or cube:
         overrides["heads"] = ({"supervised": {"path": str(head)}} if head is not None else {}) | (
             {"cube": True} if cube else {})
@@ -110,8 +127,9 @@ def change(
     head: Annotated[Path | None, typer.Option(
         help="a trained change head (else label-free change only)")] = None,
 ) -> None:
-    """Change between two dates: label-free feature change (cosine distance, Otsu threshold), and a trained
-    change head's probability and binary change when --head is given."""
+    """Change between two dates: label-free change (the spectrum and the features fused, minimum-error
+    threshold), and a trained change head's probability and binary change when --head is given (its
+    backbone, checkpoint and bands come with it)."""
     _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
          False, need_two=True)
 

@@ -457,7 +457,8 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
                   else "from random initialisation"))
     out = run_dir / f"{cfg.export_name}.safetensors"
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    band_names = data["rasters"][0].get("band_names") or [f"band {i + 1}" for i in range(spec.in_chans)]
+    band_names = (cfg.data.band_names or data["rasters"][0].get("band_names")
+                  or [f"band {i + 1}" for i in range(spec.in_chans)])
     meta = {"arch": cfg.backbone.arch, "licence": licence,
             "mean": ",".join(str(x) for x in (cfg.crops.mean or spec.mean)),
             "std": ",".join(str(x) for x in (cfg.crops.std or spec.std)),

@@ -29,6 +29,17 @@ class PretrainDataConfig(_Model):
     tile_size: Annotated[int, Field(ge=16)] = 256  # side of the window read from a raster, pixels
     min_valid_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9  # tiles with less valid data are skipped
     max_tries: Annotated[int, Field(ge=1)] = 50  # draws per sample before a raster is declared unusable
+    # what the selected bands are (e.g. [red, green, blue, nir]) for the exported weights' metadata and model
+    # card; None: the first raster's band descriptions
+    band_names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _names_match(self) -> PretrainDataConfig:
+        if self.band_names is not None and self.sources.bands is not None \
+                and len(self.band_names) != len(self.sources.bands):
+            raise ValueError(f"data.band_names: {len(self.band_names)} names for {len(self.sources.bands)} "
+                             "bands (data.sources.bands)")
+        return self
 
 
 class MultiCropConfig(_Model):

@@ -117,6 +117,32 @@ def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ..
                         tuple(bands))
 
 
+def settings_from_head(path: Path) -> dict[str, Any]:
+    """What a run needs to use the head at ``path``, from its metadata: the backbone (arch, checkpoint file
+    and its sha256, or the random-init seed), ``backbone.shift_average``, and the backbone and spectral bands
+    it was trained on (``sources.bands`` / ``sources.spectral_bands``), as config overrides."""
+    from geo_dino.seg_heads import load_head
+
+    _, _, meta = load_head(path)
+    bb, inputs = meta["backbone"], meta["inputs"]
+    backbone: dict[str, Any] = {"arch": bb["arch"], "shift_average": bool(inputs.get("shift_average", False))}
+    source = bb.get("source")
+    if bb.get("sha256"):
+        if not source or source == "random-init" or not Path(source).is_file():
+            raise ConfigError(f"{path}: the head was trained on checkpoint {source!r} (sha256 "
+                              f"{bb['sha256']}), which is not on this machine; give --checkpoint")
+        backbone |= {"checkpoint": str(source), "checkpoint_sha256": bb["sha256"]}
+    elif bb.get("seed") is not None:
+        backbone["seed"] = int(bb["seed"])
+    sources: dict[str, Any] = {}
+    bands = inputs.get("bands") or {}
+    if bands.get("backbone"):
+        sources["bands"] = [int(b["index"]) for b in bands["backbone"]]
+    if bands.get("spectral"):
+        sources["spectral_bands"] = [int(b["index"]) for b in bands["spectral"]]
+    return {"backbone": backbone, "sources": sources}
+
+
 class HeadRunner:
     """The head of a run's ``state["head"]``, loaded once per process; logits of a batch of tiles."""
 

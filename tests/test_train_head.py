@@ -289,3 +289,30 @@ def test_geographic_hold_out_by_halves_and_by_box(tmp_path) -> None:
     assert not split2[split2.role == "fit"].geometry.intersects(shp_box(*box)).any()
     with pytest.raises(ConfigError, match="test_box"):
         _head_cfg("floods", tmp_path, split={"method": "box"})
+
+
+def test_head_alone_fills_in_backbone_checkpoint_and_bands(taizhou_head, tmp_path, monkeypatch) -> None:
+    """`geo-dino change --head H` with no --arch/--checkpoint: the run takes the head's backbone, checkpoint
+    (path and sha256) and bands, and succeeds; without them it would use another backbone and all bands."""
+    from typer.testing import CliRunner
+
+    from geo_dino.cli import app
+    from geo_dino.run_heads import settings_from_head
+
+    s = settings_from_head(taizhou_head / HEAD_FILE)
+    assert s["backbone"]["arch"] == "vit_tiny_patch8_geo"
+    assert s["backbone"]["checkpoint_sha256"] == json.loads(
+        (taizhou_head / "provenance.json").read_text())["backbone"]["sha256"]
+    assert s["sources"] == {"bands": [3, 2, 1], "spectral_bands": [1, 2, 3, 4, 5, 6]}
+    monkeypatch.chdir(ROOT)  # the default allowed root is the working directory
+    res = CliRunner().invoke(app, ["change", "--aoi", "aoi/taizhou.geojson",
+                                   "--raster", str(TAIZHOU / "taizhou_L7ETM_2000-03-17.tif"),
+                                   "--raster", str(TAIZHOU / "taizhou_L7ETM_2003-02-06.tif"),
+                                   "--head", str(taizhou_head / HEAD_FILE), "--output-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "from the head: backbone vit_tiny_patch8_geo" in res.output
+    run = next(p for p in tmp_path.iterdir() if (p / "provenance.json").is_file())
+    rec = json.loads((run / "provenance.json").read_text())
+    assert rec["status"] == "succeeded"
+    assert rec["supervised_head"]["inputs"]["bands"]["backbone"][0]["index"] == 3
+    assert (run / "change_probability.tif").is_file() and (run / "change_mask.tif").is_file()
