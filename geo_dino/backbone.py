@@ -345,3 +345,10 @@ def extract(model: Any, x: Any, layers: tuple[int, ...] = ()) -> Features:
                                                      output_fmt="NCHW")
             inter = dict(zip(wanted, maps, strict=False)) if wanted else {}  # final: already normed
     return Features(dense=grid(final), global_=final[:, 0], layers={i: inter[i] for i in wanted})
+
+
+def weights_value_range(meta: dict[str, str], arch: ArchSpec) -> tuple[float, float] | None:
+    """The raw value range the weights expect to be scaled from (their metadata's ``value_range``, else their
+    architecture's, e.g. torchgeo's Sentinel-2 DN / 10000), or None: the run's own scaling."""
+    vr = _meta_floats(meta, "value_range") or arch.value_range
+    return (float(vr[0]), float(vr[1])) if vr else None

@@ -218,11 +218,16 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     out_grid = grid.subgrid(region)
     write_tile_index(run_dir / "tiles.gpkg", "tiles", grid, [(t.index, t.box) for t in tiles],
                      extra={"grid_row": [t.grid_row for t in tiles], "grid_col": [t.grid_col for t in tiles]})
+    # the weights' own scaling (torchgeo's DN / 10000) unless the config chose one
+    from geo_dino.backbone import weights_value_range
+    from geo_dino.preprocess import weights_scaling
+
+    pre_cfg = weights_scaling(cfg.preprocess, weights_value_range(meta, arch))
     stats = None
-    if cfg.preprocess.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
+    if pre_cfg.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
         with WindowReader(infos[0]) as r:
             stats = r.sample_stats(cfg.preprocess.percentiles)
-    pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
+    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, arch.mean, arch.std, stats)
     head_state = None
     # a trained head: checked against this backbone, scales pixels its way
     if cfg.heads.supervised is not None:
@@ -270,11 +275,13 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     atomic_json(run_dir / STATE, state)
     gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
     gsd["resampling"] = resampling
+    # the bands the weights were trained on: as the checkpoint declares them, else the architecture's
+    model_bands = tuple(meta["bands"].split(",")) if meta.get("bands") else arch.bands
     update_record(run_dir, inputs=inputs, gsd=gsd,
                   preprocessing=pre.to_dict() | {"band_mapping": [
                       {"source_band": b, "source_description": n, "backbone_channel": i,
-                       "backbone_band": (arch.bands[i] if i < len(arch.bands)
-                                         else "extra (adapted patch embedding)")}
+                       "backbone_band": (model_bands[i] if i < len(model_bands)
+                                          else "extra (adapted patch embedding)")}
                       for i, (b, n) in enumerate(zip(infos[0].bands, infos[0].band_names, strict=True))]},
                   coregistration=coreg, alignment=alignment,
                   pipeline={"tile_size": tiles.size, "overlap": tiles.overlap, "n_tiles": len(tiles),

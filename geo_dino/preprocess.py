@@ -75,3 +75,13 @@ def make_preprocessor(dtype: str, bands: tuple[int, ...], cfg: PreprocessConfig,
         low = tuple(float(v) for v in stats[:, 0])
         high = tuple(float(max(h, lo + 1e-6)) for lo, h in zip(stats[:, 0], stats[:, 1], strict=True))
     return Preprocessor(kind, tuple(low), tuple(high), mean, std, tuple(bands))
+
+
+def weights_scaling(cfg: PreprocessConfig, value_range: tuple[float, float] | None) -> PreprocessConfig:
+    """The preprocessing config with the weights' own scaling filled in: ``scale: auto`` becomes ``range``
+    over ``value_range`` when the checkpoint or its architecture declares one (torchgeo's Sentinel-2
+    weights: DN / 10000); an explicit scale is kept as the user set it."""
+    if cfg.scale != "auto" or value_range is None:
+        return cfg
+    return cfg.model_copy(update={"scale": "range", "value_range": (float(value_range[0]),
+                                                                     float(value_range[1]))})

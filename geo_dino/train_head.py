@@ -165,11 +165,15 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     if len(used) > cfg.max_tiles:
         used = [used[i] for i in np.unique(np.linspace(0, len(used) - 1, cfg.max_tiles).round().astype(int))]
 
+    from geo_dino.backbone import weights_value_range
+    from geo_dino.preprocess import weights_scaling
+
+    pre_cfg = weights_scaling(cfg.preprocess, weights_value_range(meta, arch))
     stats = None
-    if cfg.preprocess.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
+    if pre_cfg.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
         with WindowReader(infos[0]) as r:
-            stats = r.sample_stats(cfg.preprocess.percentiles)
-    pre = make_preprocessor(infos[0].dtype, infos[0].bands, cfg.preprocess, arch.mean, arch.std, stats)
+            stats = r.sample_stats(pre_cfg.percentiles)
+    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, arch.mean, arch.std, stats)
     if cfg.backbone.threads:
         torch.set_num_threads(cfg.backbone.threads)
     device = pick_device(cfg.backbone.device)

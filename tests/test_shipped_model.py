@@ -39,3 +39,37 @@ def test_shipped_backbone_beats_random_init_and_raw_pixels_on_eurosat_mini() -> 
     raw = knn_eval(pixel_features(prep)).top1
     assert ours > rand + 0.2, (ours, rand)
     assert ours > raw + 0.1, (ours, raw)
+
+
+RGBN = ROOT / "models/vit_tiny_patch8_geo_rgbn.safetensors"
+
+
+def test_the_multispectral_backbone_takes_four_bands_and_runs_on_naip(tmp_path) -> None:
+    """The shipped four-band backbone (red, green, blue, near-infrared): its card agrees with the file, it
+    loads with four input bands and its own normalisation, and a run reads all four bands of a NAIP date."""
+    from geo_dino.config import parse_config
+    from geo_dino.pipeline import run_local
+
+    digest = sha256_of(RGBN)
+    card = json.loads((ROOT / "models/vit_tiny_patch8_geo_rgbn.json").read_text())
+    assert card["model"]["sha256"] == digest and card["model"]["in_chans"] == 4
+    assert (ROOT / "models/vit_tiny_patch8_geo_rgbn.md").read_text().count(digest) == 1
+    model, spec = build_backbone("vit_tiny_patch8_geo", checkpoint=RGBN, checkpoint_sha256=digest)
+    assert spec.in_chans == 4 and spec.bands == ("red", "green", "blue", "nir")
+    assert len(spec.mean) == len(spec.std) == 4 and spec.licence == "Apache-2.0"
+    assert model.patch_embed.proj.weight.shape[1] == 4
+    naip = ROOT / "data/rasters/naip/m_4709963_se_14_1_20200831.tif"
+    cfg = {"name": "rgbn", "aoi": str(ROOT / "aoi/naip_potholes.geojson"), "rasters": [str(naip)],
+           "output_dir": str(tmp_path),
+           "sources": {"allowed_roots": [str(ROOT / "data")], "bands": [1, 2, 3, 4]},
+           "screening": {"registry": str(ROOT / "data/registry/sensitive_sites.gpkg"),
+                         "policy": str(ROOT / "configs/screening_policy.yaml")},
+           "backbone": {"arch": "vit_tiny_patch8_geo", "checkpoint": str(RGBN), "checkpoint_sha256": digest},
+           "tiling": {"size": 128, "overlap": 32}, "heads": {"kmeans": {"k": 4, "fit_tiles": 8}}}
+    run = run_local(parse_config(cfg))
+    rec = json.loads((run / "provenance.json").read_text())
+    assert rec["status"] == "succeeded" and rec["backbone"]["in_chans"] == 4
+    mapping = rec["preprocessing"]["band_mapping"]
+    assert [(b["source_band"], b["backbone_band"]) for b in mapping] == [(1, "red"), (2, "green"),
+                                                                         (3, "blue"), (4, "nir")]
+    assert (run / "classes.tif").is_file()

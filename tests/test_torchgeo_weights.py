@@ -255,3 +255,23 @@ def test_convert_to_safetensors_keeps_preprocessing_and_claims_no_lineage(tmp_pa
     x = torch.randn(1, 13, 64, 96, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():  # 4x6 patches: position embeddings interpolated from the 14x14 grid alike
         assert torch.equal(model.forward_features(x), direct.forward_features(x))
+
+
+def test_auto_scaling_takes_the_weights_value_range() -> None:
+    """``preprocess.scale: auto`` (the default) becomes the entry's DN range, so a run scales Sentinel-2 L1C
+    digital numbers as torchgeo does without being told; an explicit choice is kept."""
+    from geo_dino.archs import ARCHS
+    from geo_dino.backbone import weights_value_range
+    from geo_dino.config import PreprocessConfig
+    from geo_dino.preprocess import make_preprocessor, weights_scaling
+
+    a = ARCHS["torchgeo_vits16_s2_dino"]
+    vr = weights_value_range({}, a)
+    auto = weights_scaling(PreprocessConfig(), vr)
+    assert auto.scale == "range" and auto.value_range == (0.0, 65535.0)
+    assert weights_scaling(PreprocessConfig(scale="percentile"), vr).scale == "percentile"
+    assert weights_value_range({}, ARCHS["vit_tiny_patch8_geo"]) is None
+    assert weights_value_range({"value_range": "0,255"}, a) == (0.0, 255.0)  # the file's metadata wins
+    pre = make_preprocessor("uint16", tuple(range(1, 14)), auto, a.mean, a.std)
+    dn = np.full((13, 2, 2), 2500, np.uint16)
+    assert np.allclose(pre(dn, np.ones((2, 2), bool)), 0.25, atol=1e-6)  # 2500 / 10000
