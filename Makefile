@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/geo-dino run --config configs/demo.yaml
 	$(BIN)/geo-dino run --config configs/demo_change.yaml
+	$(BIN)/geo-dino change --config configs/demo_taizhou_change.yaml
 
 test: $(STAMP) qgis
 	$(BIN)/python -m pytest -q tests

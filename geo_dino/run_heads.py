@@ -128,10 +128,16 @@ def settings_from_head(path: Path) -> dict[str, Any]:
     backbone: dict[str, Any] = {"arch": bb["arch"], "shift_average": bool(inputs.get("shift_average", False))}
     source = bb.get("source")
     if bb.get("sha256"):
-        if not source or source == "random-init" or not Path(source).is_file():
+        # where it was trained, else a file of that name beside the head or in ./models (a shipped head and
+        # backbone moved together); the sha256 pins the bytes, whichever path is found
+        name = Path(source).name if source and source != "random-init" else None
+        found = next((p for p in ([Path(source)] if name else []) + ([Path(path).parent / name,
+                                                                     Path("models") / name] if name else [])
+                      if p.is_file()), None)
+        if found is None:
             raise ConfigError(f"{path}: the head was trained on checkpoint {source!r} (sha256 "
                               f"{bb['sha256']}), which is not on this machine; give --checkpoint")
-        backbone |= {"checkpoint": str(source), "checkpoint_sha256": bb["sha256"]}
+        backbone |= {"checkpoint": str(found.resolve()), "checkpoint_sha256": bb["sha256"]}
     elif bb.get("seed") is not None:
         backbone["seed"] = int(bb["seed"])
     sources: dict[str, Any] = {}

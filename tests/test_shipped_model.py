@@ -73,3 +73,34 @@ def test_the_multispectral_backbone_takes_four_bands_and_runs_on_naip(tmp_path) 
     assert [(b["source_band"], b["backbone_band"]) for b in mapping] == [(1, "red"), (2, "green"),
                                                                          (3, "blue"), (4, "nir")]
     assert (run / "classes.tif").is_file()
+
+
+HEAD = ROOT / "models/taizhou_change_mlp.safetensors"
+
+
+def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) -> None:
+    """The shipped Taizhou change head: its card pins its bytes, it records its bands and the shipped
+    backbone, and the demo config that uses it runs: the head's change beside the fused label-free change."""
+    from geo_dino.config import load_config
+    from geo_dino.pipeline import run_local
+    from geo_dino.run_heads import settings_from_head
+    from geo_dino.seg_heads import load_head
+
+    digest = sha256_of(HEAD)
+    assert digest in (ROOT / "models/taizhou_change_mlp.md").read_text()
+    head, table, meta = load_head(HEAD)
+    assert meta["head"]["type"] == "mlp" and head.spectral == 18 and table.names == ("unchanged", "changed")
+    assert meta["backbone"]["sha256"] == sha256_of(MODEL)
+    assert meta["metrics"]["test"]["per_class"]["changed"]["f1"] > 0.8
+    monkeypatch.chdir(ROOT)
+    s = settings_from_head(HEAD)
+    assert Path(s["backbone"]["checkpoint"]).resolve() == MODEL.resolve()
+    assert s["sources"]["bands"] == [3, 2, 1]
+    cfg = load_config(ROOT / "configs/demo_taizhou_change.yaml", {"output_dir": str(tmp_path)})
+    assert cfg.heads.change.method == "fused" and cfg.heads.supervised is not None
+    run = run_local(cfg)
+    rec = json.loads((run / "provenance.json").read_text())
+    assert rec["status"] == "succeeded" and rec["supervised_head"]["sha256"] == digest
+    assert rec["change"]["method"] == "fused" and rec["change"]["spectral"]["bands"] == 6
+    for name in ("change_probability", "change_binary", "change_magnitude", "change_mask", "change_spectral"):
+        assert (run / f"{name}.tif").is_file(), name
