@@ -356,6 +356,7 @@ class ChangeModel:
 
     spectral: SpectralChange | None
     fusion: ChangeFusion
+    layers: list[int] = field(default_factory=list)  # blocks of the feature change; [] = the last one
 
     def save(self, path: Any) -> Any:
         """Write the fitted arrays and parameters atomically (temporary file, then rename)."""
@@ -366,7 +367,7 @@ class ChangeModel:
         arrays: dict[str, Any] = dict(self.spectral.arrays()) if self.spectral is not None else {}
         params = {"spectral_kind": None if self.spectral is None else self.spectral.kind,
                   "iterations": 0 if self.spectral is None else self.spectral.iterations,
-                  "fusion": self.fusion.__dict__}
+                  "fusion": self.fusion.__dict__, "layers": list(self.layers)}
         arrays["params"] = np.frombuffer(json.dumps(params).encode(), dtype=np.uint8)
         tmp = p.with_name(p.name + ".tmp.npz")
         np.savez(tmp, **arrays)
@@ -383,18 +384,21 @@ class ChangeModel:
             arrays = {k: z[k] for k in z.files if k != "params"}
         spectral = (None if params["spectral_kind"] is None
                     else SpectralChange.from_arrays(params["spectral_kind"], arrays, params["iterations"]))
-        return cls(spectral, ChangeFusion(**params["fusion"]))
+        return cls(spectral, ChangeFusion(**params["fusion"]), list(params.get("layers") or []))
 
     def to_record(self) -> dict[str, Any]:
         """The provenance record's ``change`` section (the threshold is added when it is known)."""
         return self.fusion.to_record() | {
             "spectral": None if self.spectral is None else self.spectral.to_record(),
             "features": None if self.fusion.w_features == 0 else
-            {"score": "cosine distance of the two dates' bilinearly upsampled backbone features"}}
+            {"score": "cosine distance of the two dates' bilinearly upsampled backbone features"
+                      + (f", averaged over blocks {self.layers}" if self.layers else " (last block, normed)"),
+             "layers": list(self.layers) or None}}
 
 
 def fit_change_model(method: str, spectral_kind: str, w_features: float, x1: np.ndarray | None,
-                     x2: np.ndarray | None, feature_distance: np.ndarray | None) -> ChangeModel:
+                     x2: np.ndarray | None, feature_distance: np.ndarray | None,
+                     layers: list[int] | None = None) -> ChangeModel:
     """Fit the spectral score on pixel samples ``(N, S)`` of both dates (None with ``method: features``),
     then the fusion on the scores of the same pixels."""
     spectral = None
@@ -405,7 +409,7 @@ def fit_change_model(method: str, spectral_kind: str, w_features: float, x1: np.
         spectral = fit_spectral(x1, x2, spectral_kind)
         spec_sample = spectral.score(x1.T[None, :, :, None], x2.T[None, :, :, None])[0, 0, :, 0]
     feats = feature_distance if method != "spectral" else None
-    return ChangeModel(spectral, fit_fusion(method, w_features, spec_sample, feats))
+    return ChangeModel(spectral, fit_fusion(method, w_features, spec_sample, feats), list(layers or []))
 
 
 def patch_period_power(values: np.ndarray, patch: int) -> float:

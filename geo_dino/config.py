@@ -147,6 +147,9 @@ class ChangeConfig(_Model):
     # a fixed value of the thresholded score, or a method on the score's histogram: minimum-error (Kittler and
     # Illingworth; suits a few per cent of changed pixels) or otsu
     threshold: float | Literal["minimum-error", "otsu"] = "minimum-error"
+    # backbone blocks (0-based, negative from the end) whose features' cosine distances are averaged for the
+    # feature change; None: the last block's normed output
+    layers: list[int] | None = None
     # pixels sampled from the fit tiles to fit the scores
     fit_pixels: Annotated[int, Field(ge=1000)] = 100_000
 

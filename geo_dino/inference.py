@@ -101,7 +101,7 @@ class FeatureExtractor:
 
     def __init__(self, model, preprocessor: Preprocessor, device: str,  # noqa: ANN001
                  model_size: int | None = None, layers: tuple[int, ...] = (),
-                 shift_average: bool = False) -> None:
+                 shift_average: bool = False, change_layers: tuple[int, ...] = ()) -> None:
         import torch
 
         # features averaged over offsets 0 and half a patch, on a grid twice as fine (shift_averaged)
@@ -109,6 +109,10 @@ class FeatureExtractor:
         self.model_size = model_size  # tiles resized to this many pixels (GSD resampling), None: native
         # blocks whose dense features are concatenated (a multi-layer head's input); () = the last block only
         self.layers = tuple(layers)
+        # blocks whose features the label-free feature change compares (their cosine distances averaged),
+        # appended after the part above; () = the part above's deepest layer
+        depth = len(model.blocks)
+        self.change_layers = tuple(sorted({int(i) % depth for i in change_layers}))
 
         # on a GPU the weights themselves are bf16 (measured on one H200: 2,014 img/s for ViT-L/16 vs 1,709
         # under autocast, same accuracy: relative error 3.8e-3 vs fp32); fp32 on CPU
@@ -117,9 +121,29 @@ class FeatureExtractor:
         self.pre = preprocessor
         self.device = device
 
+    @property
+    def n_main(self) -> int:
+        """Channels of the main part of :meth:`features` (the last block, or the :attr:`layers`)."""
+        return int(self.model.embed_dim) * max(len(self.layers), 1)
+
+    def main(self, f):  # noqa: ANN001, ANN201 - torch tensors
+        """The main part of :meth:`features`: what a trained head takes."""
+        return f[:, :self.n_main] if self.change_layers else f
+
     def deepest(self, f):  # noqa: ANN001, ANN201 - torch tensors
         """The deepest hooked layer's part of :meth:`features` (what the label-free heads use)."""
-        return f[:, -self.model.embed_dim:] if self.layers else f
+        c = int(self.model.embed_dim)
+        return f[:, self.n_main - c:self.n_main] if (self.layers or self.change_layers) else f
+
+    def change_distance(self, f1, f2, size: tuple[int, int]):  # noqa: ANN001, ANN201 - torch tensors
+        """The feature change ``(B, 1, H, W)`` of two dates' :meth:`features`: the cosine distance of the
+        upsampled features, averaged over :attr:`change_layers` (or of the deepest layer)."""
+        if not self.change_layers:
+            return upsampled_cosine_distance(self.deepest(f1), self.deepest(f2), size)
+        c = int(self.model.embed_dim)
+        parts = [upsampled_cosine_distance(f1[:, s:s + c], f2[:, s:s + c], size)
+                 for s in range(self.n_main, f1.shape[1], c)]
+        return sum(parts[1:], parts[0]) / len(parts)
 
     def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors (B, bands, H, W) -> (B, C·L, h, w)
         """Dense features of preprocessed pixels: the last block's, or the concatenated :attr:`layers`; with
@@ -140,11 +164,13 @@ class FeatureExtractor:
 
         from geo_dino.backbone import dense_features, extract
 
-        if not self.layers:
+        if not self.layers and not self.change_layers:
             return dense_features(self.model, x)
-        got = extract(self.model, x, self.layers).layers
         depth = len(self.model.blocks)
-        return torch.cat([got[i % depth] for i in self.layers], dim=1)
+        wanted = tuple(sorted({i % depth for i in self.layers} | set(self.change_layers)))
+        got = extract(self.model, x, wanted)
+        main = [got.dense] if not self.layers else [got.layers[i % depth] for i in self.layers]
+        return torch.cat(main + [got.layers[i] for i in self.change_layers], dim=1)
 
     def features(self, reader: WindowReader, boxes: Sequence[PixelBox],
                  cache: Sequence[Path | None] | None = None, store: bool = False) -> tuple[Any, np.ndarray]:
@@ -260,7 +286,7 @@ def sample_change_pixels(extractor: FeatureExtractor, readers: Sequence[WindowRe
         feats, valids = [], []
         for d, reader in enumerate(readers):
             f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
-            feats.append(extractor.deepest(f))
+            feats.append(f)
             valids.append(valid)
         spec = None
         if spectral_readers is not None:
@@ -269,7 +295,7 @@ def sample_change_pixels(extractor: FeatureExtractor, readers: Sequence[WindowRe
             valids += [np.stack([v for _, v in rd]) for rd in reads]
         ok = np.logical_and.reduce(valids)
         with torch.inference_mode():
-            fd = upsampled_cosine_distance(feats[0], feats[1], ok.shape[-2:])[:, 0].numpy()
+            fd = extractor.change_distance(feats[0], feats[1], ok.shape[-2:])[:, 0].numpy()
         for i in range(len(batch)):
             rows, cols = np.nonzero(ok[i])
             if rows.size == 0:
@@ -408,12 +434,12 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
             reads = [r.read_many(boxes) for r in spectral_readers]
             bands = [torch.from_numpy(np.stack([a for a, _ in rd]).astype(np.float32)) for rd in reads]
             valids += [np.stack([v for _, v in rd]) for rd in reads]
-        logits = runner.logits(feats, size, bands) if runner is not None else []
+        logits = runner.logits([extractor.main(f) for f in feats], size, bands) if runner is not None else []
         if runner is not None and not runner.change:
             per_date = [torch.cat([p, lg], dim=1) for p, lg in zip(per_date, logits, strict=True)]
         chans = list(per_date)
         if layout.has_change:
-            chans.append(upsampled_cosine_distance(deep[0], deep[1], size))
+            chans.append(extractor.change_distance(feats[0], feats[1], size))
             if spectral is not None and bands is not None:
                 chans.append(spectral.score(bands[0], bands[1]))
             else:

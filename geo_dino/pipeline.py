@@ -401,8 +401,16 @@ def _extractor(cfg: RunConfig, state: dict[str, Any]) -> tuple[Any, Any]:
                                 for k, v in state["preprocess"].items()}
     pre = Preprocessor(**pre_args)
     layers = tuple((state.get("head") or {}).get("layers") or ())
+    change_layers = tuple(cfg.heads.change.layers or ()) if len(state["rasters"]) == 2 else ()
+    depth = len(model.blocks)
+    bad = [i for i in change_layers if not -depth <= i < depth]
+    if bad:
+        from geo_dino.errors import ConfigError
+
+        raise ConfigError(f"heads.change.layers {bad}: the backbone has blocks 0..{depth - 1}")
     return FeatureExtractor(model, pre, device, model_size=state["tiling"].get("model_size"),
-                            layers=layers, shift_average=cfg.backbone.shift_average), spec
+                            layers=layers, shift_average=cfg.backbone.shift_average,
+                            change_layers=change_layers), spec
 
 
 _RUNNERS: dict[str, Any] = {}  # one trained head per process
@@ -453,7 +461,8 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
             x1, x2, fd = sample_change_pixels(extractor, readers, spectral_readers, [tiles[i] for i in idx],
                                               cfg.backbone.batch_size, ch.fit_pixels,
                                               seed=kcfg.seed if kcfg else 0, cache_dir=cache)
-            change = fit_change_model(ch.method, ch.spectral, ch.feature_weight, x1, x2, fd)
+            change = fit_change_model(ch.method, ch.spectral, ch.feature_weight, x1, x2, fd,
+                                      layers=list(extractor.change_layers))
             change.save(run_dir / "work" / CHANGE_MODEL)
     heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None,
                            seed=kcfg.seed if kcfg else 0)

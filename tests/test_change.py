@@ -281,3 +281,41 @@ def test_run_with_shift_averaged_features(tiny_config):
     cube = open_cube(fine / "features.zarr")  # the cube keeps one cell per patch
     with rasterio.open(fine / "change_magnitude.tif") as ds:
         assert cube.sizes["y"] == -(-ds.height // 16) or cube.sizes["y"] > 0
+
+
+def test_feature_change_over_several_layers(tiny_config):
+    """heads.change.layers: the feature change is the mean of the listed blocks' cosine distances (here both
+    blocks of the test backbone), recorded; equal to the mean computed from the blocks' own features."""
+    import torch
+
+    from geo_dino.backbone import build_backbone
+    from geo_dino.inference import FeatureExtractor
+    from geo_dino.preprocess import Preprocessor
+
+    model, _ = build_backbone("vit_tiny_patch16_dinov3_test", seed=0)
+    pre = Preprocessor("uint8", (0.0,) * 3, (255.0,) * 3, (0.5,) * 3, (0.5,) * 3, (1, 2, 3))
+    ex = FeatureExtractor(model, pre, "cpu", change_layers=(0, -1))
+    plain = FeatureExtractor(model, pre, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    f1, f2 = ex.forward(x1), ex.forward(x2)
+    assert f1.shape[1] == 3 * 48  # the normed last block, then blocks 0 and 1
+    assert torch.allclose(ex.deepest(f1), plain.forward(x1), atol=1e-5)
+    from geo_dino.backbone import extract
+    from geo_dino.heads import upsampled_cosine_distance
+
+    e1, e2 = extract(model, x1, (0, 1)).layers, extract(model, x2, (0, 1)).layers
+    want = (upsampled_cosine_distance(e1[0], e2[0], (64, 64))
+            + upsampled_cosine_distance(e1[1], e2[1], (64, 64))) / 2
+    assert torch.allclose(ex.change_distance(f1, f2, (64, 64)), want, atol=1e-5)
+    run_dir = _run(tiny_config, method="features", layers=[0, -1])
+    rec = json.loads((run_dir / "provenance.json").read_text())["change"]
+    assert rec["features"]["layers"] == [0, 1] and "averaged over blocks" in rec["features"]["score"]
+    from geo_dino.config import parse_config
+    from geo_dino.errors import ConfigError
+    from geo_dino.pipeline import run_local
+
+    bad = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]},
+                      heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"layers": [5]}})
+    with pytest.raises(ConfigError, match="heads.change.layers"):
+        run_local(parse_config(bad))
