@@ -14,6 +14,9 @@ Data: ``/work/shared/data`` (see its README and FILES.csv), or ``--data``. Every
 * **OSCD** change, four Sentinel-2 city pairs (abudhabi, beihai, hongkong, mumbai; 13 bands resampled onto
   the label grid in a temporary folder; dev/eval only, never copied into the repository). Backbone bands
   B04,B03,B02.
+* ``taizhou-rgbn``, ``floods-rgbn``: the same labels with the shipped four-band backbone
+  ``models/vit_tiny_patch8_geo_rgbn.safetensors`` (red, green, blue, near-infrared: ETM+ 3,2,1,4; S2
+  B4,B3,B2,B8).
 
 Each head is trained by the product's own stages (:func:`geo_dino.train_head.train_head_local`, the code
 behind ``geo-dino train-head``) with the shipped backbone ``vit_tiny_patch8_geo`` and a **geographic
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402 - after the path set-up above
 
 DATA = Path("/work/shared/data")
 CKPT = ROOT / "models" / "vit_tiny_patch8_geo.safetensors"
+RGBN = ROOT / "models" / "vit_tiny_patch8_geo_rgbn.safetensors"
 SEED = 0
 OSCD_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 HEADS = ("linear-features", "linear", "mlp", "dpt")
@@ -111,6 +115,10 @@ def datasets(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
                                            {"name": "building", "value": 1}]},
                     "bands": [1, 1, 1], "tile_size": 64, "positive": "building"},
     }
+    # the four-band backbone (red, green, blue, near-infrared) on the same labels: does the NIR band help?
+    rgbn = {"arch": "vit_tiny_patch8_geo", "checkpoint": RGBN}
+    out["taizhou-rgbn"] = out["taizhou"] | {"bands": [3, 2, 1, 4], "backbone": rgbn}
+    out["floods-rgbn"] = out["floods"] | {"bands": [4, 3, 2, 8], "backbone": rgbn}
     for city in ("abudhabi", "beihai", "hongkong", "mumbai"):
         out[city] = {"city": city, "labels": {"mapping": {0: 0, 1: 1}, "classes": change_classes},
                      "bands": ["B04", "B03", "B02"], "tile_size": 64, "positive": "changed"}
@@ -127,7 +135,8 @@ def _config(ds: dict[str, Any], head: str, out_dir: Path, roots: list[Path]) -> 
         "name": f"bench-{head}", "rasters": [str(r) for r in ds["rasters"]], "labels": labels,
         "output_dir": str(out_dir), "tile_size": ds["tile_size"],
         "sources": {"allowed_roots": [str(r) for r in roots], "bands": ds["bands"]},
-        "backbone": {"arch": "vit_tiny_patch8_geo", "checkpoint": str(CKPT), "batch_size": 16},
+        "backbone": {"arch": "vit_tiny_patch8_geo", "checkpoint": str(CKPT), "batch_size": 16}
+        | {k: str(v) for k, v in ds.get("backbone", {}).items()},
         "head": {"type": kind, "spectral": head != "linear-features"},
         "split": {"method": "halves", "axis": "east", "buffer": 1, "val_fraction": 0.2, "block": 2,
                   "seed": SEED},
@@ -248,7 +257,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "heads_results.json")
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", default="taizhou,floods,atlanta,abudhabi,beihai,hongkong,mumbai")
+    ap.add_argument("--only", default="taizhou,floods,atlanta,abudhabi,beihai,hongkong,mumbai,"
+                                      "taizhou-rgbn,floods-rgbn")
     ap.add_argument("--heads", default="linear-features,linear,mlp")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

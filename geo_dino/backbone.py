@@ -352,3 +352,10 @@ def weights_value_range(meta: dict[str, str], arch: ArchSpec) -> tuple[float, fl
     architecture's, e.g. torchgeo's Sentinel-2 DN / 10000), or None: the run's own scaling."""
     vr = _meta_floats(meta, "value_range") or arch.value_range
     return (float(vr[0]), float(vr[1])) if vr else None
+
+
+def weights_normalisation(meta: dict[str, str],
+                          arch: ArchSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and standard deviation the weights were trained with: their metadata's (one per band of a
+    multispectral checkpoint), else their architecture's."""
+    return (_meta_floats(meta, "mean") or arch.mean, _meta_floats(meta, "std") or arch.std)

@@ -227,7 +227,10 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     if pre_cfg.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
         with WindowReader(infos[0]) as r:
             stats = r.sample_stats(cfg.preprocess.percentiles)
-    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, arch.mean, arch.std, stats)
+    from geo_dino.backbone import weights_normalisation
+
+    mean, std = weights_normalisation(meta, arch)
+    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, mean, std, stats)
     head_state = None
     # a trained head: checked against this backbone, scales pixels its way
     if cfg.heads.supervised is not None:

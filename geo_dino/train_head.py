@@ -173,7 +173,10 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     if pre_cfg.scale in ("auto", "percentile") and infos[0].dtype != "uint8":
         with WindowReader(infos[0]) as r:
             stats = r.sample_stats(pre_cfg.percentiles)
-    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, arch.mean, arch.std, stats)
+    from geo_dino.backbone import weights_normalisation
+
+    mean, std = weights_normalisation(meta, arch)
+    pre = make_preprocessor(infos[0].dtype, infos[0].bands, pre_cfg, mean, std, stats)
     if cfg.backbone.threads:
         torch.set_num_threads(cfg.backbone.threads)
     device = pick_device(cfg.backbone.device)
