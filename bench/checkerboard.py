@@ -66,7 +66,7 @@ def main() -> None:
     for method, shift, ratio, infer, wall in rows:
         print(f"{method:9} {shift!s:>9} {ratio:19.2f} {infer!s:>8} {wall:6.1f}")
     r0, c0, n = (int(v) for v in args.crop.split(","))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.8))
     for ax, (key, m) in zip(axes, maps.items(), strict=True):
         crop = m[r0:r0 + n, c0:c0 + n]
         lo, hi = np.nanpercentile(crop, [2, 98])
@@ -78,7 +78,7 @@ def main() -> None:
         ax.set_yticks([])
     fig.suptitle("Pucallpa 1985/2020, shipped vit_tiny_patch8_geo: change magnitude without and with "
                  "backbone.shift_average", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(args.out, dpi=90)
     print(f"wrote {args.out}")
 

@@ -163,8 +163,11 @@ def _mlm(rec: dict[str, Any]) -> dict[str, Any]:
                         "description": f"label-free k-means on features, k={heads['kmeans_k']}",
                         "result": {"shape": [-1, 1, -1, -1], "dim_order": grid, "data_type": "uint8"}})
     if heads.get("change"):
+        ch = rec.get("change") or {}
+        thr = (ch.get("threshold") or {}).get("method", "")
         outputs.append({"name": "change", "tasks": ["segmentation"],
-                        "description": "label-free change: feature distance between dates, Otsu threshold",
+                        "description": f"label-free change between dates: {ch.get('method', 'fused')} score "
+                                       f"(every band's spectrum and/or backbone features), {thr} threshold",
                         "result": {"shape": [-1, 1, -1, -1], "dim_order": grid, "data_type": "float32"}})
     sup = rec.get("supervised_head")
     if sup:
