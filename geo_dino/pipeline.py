@@ -194,6 +194,12 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
         infos, alignment = _align_dates(infos, cfg.sources.align_dates)
         if infos[0].dtype != infos[1].dtype:
             raise AOIError(f"the two dates have different data types ({infos[0].dtype}, {infos[1].dtype})")
+        if len(infos[0].spectral_bands) != len(infos[1].spectral_bands):
+            from geo_dino.errors import SourceError
+
+            raise SourceError(f"the two dates have {len(infos[0].spectral_bands)} and "
+                              f"{len(infos[1].spectral_bands)} bands for the spectral change; choose the "
+                              "same bands of both with sources.spectral_bands")
     grid = infos[0].grid
     (run_dir / "work").mkdir(exist_ok=True)
     aoi = load_aoi(cfg.aoi, cfg.aoi_options)

@@ -319,3 +319,25 @@ def test_feature_change_over_several_layers(tiny_config):
                       heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"layers": [5]}})
     with pytest.raises(ConfigError, match="heads.change.layers"):
         run_local(parse_config(bad))
+
+
+def test_two_dates_with_different_band_counts_are_refused_for_the_spectral_part(tiny_config, tmp_path):
+    """Pucallpa 2020 cut to three bands against the four-band 1985: the backbone's bands agree (1-3), the
+    spectral part (every band) does not: refused before any tile, with the key that fixes it."""
+    from geo_dino.config import parse_config
+    from geo_dino.errors import SourceError
+    from geo_dino.pipeline import run_local
+
+    with rasterio.open(PUCALLPA[1]) as src:
+        profile = src.profile | {"count": 3}
+        three = tmp_path / "pucallpa_2020_3bands.tif"
+        with rasterio.open(three, "w", **profile) as dst:
+            dst.write(src.read([1, 2, 3]))
+    cfg = tiny_config("aoi/pucallpa.geojson", [PUCALLPA[0], three], sources={"bands": [1, 2, 3]})
+    with pytest.raises(SourceError, match="sources.spectral_bands"):
+        run_local(parse_config(cfg))
+    ok = tiny_config("aoi/pucallpa.geojson", [PUCALLPA[0], three],
+                     sources={"bands": [1, 2, 3], "spectral_bands": [1, 2, 3]},
+                     heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"method": "spectral"}})
+    run = run_local(parse_config(ok))
+    assert json.loads((run / "provenance.json").read_text())["change"]["spectral"]["bands"] == 3
