@@ -269,6 +269,23 @@ class WindowReader:
             return "nodata"
         return "masks"
 
+    def _read(self, masks: bool = False, **kwargs: Any) -> np.ndarray:
+        """The selected bands (or their masks) in order, each distinct band read once.
+
+        A band may be selected more than once (a panchromatic band repeated for an RGB backbone); GDAL is
+        asked for each band once and the copies are made here: with repeated band indexes in one request,
+        rasterio returned bands that differed from each other and from one read to the next (measured on a
+        uint16 GeoTIFF: ``read([1, 1, 1])``)."""
+        bands = list(self.info.bands)
+        unique = sorted(set(bands))
+        how = self._src.read_masks if masks else self._src.read
+        if len(unique) == len(bands):
+            return how(bands, **kwargs)
+        if "out_shape" in kwargs:
+            kwargs["out_shape"] = (len(unique), *kwargs["out_shape"][1:])
+        arr = how(unique, **kwargs)
+        return arr[[unique.index(b) for b in bands]]
+
     def _valid(self, arr: np.ndarray, window) -> np.ndarray:  # noqa: ANN001
         if self._mask_mode == "all_valid":
             ok = np.ones(arr.shape[1:], dtype=bool)
@@ -278,7 +295,7 @@ class WindowReader:
                 nd = self._src.nodatavals[b - 1]
                 ok |= ~np.isnan(arr[k]) if nd is not None and np.isnan(nd) else arr[k] != nd
         else:
-            ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), window=window))
+            ok = _valid_from_masks(self._read(masks=True, window=window))
         if np.issubdtype(arr.dtype, np.floating):
             ok &= np.all(np.isfinite(arr), axis=0)
         return ok
@@ -307,7 +324,7 @@ class WindowReader:
             return data, valid
         rel = inner.relative_to(box)
         w = inner.to_rasterio()
-        arr = self._src.read(list(info.bands), window=w)
+        arr = self._read(window=w)
         ok = self._valid(arr, w)
         rs, cs = rel.slices()
         data[:, rs, cs] = arr
@@ -345,9 +362,9 @@ class WindowReader:
         w = inner.to_rasterio()
         rs, cs = inner.relative_to(box).slices()
         if self._mask_mode == "masks" and not np.issubdtype(np.dtype(self.info.dtype), np.floating):
-            valid[rs, cs] = _valid_from_masks(self._src.read_masks(list(self.info.bands), window=w))
+            valid[rs, cs] = _valid_from_masks(self._read(masks=True, window=w))
         else:
-            valid[rs, cs] = self._valid(self._src.read(list(self.info.bands), window=w), w)
+            valid[rs, cs] = self._valid(self._read(window=w), w)
         return valid
 
     def decimated(self, height: int, width: int, *,
@@ -358,10 +375,10 @@ class WindowReader:
         if self._src is None:
             raise SourceError("WindowReader used outside its `with` block")
         shape = (len(self.info.bands), height, width)
-        ok = _valid_from_masks(self._src.read_masks(list(self.info.bands), out_shape=shape))
+        ok = _valid_from_masks(self._read(masks=True, out_shape=shape))
         arr = None
         if values or np.dtype(self.info.dtype).kind == "f":
-            arr = self._src.read(list(self.info.bands), out_shape=shape)
+            arr = self._read(out_shape=shape)
             if arr.dtype.kind == "f":
                 ok &= np.all(np.isfinite(arr), axis=0)
         return arr, ok

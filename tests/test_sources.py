@@ -545,3 +545,37 @@ def test_vrt_allowed_only_when_its_sources_are(tmp_path):
                     "<PixelFunctionLanguage>Python</PixelFunctionLanguage><SimpleSource>"))
     with pytest.raises(SourceError, match="pixel functions"):
         check_source(code, cfg)
+
+
+def test_a_band_selected_twice_reads_the_same_pixels_every_time(tmp_path):
+    """A panchromatic band repeated for an RGB backbone (``sources.bands: [1, 1, 1]``): every copy equals the
+    band read alone, on every read, windowed, in strips and decimated. (Asked of GDAL in one request with
+    repeated indexes, under the reader's multi-threaded environment, a striped uint16 GeoTIFF like SpaceNet's
+    came back with copies that differed from each other and from one read to the next.)"""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geo_dino.config import SourceConfig
+    from geo_dino.grid import PixelBox
+    from geo_dino.sources import WindowReader, open_raster
+
+    data = np.random.default_rng(0).integers(1, 2000, (1, 900, 900)).astype(np.uint16)
+    path = tmp_path / "pan.tif"
+    with rasterio.open(path, "w", driver="GTiff", dtype="uint16", nodata=0, width=900, height=900, count=1,
+                       crs="EPSG:32616", transform=from_origin(733601, 3725139, 0.5, 0.5), tiled=False,
+                       blockxsize=900, blockysize=4, interleave="band") as dst:
+        dst.write(data)
+    info = open_raster(path, SourceConfig(allowed_roots=[tmp_path], bands=[1, 1, 1]))
+    assert info.bands == (1, 1, 1)
+    boxes = [PixelBox(64 * k, 0, 64, 900) for k in range(14)]
+    with WindowReader(info) as r:
+        for _ in range(4):
+            for (got, valid), box in zip(r.read_many(boxes), boxes, strict=True):
+                want = np.zeros((box.height, box.width), np.uint16)
+                rows = min(box.row_end, 900) - box.row_off
+                want[:rows] = data[0, box.row_off:box.row_off + rows]
+                assert all(np.array_equal(got[k], want) for k in range(3))
+                assert valid[:rows].all() and not valid[rows:].any()
+        small, ok = r.decimated(90, 90)
+        assert small is not None and small.shape == (3, 90, 90) and ok.all()
+        assert np.array_equal(small[0], small[2])
