@@ -40,7 +40,7 @@ def test_outputs_open_in_qgis(tiny_config, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     layers = json.loads(res.stdout.strip().splitlines()[-1])
     tifs = sorted(p.name for p in run_dir.glob("*.tif"))
-    assert len(tifs) == 6 and set(tifs) <= set(layers)
+    assert len(tifs) == 8 and set(tifs) <= set(layers)  # with the fused change's two parts
     for name in tifs:
         info = layers[name]
         with rasterio.open(run_dir / name) as ds:
@@ -51,6 +51,6 @@ def test_outputs_open_in_qgis(tiny_config, tmp_path):
                 assert abs(got - want) < 1e-9
         if name.startswith(("classes", "change_mask")):
             assert info["renderer"] == "paletted", name  # the .qml style was applied
-        if name == "change_magnitude.tif":
-            assert info["renderer"] == "singlebandpseudocolor"
+        if name in ("change_magnitude.tif", "change_spectral.tif", "change_features.tif"):
+            assert info["renderer"] == "singlebandpseudocolor", name
     assert layers["tiles.gpkg"]["valid"] and layers["tiles.gpkg"]["features"] == n_tiles
