@@ -267,6 +267,26 @@ def sample_patch_features(extractor: FeatureExtractor, readers: Sequence[WindowR
     return x
 
 
+def read_batch(extractor: FeatureExtractor, readers: Sequence[WindowReader],
+               spectral_readers: Sequence[WindowReader] | None, batch: Sequence[Tile],
+               cache_dir: Path | None = None) -> tuple[list[Any], list[np.ndarray], list[np.ndarray] | None]:
+    """One batch of tiles on every date: the features ``(B, C, h, w)`` of each date, the validity
+    ``(B, H, W)`` of every read (each date's, then each spectral read's) and, with ``spectral_readers``, each
+    date's raw bands ``(B, S, H, W)`` in the source's dtype (else None)."""
+    boxes = [t.box for t in batch]
+    feats, valids = [], []
+    for d, reader in enumerate(readers):
+        f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
+        feats.append(f)
+        valids.append(valid)
+    bands = None
+    if spectral_readers is not None:
+        reads = [r.read_many(boxes) for r in spectral_readers]
+        bands = [np.stack([a for a, _ in rd]) for rd in reads]
+        valids += [np.stack([v for _, v in rd]) for rd in reads]
+    return feats, valids, bands
+
+
 def sample_change_pixels(extractor: FeatureExtractor, readers: Sequence[WindowReader],
                          spectral_readers: Sequence[WindowReader] | None, tiles: Sequence[Tile],
                          batch_size: int, n_pixels: int, seed: int = 0,
@@ -282,17 +302,7 @@ def sample_change_pixels(extractor: FeatureExtractor, readers: Sequence[WindowRe
     x1s, x2s, fds = [], [], []
     for k in range(0, len(tiles), batch_size):
         batch = tiles[k:k + batch_size]
-        boxes = [t.box for t in batch]
-        feats, valids = [], []
-        for d, reader in enumerate(readers):
-            f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
-            feats.append(f)
-            valids.append(valid)
-        spec = None
-        if spectral_readers is not None:
-            reads = [r.read_many(list(boxes)) for r in spectral_readers]
-            spec = [np.stack([a for a, _ in rd]) for rd in reads]
-            valids += [np.stack([v for _, v in rd]) for rd in reads]
+        feats, valids, spec = read_batch(extractor, readers, spectral_readers, batch, cache_dir)
         ok = np.logical_and.reduce(valids)
         with torch.inference_mode():
             fd = extractor.change_distance(feats[0], feats[1], ok.shape[-2:])[:, 0].numpy()
@@ -413,14 +423,14 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
 
     hann = blend_weights(tile_size)
     tiles = list(tiles)
+    # each date's spectral bands (raw values) are read once, for the change and for a spectral head
+    wants_bands = spectral is not None or (runner is not None and runner.spectral)
     for k in range(0, len(tiles), batch_size):
         batch = tiles[k:k + batch_size]
         boxes = [t.box for t in batch]
-        feats, valids = [], []
-        for d, reader in enumerate(readers):
-            f, valid = extractor.features(reader, boxes, feature_cache_paths(cache_dir, d, batch))
-            feats.append(f)
-            valids.append(valid)
+        feats, valids, raw = read_batch(extractor, readers, spectral_readers if wants_bands else None, batch,
+                                        cache_dir)
+        bands = None if raw is None else [torch.from_numpy(b.astype(np.float32)) for b in raw]
         # linear heads at patch resolution, then upsampled: equal to the heads of upsampled features
         size = (tile_size, tile_size)
         deep = [extractor.deepest(f) for f in feats]
@@ -428,12 +438,6 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
             cube(batch, extractor.patch_grid(deep[0]), valids[0])
         per_date = [torch.nn.functional.interpolate(heads.project(f), size=size, mode="bilinear",
                                                     align_corners=False) for f in deep]
-        bands = None  # each date's spectral bands (raw values), read once for the change and the head
-        wants_bands = spectral is not None or (runner is not None and runner.spectral)
-        if spectral_readers is not None and wants_bands:
-            reads = [r.read_many(boxes) for r in spectral_readers]
-            bands = [torch.from_numpy(np.stack([a for a, _ in rd]).astype(np.float32)) for rd in reads]
-            valids += [np.stack([v for _, v in rd]) for rd in reads]
         logits = runner.logits([extractor.main(f) for f in feats], size, bands) if runner is not None else []
         if runner is not None and not runner.change:
             per_date = [torch.cat([p, lg], dim=1) for p, lg in zip(per_date, logits, strict=True)]
