@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from geo_dino.backbone import build_backbone, sha256_of
@@ -94,7 +95,9 @@ def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) 
     assert meta["metrics"]["test"]["per_class"]["changed"]["f1"] > 0.8
     monkeypatch.chdir(ROOT)
     s = settings_from_head(HEAD)
-    assert Path(s["backbone"]["checkpoint"]).resolve() == MODEL.resolve()
+    # found where it was trained, or else in ./models (a fresh clone elsewhere): the same bytes either way
+    found = sha256_of(Path(s["backbone"]["checkpoint"]))
+    assert found == s["backbone"]["checkpoint_sha256"] == sha256_of(MODEL)
     assert s["sources"]["bands"] == [3, 2, 1]
     cfg = load_config(ROOT / "configs/demo_taizhou_change.yaml", {"output_dir": str(tmp_path)})
     assert cfg.heads.change.method == "fused" and cfg.heads.supervised is not None
@@ -104,3 +107,30 @@ def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) 
     assert rec["change"]["method"] == "fused" and rec["change"]["spectral"]["bands"] == 6
     for name in ("change_probability", "change_binary", "change_magnitude", "change_mask", "change_spectral"):
         assert (run / f"{name}.tif").is_file(), name
+
+
+def test_a_head_finds_its_backbone_beside_it_or_in_models(tmp_path, monkeypatch) -> None:
+    """The path a head recorded for its backbone is gone (another machine): the file of that name beside the
+    head, else in ./models, is used (its sha256 is pinned); with neither, a clear refusal."""
+    from geo_dino.errors import ConfigError
+    from geo_dino.run_heads import settings_from_head
+    from geo_dino.seg_heads import load_head, save_head
+
+    head, table, meta = load_head(HEAD)
+    moved = dict(meta["backbone"], source="/nowhere/vit_tiny_patch8_geo.safetensors")
+    path = save_head(tmp_path / "h.safetensors", head, table, backbone_spec=moved,
+                     preprocessing=meta["preprocessing"], metrics=meta["metrics"], inputs=meta["inputs"],
+                     lineage=meta["lineage"])
+    monkeypatch.chdir(tmp_path)  # no ./models here, nothing beside the head: refused with the fix
+    with pytest.raises(ConfigError, match="give --checkpoint"):
+        settings_from_head(path)
+    monkeypatch.chdir(ROOT)  # ./models holds a file of that name
+    s = settings_from_head(path)
+    assert Path(s["backbone"]["checkpoint"]).resolve() == MODEL.resolve()
+    (tmp_path / "beside").mkdir()
+    import shutil
+
+    shutil.copy(path, tmp_path / "beside" / "h.safetensors")
+    shutil.copy(MODEL, tmp_path / "beside" / MODEL.name)
+    s2 = settings_from_head(tmp_path / "beside" / "h.safetensors")  # beside the head comes first
+    assert Path(s2["backbone"]["checkpoint"]).resolve() == (tmp_path / "beside" / MODEL.name).resolve()
