@@ -579,3 +579,39 @@ def test_a_band_selected_twice_reads_the_same_pixels_every_time(tmp_path):
         small, ok = r.decimated(90, 90)
         assert small is not None and small.shape == (3, 90, 90) and ok.all()
         assert np.array_equal(small[0], small[2])
+
+
+@pytest.mark.parametrize("bands", [[1, 1, 1], [1, 1, 2], [2, 1, 2]])
+def test_repeated_bands_read_with_threads_equal_a_single_threaded_read(tmp_path, bands):
+    """Issue "first hour" item 9: with GDAL's multi-threaded decoding (the reader's default), a request that
+    names a band twice corrupted the read. Each selection, read with threads, equals the same selection read
+    one band at a time on one thread, values and validity (nodata pixels stay invalid)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geo_dino.config import SourceConfig
+    from geo_dino.grid import PixelBox
+    from geo_dino.sources import WindowReader, open_raster
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(1, 3000, (2, 600, 700)).astype(np.uint16)
+    data[:, 100:180, 200:330] = 0  # a nodata hole
+    path = tmp_path / "two.tif"
+    with rasterio.open(path, "w", driver="GTiff", dtype="uint16", nodata=0, width=700, height=600, count=2,
+                       crs="EPSG:32616", transform=from_origin(0, 600, 1, 1), tiled=False, blockxsize=700,
+                       blockysize=4, interleave="band") as dst:
+        dst.write(data)
+    info = open_raster(path, SourceConfig(allowed_roots=[tmp_path], bands=bands))
+    boxes = [PixelBox(64 * k, 0, 64, 700) for k in range(10)]
+    with WindowReader(info) as threaded, WindowReader(info, threads=1) as single:
+        for _ in range(3):
+            for (a, va), (b, vb) in zip(threaded.read_many(boxes), single.read_many(boxes), strict=True):
+                assert np.array_equal(a, b) and np.array_equal(va, vb)
+    with rasterio.open(path) as src:  # and both equal the bands read one at a time
+        want = np.stack([src.read(b, window=((0, 64), (0, 700))) for b in bands])
+    with WindowReader(info) as r:
+        got, valid = r.read(PixelBox(0, 0, 64, 700))
+    assert np.array_equal(got, want)
+    with WindowReader(info) as r:
+        _, hole = r.read(PixelBox(100, 200, 80, 130))
+    assert not hole.any()  # the nodata hole is invalid in every read
