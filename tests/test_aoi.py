@@ -444,18 +444,15 @@ def test_to_record_is_json():
 # ------------------------------------------------------------------------------------------ demo AOIs
 
 
-def _raster(*candidates: str) -> Path:
-    for c in candidates:
-        p = Path(c) if c.startswith("/") else ROOT / c
-        if p.is_file():
-            return p
-    pytest.skip(f"raster not available: {candidates[0]}")
+def _raster(relative: str) -> Path:
+    """A raster bundled in the repository (data/SHA256SUMS lists them); missing is a failure, not a skip."""
+    p = ROOT / relative
+    assert p.is_file(), f"bundled raster missing: {p}"
+    return p
 
 
-BAHAMAS = ("data/rasters/landsat7_bahamas_RGB.byte.tif",
-           "/work/shared/data/rasters/landsat7_bahamas_RGB.byte.tif")
-PUCALLPA = ("data/rasters/pucallpa/landsat_pucallpa_1985.tif",
-            "/work/shared/data/rasters/landsat_pucallpa_timeseries/landsat_pucallpa_1985.tif")
+BAHAMAS = "data/rasters/landsat7_bahamas_RGB.byte.tif"
+PUCALLPA = "data/rasters/pucallpa/landsat_pucallpa_1985.tif"
 
 
 @pytest.mark.parametrize("name,raster", [
@@ -468,7 +465,7 @@ def test_demo_aois_load_and_overlap_their_rasters(name, raster):
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 1
     assert doc["features"][0]["properties"]["name"]
     aoi = load_aoi(ROOT / "aoi" / f"{name}.geojson")
-    with rasterio.open(_raster(*raster)) as ds:
+    with rasterio.open(_raster(raster)) as ds:
         footprint = box(*transform_bounds(ds.crs, "EPSG:4326", *ds.bounds))
     assert aoi.geometry.intersects(footprint)
     assert footprint.contains(aoi.geometry)

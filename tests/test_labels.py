@@ -39,8 +39,8 @@ GRID = Grid(20, 24, Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), UTM)
 TABLE = ClassTable.from_dict({"classes": [{"name": "water", "value": 0, "colour": "#0000ff"},
                                           {"name": "forest", "value": 1, "colour": [0, 128, 0]},
                                           {"name": "urban", "value": 2}]})
-TAIZHOU = Path("/work/shared/data/change_detection/landsat_taizhou_2000_2003/"
-               "taizhou_reference_0unlabeled_1unchanged_2changed.tif")
+TAIZHOU = (Path(__file__).resolve().parents[1] / "data/labels/taizhou"
+           / "taizhou_reference_0unlabeled_1unchanged_2changed.tif")  # bundled (data/SHA256SUMS)
 
 # off-grid vertices (no edge passes through a pixel centre or along a pixel edge)
 POLY_A = Polygon([(500013.3, 4999987.1), (500151.7, 4999971.9), (500122.2, 4999861.4), (500031.9, 4999879.3)])
@@ -331,7 +331,6 @@ def test_label_raster_source_checks(tmp_path):
         read_label_raster(f, GRID)
 
 
-@pytest.mark.skipif(not TAIZHOU.exists(), reason="the shared Taizhou reference is not present")
 def test_real_taizhou_reference():
     with rasterio.open(TAIZHOU) as src:
         raw = src.read(1)
