@@ -361,18 +361,15 @@ class ChangeModel:
     def save(self, path: Any) -> Any:
         """Write the fitted arrays and parameters atomically (temporary file, then rename)."""
         import json
-        from pathlib import Path
 
-        p = Path(path)
+        from geo_dino.atomic import save_npz
+
         arrays: dict[str, Any] = dict(self.spectral.arrays()) if self.spectral is not None else {}
         params = {"spectral_kind": None if self.spectral is None else self.spectral.kind,
                   "iterations": 0 if self.spectral is None else self.spectral.iterations,
                   "fusion": self.fusion.__dict__, "layers": list(self.layers)}
         arrays["params"] = np.frombuffer(json.dumps(params).encode(), dtype=np.uint8)
-        tmp = p.with_name(p.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(p)
-        return p
+        return save_npz(path, arrays)
 
     @classmethod
     def load(cls, path: Any) -> ChangeModel:

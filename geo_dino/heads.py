@@ -37,11 +37,9 @@ class LabelFreeHeads:
 
     def save(self, path: Path) -> Path:
         """Write the fitted arrays to an ``.npz`` file atomically (via a temporary file); return ``path``."""
-        arrays = {k: v for k, v in self.__dict__.items() if v is not None}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        return path
+        from geo_dino.atomic import save_npz
+
+        return save_npz(path, {k: v for k, v in self.__dict__.items() if v is not None})
 
     @classmethod
     def load(cls, path: Path) -> LabelFreeHeads:

@@ -390,10 +390,9 @@ class StripAccumulator:
 
     def save(self, path: Path, **extra: np.ndarray) -> None:
         """Write the open rows (and ``extra`` arrays) atomically: one file is one consistent checkpoint."""
-        tmp = path.with_name(path.name + ".tmp.npz")
-        arrays: dict[str, Any] = extra  # numpy's stub would match **extra against savez's allow_pickle: bool
-        np.savez(tmp, top=np.int64(self.top), carry=self.buf[:, :self.size - self.stride], **arrays)
-        tmp.replace(path)
+        from geo_dino.atomic import save_npz
+
+        save_npz(path, {"top": np.int64(self.top), "carry": self.buf[:, :self.size - self.stride]} | extra)
 
     def load(self, path: Path) -> dict[str, np.ndarray]:
         """Restore the open rows; returns the ``extra`` arrays saved with them."""

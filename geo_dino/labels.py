@@ -516,17 +516,26 @@ def spatial_split(tiles: TileGrid | Iterable[tuple[int, int] | Tile], val_fracti
         if len(val) >= target:
             break
         val.update(blocks[keys[int(k)]])
-    rest = [t for t in idx if t not in val]
-    dropped: list[tuple[int, int]] = []
-    train: list[tuple[int, int]] = []
-    for r, c in rest:
-        near = any((r + dr, c + dc) in val
-                   for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
-        (dropped if near else train).append((r, c))
+    train, dropped = _around(idx, val, buffer)
     if not train:
         raise ConfigError(f"the split leaves no training tile ({len(val)} validation, {len(dropped)} dropped "
                           f"of {len(idx)}); lower val_fraction, block or buffer")
     return sorted(train), sorted(val), sorted(dropped)
+
+
+def _around(idx: list[tuple[int, int]], held: set[tuple[int, int]], buffer: int
+            ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(train, dropped)``: the tiles of ``idx`` not in ``held``, dropped when within ``buffer`` tiles
+    (Chebyshev distance) of a held tile; both in ``idx``'s order."""
+    train: list[tuple[int, int]] = []
+    dropped: list[tuple[int, int]] = []
+    for r, c in idx:
+        if (r, c) in held:
+            continue
+        near = any((r + dr, c + dc) in held
+                   for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
+        (dropped if near else train).append((r, c))
+    return train, dropped
 
 
 def held_out_split(cells: Iterable[tuple[int, int]], test: Iterable[tuple[int, int]], *, buffer: int = 1
@@ -539,14 +548,7 @@ def held_out_split(cells: Iterable[tuple[int, int]], test: Iterable[tuple[int, i
     if not held:
         raise ConfigError("the geographic hold-out holds no labelled tile; move split.test_box or change "
                           "split.axis")
-    train: list[tuple[int, int]] = []
-    dropped: list[tuple[int, int]] = []
-    for r, c in idx:
-        if (r, c) in held:
-            continue
-        near = any((r + dr, c + dc) in held
-                   for dr in range(-buffer, buffer + 1) for dc in range(-buffer, buffer + 1))
-        (dropped if near else train).append((r, c))
+    train, dropped = _around(idx, held, buffer)
     if not train:
         raise ConfigError(f"the hold-out leaves no training tile ({len(held)} test, {len(dropped)} dropped "
                           f"of {len(idx)}); lower split.buffer or hold out less")
