@@ -301,13 +301,9 @@ def main() -> None:
         "results": results,
         "total_s": round(time.perf_counter() - t_all, 2),
     }
-    table = _table(results)
-    print(table)
-    print(f"total {record['total_s']} s")
-    record["table"] = table
-    args.out.write_text(json.dumps(record, indent=1,
-                                   default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    print(f"wrote {args.out}")
+    from bench.results import finish
+
+    finish(record, _table(results), args.out)
 
 
 if __name__ == "__main__":
