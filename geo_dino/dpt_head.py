@@ -13,7 +13,7 @@ training loop and one file format serve both. DPT's stages, scaled down:
    sum with that scale's reassembled layer, and another residual unit.
 3. **Predict**: a 3×3 convolution and ReLU, a 1×1 convolution to ``n_classes`` logits at the finest scale,
    bilinearly upsampled to the requested output size. With ``spectral`` bands per pixel
-   (:class:`~geo_dino.seg_heads.SpectralInput`), the 3×3 convolution's output is upsampled to the output
+   (:class:`~geo_dino.spectral_input.SpectralInput`), the 3×3 convolution's output is upsampled to the output
    size first, the standardised bands are added through a 1×1 convolution, and the ReLU and the last 1×1
    convolution run per pixel: the context from the features meets the spectrum at full resolution.
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from geo_dino.errors import ConfigError
-from geo_dino.seg_heads import SpectralInput
+from geo_dino.spectral_input import SpectralInput
 
 __all__ = ["DPTHead"]
 
