@@ -54,7 +54,6 @@ DATA = Path("/work/shared/data")
 CKPT = ROOT / "models" / "vit_tiny_patch8_geo.safetensors"
 RGBN = ROOT / "models" / "vit_tiny_patch8_geo_rgbn.safetensors"
 SEED = 0
-OSCD_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 HEADS = ("linear-features", "linear", "mlp", "dpt")
 
 
@@ -63,34 +62,6 @@ def _read(path: Path) -> np.ndarray:
 
     with rasterio.open(path) as src:
         return src.read()
-
-
-def oscd_stack(city: str, folder: Path, data: Path) -> tuple[Path, Path, Path]:
-    """Two 13-band uint16 GeoTIFFs (both dates) on the grid of the city's label raster, in ``folder``;
-    returns ``(date 1, date 2, label)``."""
-    import rasterio
-    from rasterio.warp import Resampling, reproject
-
-    d = data / "change_detection" / "oscd_dev" / city
-    label = d / f"{city}_cm_0nochange_1change.tif"
-    with rasterio.open(label) as lab:
-        profile = {"driver": "GTiff", "height": lab.height, "width": lab.width, "count": len(OSCD_BANDS),
-                   "dtype": "uint16", "crs": lab.crs, "transform": lab.transform, "tiled": True,
-                   "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
-        out = []
-        for date in ("imgs_1", "imgs_2"):
-            path = folder / f"{city}_{date}.tif"
-            with rasterio.open(path, "w", **profile) as dst:
-                for i, band in enumerate(OSCD_BANDS, start=1):
-                    src_path = next((d / date).glob(f"*_{band}.tif"))
-                    arr = np.zeros((lab.height, lab.width), np.float32)
-                    with rasterio.open(src_path) as src:
-                        reproject(rasterio.band(src, 1), arr, dst_transform=lab.transform, dst_crs=lab.crs,
-                                  resampling=Resampling.bilinear)
-                    dst.write(np.clip(arr.round(), 0, 65535).astype(np.uint16), i)
-                    dst.set_band_description(i, band)
-            out.append(path)
-    return out[0], out[1], label
 
 
 def datasets(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
@@ -197,9 +168,11 @@ def run_dataset(name: str, ds: dict[str, Any], heads: list[str], tmp: Path, data
     """Train every head on one dataset, then the logistic regression on the same tiles; metrics on test."""
     from geo_dino.train_head import train_head_local
 
-    if "city" in ds:
-        p1, p2, lab = oscd_stack(ds["city"], tmp, data)
-        ds = ds | {"rasters": [p1, p2], "labels": ds["labels"] | {"raster": lab}}
+    if "city" in ds:  # the change bench's stacking: 13 bands on the label grid, in the temporary folder
+        from bench.change import stack_oscd
+
+        stacked = stack_oscd(data / "change_detection" / "oscd_dev" / ds["city"], ds["city"], tmp)
+        ds = ds | {"rasters": stacked["rasters"], "labels": ds["labels"] | {"raster": stacked["labels"]}}
     roots = [data, tmp, ROOT]
     out: dict[str, Any] = {"task": "change" if len(ds["rasters"]) == 2 else "segmentation",
                            "positive": ds["positive"], "tile_px": ds["tile_size"], "methods": {},

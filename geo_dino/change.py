@@ -46,7 +46,7 @@ EPS = 1e-6
 
 
 def _as_pixels(x: np.ndarray) -> np.ndarray:
-    """``(S, N)`` or ``(N, S)``? Always ``(N, S)`` float64 here: samples are given as ``(N, S)``."""
+    """Pixel samples ``(N, S)`` as float64 (refused when not two-dimensional)."""
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2:
         raise GeoDinoError(f"pixel samples must be (N, bands), got shape {a.shape}")
@@ -245,8 +245,8 @@ class ChangeFusion:
             if features is None:
                 raise GeoDinoError("the feature change score is needed (feature weight > 0)")
             return features / self.scale_features
-        s = (spectral / self.scale_spectral).clip(min=0) if hasattr(spectral, "clip") else spectral
-        f = (features / self.scale_features).clip(min=0) if hasattr(features, "clip") else features
+        s = (spectral / self.scale_spectral).clip(min=0)
+        f = (features / self.scale_features).clip(min=0)
         return s ** self.w_spectral * f ** self.w_features
 
     def edges(self) -> np.ndarray:
