@@ -19,8 +19,8 @@ import torch
 
 
 def main() -> None:
-    from geo_dino.backbone import build_backbone
-    from geo_dino.fast_vit import FusedRopeViT
+    from geo_dino.models.backbone import build_backbone
+    from geo_dino.models.fast_vit import FusedRopeViT
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)

@@ -18,7 +18,7 @@ Each dataset's run: the AOI is the raster's footprint (densified, in EPSG:4326) 
 folder; screening with the bundled registry and ``configs/screening_policy.yaml`` (masked pixels are nodata
 and excluded from every method's scoring alike; a refused AOI is reported and not scored); the shipped
 backbone ``vit_tiny_patch8_geo``; tiles 224, overlap 32; k-means k 6 on 32 tiles; default preprocessing.
-:func:`geo_dino.pipeline.run_local` runs once per entry of ``RUNS``: ``heads.change`` set to
+:func:`geo_dino.run.stages.run_local` runs once per entry of ``RUNS``: ``heads.change`` set to
 ``method: fused`` (every other key at its default), ``spectral``, ``features``, ``fused`` with
 ``threshold: otsu``, ``fused`` with ``spectral: irmad``, ``fused`` with feature weights 0.15 / 0.35 / 0.5
 around the default 0.25, and ``features`` and ``fused`` with ``backbone.shift_average`` (finer dense
@@ -26,7 +26,7 @@ features); each run's ``change_mask.tif`` is read back.
 
 Baselines, in this process on the run's output grid (a window of the input rasters): (a) ``|x2 - x1|``
 (L2 over every band, raw values) + Otsu, (b) the same over the three backbone bands, (c) IR-MAD
-(:func:`geo_dino.change.fit_spectral` ``kind="irmad"`` on up to 100k valid pixels of the whole image;
+(:func:`geo_dino.models.change.fit_spectral` ``kind="irmad"`` on up to 100k valid pixels of the whole image;
 ``chi2 = score**2 * bands``) thresholded by Otsu and by the chi-square 0.99 quantile with ``bands`` degrees of
 freedom. Otsu: 256 bins over the valid pixels' min..max.
 
@@ -189,11 +189,11 @@ def _screening_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def run_pipeline(cfg_map: dict[str, Any]) -> dict[str, Any]:
-    """Run :func:`geo_dino.pipeline.run_local` and collect its change mask, threshold and records."""
+    """Run :func:`geo_dino.run.stages.run_local` and collect its change mask, threshold and records."""
     import rasterio
 
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     out_dir = Path(cfg_map["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def read_window(path: Path, grid: dict[str, Any]) -> np.ndarray:
 
 def otsu_256(values: np.ndarray) -> float:
     """Otsu's threshold on a 256-bin histogram over the values' min..max."""
-    from geo_dino.heads import otsu_threshold
+    from geo_dino.models.label_free import otsu_threshold
 
     hist, edges = np.histogram(values, bins=256)
     return otsu_threshold(hist, edges)
@@ -261,7 +261,7 @@ def baselines(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray, rgb: list[int])
     """Label-free baselines: ``{name: {"pred": bool (H, W), "threshold": float, ...}}``."""
     from scipy.stats import chi2 as chi2_dist
 
-    from geo_dino.change import fit_spectral
+    from geo_dino.models.change import fit_spectral
 
     out: dict[str, Any] = {}
     for name, idx in (("|x2-x1| all bands + Otsu", list(range(x1.shape[0]))),
@@ -294,7 +294,7 @@ def baselines(x1: np.ndarray, x2: np.ndarray, valid: np.ndarray, rgb: list[int])
 
 def scores(pred: np.ndarray, truth: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
     """F1, IoU, precision, recall of "changed" on labelled pixels of ``keep`` (truth 0/1, 255 unlabelled)."""
-    from geo_dino.metrics import confusion_matrix, segmentation_metrics
+    from geo_dino.evaluation.metrics import confusion_matrix, segmentation_metrics
 
     target = np.where(keep, truth, NODATA).astype(np.uint8)
     cm = confusion_matrix(pred.astype(np.uint8), target, 2)
@@ -441,7 +441,7 @@ def main() -> None:
 
     import torch
 
-    from geo_dino.provenance import git_info, software_versions
+    from geo_dino.governance.provenance import git_info, software_versions
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -478,8 +478,9 @@ def main() -> None:
         "versions": software_versions(), "git": git_info(ROOT),
         "backbone": {"arch": ARCH, "checkpoint": CKPT.name, "sha256": CKPT_SHA256},
         "protocol": {
-            "pipeline": "geo_dino.pipeline.run_local; tiles 224 overlap 32, k-means k 6 on 32 tiles, default "
-                        "preprocessing; heads.change per run as in runs.*.change_config, other keys default",
+            "pipeline": "geo_dino.run.stages.run_local; tiles 224 overlap 32, k-means k 6 on 32 tiles, "
+                        "default preprocessing; heads.change per run as in runs.*.change_config, other keys "
+                        "default",
             "aoi": "the raster's footprint (densified) in EPSG:4326; bundled registry and screening policy",
             "oscd_stack": "13 bands B01..B08,B8A,B09..B12 of each date reprojected (bilinear) onto the label "
                           "grid (imgs_1 B02)",

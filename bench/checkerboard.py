@@ -5,7 +5,8 @@
 Runs the demo change job (the bundled Pucallpa 1985/2020 pair, the shipped ``vit_tiny_patch8_geo``) four
 times in a temporary folder: ``heads.change.method`` ``features`` and ``fused``, each with
 ``backbone.shift_average`` off and on. For each change score it prints the map's power at the patch period
-over its neighbouring frequencies (:func:`geo_dino.change.patch_period_power`; about 1 means no grid) and the
+over its neighbouring frequencies (:func:`geo_dino.models.change.patch_period_power`; about 1 means no grid)
+and the
 inference time, and draws the four maps over one crop side by side (``--out``).
 """
 
@@ -38,9 +39,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import rasterio
 
-    from geo_dino.change import patch_period_power
     from geo_dino.config import load_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.models.change import patch_period_power
+    from geo_dino.run.stages import run_local
 
     tmp = Path(tempfile.mkdtemp(prefix="geo_dino_checkerboard_"))
     maps, rows = {}, []

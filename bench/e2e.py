@@ -109,10 +109,10 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from geo_dino import pipeline as pl
-    from geo_dino.backbone import dense_features
     from geo_dino.config import load_config
-    from geo_dino.sources import WindowReader
+    from geo_dino.inputs.sources import WindowReader
+    from geo_dino.models.backbone import dense_features
+    from geo_dino.run import stages as pl
 
     cfg_path = "configs/demo.yaml"
     res: dict[str, Any] = {}
@@ -345,8 +345,8 @@ def baseline_batches(cfg: Any, state: dict[str, Any], n: int) -> tuple[Any, list
     import numpy as np
     import torch
 
-    from geo_dino import pipeline as pl
-    from geo_dino.sources import WindowReader
+    from geo_dino.inputs.sources import WindowReader
+    from geo_dino.run import stages as pl
 
     extractor, _ = pl._extractor(cfg, state)
     tiles = list(pl._tiles(state))
@@ -362,8 +362,8 @@ def baseline_batches(cfg: Any, state: dict[str, Any], n: int) -> tuple[Any, list
 
 def child_synthetic(cfg_json: str) -> dict[str, Any]:
     """Run in a fresh process: the pipeline stage by stage (no Prefect) on one synthetic raster."""
-    from geo_dino import pipeline as pl
     from geo_dino.config import parse_config
+    from geo_dino.run import stages as pl
 
     base = peak_rss_mib()
     cfg = parse_config(json.loads(cfg_json))
@@ -387,7 +387,7 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     # the backbone alone, interleaved with the run: 16 of the run's tiles, read and preprocessed once here,
     # go through dense_features after every few chunks, timed apart from the run (and left out of its
     # stage times), so that the baseline and the pipeline share the machine's state over the same minutes
-    from geo_dino.backbone import dense_features
+    from geo_dino.models.backbone import dense_features
 
     extractor0, xs0, n0 = baseline_batches(cfg, json.loads((rd / "state.json").read_text()), 16)
     every = max(1, plan["n_chunks"] // 12)
@@ -530,8 +530,8 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
     from rasterio.windows import Window
 
     from geo_dino.config import SourceConfig
-    from geo_dino.grid import PixelBox
-    from geo_dino.sources import WindowReader, open_raster
+    from geo_dino.inputs.grid import PixelBox
+    from geo_dino.inputs.sources import WindowReader, open_raster
 
     size = 224
     info = open_raster(raster, SourceConfig(allowed_roots=[raster.parent], bands=[1, 2, 3]), needed_bands=3)
@@ -595,9 +595,9 @@ def bench_reads(raster: Path, cap: int, reps: int, batch: int) -> dict[str, Any]
 
     # also ours with the preprocessing the pipeline applies (uint8 -> normalised float32), for parity with
     # torchgeo, which returns float32 tensors
-    from geo_dino.backbone import ARCHS
     from geo_dino.config import PreprocessConfig
-    from geo_dino.preprocess import make_preprocessor
+    from geo_dino.inputs.preprocess import make_preprocessor
+    from geo_dino.models.backbone import ARCHS
 
     a = ARCHS["vit_small_patch16_dinov3"]
     pre = make_preprocessor("uint8", info.bands, PreprocessConfig(), a.mean, a.std)

@@ -4,7 +4,8 @@ Run on a GPU machine from the repository root:  PYTHONPATH=. python3 bench/gpu_b
 Needs only torch and timm. Variants, each timed after warm-up with CUDA events, in one process:
   * timm DINOv3 ViT-L/16 eager (bf16 weights), and torch.compile'd
   * timm plain ViT-L/16 (no RoPE, no registers) eager and compiled: the ceiling RoPE costs us against
-  * ours: geo_dino.fast_vit.FusedRopeViT (RoPE over the whole sequence with identity rows for the prefix
+  * ours: geo_dino.models.fast_vit.FusedRopeViT (RoPE over the whole sequence with identity rows for the
+  prefix
     tokens: no slice/cat, sin/cos tables cached per grid), bf16 weights, eager and torch.compile'd
   * the pipeline's earlier path: dense_features under bf16 autocast
   * ViT-S/16 DINOv3 dense features at 224² and 512² tiles (what the spine runs per tile)
@@ -73,7 +74,7 @@ def autotuned(out, fused, xb, batch: int, iters: int) -> None:
 def main() -> None:
     import timm
 
-    from geo_dino.backbone import build_backbone, dense_features
+    from geo_dino.models.backbone import build_backbone, dense_features
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path,
@@ -120,7 +121,7 @@ def main() -> None:
     def timm_fwd(m):
         return lambda inp: m.forward_features(inp)
 
-    from geo_dino.fast_vit import FusedRopeViT
+    from geo_dino.models.fast_vit import FusedRopeViT
 
     fused = FusedRopeViT(mb)
     with torch.inference_mode():

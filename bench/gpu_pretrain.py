@@ -5,7 +5,8 @@
     python bench/gpu_pretrain.py --device cpu --smoke  # a few tiny steps on CPU: checks the script runs
 
 Variants, timed in the same process on the same synthetic crops (data loading is not part of the figure):
-``eager`` (timm modules, geo_dino.dino losses, as ``geo_dino.pretrain`` runs them), ``compiled``
+``eager`` (timm modules, geo_dino.training.dino losses, as ``geo_dino.training.pretrain`` runs them),
+``compiled``
 (``torch.compile`` of the student and teacher steps), ``compiled+fused`` (plus fused AdamW and a foreach EMA).
 Each variant first checks its loss against the eager step on the same batch (bf16 tolerance).
 Goal: DINOv3 ViT-S/16 >= 2,000 images/s on one H200.
@@ -29,7 +30,7 @@ def build(arch: str, out_dim: int, device: str, smoke: bool):
     import timm
     import torch
 
-    from geo_dino.dino import DINOHead
+    from geo_dino.training.dino import DINOHead
 
     kw = {"embed_dim": 48, "depth": 2, "num_heads": 2} if smoke else {}
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True,
@@ -45,7 +46,7 @@ def build(arch: str, out_dim: int, device: str, smoke: bool):
 def make_step(student, teacher, loss_fn, opt, n_local: int, bf16: bool, foreach_ema: bool):
     import torch
 
-    from geo_dino.dino import tokens
+    from geo_dino.training.dino import tokens
 
     def teacher_fwd(g: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cuda" if g.is_cuda else "cpu", dtype=torch.bfloat16,
@@ -101,7 +102,7 @@ def main() -> None:
 
     import torch
 
-    from geo_dino.dino import DINOLoss
+    from geo_dino.training.dino import DINOLoss
 
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = args.device

@@ -18,7 +18,8 @@ Data: ``/work/shared/data`` (see its README and FILES.csv), or ``--data``. Every
   ``models/vit_tiny_patch8_geo_rgbn.safetensors`` (red, green, blue, near-infrared: ETM+ 3,2,1,4; S2
   B4,B3,B2,B8).
 
-Each head is trained by the product's own stages (:func:`geo_dino.train_head.train_head_local`, the code
+Each head is trained by the product's own stages (:func:`geo_dino.training.train_head.train_head_local`, the
+code
 behind ``geo-dino train-head``) with the shipped backbone ``vit_tiny_patch8_geo`` and a **geographic
 hold-out**: ``split.method: halves``, the eastern half of the labelled tiles is the test part, a one-tile
 buffer around it is dropped, early-stopping tiles are blocks of the western half. Heads: ``linear-features``
@@ -97,7 +98,7 @@ def datasets(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
 
 
 def _config(ds: dict[str, Any], head: str, out_dir: Path, roots: list[Path]) -> Any:
-    from geo_dino.head_config import parse_head_config
+    from geo_dino.training.head_config import parse_head_config
 
     kind = "linear" if head == "linear-features" else head
     labels = {k: (str(v) if isinstance(v, Path) else v) for k, v in ds["labels"].items()}
@@ -128,9 +129,9 @@ def _roles(run_dir: Path, shape: tuple[int, int], tile: int) -> dict[str, np.nda
 
 
 def _labels(cfg: Any) -> np.ndarray:
-    from geo_dino.labels import read_label_raster
-    from geo_dino.sources import open_raster
-    from geo_dino.train_head import class_table
+    from geo_dino.inputs.labels import read_label_raster
+    from geo_dino.inputs.sources import open_raster
+    from geo_dino.training.train_head import class_table
 
     grid = open_raster(cfg.rasters[0], cfg.sources.model_copy(update={"bands": None})).grid
     mapping = {k: 255 if v == "ignore" else v for k, v in cfg.labels.mapping.items()}
@@ -166,7 +167,7 @@ def logistic(x: np.ndarray, labels: np.ndarray, train: np.ndarray, max_train: in
 
 def run_dataset(name: str, ds: dict[str, Any], heads: list[str], tmp: Path, data: Path) -> dict[str, Any]:
     """Train every head on one dataset, then the logistic regression on the same tiles; metrics on test."""
-    from geo_dino.train_head import train_head_local
+    from geo_dino.training.train_head import train_head_local
 
     if "city" in ds:  # the change bench's stacking: 13 bands on the label grid, in the temporary folder
         from bench.change import stack_oscd
@@ -238,7 +239,7 @@ def main() -> None:
 
     import torch
 
-    from geo_dino.provenance import git_info, software_versions
+    from geo_dino.governance.provenance import git_info, software_versions
 
     torch.set_num_threads(args.threads)
     heads = [h for h in args.heads.split(",") if h]

@@ -39,14 +39,14 @@ def main() -> None:
 
     import torch
 
-    from geo_dino.evaluation import (
+    from geo_dino.evaluation.probes import (
         backbone_features,
         evaluate_features,
         load_labelled,
         pixel_features,
         prepare_images,
     )
-    from geo_dino.pretrain_config import load_pretrain_config
+    from geo_dino.training.pretrain_config import load_pretrain_config
 
     overrides = {"output_dir": args.output_dir, "eval": None}
     if args.steps:
@@ -62,7 +62,7 @@ def main() -> None:
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={args.nproc}"]
-               if args.nproc > 1 else [sys.executable]) + ["-m", "geo_dino.pretrain", str(resolved),
+               if args.nproc > 1 else [sys.executable]) + ["-m", "geo_dino.training.pretrain", str(resolved),
                                                            "--no-resume"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ds = load_labelled(args.eval_data)
     arch = cfg.backbone.arch
-    from geo_dino.archs import ARCHS
+    from geo_dino.models.archs import ARCHS
 
     prep = prepare_images(ds, patch_size=ARCHS[arch].patch_size)
     results = {}

@@ -54,7 +54,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from geo_dino.config import load_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     cfg = load_config(args.config, {"output_dir": args.output_dir, "name": "pretrained"})
     if cfg.backbone.checkpoint is None:

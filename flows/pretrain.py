@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from geo_dino.pretrain_config import PretrainConfig, load_pretrain_config, parse_pretrain_config
+from geo_dino.training.pretrain_config import PretrainConfig, load_pretrain_config, parse_pretrain_config
 
 _TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -53,7 +53,7 @@ def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None,
                 config_file: str | None = None) -> dict[str, Any] | None:
     """Train up to ``steps`` more steps in this process, resuming from the run folder's checkpoint; the
     exported backbone (checkpoint, sha256, run folder, warnings) once the schedule is complete, else None."""
-    from geo_dino.pretrain import pretrain
+    from geo_dino.training.pretrain import pretrain
 
     cfg = PretrainConfig.model_validate(config)
     res = pretrain(cfg, progress=_progress_reporter(cfg.recipe.steps, artifact_id), stop_after=steps,
@@ -67,10 +67,11 @@ def train_chunk(config: dict[str, Any], steps: int, artifact_id: Any = None,
 @task(name="train-torchrun", **_TASK)
 def train_torchrun(config_file: str, nproc: int, run_dir: str, total: int,
                    artifact_id: Any = None) -> dict[str, Any]:
-    """Start ``torchrun --nproc_per_node nproc -m geo_dino.pretrain`` and relay its metrics while it runs."""
+    """Start ``torchrun --nproc_per_node nproc -m geo_dino.training.pretrain`` and relay its metrics while it
+    runs."""
     report = _progress_reporter(total, artifact_id)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "geo_dino.pretrain", config_file]
+           "-m", "geo_dino.training.pretrain", config_file]
     metrics = Path(run_dir) / "metrics.jsonl"
     # a file, not a pipe: a pipe nobody reads fills and blocks ranks
     log_path = Path(run_dir) / "torchrun.log"
@@ -111,7 +112,7 @@ def pretrain_flow(config_path: str | None = None, config: dict[str, Any] | None 
     ``config`` mapping came from (for the model card)."""
     from prefect.artifacts import create_progress_artifact
 
-    from geo_dino.pretrain import run_dir_for
+    from geo_dino.training.pretrain import run_dir_for
 
     if config_path is not None:
         cfg = load_pretrain_config(config_path, overrides)

@@ -14,8 +14,8 @@ from typing import Any, TypedDict
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from geo_dino import pipeline as pl
 from geo_dino.config import RunConfig, load_config, parse_config
+from geo_dino.run import stages as pl
 
 
 class _TaskOptions(TypedDict):

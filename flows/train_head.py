@@ -14,8 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from geo_dino import train_head as th
-from geo_dino.head_config import HeadTrainConfig, load_head_config, parse_head_config
+from geo_dino.training import train_head as th
+from geo_dino.training.head_config import HeadTrainConfig, load_head_config, parse_head_config
 
 _TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 

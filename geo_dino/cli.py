@@ -58,7 +58,7 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     if head is not None and not (arch or checkpoint):
         # --head alone: the backbone, checkpoint and bands it was trained on (its metadata says which)
         from geo_dino.errors import GeoDinoError as _Err
-        from geo_dino.run_heads import settings_from_head
+        from geo_dino.run.heads import settings_from_head
 
         try:
             from_head = settings_from_head(head)
@@ -142,7 +142,7 @@ def train_head_cmd(
 ) -> None:
     """Train a segmentation or change head on frozen backbone features from georeferenced labels."""
     from geo_dino.errors import GeoDinoError
-    from geo_dino.head_config import load_head_config
+    from geo_dino.training.head_config import load_head_config
 
     overrides: dict = {}
     if output_dir is not None:
@@ -180,7 +180,7 @@ def similar(
 
     cube_path = cube / "features.zarr" if (cube / "features.zarr").exists() else cube
     try:
-        from geo_dino.similar import load_example, similarity
+        from geo_dino.outputs.similar import load_example, similarity
 
         res = similarity(cube_path, load_example(example), run_dir=cube_path.parent, name=name, top_k=top_k,
                          min_separation_cells=min_separation)
@@ -204,7 +204,7 @@ def pretrain(
     DINO self-supervised pretraining on rasters; resumes from the run folder's checkpoint when there is one.
     """
     from geo_dino.errors import GeoDinoError
-    from geo_dino.pretrain_config import load_pretrain_config
+    from geo_dino.training.pretrain_config import load_pretrain_config
 
     overrides: dict = {}
     if steps is not None:
@@ -249,9 +249,9 @@ def resume(run_dir: Path) -> None:
 @app.command("validate-aoi")
 def validate_aoi(path: Path, repair: bool = typer.Option(False, help="repair self-intersections")) -> None:
     """Validate a GeoJSON AOI (RFC 7946) and print a summary."""
-    from geo_dino.aoi import load_aoi
     from geo_dino.config import AOIOptions
     from geo_dino.errors import GeoDinoError
+    from geo_dino.inputs.aoi import load_aoi
 
     try:
         aoi = load_aoi(path, AOIOptions(repair=repair))
@@ -270,8 +270,8 @@ app.add_typer(checkpoint_app, name="checkpoint")
 @checkpoint_app.command("inspect")
 def checkpoint_inspect(path: Path) -> None:
     """Detected layout and architecture, parameter count, sha256, licence and preprocessing of a file."""
-    from geo_dino.checkpoints import inspect_file
     from geo_dino.errors import GeoDinoError
+    from geo_dino.models.checkpoints import inspect_file
 
     try:
         info = inspect_file(path)
@@ -285,8 +285,8 @@ def checkpoint_convert(
     path: Path, out: Path, arch: Annotated[str | None, typer.Option(help="registry architecture")] = None,
 ) -> None:
     """Convert any readable layout to timm-layout safetensors with metadata (and OUT.json)."""
-    from geo_dino.checkpoints import convert_file
     from geo_dino.errors import GeoDinoError
+    from geo_dino.models.checkpoints import convert_file
 
     try:
         rec = convert_file(path, out, arch)
@@ -344,8 +344,7 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
     vrange = _numbers(value_range, float, "--value-range")
     if vrange is not None and len(vrange) != 2:
         _fail(f"--value-range {value_range!r}: give LOW,HIGH")
-    from geo_dino import evaluation as ev
-
+    from geo_dino.evaluation import probes as ev
     try:
         ds = ev.load_labelled(data, test_fraction=test_fraction, seed=seed)
         common: dict[str, Any] = {"size": size, "bands": band_list, "value_range": vrange}

@@ -132,7 +132,7 @@ class KMeansConfig(_Model):
 
 
 class ChangeConfig(_Model):
-    """Label-free change between two dates (:mod:`geo_dino.change`): which score, and its threshold.
+    """Label-free change between two dates (:mod:`geo_dino.models.change`): which score, and its threshold.
 
     ``fused`` (default) combines the spectral score over every band with the backbone's feature distance as
     a weighted geometric mean of the two median-scaled scores; ``spectral`` and ``features`` use one alone.

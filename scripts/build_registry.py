@@ -11,7 +11,7 @@ The output is one layer ``sites`` in EPSG:4326 with the columns ``site_id`` (sta
 source's own identifier or feature index), ``name``, ``category``, ``source``, ``licence`` and the geometry.
 Rows are sorted by ``site_id`` and the GeoPackage timestamps are pinned, so the same inputs give the same
 bytes. Beside it the script writes ``sensitive_sites.gpkg.sha256`` (checked by
-:func:`geo_dino.screening.load_registry`) and ``README.md``.
+:func:`geo_dino.governance.screening.load_registry`) and ``README.md``.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def write(gdf, out: Path) -> str:
 
 README = """# Sensitive-site registry
 
-`sensitive_sites.gpkg` (layer `sites`, EPSG:4326) is what `geo_dino.screening` checks every area of interest
+`sensitive_sites.gpkg` (layer `sites`, EPSG:4326) is what `geo_dino.governance.screening` checks every area
+of interest
 against before a run. `sensitive_sites.gpkg.sha256` holds its digest (`<hex>  <file name>`); the loader
 refuses a registry whose bytes do not match it. What each category triggers (record, mask, require
 approval, deny) and within what buffer is set in `configs/screening_policy.yaml`, not here.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
 from geo_dino.errors import CRSMismatchError
+from geo_dino.run import stages as pl
 from tests.conftest import ROOT
 
 NAIP = [ROOT / "data/rasters/naip" / f"m_4709963_se_14_1_{d}.tif" for d in ("20090818", "20200831")]

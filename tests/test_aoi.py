@@ -1,4 +1,4 @@
-"""Tests of geo_dino.aoi: RFC 7946 AOI validation against hostile input."""
+"""Tests of geo_dino.inputs.aoi: RFC 7946 AOI validation against hostile input."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import shapely
 from pyproj import Geod, Transformer
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from geo_dino.aoi import AOI, geodesic_area_m2, load_aoi, validate_geojson
 from geo_dino.config import AOIOptions
 from geo_dino.errors import AOIError, GeoDinoError
+from geo_dino.inputs.aoi import AOI, geodesic_area_m2, load_aoi, validate_geojson
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from geo_dino.archs import ARCHS, DINOV3_LICENCE, SAT493M_MEAN, SAT493M_STD
-from geo_dino.backbone import build_backbone, dense_features
+from geo_dino.models.archs import ARCHS, DINOV3_LICENCE, SAT493M_MEAN, SAT493M_STD
+from geo_dino.models.backbone import build_backbone, dense_features
 
 REQUIRED = {"dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8",
             "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geo_dino.backbone import ARCHS, build_backbone, dense_features
 from geo_dino.config import PreprocessConfig
 from geo_dino.errors import CheckpointError, ConfigError
-from geo_dino.preprocess import make_preprocessor
+from geo_dino.inputs.preprocess import make_preprocessor
+from geo_dino.models.backbone import ARCHS, build_backbone, dense_features
 
 ARCH = "vit_tiny_patch16_dinov3_test"
 
@@ -173,7 +173,7 @@ def test_dinov3_weights_need_licence_acceptance(tmp_path):
 
 @pytest.mark.parametrize("arch", [ARCH, "dino_vits16"])
 def test_feature_api_dense_global_layers(arch):
-    from geo_dino.backbone import extract
+    from geo_dino.models.backbone import extract
 
     model, spec = build_backbone(arch)
     if hasattr(model.blocks[0], "gamma_1") and model.blocks[0].gamma_1 is not None:

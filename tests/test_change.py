@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from geo_dino.change import (
+from geo_dino.errors import GeoDinoError
+from geo_dino.models.change import (
     HIST_BINS,
     ChangeFusion,
     ChangeModel,
@@ -21,8 +22,7 @@ from geo_dino.change import (
     minimum_error_threshold,
     threshold_from_histogram,
 )
-from geo_dino.errors import GeoDinoError
-from geo_dino.heads import otsu_threshold
+from geo_dino.models.label_free import otsu_threshold
 from tests.conftest import PUCALLPA
 
 
@@ -150,7 +150,7 @@ def test_change_model_round_trip(tmp_path):
 
 def _run(tiny_config, **change):
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]},
                       heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": change})
@@ -183,7 +183,7 @@ def test_run_fuses_spectrum_and_features_per_pixel(tiny_config):
     with rasterio.open(run_dir / "change_magnitude.tif") as ds:
         assert ds.descriptions == ("fused spectral and feature change score",)
     # the spectral part equals the fitted score computed directly from the rasters' pixels
-    from geo_dino.change import ChangeModel as CM
+    from geo_dino.models.change import ChangeModel as CM
 
     model = CM.load(run_dir / "work" / "change.npz")
     assert model.spectral is not None
@@ -209,7 +209,7 @@ def test_spectral_bands_narrow_the_spectral_part(tiny_config):
     run_dir = _run(tiny_config, method="spectral")
     assert json.loads((run_dir / "provenance.json").read_text())["change"]["spectral"]["bands"] == 4
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA,
                       sources={"bands": [1, 2, 3], "spectral_bands": [1, 2]},
@@ -225,8 +225,8 @@ def test_shift_averaged_features_of_a_constant_image_are_constant():
     offsets 0 and half a patch keeps it constant, edges included (reflect padding adds nothing)."""
     import torch
 
-    from geo_dino.backbone import build_backbone
-    from geo_dino.inference import shift_averaged
+    from geo_dino.models.backbone import build_backbone
+    from geo_dino.run.inference import shift_averaged
 
     model, _ = build_backbone("vit_tiny_patch16_dinov3_test", seed=0)
     embed = model.patch_embed.proj  # a 16x16 stride-16 convolution
@@ -243,7 +243,7 @@ def test_shift_averaged_features_sit_at_half_patch_cell_centres():
     half-patch cell's centre: the two offsets' patches straddle the cell symmetrically."""
     import torch
 
-    from geo_dino.inference import shift_averaged
+    from geo_dino.run.inference import shift_averaged
 
     p = 8
     ramp = torch.arange(64, dtype=torch.float64).expand(1, 1, 48, 64).clone()  # value = column index
@@ -259,7 +259,7 @@ def test_shift_averaged_features_sit_at_half_patch_cell_centres():
 def test_run_with_shift_averaged_features(tiny_config):
     run_dir = _run(tiny_config, method="features")
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     cfg = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]},
                       backbone={"arch": "vit_tiny_patch16_dinov3_test", "batch_size": 16,
@@ -271,12 +271,12 @@ def test_run_with_shift_averaged_features(tiny_config):
     ok = np.isfinite(a) & np.isfinite(b)
     assert ok.mean() > 0.9 and not np.allclose(a[ok], b[ok])
 
-    from geo_dino.change import patch_period_power
+    from geo_dino.models.change import patch_period_power
 
     # the map's power at the patch period, over its neighbours' (1: no grid): the checkerboard is gone
     plain, fine_ratio = patch_period_power(a, 16), patch_period_power(b, 16)
     assert plain > 4 and fine_ratio < 2, (plain, fine_ratio)
-    from geo_dino.cube import open_cube
+    from geo_dino.outputs.cube import open_cube
 
     cube = open_cube(fine / "features.zarr")  # the cube keeps one cell per patch
     with rasterio.open(fine / "change_magnitude.tif") as ds:
@@ -288,9 +288,9 @@ def test_feature_change_over_several_layers(tiny_config):
     blocks of the test backbone), recorded; equal to the mean computed from the blocks' own features."""
     import torch
 
-    from geo_dino.backbone import build_backbone
-    from geo_dino.inference import FeatureExtractor
-    from geo_dino.preprocess import Preprocessor
+    from geo_dino.inputs.preprocess import Preprocessor
+    from geo_dino.models.backbone import build_backbone
+    from geo_dino.run.inference import FeatureExtractor
 
     model, _ = build_backbone("vit_tiny_patch16_dinov3_test", seed=0)
     pre = Preprocessor("uint8", (0.0,) * 3, (255.0,) * 3, (0.5,) * 3, (0.5,) * 3, (1, 2, 3))
@@ -301,8 +301,8 @@ def test_feature_change_over_several_layers(tiny_config):
     f1, f2 = ex.forward(x1), ex.forward(x2)
     assert f1.shape[1] == 3 * 48  # the normed last block, then blocks 0 and 1
     assert torch.allclose(ex.deepest(f1), plain.forward(x1), atol=1e-5)
-    from geo_dino.backbone import extract
-    from geo_dino.heads import upsampled_cosine_distance
+    from geo_dino.models.backbone import extract
+    from geo_dino.models.label_free import upsampled_cosine_distance
 
     e1, e2 = extract(model, x1, (0, 1)).layers, extract(model, x2, (0, 1)).layers
     want = (upsampled_cosine_distance(e1[0], e2[0], (64, 64))
@@ -313,7 +313,7 @@ def test_feature_change_over_several_layers(tiny_config):
     assert rec["features"]["layers"] == [0, 1] and "averaged over blocks" in rec["features"]["score"]
     from geo_dino.config import parse_config
     from geo_dino.errors import ConfigError
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     bad = tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]},
                       heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"layers": [5]}})
@@ -326,7 +326,7 @@ def test_two_dates_with_different_band_counts_are_refused_for_the_spectral_part(
     spectral part (every band) does not: refused before any tile, with the key that fixes it."""
     from geo_dino.config import parse_config
     from geo_dino.errors import SourceError
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     with rasterio.open(PUCALLPA[1]) as src:
         profile = src.profile | {"count": 3}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geo_dino.backbone import build_backbone
-from geo_dino.checkpoints import detect_layout, inspect_state
 from geo_dino.errors import CheckpointError
+from geo_dino.models.backbone import build_backbone
+from geo_dino.models.checkpoints import detect_layout, inspect_state
 
 ARCH = "vit_tiny_patch16_dinov3_test"  # 48 wide, 2 blocks, 2 heads, 4 registers, RoPE, patch 16
 
@@ -178,7 +178,7 @@ def test_inspect_real_vit_l_shapes_fit_web_and_sat(tmp_path):
     so the user names the entry (and with it the preprocessing); the file name is never used."""
     import timm
 
-    from geo_dino.checkpoints import fitting_archs
+    from geo_dino.models.checkpoints import fitting_archs
 
     with torch.device("meta"):
         m = timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0)
@@ -206,7 +206,7 @@ def _hf_dinov2(registers: bool):
 
 @pytest.mark.parametrize("registers", [False, True])
 def test_dinov2_hf_and_official_layouts_match_transformers(tmp_path, registers):
-    from geo_dino.checkpoints import _hf_dinov2_to_official
+    from geo_dino.models.checkpoints import _hf_dinov2_to_official
 
     hf = _hf_dinov2(registers)
     arch = "vit_tiny_patch14_reg4_dinov2_test" if registers else "vit_tiny_patch14_dinov2_test"
@@ -249,7 +249,7 @@ def test_dinov2_block_chunked_official_keys_load_like_flat_ones(tmp_path):
     into the same model as the flat names (checked on the tiny DINOv2 architecture, 2 blocks in 2 chunks)."""
     import re
 
-    from geo_dino.checkpoints import _hf_dinov2_to_official
+    from geo_dino.models.checkpoints import _hf_dinov2_to_official
 
     sd = {k: v.contiguous() for k, v in _hf_dinov2(False).state_dict().items()}
     flat = _hf_dinov2_to_official(dict(sd))

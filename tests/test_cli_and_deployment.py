@@ -126,8 +126,8 @@ def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
 
 
 def test_cli_resume(tmp_path, tiny_config):
-    from geo_dino import pipeline as pl
     from geo_dino.config import parse_config
+    from geo_dino.run import stages as pl
 
     res = runner.invoke(app, ["resume", str(tmp_path)])
     assert res.exit_code == 2 and "not a run folder" in res.output
@@ -139,7 +139,7 @@ def test_cli_resume(tmp_path, tiny_config):
 
 def test_every_deployment_points_at_a_flow_and_a_loadable_config():
     from geo_dino.config import load_config
-    from geo_dino.pretrain_config import load_pretrain_config
+    from geo_dino.training.pretrain_config import load_pretrain_config
 
     doc = yaml.safe_load((ROOT / "flows/prefect.yaml").read_text())
     for dep in doc["deployments"]:
@@ -151,7 +151,7 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
             cfg = load_pretrain_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.data.rasters)
         elif func == "train_head_flow":
-            from geo_dino.head_config import load_head_config
+            from geo_dino.training.head_config import load_head_config
 
             cfg = load_head_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.rasters) and Path(cfg.labels.raster).is_file()

@@ -11,9 +11,9 @@ import pytest
 import rasterio
 from scipy import ndimage
 
-from geo_dino.coregistration import check_pair, phase_shift
-from geo_dino.grid import PixelBox
-from geo_dino.sources import WindowReader, open_raster
+from geo_dino.inputs.coregistration import check_pair, phase_shift
+from geo_dino.inputs.grid import PixelBox
+from geo_dino.inputs.sources import WindowReader, open_raster
 
 ROOT = Path(__file__).resolve().parents[1]
 BAHAMAS = ROOT / "data/rasters/landsat7_bahamas_RGB.byte.tif"
@@ -70,7 +70,7 @@ def test_check_pair_on_a_shifted_copy_and_on_the_same_file(tmp_path: Path) -> No
 
 def test_two_date_run_records_the_coregistration_estimate(tmp_path: Path) -> None:
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     cfg = parse_config({
         "name": "coreg", "aoi": str(ROOT / "aoi/pucallpa.geojson"),

@@ -15,7 +15,9 @@ import pytest
 from affine import Affine
 from pyproj import CRS
 
-from geo_dino.cube import (
+from geo_dino.errors import ConfigError, CRSMismatchError, OutputError
+from geo_dino.inputs.grid import Grid, PixelBox
+from geo_dino.outputs.cube import (
     CUBE_VAR,
     CubeError,
     CubeWriter,
@@ -27,8 +29,6 @@ from geo_dino.cube import (
     patch_grid,
     write_cube,
 )
-from geo_dino.errors import ConfigError, CRSMismatchError, OutputError
-from geo_dino.grid import Grid, PixelBox
 
 # odd origins: neither is a multiple of the cell size
 UTM = Grid(37, 53, Affine(160.0, 0.0, 600013.37, 0.0, -160.0, 2700011.91), "EPSG:32618")
@@ -251,7 +251,7 @@ def test_open_cube_refuses_what_is_not_a_cube(tmp_path: Path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, geo_dino, geo_dino.cube, geo_dino.similar; "
+    code = ("import sys, geo_dino, geo_dino.outputs.cube, geo_dino.outputs.similar; "
             "heavy = [m for m in ('torch', 'xarray', 'dask', 'zarr', 'rasterio', 'geopandas') "
             "if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")

@@ -12,9 +12,9 @@ import rasterio
 import torch
 from typer.testing import CliRunner
 
-from geo_dino import pipeline as pl
 from geo_dino.cli import app
 from geo_dino.config import parse_config
+from geo_dino.run import stages as pl
 from tests.conftest import PUCALLPA, ROOT, run_folders
 
 runner = CliRunner()
@@ -35,9 +35,9 @@ def cube_run(tmp_path_factory) -> Path:
 
 
 def test_cube_holds_each_tiles_patch_features_at_their_map_coordinates(cube_run: Path) -> None:
-    from geo_dino.cube import cube_grid, feature_at, open_cube
-    from geo_dino.inference import FeatureExtractor
-    from geo_dino.sources import WindowReader
+    from geo_dino.inputs.sources import WindowReader
+    from geo_dino.outputs.cube import cube_grid, feature_at, open_cube
+    from geo_dino.run.inference import FeatureExtractor
 
     cube = open_cube(cube_run / "features.zarr")
     state = json.loads((cube_run / "state.json").read_text())
@@ -85,8 +85,8 @@ def test_cube_needs_whole_patch_overlap(tiny_config) -> None:
 
 
 def test_similar_cli_on_a_run(cube_run: Path, tmp_path: Path) -> None:
-    from geo_dino.cube import cube_grid, open_cube
-    from geo_dino.outputs import RasterSpec, verify_raster
+    from geo_dino.outputs.cog import RasterSpec, verify_raster
+    from geo_dino.outputs.cube import cube_grid, open_cube
 
     g = cube_grid(open_cube(cube_run / "features.zarr"))
     from pyproj import Transformer

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geo_dino.backbone import build_backbone
-from geo_dino.dino import (
+from geo_dino.models.backbone import build_backbone
+from geo_dino.training.dino import (
     DINOHead,
     DINOLoss,
     IBOTPatchLoss,

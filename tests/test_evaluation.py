@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from geo_dino import evaluation as ev
 from geo_dino.cli import app
 from geo_dino.errors import ConfigError, SourceError
+from geo_dino.evaluation import probes as ev
 from tests.conftest import ROOT
 
 MINI = ROOT / "data" / "eurosat_mini"
@@ -371,7 +371,7 @@ def test_eurosat_mini_is_intact_and_loads():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from geo_dino.backbone import build_backbone
+    from geo_dino.models.backbone import build_backbone
 
     return build_backbone(TINY)
 
@@ -392,7 +392,9 @@ def test_model_features_pools_and_mode(tiny, mini_prepared):
     torch.testing.assert_close(both.train[:, :48], cls.train)
     torch.testing.assert_close(both.test[:, 48:], mean.test)
     assert not torch.allclose(cls.train, mean.train)
-    from geo_dino.backbone import extract  # the reference: the feature interface itself, on normalised pixels
+    from geo_dino.models.backbone import (
+        extract,  # the reference: the feature interface itself, on normalised pixels
+    )
 
     x = ((mini_prepared.test[:4] - torch.tensor(spec.mean).view(1, 3, 1, 1))
          / torch.tensor(spec.std).view(1, 3, 1, 1))

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from geo_dino.backbone import dense_features
-from geo_dino.fast_vit import FusedRopeViT
+from geo_dino.models.backbone import dense_features
+from geo_dino.models.fast_vit import FusedRopeViT
 
 
 def _model(name: str, **kw):

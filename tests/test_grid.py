@@ -1,4 +1,4 @@
-"""Property tests of geo_dino.grid: pixel boxes, grids and the tile grid laid over AOI ∩ raster."""
+"""Property tests of geo_dino.inputs.grid: pixel boxes, grids and the tile grid laid over AOI ∩ raster."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pyproj import CRS
 
 from geo_dino.errors import AOIError, ConfigError, CRSMismatchError, GeoDinoError
-from geo_dino.grid import Grid, PixelBox, Tile, TileGrid, blend_weights, crs_equal
+from geo_dino.inputs.grid import Grid, PixelBox, Tile, TileGrid, blend_weights, crs_equal
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from geo_dino.heads import cosine_distance, fit_label_free, otsu_threshold, upsampled_cosine_distance
+from geo_dino.models.label_free import (
+    cosine_distance,
+    fit_label_free,
+    otsu_threshold,
+    upsampled_cosine_distance,
+)
 
 
 def _up(f, size):

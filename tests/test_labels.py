@@ -21,8 +21,9 @@ from shapely.geometry import LineString, Polygon, box
 
 from geo_dino.config import SourceConfig
 from geo_dino.errors import ConfigError, CRSMismatchError, SourceError
-from geo_dino.grid import Grid, PixelBox, TileGrid
-from geo_dino.labels import (
+from geo_dino.governance.provenance import sha256_file
+from geo_dino.inputs.grid import Grid, PixelBox, TileGrid
+from geo_dino.inputs.labels import (
     IGNORE,
     ClassTable,
     LabelClass,
@@ -32,7 +33,6 @@ from geo_dino.labels import (
     read_label_raster,
     spatial_split,
 )
-from geo_dino.provenance import sha256_file
 
 UTM = "EPSG:32633"
 GRID = Grid(20, 24, Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), UTM)

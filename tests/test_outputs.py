@@ -14,8 +14,8 @@ from affine import Affine
 from rio_cogeo.cogeo import cog_validate
 
 from geo_dino.errors import OutputError
-from geo_dino.grid import Grid, PixelBox
-from geo_dino.outputs import (
+from geo_dino.inputs.grid import Grid, PixelBox
+from geo_dino.outputs.cog import (
     RasterSpec,
     class_colormap,
     create_intermediate,

@@ -11,9 +11,9 @@ import pytest
 import rasterio
 from pyproj import CRS, Transformer
 
-from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError, SourceError
+from geo_dino.run import stages as pl
 from tests.conftest import BAHAMAS, PUCALLPA, ROOT, run_folders
 
 
@@ -246,8 +246,8 @@ def test_no_seam_at_tile_edges(tiny_config):
 def test_fit_features_reused_not_recomputed(tiny_config, monkeypatch):
     """Tiles seen while fitting the heads are not run through the backbone again during inference, and the
     outputs equal a run without that cache."""
-    from geo_dino import backbone, inference
-
+    from geo_dino.models import backbone
+    from geo_dino.run import inference
     calls = {"n": 0}
     real = backbone.dense_features
 
@@ -301,7 +301,7 @@ def test_multispectral_run_needs_per_band_stats(tiny_config):
 
 
 def test_gsd_recorded_and_warned():
-    from geo_dino.pipeline import gsd_check
+    from geo_dino.run.stages import gsd_check
 
     with pytest.warns(UserWarning, match="training GSD"):
         far = gsd_check({"x_m": 300.0, "y_m": 300.0}, 0.6)

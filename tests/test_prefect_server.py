@@ -83,8 +83,7 @@ def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
     # the deployment's runs share one STAC Collection, named after it
     assert rec["prefect"]["deployment"] == "demo-nightly"
     coll = out / "collections" / "demo-nightly" / "collection.json"
-    from geo_dino import stac
-
+    from geo_dino.outputs import stac
     assert stac.validate_collection(coll)
     links = json.loads(coll.read_text())["links"]
     assert [(coll.parent / lk["href"]).resolve() for lk in links if lk["rel"] == "item"] == [

@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from geo_dino.errors import ConfigError
-from geo_dino.pretrain import CHECKPOINT, METRICS, load_training_checkpoint, pretrain
-from geo_dino.pretrain_config import load_pretrain_config, parse_pretrain_config
+from geo_dino.training.pretrain import CHECKPOINT, METRICS, load_training_checkpoint, pretrain
+from geo_dino.training.pretrain_config import load_pretrain_config, parse_pretrain_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BAHAMAS = ROOT / "data/rasters/landsat7_bahamas_RGB.byte.tif"
@@ -79,7 +79,7 @@ def test_a_run_writes_metrics_checkpoint_backbone_and_model_card(tmp_path: Path)
     assert meta["arch"] == "vit_tiny_patch16_dinov3_test" and meta["in_chans"] == "3"
     assert meta["licence"] == "Apache-2.0" and "from random initialisation" in meta["training_lineage"]
     card = json.loads((res.run_dir / "model_card.json").read_text())
-    from geo_dino.backbone import sha256_of
+    from geo_dino.models.backbone import sha256_of
 
     assert card["model"]["sha256"] == sha256_of(res.checkpoint) == res.sha256
     assert {Path(r["path"]).name for r in card["data"]["rasters"]} == {BAHAMAS.name, NAIP.name}
@@ -144,7 +144,7 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tmp_path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # --standalone: the rendezvous store binds a free port itself (no race for a port picked beforehand)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "geo_dino.pretrain", str(path)]
+           "-m", "geo_dino.training.pretrain", str(path)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300,
                           cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -172,7 +172,7 @@ def test_exported_backbone_runs_in_the_pipeline_without_licence_acceptance(tmp_p
     """Weights pretrained here declare their own licence: a DINOv3-architecture checkpoint made by geo_dino
     runs without a DINOv3 licence acceptance, its hash and lineage land in the provenance record."""
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     res = pretrain(parse_pretrain_config(tiny(tmp_path, "exp", recipe={"steps": 2})))
     run_cfg = parse_config({
@@ -193,7 +193,7 @@ def test_a_five_band_pretraining_exports_a_five_band_backbone(tmp_path: Path) ->
     import rasterio
     from rasterio.transform import from_origin
 
-    from geo_dino.backbone import build_backbone
+    from geo_dino.models.backbone import build_backbone
 
     path = tmp_path / "five.tif"
     rng = np.random.default_rng(0)
@@ -241,7 +241,7 @@ def test_cli_pretrain_runs_the_flow_in_chunks(tmp_path: Path) -> None:
 
 
 def test_layerscale_init_applies_to_models_built_from_scratch_only(tmp_path: Path) -> None:
-    from geo_dino.backbone import build_backbone
+    from geo_dino.models.backbone import build_backbone
 
     model, _ = build_backbone("vit_tiny_patch16_dinov3_test", layerscale_init=0.1)
     gammas = [p for n, p in model.named_parameters() if "gamma" in n]
@@ -253,7 +253,7 @@ def test_layerscale_init_applies_to_models_built_from_scratch_only(tmp_path: Pat
     cont = tiny(tmp_path, "ls2", recipe={"steps": 1})
     cont["backbone"] = {**cont["backbone"], "checkpoint": str(res.checkpoint), "layerscale_init": 0.5}
     cfg = parse_pretrain_config(cont)
-    from geo_dino.pretrain import _modules
+    from geo_dino.training.pretrain import _modules
 
     student, _, _ = _modules(cfg, 3)
     start = load_file(str(res.checkpoint))

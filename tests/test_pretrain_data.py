@@ -1,4 +1,4 @@
-"""Tests of geo_dino.pretrain_data: streamed nodata/AOI-aware tiles, multi-crop, the indexed dataset.
+"""Tests of geo_dino.training.pretrain_data: streamed nodata/AOI-aware tiles, multi-crop, the indexed dataset.
 
 Rasters are written with rasterio into ``tmp_path`` (seeded) or are the bundled Landsat scenes; AOIs are
 checked against geometry projected here with pyproj, independently of the code under test.
@@ -22,9 +22,9 @@ from pyproj import Transformer
 from shapely.geometry import shape
 
 from geo_dino.errors import AOIError, ConfigError
-from geo_dino.grid import PixelBox
-from geo_dino.pretrain_config import MultiCropConfig, PretrainDataConfig
-from geo_dino.pretrain_data import (
+from geo_dino.inputs.grid import PixelBox
+from geo_dino.training.pretrain_config import MultiCropConfig, PretrainDataConfig
+from geo_dino.training.pretrain_data import (
     MultiCrop,
     PretrainDataset,
     StepBatchSampler,

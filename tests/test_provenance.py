@@ -15,7 +15,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from geo_dino.provenance import (
+from geo_dino.governance.provenance import (
     SCHEMA,
     ProvenanceRecord,
     geotiff_tags,
@@ -38,7 +38,7 @@ def test_software_versions_have_gdal_proj_torch() -> None:
 
 
 def test_software_versions_does_not_import_prefect_or_torch() -> None:
-    code = ("import sys, geo_dino.provenance as p; p.software_versions(); "
+    code = ("import sys, geo_dino.governance.provenance as p; p.software_versions(); "
             "print('prefect' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "False"]

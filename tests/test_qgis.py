@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import rasterio
 
-from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
+from geo_dino.run import stages as pl
 from tests.conftest import PUCALLPA, ROOT
 
 QGIS_PY = "/usr/bin/python3"

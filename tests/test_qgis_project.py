@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import rasterio
 
-from geo_dino import pipeline as pl
-from geo_dino import qgis_project as qp
 from geo_dino.config import parse_config
 from geo_dino.errors import OutputError
-from geo_dino.vectorize import layer_style_qml, write_layer_style
+from geo_dino.outputs import qgis_project as qp
+from geo_dino.outputs.vectorize import layer_style_qml, write_layer_style
+from geo_dino.run import stages as pl
 from tests.conftest import PUCALLPA, ROOT
 
 QGIS_PY = "/usr/bin/python3"

@@ -13,7 +13,7 @@ from shapely.geometry import Point, box, shape
 
 from geo_dino.config import Approval
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError
-from geo_dino.screening import (
+from geo_dino.governance.screening import (
     ACTIONS,
     Decision,
     enforce,

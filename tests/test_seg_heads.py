@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from geo_dino.backbone import build_backbone
 from geo_dino.errors import CheckpointError, ConfigError, LabelError
-from geo_dino.labels import IGNORE, ClassTable, label_stats, spatial_split
-from geo_dino.metrics import confusion_matrix, segmentation_metrics, values_to_indices
-from geo_dino.seg_heads import (
+from geo_dino.evaluation.metrics import confusion_matrix, segmentation_metrics, values_to_indices
+from geo_dino.inputs.labels import IGNORE, ClassTable, label_stats, spatial_split
+from geo_dino.models.backbone import build_backbone
+from geo_dino.models.seg_heads import (
     LinearHead,
     TrainResult,
     evaluate_head,
@@ -123,7 +123,7 @@ def learnable() -> dict:
 
 
 def test_tile_features_are_the_normalised_dense_features(learnable: dict) -> None:
-    from geo_dino.backbone import extract
+    from geo_dino.models.backbone import extract
 
     f, spec = learnable["feats"], learnable["spec"]
     assert tuple(f.shape) == (64, spec.embed_dim, 4, 4) and f.dtype == torch.float32 and not f.is_inference()
@@ -283,7 +283,7 @@ def test_load_refuses_bad_files(learnable: dict, tmp_path: Path) -> None:
 
 def test_siamese_features_shapes_symmetry_and_errors() -> None:
     from geo_dino.errors import ConfigError
-    from geo_dino.seg_heads import siamese_features
+    from geo_dino.models.seg_heads import siamese_features
 
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
@@ -303,9 +303,9 @@ def test_siamese_features_shapes_symmetry_and_errors() -> None:
 def test_dpt_head_learns_from_four_layers(learnable: dict) -> None:
     """The multi-layer head reaches what the linear head reaches on the same task, from four blocks'
     features, and keeps the best early-stopping state."""
-    from geo_dino.backbone import extract
-    from geo_dino.dpt_head import DPTHead
-    from geo_dino.seg_heads import train_head
+    from geo_dino.models.backbone import extract
+    from geo_dino.models.dpt_head import DPTHead
+    from geo_dino.models.seg_heads import train_head
 
     spec, model, y, ti, vi = learnable["spec"], learnable["model"], learnable["labels"], learnable["ti"], \
         learnable["vi"]
@@ -346,7 +346,13 @@ def _spectral_problem(seed: int = 0) -> dict:
 def test_a_spectral_head_starts_as_the_logistic_regression_and_keeps_it(kind: str) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from geo_dino.seg_heads import build_head, evaluate_head, init_from_logistic, spectral_stats, train_head
+    from geo_dino.models.seg_heads import (
+        build_head,
+        evaluate_head,
+        init_from_logistic,
+        spectral_stats,
+        train_head,
+    )
 
     p = _spectral_problem()
     cfg = {"type": kind, "embed_dim": 8, "n_classes": 2, "spectral": 3}
@@ -378,7 +384,7 @@ def test_a_spectral_head_starts_as_the_logistic_regression_and_keeps_it(kind: st
 
 
 def test_spectral_heads_check_their_input_and_round_trip(tmp_path: Path) -> None:
-    from geo_dino.seg_heads import MLPHead, spectral_input
+    from geo_dino.models.seg_heads import MLPHead, spectral_input
 
     p = _spectral_problem()
     head = MLPHead(8, 2, spectral=3, hidden=6)

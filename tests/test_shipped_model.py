@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from geo_dino.backbone import build_backbone, sha256_of
-from geo_dino.evaluation import backbone_features, knn_eval, load_labelled, pixel_features, prepare_images
+from geo_dino.evaluation.probes import (
+    backbone_features,
+    knn_eval,
+    load_labelled,
+    pixel_features,
+    prepare_images,
+)
+from geo_dino.models.backbone import build_backbone, sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models/vit_tiny_patch8_geo.safetensors"
@@ -49,7 +55,7 @@ def test_the_multispectral_backbone_takes_four_bands_and_runs_on_naip(tmp_path) 
     """The shipped four-band backbone (red, green, blue, near-infrared): its card agrees with the file, it
     loads with four input bands and its own normalisation, and a run reads all four bands of a NAIP date."""
     from geo_dino.config import parse_config
-    from geo_dino.pipeline import run_local
+    from geo_dino.run.stages import run_local
 
     digest = sha256_of(RGBN)
     card = json.loads((ROOT / "models/vit_tiny_patch8_geo_rgbn.json").read_text())
@@ -83,9 +89,9 @@ def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) 
     """The shipped Taizhou change head: its card pins its bytes, it records its bands and the shipped
     backbone, and the demo config that uses it runs: the head's change beside the fused label-free change."""
     from geo_dino.config import load_config
-    from geo_dino.pipeline import run_local
-    from geo_dino.run_heads import settings_from_head
-    from geo_dino.seg_heads import load_head
+    from geo_dino.models.seg_heads import load_head
+    from geo_dino.run.heads import settings_from_head
+    from geo_dino.run.stages import run_local
 
     digest = sha256_of(HEAD)
     assert digest in (ROOT / "models/taizhou_change_mlp.md").read_text()
@@ -113,8 +119,8 @@ def test_a_head_finds_its_backbone_beside_it_or_in_models(tmp_path, monkeypatch)
     """The path a head recorded for its backbone is gone (another machine): the file of that name beside the
     head, else in ./models, is used (its sha256 is pinned); with neither, a clear refusal."""
     from geo_dino.errors import ConfigError
-    from geo_dino.run_heads import settings_from_head
-    from geo_dino.seg_heads import load_head, save_head
+    from geo_dino.models.seg_heads import load_head, save_head
+    from geo_dino.run.heads import settings_from_head
 
     head, table, meta = load_head(HEAD)
     moved = dict(meta["backbone"], source="/nowhere/vit_tiny_patch8_geo.safetensors")

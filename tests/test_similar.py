@@ -16,11 +16,11 @@ from pyproj import CRS, Transformer
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import Polygon, box
 
-from geo_dino.cube import CubeError, cube_grid, open_cube, write_cube
 from geo_dino.errors import AOIError, CRSMismatchError, OutputError
-from geo_dino.grid import Grid
-from geo_dino.outputs import RasterSpec, verify_raster
-from geo_dino.similar import load_example, similarity
+from geo_dino.inputs.grid import Grid
+from geo_dino.outputs.cog import RasterSpec, verify_raster
+from geo_dino.outputs.cube import CubeError, cube_grid, open_cube, write_cube
+from geo_dino.outputs.similar import load_example, similarity
 
 GRID = Grid(48, 64, Affine(160.0, 0.0, 600013.37, 0.0, -160.0, 2700011.91), "EPSG:32618")
 PATCH = 4

@@ -1,4 +1,4 @@
-"""Tests of geo_dino.sources: rasters are checked before GDAL sees them, and read windows are
+"""Tests of geo_dino.inputs.sources: rasters are checked before GDAL sees them, and read windows are
 padded/masked."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from geo_dino.config import SourceConfig
 from geo_dino.errors import GeoDinoError, SourceError
-from geo_dino.grid import PixelBox
-from geo_dino.sources import WindowReader, check_source, open_raster
+from geo_dino.inputs.grid import PixelBox
+from geo_dino.inputs.sources import WindowReader, check_source, open_raster
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDSAT = ROOT / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif"
@@ -515,7 +515,7 @@ def test_vrt_allowed_only_when_its_sources_are(tmp_path):
     import rasterio as rio
     from affine import Affine
 
-    from geo_dino.sources import check_source, open_raster
+    from geo_dino.inputs.sources import check_source, open_raster
 
     inside = tmp_path / "in"
     inside.mkdir()
@@ -556,8 +556,8 @@ def test_a_band_selected_twice_reads_the_same_pixels_every_time(tmp_path):
     from rasterio.transform import from_origin
 
     from geo_dino.config import SourceConfig
-    from geo_dino.grid import PixelBox
-    from geo_dino.sources import WindowReader, open_raster
+    from geo_dino.inputs.grid import PixelBox
+    from geo_dino.inputs.sources import WindowReader, open_raster
 
     data = np.random.default_rng(0).integers(1, 2000, (1, 900, 900)).astype(np.uint16)
     path = tmp_path / "pan.tif"
@@ -590,8 +590,8 @@ def test_repeated_bands_read_with_threads_equal_a_single_threaded_read(tmp_path,
     from rasterio.transform import from_origin
 
     from geo_dino.config import SourceConfig
-    from geo_dino.grid import PixelBox
-    from geo_dino.sources import WindowReader, open_raster
+    from geo_dino.inputs.grid import PixelBox
+    from geo_dino.inputs.sources import WindowReader, open_raster
 
     rng = np.random.default_rng(1)
     data = rng.integers(1, 3000, (2, 600, 700)).astype(np.uint16)

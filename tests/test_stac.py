@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import rasterio
 
-from geo_dino import pipeline as pl
-from geo_dino import stac
 from geo_dino.config import parse_config
+from geo_dino.outputs import stac
+from geo_dino.run import stages as pl
 from tests.conftest import PUCALLPA
 
 _RUNS: dict[str, Path] = {}  # one real run per kind per session; each test gets its own copy of the folder
@@ -52,7 +52,7 @@ def _write_json(path: Path, doc: dict) -> Path:
 
 def test_bundled_schema_ids_match_their_urls():
     for url, rel in stac.SCHEMA_FILES.items():
-        doc = json.loads((Path(stac.__file__).parent / "schemas" / rel).read_text())
+        doc = json.loads((stac.SCHEMA_DIR / rel).read_text())
         if url.endswith("common.json"):  # upstream v1.1.0 typo: "$id" ends in "commonjson"
             continue
         assert doc["$id"].rstrip("#") == url, rel
@@ -62,7 +62,7 @@ def test_published_extension_schemas_are_bundled_unchanged():
     """Byte lengths of the published texts (the Content-Length the URLs serve); see schemas/README.md."""
     published = {stac.PROJECTION: 4374, stac.RASTER: 6318, stac.MLM: 33494}
     for url, size in published.items():
-        assert (Path(stac.__file__).parent / "schemas" / stac.SCHEMA_FILES[url]).stat().st_size == size, url
+        assert (stac.SCHEMA_DIR / stac.SCHEMA_FILES[url]).stat().st_size == size, url
 
 
 def test_items_of_the_previous_mlm_version_still_validate(change_run, tmp_path, no_network):
@@ -226,7 +226,7 @@ def test_import_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, geo_dino.stac; "
+    code = ("import sys, geo_dino.outputs.stac; "
             "print(any(m in sys.modules for m in ('pystac', 'jsonschema', 'rasterio')))")
     res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert res.stdout.strip() == "False"

@@ -8,10 +8,10 @@ from affine import Affine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
-from geo_dino.grid import Grid, TileGrid, blend_weights
-from geo_dino.inference import StripAccumulator
+from geo_dino.inputs.grid import Grid, TileGrid, blend_weights
+from geo_dino.run import stages as pl
+from geo_dino.run.inference import StripAccumulator
 
 
 @settings(max_examples=60, deadline=None)

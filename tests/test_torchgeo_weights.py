@@ -18,17 +18,17 @@ import pytest
 import timm
 import torch
 
-from geo_dino.archs import (
+from geo_dino.config import PreprocessConfig
+from geo_dino.errors import CheckpointError, ConfigError
+from geo_dino.inputs.preprocess import make_preprocessor
+from geo_dino.models.archs import (
     ARCHS,
     SENTINEL2_BANDS,
     SENTINEL2_DN_RANGE,
     SSL4EO_S12_LICENCE,
 )
-from geo_dino.backbone import build_backbone, extract
-from geo_dino.checkpoints import identify_published, inspect_file
-from geo_dino.config import PreprocessConfig
-from geo_dino.errors import CheckpointError, ConfigError
-from geo_dino.preprocess import make_preprocessor
+from geo_dino.models.backbone import build_backbone, extract
+from geo_dino.models.checkpoints import identify_published, inspect_file
 
 DINO, MOCO = "torchgeo_vits16_s2_dino", "torchgeo_vits16_s2_moco"
 TORCHGEO_NAMES = {DINO: "SENTINEL2_ALL_DINO", MOCO: "SENTINEL2_ALL_MOCO"}
@@ -242,7 +242,7 @@ def test_identify_published_by_bytes_then_name(tmp_path, reference, monkeypatch)
 
 
 def test_convert_to_safetensors_keeps_preprocessing_and_claims_no_lineage(tmp_path, reference):
-    from geo_dino.checkpoints import convert_file
+    from geo_dino.models.checkpoints import convert_file
 
     src = _save(reference.state_dict(), tmp_path / "w.pth")
     rec = convert_file(src, tmp_path / "w.safetensors", arch=MOCO)
@@ -260,10 +260,10 @@ def test_convert_to_safetensors_keeps_preprocessing_and_claims_no_lineage(tmp_pa
 def test_auto_scaling_takes_the_weights_value_range() -> None:
     """``preprocess.scale: auto`` (the default) becomes the entry's DN range, so a run scales Sentinel-2 L1C
     digital numbers as torchgeo does without being told; an explicit choice is kept."""
-    from geo_dino.archs import ARCHS
-    from geo_dino.backbone import weights_value_range
     from geo_dino.config import PreprocessConfig
-    from geo_dino.preprocess import make_preprocessor, weights_scaling
+    from geo_dino.inputs.preprocess import make_preprocessor, weights_scaling
+    from geo_dino.models.archs import ARCHS
+    from geo_dino.models.backbone import weights_value_range
 
     a = ARCHS["torchgeo_vits16_s2_dino"]
     vr = weights_value_range({}, a)

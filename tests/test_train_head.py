@@ -14,11 +14,11 @@ import pytest
 import rasterio
 import torch
 
-from geo_dino import pipeline as pl
 from geo_dino.config import parse_config
 from geo_dino.errors import CheckpointError, ConfigError
-from geo_dino.head_config import load_head_config, parse_head_config
-from geo_dino.train_head import HEAD_FILE, METRICS, hooked_layers, train_head_local
+from geo_dino.run import stages as pl
+from geo_dino.training.head_config import load_head_config, parse_head_config
+from geo_dino.training.train_head import HEAD_FILE, METRICS, hooked_layers, train_head_local
 from tests.conftest import ROOT
 
 FLOODS = ROOT / "data/labels/sen1floods11_spain"
@@ -79,7 +79,7 @@ def test_floods_head_is_scored_on_held_out_tiles_and_beats_chance(floods_head: P
 
 
 def test_head_file_carries_its_lineage_and_preprocessing(floods_head: Path) -> None:
-    from geo_dino.seg_heads import load_head
+    from geo_dino.models.seg_heads import load_head
 
     head, table, meta = load_head(floods_head / HEAD_FILE)
     assert table.names == ("not_water", "water") and meta["inputs"]["task"] == "segmentation"
@@ -122,7 +122,7 @@ def test_run_with_a_segmentation_head_writes_classes_probabilities_and_polygons(
     assert sh["lineage"]["labels"]["sha256"] and sh["metrics"]["test"]["miou"] > 0.5
     assert rec["preprocessing"]["mean"] == sh["preprocessing"]["mean"]
     assert rec["vectors"][0]["layer"] == "seg_polygons"
-    from geo_dino.stac import validate_item
+    from geo_dino.outputs.stac import validate_item
 
     assert validate_item(run / "stac_item.json")
     assert (run / "run.qgs").read_text().count("seg_polygons") >= 1
@@ -169,7 +169,7 @@ def test_dpt_head_trains_on_several_layers(tmp_path) -> None:
     cfg = _head_cfg("floods", tmp_path, head={"type": "dpt", "hidden": 8}, max_tiles=24,
                     train={"epochs": 3, "lr": 1e-3, "eval_every": 4, "patience": 2})
     run = train_head_local(cfg)
-    from geo_dino.seg_heads import load_head
+    from geo_dino.models.seg_heads import load_head
 
     head, _, meta = load_head(run / HEAD_FILE)
     # depth 6: 4 hooks, k·6//4 − 1
@@ -239,7 +239,7 @@ def test_polygon_labels_train_a_head(tmp_path) -> None:
 def test_a_head_sees_every_band_and_refuses_other_bands_by_identity(taizhou_head, tmp_path) -> None:
     """The Taizhou change head: backbone bands 3,2,1, spectral part every band of both dates and their
     difference (18 channels). A run with the same *number* of bands in another order is refused."""
-    from geo_dino.seg_heads import load_head
+    from geo_dino.models.seg_heads import load_head
 
     head, _, meta = load_head(taizhou_head / HEAD_FILE)
     assert head.spectral == 18 and meta["head"]["spectral"] == 18
@@ -297,7 +297,7 @@ def test_head_alone_fills_in_backbone_checkpoint_and_bands(taizhou_head, tmp_pat
     from typer.testing import CliRunner
 
     from geo_dino.cli import app
-    from geo_dino.run_heads import settings_from_head
+    from geo_dino.run.heads import settings_from_head
 
     s = settings_from_head(taizhou_head / HEAD_FILE)
     assert s["backbone"]["arch"] == "vit_tiny_patch8_geo"

@@ -20,8 +20,8 @@ from affine import Affine
 from pyproj import CRS, Geod
 
 from geo_dino.errors import ConfigError, CRSMismatchError, OutputError, SourceError
-from geo_dino.labels import ClassTable
-from geo_dino.vectorize import layer_style_qml, vectorize_classes, write_layer_style
+from geo_dino.inputs.labels import ClassTable
+from geo_dino.outputs.vectorize import layer_style_qml, vectorize_classes, write_layer_style
 
 UTM = ("EPSG:32617", Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0))
 GEO = ("EPSG:4326", Affine(0.001, 0.0, -80.0, 0.0, -0.001, 45.0))

@@ -1,0 +1,1 @@
+"""Scoring: segmentation metrics and the k-NN / linear-probe evaluation of frozen features."""

@@ -1,0 +1,1 @@
+"""Backbones (registry, checkpoint layouts, loading) and the heads that turn features into maps."""

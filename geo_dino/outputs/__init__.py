@@ -1,0 +1,1 @@
+"""What a run leaves: COGs, vectors, the feature cube, STAC, QGIS styles and project."""

@@ -1,0 +1,545 @@
+"""A QGIS project per run: ``run.qgs`` beside the outputs, every layer styled, every path relative.
+
+:func:`write_project` discovers a run folder's outputs by name (``pca_rgb*``, ``classes*``, ``seg_*``,
+``change_*``, ``similarity``, ``*.gpkg``; ``features.zarr`` and JSON files are not map layers), writes the
+screening context into ``context.gpkg`` (layers ``aoi``, ``masked_sites`` and the ``sites_hit``, in the
+outputs' CRS, their styles in its ``layer_styles`` table) and writes ``run.qgs``: plain QGIS 3 XML made with
+``xml.etree``, so the pipeline needs no PyQGIS. Datasources are ``./name`` paths with ``Paths/Absolute``
+false, so the folder can be moved or zipped whole. The input rasters live outside the run folder: the
+``Inputs`` group refers to them by their absolute paths (from the provenance record), hidden at first, so a
+run folder moved on the same machine still finds them; an input that is gone is left out with a warning.
+
+Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``,
+``Inputs``.
+Each layer's style is embedded in its ``<maplayer>``: the ``<pipe>`` of the ``.qml`` beside a raster when
+there is one, else one made here (paletted from the colour table, a min/max pseudocolour stretch, multiband
+colour for ``pca_rgb``); for GeoPackage layers the default style of the file's ``layer_styles`` table.
+In the project only, value 0 of a binary change raster is transparent so it overlays the classes.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import tempfile
+import uuid
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geo_dino.errors import CRSMismatchError, OutputError
+
+PROJECT = "run.qgs"
+CONTEXT = "context.gpkg"
+GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features", "Inputs")
+_QGIS_VERSION = "3.22.0-Białowieża"
+_DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+
+#: (stem pattern, group, kind) of the rasters a run may hold; the first match wins.
+_RASTERS: tuple[tuple[str, str, str], ...] = (
+    (r"pca_rgb(_t[12])?", "Features", "rgb"),
+    (r"similarity", "Features", "continuous"),
+    (r"(seg_)?classes(_t[12])?", "Classes", "classes"),
+    (r"seg_probability(_t[12])?", "Classes", "probability"),
+    (r"change_(mask|binary)", "Change", "binary"),
+    (r"change_probability", "Change", "probability"),
+    (r"change_magnitude", "Change", "continuous"),
+    (r"change_(spectral|features)", "Change", "continuous"),
+)
+_SUFFIXES = (".tif", ".tiff", ".gpkg")  # map layers; anything else (features.zarr, *.json) is not one
+
+
+@dataclass(frozen=True)
+class MapLayer:
+    """One layer of the project: relative datasource, CRS (pyproj), extent in it, and its style elements."""
+
+    name: str
+    source: str
+    provider: str
+    group: str
+    crs: Any
+    extent: tuple[float, float, float, float]
+    style: list[ET.Element] = field(compare=False)
+    visible: bool = True
+    geometry: str | None = None  # vectors: "Polygon", "Line" or "Point"; None for rasters
+    wkb_type: str | None = None
+
+    @property
+    def id(self) -> str:
+        """A stable id (same run folder → same project bytes)."""
+        return f"{self.name}_{uuid.uuid5(uuid.NAMESPACE_URL, self.source).hex[:12]}"
+
+
+# ------------------------------------------------------------------------------------------- XML helpers
+def _sub(parent: ET.Element, tag: str, text: Any = None, **attrs: Any) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k: str(v) for k, v in attrs.items()})
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def _spatialrefsys(crs: Any) -> ET.Element:
+    """A QGIS ``<spatialrefsys>`` from a pyproj CRS (QGIS reads the WKT; the rest is for people)."""
+    el = ET.Element("spatialrefsys")
+    auth = crs.to_authority()
+    with warnings.catch_warnings():  # PROJ strings are lossy; QGIS reads the WKT, this is only a hint
+        warnings.simplefilter("ignore", UserWarning)
+        proj4 = crs.to_proj4() or ""
+    acronym = re.search(r"\+proj=(\S+)", proj4)
+    _sub(el, "wkt", crs.to_wkt())
+    _sub(el, "proj4", proj4)
+    _sub(el, "srid", auth[1] if auth else 0)
+    _sub(el, "authid", ":".join(auth) if auth else "")
+    _sub(el, "description", crs.name)
+    _sub(el, "projectionacronym", acronym.group(1) if acronym else "")
+    _sub(el, "ellipsoidacronym", "")
+    _sub(el, "geographicflag", "true" if crs.is_geographic else "false")
+    return el
+
+
+def _extent(tag: str, ext: tuple[float, float, float, float]) -> ET.Element:
+    el = ET.Element(tag)
+    for k, v in zip(("xmin", "ymin", "xmax", "ymax"), ext, strict=True):
+        _sub(el, k, repr(float(v)))
+    return el
+
+
+def _qml_children(qml: str, tags: tuple[str, ...]) -> list[ET.Element]:
+    """The style elements named ``tags`` of a QML document, in document order."""
+    root = ET.fromstring(qml.encode("utf-8"))
+    return [c for c in root if c.tag in tags]
+
+
+def _with_temp_qml(write: Any, *args: Any) -> str:
+    """Run one of :mod:`geo_dino.outputs.cog`' QML writers into a temporary file and return its text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "style.qml"
+        write(path, *args)
+        return path.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- rasters
+def _stats(ds: Any, band: int) -> tuple[float, float]:
+    """Min and max of a band's valid pixels, read at most 1024 pixels across (overviews when there)."""
+    import numpy as np
+
+    f = max(1, max(ds.width, ds.height) // 1024)
+    a = ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)), masked=True)
+    v = np.asarray(a.compressed(), dtype="float64")
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
+    """``<pipe>`` and ``<blendMode>`` for a raster: its sidecar ``.qml`` first, else made from the data."""
+    from geo_dino.outputs.cog import class_colormap, qml_document, write_qml_palette, write_qml_singleband
+
+    sidecar = path.with_suffix(".qml")
+    if sidecar.is_file():
+        qml = sidecar.read_text(encoding="utf-8")
+    elif kind in ("classes", "binary") or (ds.count == 1 and ds.colorinterp[0].name == "palette"):
+        nodata = None if ds.nodata is None else int(ds.nodata)
+        try:
+            cmap = {v: c for v, c in ds.colormap(1).items() if v != nodata and any(c)}
+        except ValueError:  # no colour table
+            cmap = {0: (210, 210, 210, 255), 1: (220, 30, 30, 255)} if kind == "binary" else class_colormap(8)
+        classes = [(v, f"class {v}", c) for v, c in sorted(cmap.items())[:256]]
+        qml = _with_temp_qml(write_qml_palette, classes, nodata)
+    elif kind == "rgb" or (not kind and ds.count >= 3):
+        bands = []
+        for i, colour in enumerate(("red", "green", "blue"), start=1):
+            lo, hi = _stats(ds, i)
+            bands.append(f"      <{colour}ContrastEnhancement>\n        <minValue>{lo!r}</minValue>\n"
+                         f"        <maxValue>{hi!r}</maxValue>\n"
+                         "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
+                         f"      </{colour}ContrastEnhancement>\n")
+        qml = qml_document(
+            '    <rasterrenderer type="multibandcolor" redBand="1" greenBand="2" blueBand="3" opacity="1" '
+            'alphaBand="-1" nodataColor="">\n      <rasterTransparency/>\n' + "".join(bands)
+            + "    </rasterrenderer>\n")
+    else:
+        lo, hi = (0.0, 1.0) if kind == "probability" else _stats(ds, 1)
+        qml = _with_temp_qml(write_qml_singleband, 1, lo, hi)
+    style = _qml_children(qml, ("pipe", "blendMode"))
+    if kind == "binary":  # an overlay in the project: only the changed pixels are drawn
+        for transparency in style[0].iter("rasterTransparency"):
+            pixels = transparency.find("singleValuePixelList")
+            if pixels is None:
+                pixels = _sub(transparency, "singleValuePixelList")
+            _sub(pixels, "pixelListEntry", min=0, max=0, percentTransparent=100)
+    return style
+
+
+def _raster_layer(run_dir: Path, path: Path, group: str, kind: str) -> MapLayer:
+    import rasterio
+    from pyproj import CRS
+
+    with rasterio.open(path) as ds:
+        if ds.crs is None:
+            raise OutputError(f"{path.name} has no CRS; every output raster must carry one")
+        return MapLayer(path.stem, f"./{path.relative_to(run_dir.resolve()).as_posix()}", "gdal", group,
+                        CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds), _raster_style(path, kind, ds))
+
+
+def _percentiles(ds: Any, band: int, lo: float = 2.0, hi: float = 98.0, n: int = 4,
+                 size: int = 256) -> tuple[float, float]:
+    """Percentiles of a band's valid pixels from ``n × n`` windows of ``size`` px spread over the raster: a
+    few blocks read whatever the raster's size (an input may be a whole scene without overviews)."""
+    import numpy as np
+    from rasterio.windows import Window
+
+    vals = []
+    h, w = min(size, ds.height), min(size, ds.width)
+    for r in np.linspace(0, ds.height - h, n).astype(int):
+        for c in np.linspace(0, ds.width - w, n).astype(int):
+            a = ds.read(band, window=Window(int(c), int(r), w, h), masked=True)
+            vals.append(np.asarray(a.compressed(), dtype="float64"))
+    v = np.concatenate(vals)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    a, b = (float(x) for x in np.percentile(v, [lo, hi]))
+    return (a, b) if b > a else (a, a + 1.0)
+
+
+def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
+    """The run's input rasters (``Inputs`` group, hidden at first): absolute local paths from the record, the
+    run's selected bands as red, green, blue (or grey) stretched over their 2–98 % range."""
+    import rasterio
+    from pyproj import CRS
+
+    from geo_dino.outputs.cog import qml_document
+
+    inputs = record.get("inputs") or []
+    out = []
+    for i, inp in enumerate(inputs):
+        raw = str(inp.get("path") or "")
+        path = Path(raw)
+        if "://" in raw or raw.startswith("/vsi") or not path.is_absolute() or not path.is_file():
+            warnings.warn(f"input raster {raw!r} is not a local file here; the project leaves it out",
+                          stacklevel=3)
+            continue
+        with rasterio.open(path, driver="GTiff") as ds:  # what the run read: GeoTIFF/COG only
+            if ds.crs is None:
+                continue
+            bands = [int(b) for b in (inp.get("bands") or range(1, ds.count + 1))]
+            if len(bands) >= 3:
+                parts = []
+                for colour, b in zip(("red", "green", "blue"), bands[:3], strict=False):
+                    lo, hi = _percentiles(ds, b)
+                    parts.append(f"      <{colour}ContrastEnhancement>\n        <minValue>{lo!r}</minValue>\n"
+                                 f"        <maxValue>{hi!r}</maxValue>\n"
+                                 "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
+                                 f"      </{colour}ContrastEnhancement>\n")
+                renderer = ('    <rasterrenderer type="multibandcolor" redBand="{}" greenBand="{}" '
+                            'blueBand="{}" opacity="1" alphaBand="-1" nodataColor="">\n'
+                            '      <rasterTransparency/>\n'
+                            .format(*bands[:3]) + "".join(parts) + "    </rasterrenderer>\n")
+            else:
+                lo, hi = _percentiles(ds, bands[0])
+                renderer = (f'    <rasterrenderer type="singlebandgray" grayBand="{bands[0]}" '
+                            'gradient="BlackToWhite" opacity="1" alphaBand="-1" nodataColor="">\n'
+                            "      <rasterTransparency/>\n      <contrastEnhancement>\n"
+                            f"        <minValue>{lo!r}</minValue>\n        <maxValue>{hi!r}</maxValue>\n"
+                            "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
+                            "      </contrastEnhancement>\n    </rasterrenderer>\n")
+            sfx = f"_t{i + 1}" if len(inputs) == 2 else ""
+            out.append(MapLayer(f"input{sfx}_{path.stem}", path.resolve().as_posix(), "gdal", "Inputs",
+                                CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds),
+                                _qml_children(qml_document(renderer), ("pipe", "blendMode")), visible=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+def _symbol(*fills: dict[str, str], name: str = "0") -> ET.Element:
+    """A QGIS fill ``<symbol>`` of ``SimpleFill`` symbol layers (QGIS property names and values)."""
+    sym = ET.Element("symbol", {"type": "fill", "name": name, "alpha": "1", "clip_to_extent": "1",
+                                "force_rhr": "0"})
+    for props in fills:
+        layer = _sub(sym, "layer", **{"class": "SimpleFill", "enabled": "1", "locked": "0", "pass": "0"})
+        opts = _sub(layer, "Option", type="Map")
+        base = {"color": "0,0,0,0", "outline_color": "0,0,0,255", "outline_style": "solid",
+                "outline_width": "0.26", "outline_width_unit": "MM", "style": "solid", "joinstyle": "miter",
+                "offset": "0,0", "offset_unit": "MM"}
+        for k, v in (base | props).items():
+            _sub(opts, "Option", name=k, value=v, type="QString")
+    return sym
+
+
+def _marker(props: dict[str, str], name: str = "0") -> ET.Element:
+    """A QGIS marker ``<symbol>`` of one ``SimpleMarker`` symbol layer."""
+    sym = ET.Element("symbol", {"type": "marker", "name": name, "alpha": "1", "clip_to_extent": "1",
+                                "force_rhr": "0"})
+    layer = _sub(sym, "layer", **{"class": "SimpleMarker", "enabled": "1", "locked": "0", "pass": "0"})
+    opts = _sub(layer, "Option", type="Map")
+    base = {"name": "star", "color": "255,255,255,255", "outline_color": "0,0,0,255",
+            "outline_style": "solid", "outline_width": "0.4", "outline_width_unit": "MM", "size": "4.5",
+            "size_unit": "MM", "angle": "0", "offset": "0,0", "offset_unit": "MM", "joinstyle": "miter",
+            "scale_method": "diameter"}
+    for k, v in (base | props).items():
+        _sub(opts, "Option", name=k, value=v, type="QString")
+    return sym
+
+
+def _vector_qml(*fills: dict[str, str], marker: dict[str, str] | None = None) -> str:
+    """A QGIS 3 vector layer style (single fill symbol, or ``marker`` for points) as a QML document."""
+    root = ET.Element("qgis", version=_QGIS_VERSION, styleCategories="AllStyleCategories")
+    renderer = _sub(root, "renderer-v2", type="singleSymbol", symbollevels="0", forceraster="0",
+                    enableorderby="0")
+    _sub(renderer, "symbols").append(_marker(marker) if marker is not None else _symbol(*fills))
+    _sub(root, "blendMode", 0)
+    _sub(root, "featureBlendMode", 0)
+    _sub(root, "layerOpacity", 1)
+    return _DOCTYPE + ET.tostring(root, encoding="unicode")
+
+
+_STYLES: dict[str, str] = {
+    "aoi": _vector_qml({"style": "no", "outline_color": "20,20,20,255", "outline_width": "0.8"}),
+    "masked_sites": _vector_qml(  # semi-transparent red under a red diagonal hatch
+        {"color": "220,30,30,90", "outline_color": "200,0,0,255", "outline_width": "0.5"},
+        {"color": "200,0,0,255", "style": "b_diagonal", "outline_style": "no"}),
+    # every site the screen hit, whatever its action: white stars, and orange dashed outlines for areas
+    "sites_hit": _vector_qml(marker={}),
+    "sites_hit_areas": _vector_qml({"style": "no", "outline_color": "230,120,0,255", "outline_width": "0.6",
+                                    "outline_style": "dash"}),
+    "tiles": _vector_qml({"style": "no", "outline_color": "90,90,90,200", "outline_width": "0.15"}),
+    "": _vector_qml({"color": "255,255,255,40", "outline_color": "40,40,40,255", "outline_width": "0.3"}),
+}
+_VECTOR_STYLE_TAGS = ("renderer-v2", "labeling", "blendMode", "featureBlendMode", "layerOpacity")
+
+
+def _stored_style(gpkg: Path, layer: str) -> str | None:
+    """The default (else newest) QML of ``layer`` in ``gpkg``'s ``layer_styles`` table, if any."""
+    try:
+        with sqlite3.connect(f"{gpkg.resolve().as_uri()}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT styleQML FROM layer_styles WHERE f_table_name = ? AND styleQML != '' "
+                             "ORDER BY useAsDefault DESC, id DESC LIMIT 1", (layer,)).fetchone()
+    except sqlite3.Error:  # no layer_styles table
+        return None
+    return row[0] if row else None
+
+
+def _vector_layers(run_dir: Path, gpkg: Path, group: str) -> list[MapLayer]:
+    import pyogrio
+    from pyproj import CRS
+
+    out = []
+    for layer, geom in pyogrio.list_layers(gpkg):
+        if geom is None:  # attribute-only table
+            continue
+        info = pyogrio.read_info(gpkg, layer=layer)
+        if info["crs"] is None:
+            raise OutputError(f"{gpkg.name}|{layer} has no CRS; every output layer must carry one")
+        bounds = info.get("total_bounds")
+        if bounds is None or not info["features"]:
+            ext = (0.0, 0.0, 0.0, 0.0)
+        else:
+            x0, y0, x1, y1 = (float(b) for b in bounds)
+            ext = (x0, y0, x1, y1)
+        qml = _stored_style(gpkg, layer) or _STYLES.get(layer, _STYLES[""])
+        kind = "Polygon" if "Polygon" in geom else "Line" if "Line" in geom else "Point"
+        source = f"./{gpkg.relative_to(run_dir.resolve()).as_posix()}|layername={layer}"
+        out.append(MapLayer(layer, source, "ogr", group, CRS.from_user_input(info["crs"]), ext,
+                            _qml_children(qml, _VECTOR_STYLE_TAGS), visible=layer != "tiles", geometry=kind,
+                            wkb_type=geom.replace(" ", "")))
+    return out
+
+
+def write_context(run_dir: Path, crs: Any) -> Path:
+    """Write ``context.gpkg``: the AOI outline, the screening's masked sites and the sites it hit, in ``crs``,
+    styles stored.
+
+    ``masked_sites`` holds the buffered sites of ``screening.json`` ``mask_4326`` with the hit's name and
+    action; ``sites_hit`` (points) and ``sites_hit_areas`` (polygons) hold every site of ``sites_4326``, the
+    sites themselves, with category, action, buffer and distance (written when there are any).
+    """
+    import json
+    import os
+
+    import geopandas as gpd
+    import shapely
+    from shapely.geometry import shape
+
+    from geo_dino.outputs.cog import _tmp_sibling, safe_output_path
+    from geo_dino.outputs.vectorize import write_layer_style
+
+    dst = safe_output_path(run_dir, CONTEXT)
+    record = json.loads((run_dir / "provenance.json").read_text())
+    screening = json.loads((run_dir / "screening.json").read_text())
+    hits = {h.get("site_id"): h for h in screening.get("hits", [])}
+    aoi = record.get("aoi") or {}
+    feats = (screening.get("mask_4326") or {}).get("features", [])
+    site_props = [hits.get(f["properties"].get("site_id"), {}) | f["properties"] for f in feats]
+    columns = ("site_id", "name", "category", "action", "buffer_m")
+    layers = {
+        "aoi": gpd.GeoDataFrame({"sha256": [aoi.get("sha256", "")], "source": [str(aoi.get("source", ""))]},
+                                geometry=[shape(aoi["geometry"])] if aoi.get("geometry") else [],
+                                crs=aoi.get("crs")),
+        "masked_sites": gpd.GeoDataFrame({k: [props.get(k) for props in site_props] for k in columns},
+                                         geometry=[shape(f["geometry"]) for f in feats], crs="EPSG:4326"),
+    }
+    geometry_types = {"aoi": "MultiPolygon", "masked_sites": "MultiPolygon"}
+    hit_cols = ("site_id", "name", "category", "action", "buffer_m", "distance_m")
+    hit_feats = [(f["properties"], shape(f["geometry"]))
+                 for f in (screening.get("sites_4326") or {}).get("features", [])]
+    for name, kinds, gtype in (("sites_hit", ("Point", "MultiPoint"), "MultiPoint"),
+                               ("sites_hit_areas", ("Polygon", "MultiPolygon"), "MultiPolygon")):
+        part = [(props, g) for props, g in hit_feats if g.geom_type in kinds]
+        if part:
+            layers[name] = gpd.GeoDataFrame({k: [props.get(k) for props, _ in part] for k in hit_cols},
+                                            geometry=[g for _, g in part], crs="EPSG:4326")
+            geometry_types[name] = gtype
+    tmp = _tmp_sibling(dst, ".gpkg")
+    try:
+        for name, gdf in layers.items():
+            if gdf.crs is None:
+                raise OutputError(f"the run's {name} has no CRS in its record; cannot place it on the map")
+            if gdf.crs.is_geographic and len(gdf):  # straight lon/lat edges stay right once projected
+                gdf = gdf.set_geometry(shapely.segmentize(gdf.geometry.values, 0.01))
+            gdf = gdf.to_crs(crs)
+            gdf.to_file(tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type=geometry_types[name],
+                        promote_to_multi=True)
+            write_layer_style(tmp, name, _STYLES[name], name=f"{name} (geo_dino)")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- project
+def discover_layers(run_dir: Path) -> list[MapLayer]:
+    """Every map layer of a run folder, by name; ``provenance.json`` outputs that are not here are errors."""
+    import json
+
+    from geo_dino.outputs.cog import safe_output_path
+
+    run_dir = Path(run_dir)
+    record_path = run_dir / "provenance.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    names = {str(o["path"]).rstrip("/") for o in record.get("outputs", []) if o.get("path")}
+    names |= {p.name for p in run_dir.iterdir() if p.suffix in _SUFFIXES and not p.name.startswith(".")}
+    layers: list[MapLayer] = []
+    for name in sorted(names):
+        if Path(name).suffix not in _SUFFIXES or name == CONTEXT:  # features.zarr, stac_item.json, ...
+            continue
+        path = safe_output_path(run_dir, name)  # refuses symlinks and names leaving the folder
+        if not path.is_file():
+            raise OutputError(f"the output {name} in provenance.json is missing from {run_dir}; "
+                              "rerun finalize_outputs")
+        if path.suffix == ".gpkg":
+            layers += _vector_layers(run_dir, path, "Vectors")
+            continue
+        match = [(g, k) for pattern, g, k in _RASTERS if re.fullmatch(pattern, path.stem)]
+        group, kind = match[0] if match else ("Features", "")  # an unknown raster: a min/max stretch
+        layers.append(_raster_layer(run_dir, path, group, kind))
+    return _default_visibility(layers)
+
+
+def _default_visibility(layers: list[MapLayer]) -> list[MapLayer]:
+    """Opaque rasters hide each other: show the newest class raster (supervised first), binary change and,
+    without classes, the newest feature PCA; continuous rasters start hidden."""
+    from dataclasses import replace
+
+    def last(prefix: str) -> str | None:
+        names = sorted(lay.name for lay in layers if re.fullmatch(prefix + r"(_t[12])?", lay.name))
+        return names[-1] if names else None
+
+    shown = {last("seg_classes") or last("classes")}
+    shown |= {lay.name for lay in layers if lay.name in ("change_mask", "change_binary")}
+    if shown == {None}:
+        shown.add(last("pca_rgb"))
+    return [replace(lay, visible=lay.name in shown) if lay.provider == "gdal" else lay for lay in layers]
+
+
+def _maplayer(layer: MapLayer) -> ET.Element:
+    vector = layer.provider == "ogr"
+    attrs = {"type": "vector" if vector else "raster", "hasScaleBasedVisibilityFlag": "0",
+             "minScale": "1e+08", "maxScale": "0", "styleCategories": "AllStyleCategories"}
+    if vector:
+        attrs |= {"geometry": layer.geometry or "Polygon", "wkbType": layer.wkb_type or "MultiPolygon",
+                  "readOnly": "0", "labelsEnabled": "0"}
+    el = ET.Element("maplayer", attrs)
+    el.append(_extent("extent", layer.extent))
+    _sub(el, "id", layer.id)
+    _sub(el, "datasource", layer.source)
+    _sub(el, "layername", layer.name)
+    _sub(el, "srs").append(_spatialrefsys(layer.crs))
+    _sub(el, "provider", layer.provider, **({"encoding": "UTF-8"} if vector else {}))
+    el.extend(layer.style)
+    return el
+
+
+def _project_tree(layers: list[MapLayer], crs: Any, extent: tuple[float, float, float, float],
+                  title: str) -> ET.Element:
+    root = ET.Element("qgis", projectname=title, version=_QGIS_VERSION)
+    _sub(root, "homePath", path="")
+    _sub(root, "title", title)
+    _sub(_sub(root, "projectCrs"), "spatialrefsys").extend(list(_spatialrefsys(crs)))
+    tree = _sub(root, "layer-tree-group")
+    _sub(tree, "customproperties")
+    for group in GROUPS:
+        members = [lay for lay in layers if lay.group == group]
+        if not members:
+            continue
+        g = _sub(tree, "layer-tree-group", name=group, checked="Qt::Checked", expanded="1")
+        _sub(g, "customproperties")
+        for lay in members:
+            node = _sub(g, "layer-tree-layer", id=lay.id, name=lay.name, source=lay.source,
+                        providerKey=lay.provider, checked="Qt::Checked" if lay.visible else "Qt::Unchecked",
+                        expanded="0", legend_exp="")
+            _sub(node, "customproperties")
+    _sub(tree, "custom-order", enabled="0")
+    canvas = _sub(root, "mapcanvas", name="theMapCanvas", annotationsVisible="1")
+    _sub(canvas, "units", "degrees" if crs.is_geographic else "meters")
+    canvas.append(_extent("extent", extent))
+    _sub(canvas, "rotation", 0)
+    _sub(_sub(canvas, "destinationsrs"), "spatialrefsys").extend(list(_spatialrefsys(crs)))
+    _sub(canvas, "rendermaptile", 0)
+    projectlayers = _sub(root, "projectlayers")
+    for lay in layers:
+        projectlayers.append(_maplayer(lay))
+    props = _sub(root, "properties")
+    _sub(_sub(props, "Paths"), "Absolute", "false", type="bool")
+    _sub(_sub(props, "SpatialRefSys"), "ProjectionsEnabled", 1, type="int")
+    return root
+
+
+def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
+    """Write ``context.gpkg`` and the QGIS project ``name`` (``run.qgs``) in ``run_dir``; return its path.
+
+    The project CRS and map extent are the output rasters' (which must share one CRS, else
+    :class:`CRSMismatchError`); :class:`OutputError` when the run has no output raster or a path would leave
+    the run folder.
+    """
+    import json
+
+    from geo_dino.outputs.cog import safe_output_path, write_text_atomic
+
+    run_dir = Path(run_dir).resolve()
+    dst = safe_output_path(run_dir, name)
+    if dst.suffix != ".qgs":
+        raise OutputError(f"the project name {name!r} must end in .qgs (plain XML, not a .qgz archive)")
+    layers = discover_layers(run_dir)
+    rasters = [lay for lay in layers if lay.provider == "gdal"]
+    if not rasters:
+        raise OutputError(f"{run_dir} holds no output raster; write the project after finalize_outputs")
+    crs = rasters[0].crs
+    for lay in rasters[1:]:
+        if lay.crs != crs:
+            raise CRSMismatchError(f"{lay.name} is in {lay.crs.to_string()}, {rasters[0].name} in "
+                                   f"{crs.to_string()}; a run's outputs must share one CRS")
+    record_path = run_dir / "provenance.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if record and (run_dir / "screening.json").exists():  # AOI outline and masked sites
+        layers += _vector_layers(run_dir, write_context(run_dir, crs), "Screening")
+    layers += _input_layers(run_dir, record)  # after the extent's rasters: an input may cover far more
+    extent = (min(r.extent[0] for r in rasters), min(r.extent[1] for r in rasters),
+              max(r.extent[2] for r in rasters), max(r.extent[3] for r in rasters))
+    root = _project_tree(layers, crs, extent, str(record.get("run_id", run_dir.name)))
+    ET.indent(root)
+    return write_text_atomic(dst, _DOCTYPE + ET.tostring(root, encoding="unicode") + "\n")

@@ -1,0 +1,1 @@
+"""One run's stages: the typed plan, the run folder, inference over tiles, writing the outputs."""

@@ -1,0 +1,361 @@
+"""Outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs at the end.
+
+:class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
+and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave
+it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or inside
+a site the screening policy masks. :func:`finish_outputs` thresholds the change (minimum-error or Otsu on
+the histogram gathered while writing, :mod:`geo_dino.models.change`), turns every intermediate into a COG and
+verifies it (CRS, transform, nodata, dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geo_dino.errors import OutputError
+from geo_dino.inputs.grid import Grid, PixelBox
+
+BLOCK = 512
+CLASS_NODATA = 255
+
+
+def _blocks(grid: Grid, size: int = BLOCK):  # noqa: ANN202
+    for r in range(0, grid.height, size):
+        for c in range(0, grid.width, size):
+            yield PixelBox(r, c, min(size, grid.height - r), min(size, grid.width - c))
+
+
+def _geometry_mask(geoms: list, grid: Grid, box: PixelBox) -> np.ndarray:
+    """True inside any of ``geoms`` (pixel centres), on ``box`` of ``grid``."""
+    from rasterio.features import geometry_mask
+
+    if not geoms:
+        return np.zeros((box.height, box.width), bool)
+    return geometry_mask(geoms, out_shape=(box.height, box.width), transform=grid.box_transform(box),
+                         invert=True)
+
+
+def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
+    """The buffered sites the policy masks, in ``crs``."""
+    from pyproj import Transformer
+    from shapely.geometry import shape
+    from shapely.ops import transform
+
+    data = json.loads((run_dir / "screening.json").read_text())
+    fc = data.get("mask_4326") or {}
+    feats = fc.get("features", []) if isinstance(fc, dict) else []
+    if not feats:
+        return []
+    tr = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    out = []
+    for f in feats:
+        g = shape(f.get("geometry", f))
+        if not g.is_empty:
+            out.append(transform(tr.transform, g))
+    return out
+
+
+def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
+    """Output name → RasterSpec, the heads and the channel layout of a run."""
+    from geo_dino.governance.provenance import geotiff_tags
+    from geo_dino.models.label_free import LabelFreeHeads
+    from geo_dino.outputs.cog import RasterSpec, class_colormap
+    from geo_dino.run import stages as pl
+
+    state = pl._state(run_dir)
+    heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
+    layout = pl._layout(state, heads)
+    out_grid = pl._grid_from_dict(state["out_grid"])
+    tags = geotiff_tags(json.loads((run_dir / pl.RECORD).read_text()))
+    n_dates = len(state["rasters"])
+
+    def sfx(d: int) -> str:
+        return f"_t{d + 1}" if n_dates == 2 else ""
+
+    specs: dict[str, Any] = {}
+    for d in range(n_dates):
+        if heads.n_pca:
+            specs[f"pca_rgb{sfx(d)}"] = RasterSpec(
+                out_grid, 3, "uint8", 0, ("feature PCA 1", "feature PCA 2", "feature PCA 3"),
+                tags=tags | {"GEO_DINO_PRODUCT": "feature PCA (label-free)"})
+        if heads.k:
+            specs[f"classes{sfx(d)}"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA, ("k-means class",),
+                                                   categorical=True, colormap=class_colormap(heads.k),
+                                                   tags=tags | {"GEO_DINO_PRODUCT": f"k-means k={heads.k} "
+                                                                "on patch features (label-free)"})
+    info = state.get("head")
+    if info:
+        palette = {v: (*c, 255) for v, c in zip(info["values"], info["colours"], strict=True)}
+        product = f"supervised head ({Path(info['path']).name})"
+        if info["task"] == "segmentation":
+            for d in range(n_dates):
+                specs[f"seg_classes{sfx(d)}"] = RasterSpec(
+                    out_grid, 1, "uint8", CLASS_NODATA, ("class value",), categorical=True, colormap=palette,
+                    tags=tags | {"GEO_DINO_PRODUCT": f"classes, {product}"})
+                specs[f"seg_probability{sfx(d)}"] = RasterSpec(
+                    out_grid, 1, "float32", float("nan"), ("probability of the predicted class",),
+                    tags=tags | {"GEO_DINO_PRODUCT": f"class probability, {product}"})
+        else:
+            specs["change_probability"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("probability of change",),
+                tags=tags | {"GEO_DINO_PRODUCT": f"change probability, {product}"})
+            specs["change_binary"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
+                                                ("changed (1) / unchanged (0)",), categorical=True,
+                                                colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
+                                                tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
+    if layout.has_change:
+        method = pl.load_run_config(run_dir).heads.change.method
+        what = {"fused": "fused spectral and feature change score", "spectral": "spectral change score",
+                "features": "cosine distance between dates' features"}[method]
+        specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"), (what,),
+                                               tags=tags | {"GEO_DINO_PRODUCT": f"label-free {what}"})
+        if method == "fused":  # the two parts, so a user sees why a pixel changed
+            specs["change_spectral"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("spectral change score",),
+                tags=tags | {"GEO_DINO_PRODUCT": "spectral change score (part of the fused change)"})
+            specs["change_features"] = RasterSpec(
+                out_grid, 1, "float32", float("nan"), ("cosine distance between dates' features",),
+                tags=tags | {"GEO_DINO_PRODUCT": "feature change (part of the fused change)"})
+        specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
+                                          ("changed (1) / unchanged (0)",), categorical=True,
+                                          colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
+                                          tags=tags | {"GEO_DINO_PRODUCT": f"thresholded {what}"})
+    return specs, heads, layout
+
+
+def create_outputs(run_dir: Path) -> list[str]:
+    """Create the (empty) intermediate of every output, uncompressed so row writes never grow the file."""
+    from geo_dino.outputs.cog import create_intermediate
+
+    specs, _, _ = _specs(run_dir)
+    for name, spec in specs.items():
+        create_intermediate(run_dir / "work" / f"{name}.tif", spec, compress=None)
+    return list(specs)
+
+
+class OutputWriter:
+    """Writes final rows into the intermediates (one open handle per output and per source)."""
+
+    def __init__(self, run_dir: Path, hist: np.ndarray | None = None) -> None:
+        from shapely import wkt
+
+        from geo_dino.run import stages as pl
+        self.run_dir = run_dir
+        self.specs, self.heads, self.layout = _specs(run_dir)
+        state = pl._state(run_dir)
+        self.grid = pl._grid_from_dict(state["out_grid"])
+        self.n_dates = len(state["rasters"])
+        self.info = state.get("head")
+        if state.get("aoi_crs_wkt"):
+            self.aoi = wkt.loads(state["aoi_crs_wkt"])
+        else:
+            from geo_dino.inputs.aoi import load_aoi
+
+            cfg = pl.load_run_config(run_dir)
+            self.aoi = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(self.grid.crs)
+        self.screen = _screen_mask_geometries(run_dir, self.grid.crs)
+        import shapely
+
+        shapely.prepare(self.aoi)  # fast contains/intersects per block
+        # the change histogram travels with the chunk checkpoint (the carried strip), not in a file of its own
+        from geo_dino.models.change import HIST_BINS, ChangeModel
+
+        self.change = (ChangeModel.load(run_dir / "work" / pl.CHANGE_MODEL) if self.layout.has_change
+                       else None)
+        self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> OutputWriter:
+        import rasterio
+
+        from geo_dino.outputs.cog import GDAL_WRITE_ENV
+
+        self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
+        self.dsts = {n: self._stack.enter_context(rasterio.open(self.run_dir / "work" / f"{n}.tif", "r+"))
+                     for n in self.specs}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _sfx(self, d: int) -> str:
+        return f"_t{d + 1}" if self.n_dates == 2 else ""
+
+
+    def write_rows(self, row_off: int, vals: np.ndarray, weight: np.ndarray, block: int = 2048) -> None:
+        """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
+        from shapely.geometry import box as shp_box
+
+        h = vals.shape[1]
+        heads, layout = self.heads, self.layout
+        lo = heads.pca_low
+        span = None if heads.pca_high is None else np.maximum(heads.pca_high - heads.pca_low, 1e-6)
+        for c0 in range(0, self.grid.width, block):
+            box = PixelBox(row_off, c0, h, min(block, self.grid.width - c0))
+            v = vals[:, :, c0:box.col_end]
+            ok = weight[:, c0:box.col_end] > 0  # zero where any date is nodata (see inference.infer_tiles)
+            footprint = shp_box(*self.grid.bounds(box))
+            if not self.aoi.contains(footprint):  # rasterise the AOI only where its edge crosses the block
+                ok &= _geometry_mask([self.aoi], self.grid, box)
+            near = [g for g in self.screen if g.intersects(footprint)]
+            if near:
+                ok &= ~_geometry_mask(near, self.grid, box)
+            win = box.to_rasterio()
+            for d in range(self.n_dates):
+                if heads.n_pca and lo is not None and span is not None:  # fitted with the components
+                    p = v[layout.pca(d)]
+                    rgb = np.clip((p - lo[:, None, None]) / span[:, None, None], 0, 1) * 254 + 1
+                    rgb = np.where(ok[None], rgb, 0).round().astype(np.uint8)  # NaN only where not ok
+                    self.dsts[f"pca_rgb{self._sfx(d)}"].write(rgb, window=win)
+                if heads.k:
+                    cls = np.argmax(v[layout.scores(d)], axis=0).astype(np.uint8)  # NaN rows are masked below
+                    self.dsts[f"classes{self._sfx(d)}"].write(np.where(ok, cls, CLASS_NODATA)[None],
+                                                              window=win)
+            if self.info:
+                _head_rows(self, self.info, v, ok, win)
+            if layout.has_change and self.change is not None:
+                from geo_dino.models.change import histogram
+
+                fusion = self.change.fusion
+                feat = np.where(ok, v[layout.change], np.nan).astype(np.float32)
+                spec = np.where(ok, v[layout.change_spectral], np.nan).astype(np.float32)
+                # fused per pixel from the blended parts: change_magnitude = combine(spectral, features)
+                ch = np.asarray(fusion.combine(spec, feat), dtype=np.float32)
+                self.dsts["change_magnitude"].write(ch[None], window=win)
+                if "change_spectral" in self.dsts:
+                    self.dsts["change_spectral"].write(spec[None], window=win)
+                    self.dsts["change_features"].write(feat[None], window=win)
+                self.hist += histogram(ch[ok], fusion.hist_high)
+
+
+def _head_rows(writer: OutputWriter, info: dict[str, Any], v: np.ndarray, ok: np.ndarray, win: Any) -> None:
+    from geo_dino.run.heads import probabilities
+
+    layout = writer.layout
+    if info["task"] == "segmentation":
+        lut = np.asarray(info["values"], np.uint8)
+        for d in range(writer.n_dates):
+            prob = probabilities(v[layout.seg(d)])
+            idx = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0)
+            cls = np.where(ok, lut[idx], CLASS_NODATA).astype(np.uint8)
+            conf = np.where(ok, np.take_along_axis(prob, idx[None], 0)[0], np.nan).astype(np.float32)
+            writer.dsts[f"seg_classes{writer._sfx(d)}"].write(cls[None], window=win)
+            writer.dsts[f"seg_probability{writer._sfx(d)}"].write(conf[None], window=win)
+    else:
+        prob = probabilities(v[layout.change_logits])
+        pos = info["positive_index"]
+        p = np.where(ok, prob[pos], np.nan).astype(np.float32)
+        changed = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0) == pos
+        writer.dsts["change_probability"].write(p[None], window=win)
+        writer.dsts["change_binary"].write(np.where(ok, changed, CLASS_NODATA).astype(np.uint8)[None],
+                                           window=win)
+
+
+def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
+    """The output record of a COG finished earlier, after checking it again."""
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.outputs.cog import verify_raster
+
+    verify_raster(path, spec)
+    with rasterio.open(path) as src:
+        return {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+                "crs": src.crs.to_string(), "transform": [float(v) for v in tuple(src.transform)[:6]],
+                "width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0],
+                "nodata": "nan" if src.nodata is not None and src.nodata != src.nodata else src.nodata,
+                "overviews": list(src.overviews(1)),
+                "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
+
+
+def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
+    """Threshold the change, then make, validate and verify the COGs; styles beside them."""
+    import rasterio
+
+    from geo_dino.outputs.cog import (
+        GDAL_WRITE_ENV,
+        class_colormap,
+        finalize_cog,
+        write_qml_palette,
+        write_qml_singleband,
+    )
+    from geo_dino.run import stages as pl
+
+    cfg = pl.load_run_config(run_dir)
+    specs, heads, layout = _specs(run_dir)
+    info = pl._state(run_dir).get("head")
+    work = run_dir / "work"
+    threshold = None
+    change_record = None
+    if layout.has_change:
+        from geo_dino.models.change import ChangeModel, threshold_from_histogram
+
+        model = ChangeModel.load(work / pl.CHANGE_MODEL)
+        thr = cfg.heads.change.threshold
+        if isinstance(thr, str):
+            last = sorted(work.glob("carry_*.npz"))[-1]
+            with np.load(last, allow_pickle=False) as z:
+                hist = z["hist"]
+            threshold = (threshold_from_histogram(hist, model.fusion.edges(), thr) if hist.sum()
+                         else float("inf"))  # no valid pixel: nothing is changed
+            how = {"minimum-error": "Kittler-Illingworth minimum-error threshold",
+                   "otsu": "Otsu's threshold"}[thr] + " on the histogram of the run's own scores"
+        else:
+            threshold = float(thr)
+            how = "fixed (heads.change.threshold)"
+        change_record = model.to_record() | {"threshold": {"value": threshold if math.isfinite(threshold)
+                                                           else None, "method": thr,
+                                                           "how_chosen": how}}
+        pl.update_record(run_dir, change=change_record)
+        grid = specs["change_mask"].grid
+        mag = work / "change_magnitude.tif"
+        mag = mag if mag.exists() else run_dir / "change_magnitude.tif"  # already a COG (a resumed run)
+        with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(mag) as src, \
+                rasterio.open(work / "change_mask.tif", "r+") as dst:
+            for box in _blocks(grid):
+                ch = src.read(1, window=box.to_rasterio())
+                mask = np.where(np.isnan(ch), CLASS_NODATA,
+                                (ch > threshold).astype(np.uint8)).astype(np.uint8)
+                dst.write(mask[None], window=box.to_rasterio())
+    records = []
+    for name, spec in specs.items():
+        if not (work / f"{name}.tif").exists() and (run_dir / f"{name}.tif").exists():
+            rec = _existing_record(run_dir / f"{name}.tif", spec, run_dir)  # converted before a kill
+        else:
+            rec = finalize_cog(work / f"{name}.tif", run_dir / f"{name}.tif", spec, run_dir=run_dir)
+        rec["name"] = name
+        if name.startswith("classes"):
+            write_qml_palette(run_dir / f"{name}.qml",
+                              [(v, f"cluster {v}", c) for v, c in class_colormap(heads.k).items()],
+                              CLASS_NODATA)
+        if name == "change_mask":
+            write_qml_palette(run_dir / "change_mask.qml",
+                              [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (220, 30, 30, 255))],
+                              CLASS_NODATA)
+            rec["threshold"] = threshold
+            rec["threshold_method"] = cfg.heads.change.threshold
+        if name.startswith("seg_classes") or name == "change_binary":
+            if info is None:  # these outputs exist only for a run with a supervised head
+                raise OutputError(f"{name} is a supervised head's output, but the run has no head")
+            entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
+                                                             strict=True)]
+                       if name.startswith("seg_classes") else
+                       [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (230, 120, 0, 255))])
+            write_qml_palette(run_dir / f"{name}.qml", entries, CLASS_NODATA)
+        if name.startswith("seg_probability") or name == "change_probability":
+            write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, 1.0)
+        if name == "change_magnitude":
+            hi = threshold * 2 if threshold and math.isfinite(threshold) else 1.0
+            write_qml_singleband(run_dir / "change_magnitude.qml", 1, 0.0, float(max(hi, 1e-3)))
+        if name in ("change_spectral", "change_features") and change_record is not None:
+            scale = change_record["scales"][f"{name.split('_')[1]}_median"]
+            write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, float(max(4 * scale, 1e-3)))
+        records.append(rec)
+    return records

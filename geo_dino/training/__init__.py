@@ -1,0 +1,1 @@
+"""Training: DINO pretraining (recipe, data, loop) and supervised heads on labelled rasters."""
