@@ -1,19 +1,118 @@
-"""Atomic writes of arrays: a reader (a resumed run, another task) sees the old file or the new one, never
-half of one."""
+"""Files: the one atomic-write helper, the sha256 of a file, and paths that cannot leave the run folder.
+
+Every file the package writes goes through :func:`atomic_write` (or its text/JSON/array forms): the bytes
+go to a hidden temporary file beside the target, then ``os.replace`` puts it in place, so a reader (a resumed
+run, another task, QGIS) sees the old file or the new one, never half of one. A failed write leaves no
+temporary file.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from geo_dino.errors import OutputError
 
 
-def save_npz(path: Path, arrays: dict[str, Any]) -> Path:
-    """Write ``arrays`` to ``path`` (``.npz``) through a temporary file beside it, then rename; return
-    ``path``."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(p)
-    return p
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read ``chunk`` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tmp_sibling(dst: Path, suffix: str = "") -> Path:
+    """A hidden temporary name beside ``dst``; refuses a symlink there and removes a stale file."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{suffix}")
+    if tmp.is_symlink():
+        raise OutputError(f"refusing to write {tmp}: it is a symlink")
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], object], *, suffix: str | None = None,
+                 fsync: bool = False) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it to ``path``; return it.
+
+    ``suffix`` (default: ``path``'s own) keeps the extension that writers such as ``np.savez`` or GDAL drivers
+    look at. ``fsync`` flushes the file to disk before the rename (records that must survive a power cut).
+    """
+    path = Path(path)
+    tmp = tmp_sibling(path, path.suffix if suffix is None else suffix)
+    try:
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path | str, text: str, *, fsync: bool = False) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; return ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
+
+
+def write_json_atomic(path: Path | str, obj: object, *, fsync: bool = False) -> Path:
+    """Write ``obj`` to ``path`` as indented, key-sorted JSON (``str`` for the rest), atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str), fsync=fsync)
+
+
+def save_npz(path: Path | str, arrays: dict[str, Any]) -> Path:
+    """Write ``arrays`` to ``path`` (``.npz``) atomically; return ``path``."""
+    import numpy as np
+
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def safe_output_path(run_dir: Path, name: str) -> Path:
+    """``run_dir / name``, refusing names that are absolute, contain ``..``, or pass through a symlink.
+
+    Raises :class:`OutputError` when the result would resolve outside ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    rel = Path(name)
+    if not str(name) or rel.is_absolute() or rel.anchor:
+        raise OutputError(f"output name {name!r} must be a relative path inside the run folder {run_dir}")
+    if ".." in rel.parts:
+        raise OutputError(f"output name {name!r} must not contain '..'")
+    root = run_dir.resolve()
+    candidate = run_dir / rel
+    # No component under the run folder may be a symlink (resolve() would follow it silently).
+    probe = run_dir
+    for part in rel.parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise OutputError(f"output path {candidate} passes through the symlink {probe}; "
+                              "write outputs to plain files inside the run folder")
+    resolved = candidate.resolve()
+    if resolved == root:
+        raise OutputError(f"output name {name!r} names the run folder itself, not a file inside it")
+    if not resolved.is_relative_to(root):
+        raise OutputError(f"output path {candidate} resolves to {resolved}, outside the run folder {root}")
+    return resolved
+
+
+def check_inside(run_dir: Path, dst: Path) -> Path:
+    """Resolved ``dst`` if it is a non-symlink path inside ``run_dir``; :class:`OutputError` otherwise."""
+    dst = Path(dst)
+    if dst.is_symlink():
+        raise OutputError(f"refusing to write {dst}: it is a symlink")
+    root = Path(run_dir).resolve()
+    resolved = dst.resolve()
+    if not resolved.is_relative_to(root):
+        raise OutputError(f"refusing to write {dst}: it resolves to {resolved}, "
+                          f"outside the run folder {root}")
+    return resolved

@@ -21,7 +21,7 @@ from shapely.geometry import LineString, Polygon, box
 
 from geo_dino.config import SourceConfig
 from geo_dino.errors import ConfigError, CRSMismatchError, SourceError
-from geo_dino.governance.provenance import sha256_file
+from geo_dino.files import sha256_file
 from geo_dino.inputs.grid import Grid, PixelBox, TileGrid
 from geo_dino.inputs.labels import (
     IGNORE,

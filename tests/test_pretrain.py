@@ -79,11 +79,11 @@ def test_a_run_writes_metrics_checkpoint_backbone_and_model_card(tmp_path: Path)
     assert meta["arch"] == "vit_tiny_patch16_dinov3_test" and meta["in_chans"] == "3"
     assert meta["licence"] == "Apache-2.0" and "from random initialisation" in meta["training_lineage"]
     card = json.loads((res.run_dir / "model_card.json").read_text())
-    from geo_dino.models.backbone import sha256_of
+    from geo_dino.files import sha256_file
 
-    assert card["model"]["sha256"] == sha256_of(res.checkpoint) == res.sha256
+    assert card["model"]["sha256"] == sha256_file(res.checkpoint) == res.sha256
     assert {Path(r["path"]).name for r in card["data"]["rasters"]} == {BAHAMAS.name, NAIP.name}
-    assert all(r["sha256"] == sha256_of(r["path"]) for r in card["data"]["rasters"])
+    assert all(r["sha256"] == sha256_file(r["path"]) for r in card["data"]["rasters"])
     assert card["steps"] == 6 and card["hardware"]["device"] == "cpu"
     assert card["final_monitors"]["step"] == 6
     md = (res.run_dir / "model_card.md").read_text()

@@ -17,14 +17,15 @@ from geo_dino.evaluation.probes import (
     pixel_features,
     prepare_images,
 )
-from geo_dino.models.backbone import build_backbone, sha256_of
+from geo_dino.files import sha256_file
+from geo_dino.models.backbone import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models/vit_tiny_patch8_geo.safetensors"
 
 
 def test_demo_configs_pin_the_shipped_file_and_its_card_agrees() -> None:
-    digest = sha256_of(MODEL)
+    digest = sha256_file(MODEL)
     card = json.loads((ROOT / "models/vit_tiny_patch8_geo.json").read_text())
     assert card["model"]["sha256"] == digest
     assert card["model"]["licence"] == "Apache-2.0"
@@ -57,7 +58,7 @@ def test_the_multispectral_backbone_takes_four_bands_and_runs_on_naip(tmp_path) 
     from geo_dino.config import parse_config
     from geo_dino.run.stages import run_local
 
-    digest = sha256_of(RGBN)
+    digest = sha256_file(RGBN)
     card = json.loads((ROOT / "models/vit_tiny_patch8_geo_rgbn.json").read_text())
     assert card["model"]["sha256"] == digest and card["model"]["in_chans"] == 4
     assert (ROOT / "models/vit_tiny_patch8_geo_rgbn.md").read_text().count(digest) == 1
@@ -93,17 +94,17 @@ def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) 
     from geo_dino.run.heads import settings_from_head
     from geo_dino.run.stages import run_local
 
-    digest = sha256_of(HEAD)
+    digest = sha256_file(HEAD)
     assert digest in (ROOT / "models/taizhou_change_mlp.md").read_text()
     head, table, meta = load_head(HEAD)
     assert meta["head"]["type"] == "mlp" and head.spectral == 18 and table.names == ("unchanged", "changed")
-    assert meta["backbone"]["sha256"] == sha256_of(MODEL)
+    assert meta["backbone"]["sha256"] == sha256_file(MODEL)
     assert meta["metrics"]["test"]["per_class"]["changed"]["f1"] > 0.8
     monkeypatch.chdir(ROOT)
     s = settings_from_head(HEAD)
     # found where it was trained, or else in ./models (a fresh clone elsewhere): the same bytes either way
-    found = sha256_of(Path(s["backbone"]["checkpoint"]))
-    assert found == s["backbone"]["checkpoint_sha256"] == sha256_of(MODEL)
+    found = sha256_file(Path(s["backbone"]["checkpoint"]))
+    assert found == s["backbone"]["checkpoint_sha256"] == sha256_file(MODEL)
     assert s["sources"]["bands"] == [3, 2, 1]
     cfg = load_config(ROOT / "configs/demo_taizhou_change.yaml", {"output_dir": str(tmp_path)})
     assert cfg.heads.change.method == "fused" and cfg.heads.supervised is not None

@@ -9,7 +9,6 @@ the key fields into tags carried by every output raster.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from geo_dino.files import sha256_file
+
 SCHEMA = "geo_dino.provenance/1"
 
 #: Distributions whose versions go into every record (key in the record -> distribution name).
@@ -31,15 +32,6 @@ _DISTRIBUTIONS: dict[str, str] = {
     "geopandas": "geopandas", "pyproj": "pyproj", "xarray": "xarray", "dask": "dask", "prefect": "prefect",
     "pydantic": "pydantic", "rio_cogeo": "rio-cogeo", "safetensors": "safetensors",
 }
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read ``chunk`` bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dist_version(name: str) -> str | None:

@@ -357,7 +357,7 @@ def read_label_raster(path: str | Path, grid: Grid, *, mapping: Mapping[int, int
     import rasterio
 
     from geo_dino.config import SourceConfig
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
     from geo_dino.inputs.sources import gdal_env, open_raster
 
     cfg = sources if sources is not None else SourceConfig(allowed_roots=[Path(path).resolve().parent])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CheckpointError, ConfigError, LicenceError
+from geo_dino.files import sha256_file
 from geo_dino.models.archs import (  # ARCHS re-exported: the registry lives in archs.py
     ARCHS,
     DINOV3_LICENCE,
@@ -47,14 +48,6 @@ class CheckpointSpec:
         return asdict(self)
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256 (one implementation for the whole project:
-    :func:`geo_dino.governance.provenance.sha256_file`)."""
-    from geo_dino.governance.provenance import sha256_file
-
-    return sha256_file(path)
-
-
 def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors and metadata of a local checkpoint file, after checking its hash. Never executes code."""
     import torch
@@ -62,7 +55,7 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} "
                               "(weights are never downloaded; give a local path)")
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise CheckpointError(f"{path}: sha256 {digest} does not match backbone.checkpoint_sha256 "
                               f"{expected_sha256}; the file changed or is not the one you pinned")
@@ -229,7 +222,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     if in_chans is not None and in_chans != ckpt_chans:
         adaptation = adapt_patch_embed(model, in_chans)
     model.eval()
-    digest = sha256_of(Path(checkpoint)) if checkpoint else None
+    digest = sha256_file(Path(checkpoint)) if checkpoint else None
     value_range = _meta_floats(meta, "value_range") or a.value_range
     spec = CheckpointSpec(
         arch=arch, patch_size=a.patch_size, embed_dim=a.embed_dim, in_chans=in_chans or ckpt_chans,

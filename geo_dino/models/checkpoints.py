@@ -324,14 +324,14 @@ def identify_published(path: str | Path | None = None, *, sha256: str | None = N
     same without the hash suffix), and such a match says so (``by="file name"``, not verified). The
     architecture a run builds is still the configured one: this only tells the user what they hold.
     """
+    from geo_dino.files import sha256_file
     from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import sha256_of
 
     given = sha256.strip().lower() if sha256 else None
     if given is not None and not _HEX.match(given):
         raise CheckpointError(f"sha256 {sha256!r}: give the whole hex digest or at least its first 8 digits")
     p = Path(path) if path is not None else None
-    digest = sha256_of(p) if p is not None and p.is_file() else None
+    digest = sha256_file(p) if p is not None and p.is_file() else None
     if digest and given and not digest.startswith(given):
         raise CheckpointError(f"{p}: its sha256 {digest} does not start with the given {given}")
     published = [(n, a.published) for n, a in ARCHS.items() if a.published is not None]
@@ -352,8 +352,9 @@ def identify_published(path: str | Path | None = None, *, sha256: str | None = N
 def inspect_file(path: Any) -> dict[str, Any]:
     """What a checkpoint file is: hash, format, layout, architecture facts, the registry entries it fits with
     their licence and preprocessing, and the metadata stored in it. Never executes code from the file."""
+    from geo_dino.files import sha256_file
     from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import read_state_dict, sha256_of
+    from geo_dino.models.backbone import read_state_dict
 
     p = Path(path)
     state, meta = read_state_dict(p, None)
@@ -361,7 +362,7 @@ def inspect_file(path: Any) -> dict[str, Any]:
     fits = fitting_archs(d, _declared_chans(meta))
     match = identify_published(p)
     return {
-        "path": str(p), "sha256": sha256_of(p), "size_bytes": p.stat().st_size,
+        "path": str(p), "sha256": sha256_file(p), "size_bytes": p.stat().st_size,
         "format": "safetensors" if p.suffix == ".safetensors" else "torch (weights_only)",
         "layout": d.layout, "family": d.family, "embed_dim": d.embed_dim, "depth": d.depth,
         "patch_size": d.patch_size, "in_chans": d.in_chans, "registers": d.n_registers, "mlp": d.mlp,
@@ -388,8 +389,9 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from geo_dino import __version__
+    from geo_dino.files import sha256_file
     from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import build_backbone, read_state_dict, sha256_of
+    from geo_dino.models.backbone import build_backbone, read_state_dict
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
@@ -408,7 +410,8 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     if a is None:
         raise CheckpointError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     model, spec = build_backbone(arch, checkpoint=src, accept_licence=a.licence)  # converting is not running
-    meta = {"arch": arch, "source_layout": d.layout, "source_sha256": sha256_of(src), "source_name": src.name,
+    meta = {"arch": arch, "source_layout": d.layout, "source_sha256": sha256_file(src),
+            "source_name": src.name,
             "licence": a.licence, "mean": ",".join(map(str, spec.mean)), "std": ",".join(map(str, spec.std)),
             "bands": ",".join(a.bands),
             # an entry pinned to a published file knows the lineage only when the bytes are that file's
@@ -420,6 +423,6 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     tmp = dst.with_name(f".{dst.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, dst)
-    record = meta | {"sha256": sha256_of(dst), "tensors": len(tensors)}
+    record = meta | {"sha256": sha256_file(dst), "tensors": len(tensors)}
     dst.with_name(dst.name + ".json").write_text(json.dumps(record, indent=2))
     return record

@@ -276,7 +276,7 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
     from rio_cogeo.cogeo import cog_validate
     from rio_cogeo.profiles import cog_profiles
 
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
 
     intermediate = Path(intermediate)
     run_root = Path(run_dir).resolve()

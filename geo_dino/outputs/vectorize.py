@@ -437,7 +437,7 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
     import pyogrio
     from pyproj import CRS
 
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
     from geo_dino.inputs.sources import gdal_env
 
     if connectivity not in (4, 8):

@@ -25,7 +25,7 @@ from geo_dino.errors import CheckpointError, ConfigError
 
 
 def _sha256(path: Path) -> str:
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
 
     return sha256_file(path)
 

@@ -262,7 +262,7 @@ def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
     import rasterio
     from rio_cogeo.cogeo import cog_validate
 
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
     from geo_dino.outputs.cog import verify_raster
 
     verify_raster(path, spec)

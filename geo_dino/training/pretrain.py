@@ -442,9 +442,9 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
     from safetensors.torch import save_file
 
     from geo_dino import __version__
+    from geo_dino.files import sha256_file
     from geo_dino.governance.provenance import git_commit, software_versions
     from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import sha256_of
 
     a = ARCHS[cfg.backbone.arch]
     start_licence = spec.licence if cfg.backbone.checkpoint else None
@@ -467,7 +467,7 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, out)
-    digest = sha256_of(out)
+    digest = sha256_file(out)
     hardware = {"device": device, "processes": world, "precision": "bf16 autocast" if bf16 else "fp32",
                 "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda"):

@@ -276,7 +276,7 @@ class TileSource:
 
         rasters = []
         for info, pre, p in zip(self.infos, self._pre, self.probabilities, strict=True):
-            rec = raster_input_record(info.path)  # its sha256 is geo_dino.models.backbone.sha256_of's
+            rec = raster_input_record(info.path)  # its sha256 is geo_dino.models.backbone.sha256_file's
             rasters.append({
                 "path": info.path, "sha256": rec["sha256"], "crs": info.grid.crs, "gsd": rec["gsd"],
                 "shape": [info.grid.height, info.grid.width], "bands": list(info.bands),

@@ -106,7 +106,7 @@ def prepare_training(cfg: HeadTrainConfig, run_id: str | None = None, flow_run_i
 
 
 def _labels(cfg: HeadTrainConfig, grid: Any, table: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
     from geo_dino.inputs.labels import IGNORE, rasterize_polygons, read_label_raster
 
     lab = cfg.labels
@@ -269,7 +269,7 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     import torch
 
     from geo_dino.evaluation.metrics import confusion_matrix, values_to_indices
-    from geo_dino.governance.provenance import sha256_file
+    from geo_dino.files import sha256_file
     from geo_dino.inputs.labels import label_stats
     from geo_dino.models.seg_heads import (
         SIAMESE_FACTOR,
