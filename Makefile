@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the wheel is on local disk (a bare `torch` would pull several GB)
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
