@@ -49,7 +49,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], object], *, suffix: s
     try:
         write(tmp)
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(tmp, os.O_RDWR)  # writable: Windows' fsync (_commit) refuses a read-only descriptor
             try:
                 os.fsync(fd)
             finally:
