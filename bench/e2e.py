@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from geo_dino.run import resources
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -136,7 +138,7 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     res["out_grid"] = f'{state["out_grid"]["height"]}x{state["out_grid"]["width"]}'
 
     # 2) stage by stage, no Prefect; the model cache is cleared so fit_heads builds the model as in the flow
-    pl._MODELS.clear()
+    resources.clear()
     cfg = load_config(cfg_path, {"output_dir": str(tmp / "demo_stages")})
     st: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -23,6 +23,7 @@ from geo_dino.models.change import (
     threshold_from_histogram,
 )
 from geo_dino.models.label_free import otsu_threshold
+from geo_dino.run.folder import load_plan
 from tests.conftest import PUCALLPA
 
 
@@ -215,8 +216,7 @@ def test_spectral_bands_narrow_the_spectral_part(tiny_config):
                       sources={"bands": [1, 2, 3], "spectral_bands": [1, 2]},
                       heads={"kmeans": {"k": 4, "fit_tiles": 16}, "change": {"method": "spectral"}})
     narrow = run_local(parse_config(cfg))
-    state = json.loads((narrow / "state.json").read_text())
-    assert state["rasters"][0]["spectral_bands"] == [1, 2]
+    assert load_plan(narrow).rasters[0].spectral_bands == (1, 2)
     assert json.loads((narrow / "provenance.json").read_text())["change"]["spectral"]["bands"] == 2
 
 

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from geo_dino.cli import app
 from geo_dino.config import parse_config
+from geo_dino.run import resources
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import load_config, load_plan
 from tests.conftest import PUCALLPA, ROOT, run_folders
 
 runner = CliRunner()
@@ -40,21 +42,20 @@ def test_cube_holds_each_tiles_patch_features_at_their_map_coordinates(cube_run:
     from geo_dino.run.inference import FeatureExtractor
 
     cube = open_cube(cube_run / "features.zarr")
-    state = json.loads((cube_run / "state.json").read_text())
-    out = pl._grid_from_dict(state["out_grid"])
+    plan = load_plan(cube_run)
+    out = plan.out_grid.grid()
     g = cube_grid(cube)
     assert (g.height, g.width) == (-(-out.height // 16), -(-out.width // 16))
     assert g.transform.almost_equals(out.transform * rasterio.Affine.scale(16), precision=1e-12)
-    cfg = pl.load_run_config(cube_run)
-    extractor, _ = pl._extractor(cfg, state)
+    extractor, _ = resources.extractor(load_config(cube_run), plan)
     assert isinstance(extractor, FeatureExtractor)
-    tiles = list(pl._tiles(state))
-    nr, nc = state["tiling"]["shape"]
+    tiles = list(plan.tile_grid())
+    nr, nc = plan.tiling.shape
     # tile (1, 1) (an inner tile): its core is its patches 1..2 (overlap 2 patches, half each side)
     t = tiles[1 * nc + 1]
-    with WindowReader(pl._infos(state)[0]) as r:
+    with WindowReader(plan.infos()[0]) as r:
         f, valid = extractor.features(r, [t.box])
-    stride = state["tiling"]["size"] // 16 - state["tiling"]["overlap"] // 16
+    stride = plan.tiling.size // 16 - plan.tiling.overlap // 16
     checked = 0
     for i in (1, 2):
         for j in (1, 2):

@@ -14,6 +14,7 @@ from pyproj import CRS, Transformer
 from geo_dino.config import parse_config
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError, SourceError
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import carry_path, load_config, load_plan
 from tests.conftest import BAHAMAS, PUCALLPA, ROOT, run_folders
 
 
@@ -217,7 +218,7 @@ def test_resolved_config_written_first(tiny_config):
     cfg = parse_config(tiny_config())
     run_dir = pl.prepare_run(cfg)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.resolved.json", "provenance.json"]
-    assert pl.load_run_config(run_dir) == cfg
+    assert load_config(run_dir) == cfg
 
 
 def test_no_seam_at_tile_edges(tiny_config):
@@ -225,13 +226,13 @@ def test_no_seam_at_tile_edges(tiny_config):
     across other patch-boundary columns inside tiles."""
     cfg = tiny_config(tiling={"size": 64, "overlap": 32, "chunk_tiles": 64})
     run_dir = _run_stages(cfg)
-    state = json.loads((run_dir / "state.json").read_text())
+    plan = load_plan(run_dir)
     with rasterio.open(run_dir / "pca_rgb.tif") as ds:
         img = ds.read().astype(np.float32)
         valid = (ds.read_masks(1) > 0)
     jump = np.abs(np.diff(img, axis=2)).mean(axis=0)  # jump between column j and j+1
     ok = valid[:, 1:] & valid[:, :-1]
-    stride = state["tiling"]["size"] - state["tiling"]["overlap"]
+    stride = plan.tiling.size - plan.tiling.overlap
     # tile edges (starts and ends) fall at multiples of the stride from the region's origin: columns j where
     # j + 1 is a multiple of the stride; compare with patch boundaries (multiples of 16) that are not edges
     cols = np.arange(jump.shape[1])
@@ -258,7 +259,7 @@ def test_fit_features_reused_not_recomputed(tiny_config, monkeypatch):
     monkeypatch.setattr(backbone, "dense_features", counting)
     cfg = tiny_config(heads={"kmeans": {"k": 4, "fit_tiles": 1000}})
     run_dir = _run_stages(cfg)
-    n_tiles = json.loads((run_dir / "state.json").read_text())["tiling"]["n_tiles"]
+    n_tiles = load_plan(run_dir).tiling.n_tiles
     assert calls["n"] == n_tiles  # each tile once: fitting saw all tiles, inference reused them
     assert not (run_dir / "work" / "features").exists()  # the cache is dropped when the run completes
     monkeypatch.setattr(inference, "feature_cache_paths", lambda *a: None)
@@ -301,7 +302,7 @@ def test_multispectral_run_needs_per_band_stats(tiny_config):
 
 
 def test_gsd_recorded_and_warned():
-    from geo_dino.run.stages import gsd_check
+    from geo_dino.run.plan import gsd_check
 
     with pytest.warns(UserWarning, match="training GSD"):
         far = gsd_check({"x_m": 300.0, "y_m": 300.0}, 0.6)
@@ -368,10 +369,10 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_config):
     pl.init_outputs(run_dir)
     pl.infer_chunk(run_dir, 0)
     pl.infer_chunk(run_dir, 1)
-    saved = pl._carry_path(run_dir, 1).read_bytes()
+    saved = carry_path(run_dir, 1).read_bytes()
     pl.infer_chunk(run_dir, 2)  # it writes its rows, then "dies" before its checkpoint is on disk:
-    pl._carry_path(run_dir, 2).unlink()
-    pl._carry_path(run_dir, 1).write_bytes(saved)
+    carry_path(run_dir, 2).unlink()
+    carry_path(run_dir, 1).write_bytes(saved)
     assert pl.next_chunk(run_dir) == 2
     pl.resume_run(run_dir)
     rec = json.loads((run_dir / "provenance.json").read_text())

@@ -52,7 +52,7 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
 
 
 def test_record_writes_strict_json_with_timings(tmp_path: Path) -> None:
-    rec = ProvenanceRecord("run-1", tmp_path / "run")
+    rec = ProvenanceRecord.create(tmp_path / "run", "run-1")
     rec.set("inputs", [{"path": tmp_path / "a.tif", "nodata": math.nan}])
     with rec.timing("infer"):
         pass
@@ -69,6 +69,15 @@ def test_record_writes_strict_json_with_timings(tmp_path: Path) -> None:
     assert rec.to_dict()["run_id"] == "run-1"
     with pytest.raises(KeyError):
         rec.set("schema", "x")
+    # read back and updated: timings merge, the rest is replaced, the file stays strict JSON
+    again = ProvenanceRecord.open(path)
+    again.update(timings={"write": 1.5}, status="succeeded")
+    again.write()
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert set(data["timings"]) == {"infer", "heads", "write"} and data["status"] == "succeeded"
+    assert data["created_at"] == rec.to_dict()["created_at"]
+    with pytest.raises(KeyError):
+        again.update(run_id="other")
 
 
 def test_geotiff_tags_are_strings_with_random_init_and_unknown() -> None:

@@ -12,6 +12,7 @@ import rasterio
 
 from geo_dino.config import parse_config
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import load_plan
 from tests.conftest import PUCALLPA, ROOT
 
 QGIS_PY = "/usr/bin/python3"
@@ -30,7 +31,7 @@ def _have_qgis() -> bool:
 def test_outputs_open_in_qgis(tiny_config, tmp_path):
     cfg = parse_config(tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]}))
     run_dir = pl.run_local(cfg)
-    n_tiles = json.loads((run_dir / "state.json").read_text())["tiling"]["n_tiles"]
+    n_tiles = load_plan(run_dir).tiling.n_tiles
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(xdg))

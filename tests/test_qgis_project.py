@@ -17,8 +17,9 @@ import rasterio
 from geo_dino.config import parse_config
 from geo_dino.errors import OutputError
 from geo_dino.outputs import qgis_project as qp
-from geo_dino.outputs.vectorize import layer_style_qml, write_layer_style
+from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import load_plan
 from tests.conftest import PUCALLPA, ROOT
 
 QGIS_PY = "/usr/bin/python3"
@@ -285,8 +286,7 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
                 else:
                     want = ("singlebandpseudocolor", "singlebandgray")
                 assert info["renderer"] in want, (name, info["renderer"])
-        state = json.loads((run_dir / "state.json").read_text())
-        assert layers["tiles"]["features"] == state["tiling"]["n_tiles"]
+        assert layers["tiles"]["features"] == load_plan(run_dir).tiling.n_tiles
         if hits:  # the sites hit, drawn as markers in the project and from the file's stored style alike
             assert layers["sites_hit"]["features"] == len(screening["sites_4326"]["features"])
             assert layers["sites_hit"]["stored_style"]["renderer"] == layers["sites_hit"]["renderer"]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from geo_dino.config import parse_config
 from geo_dino.inputs.grid import Grid, TileGrid, blend_weights
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import load_plan
 from geo_dino.run.inference import StripAccumulator
 
 
@@ -67,9 +68,8 @@ def test_chunking_does_not_change_outputs(tiny_config):
         cfg["sources"]["bands"] = [1, 2, 3]
         run_dir = pl.run_local(parse_config(cfg))
         outs.append(run_dir)
-    import json
 
-    n = [json.loads((r / "state.json").read_text())["tiling"]["n_chunks"] for r in outs]
+    n = [load_plan(r).tiling.n_chunks for r in outs]
     assert n[0] > 1 and n[1] == 1
     for name in ("pca_rgb_t1.tif", "classes_t2.tif", "change_magnitude.tif", "change_mask.tif"):
         with rasterio.open(outs[0] / name) as a, rasterio.open(outs[1] / name) as b:

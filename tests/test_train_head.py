@@ -17,6 +17,7 @@ import torch
 from geo_dino.config import parse_config
 from geo_dino.errors import CheckpointError, ConfigError
 from geo_dino.run import stages as pl
+from geo_dino.run.folder import load_plan
 from geo_dino.training.head_config import load_head_config, parse_head_config
 from geo_dino.training.train_head import HEAD_FILE, METRICS, hooked_layers, train_head_local
 from tests.conftest import ROOT
@@ -181,8 +182,7 @@ def test_dpt_head_trains_on_several_layers(tmp_path) -> None:
     # and over the whole chip in a run: the run hooks the head's four layers and writes its outputs
     out = pl.run_local(parse_config(_run_cfg(tmp_path, "aoi/sen1floods11_spain.geojson",
                                              [FLOODS / "Spain_7370579_S2_B4B3B2.tif"], run)))
-    state = json.loads((out / "state.json").read_text())
-    assert state["head"]["layers"] == [0, 2, 3, 5]
+    assert load_plan(out).head.layers == (0, 2, 3, 5)
     with rasterio.open(out / "seg_classes.tif") as c, rasterio.open(out / "seg_probability.tif") as pr:
         cls, prob = c.read(1), pr.read(1)
         assert c.crs is not None and c.nodata == 255

@@ -174,26 +174,47 @@ def _json_safe(obj: Any) -> Any:
 
 
 class ProvenanceRecord:
-    """A provenance record under construction; :meth:`write` saves it as ``<run_dir>/provenance.json``.
+    """A run's provenance record: a plain dict of sections, read from and written to ``provenance.json``.
 
-    The dict has ``schema``, ``created_at`` (UTC ISO 8601), ``run_id``, ``timings`` (seconds per stage) and
-    any sections set with :meth:`set`.
+    :meth:`create` starts one (``schema``, ``created_at`` in UTC ISO 8601, ``run_id``, ``timings``);
+    :meth:`open` reads the one a run has written so far. Sections are set with :meth:`set` or merged with
+    :meth:`update` (``timings`` are added to, not replaced); :meth:`write` saves it atomically as strict JSON
+    (non-finite floats become ``"nan"``/``"inf"``). Every stage of a run and of head training writes its
+    sections this way (:func:`geo_dino.run.folder.update_record`).
     """
 
-    def __init__(self, run_id: str, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self._data: dict[str, Any] = {
-            "schema": SCHEMA,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "run_id": run_id,
-            "timings": {},
-        }
+    FIXED = ("schema", "created_at", "run_id")  # set once, at creation
+
+    def __init__(self, path: Path, data: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self._data: dict[str, Any] = dict(data or {})
+
+    @classmethod
+    def create(cls, run_dir: Path, run_id: str, *, schema: str = SCHEMA) -> ProvenanceRecord:
+        """A new record for the run in ``run_dir`` (not written until :meth:`write`)."""
+        return cls(Path(run_dir) / "provenance.json",
+                   {"schema": schema, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "run_id": run_id, "timings": {}})
+
+    @classmethod
+    def open(cls, path: Path) -> ProvenanceRecord:
+        """The record at ``path`` as written so far (empty if there is none yet)."""
+        path = Path(path)
+        return cls(path, json.loads(path.read_text()) if path.exists() else {})
 
     def set(self, section: str, value: Any) -> None:
         """Set (replace) one top-level section."""
-        if section in ("schema", "created_at", "run_id"):
+        if section in self.FIXED and section in self._data:
             raise KeyError(f"provenance section {section!r} is fixed at creation")
         self._data[section] = value
+
+    def update(self, **sections: Any) -> None:
+        """Set several sections; ``timings`` is merged into the timings recorded so far."""
+        for key, value in sections.items():
+            if key == "timings":
+                self._data.setdefault("timings", {}).update(value)
+            else:
+                self.set(key, value)
 
     @contextmanager
     def timing(self, stage: str) -> Iterator[None]:
@@ -210,18 +231,12 @@ class ProvenanceRecord:
         return copy.deepcopy(self._data)
 
     def write(self) -> Path:
-        """Write ``provenance.json`` atomically (hidden temporary file, then ``os.replace``)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dst = self.run_dir / "provenance.json"
-        tmp = self.run_dir / ".provenance.json.tmp"
-        self._data["written_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        """Write the record atomically as strict, indented, key-sorted JSON; return its path."""
+        from geo_dino.files import write_text_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_json_safe(self._data), indent=2, sort_keys=True, default=str, allow_nan=False)
-        try:
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dst
+        return write_text_atomic(self.path, text + "\n")
 
 
 def _first(section: Any, *keys: str, default: str = "unknown") -> str:

@@ -352,6 +352,15 @@ def siamese_features(f1: Any, f2: Any, mode: str = "concat+diff") -> Any:
     return torch.cat([f1, f2, diff], dim=1)
 
 
+def combine_dates(f1: Any, f2: Any, mode: str, n_layers: int) -> Any:
+    """Two dates' features ``(N, L·C, h, w)`` → the change head's input, :func:`siamese_features` per
+    layer."""
+    import torch
+
+    parts1, parts2 = f1.chunk(max(n_layers, 1), dim=1), f2.chunk(max(n_layers, 1), dim=1)
+    return torch.cat([siamese_features(a, b, mode) for a, b in zip(parts1, parts2, strict=True)], dim=1)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """The best head (by validation mIoU), its 0-based ``best_epoch``, one ``history`` entry per epoch run

@@ -10,27 +10,30 @@ raster) are NaN. Rows are gathered per chunk task and written once at its end (o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from geo_dino.inputs.grid import Grid
+    from geo_dino.run.plan import RunPlan
 
 CUBE_NAME = "features.zarr"
 
 
-def cube_grid_of(state: dict[str, Any]):  # noqa: ANN201 - a Grid
-    """The cube's grid for a run state: one cell per backbone patch of the run's output grid."""
+def cube_grid_of(plan: RunPlan) -> Grid:
+    """The cube's grid for a run: one cell per backbone patch of the run's output grid."""
     from geo_dino.outputs.cube import patch_grid
-    from geo_dino.run import stages as pl
 
-    return patch_grid(pl._grid_from_dict(state["out_grid"]), state["patch_size"])
+    return patch_grid(plan.out_grid.grid(), plan.patch_size)
 
 
-def create_cube(run_dir: Path, state: dict[str, Any], n_features: int, attrs: dict[str, Any]) -> Path:
+def create_cube(run_dir: Path, plan: RunPlan, n_features: int, attrs: dict[str, Any]) -> Path:
     """Create the run's empty cube (``n_features`` features, chunks of 64 cells; replaces an old one) and
     return its path."""
     from geo_dino.outputs.cube import CubeWriter
 
-    writer = CubeWriter(run_dir, CUBE_NAME, cube_grid_of(state), n_features, chunk=64, attrs=attrs,
+    writer = CubeWriter(run_dir, CUBE_NAME, cube_grid_of(plan), n_features, chunk=64, attrs=attrs,
                         overwrite=True)
     return writer.path
 
@@ -46,15 +49,15 @@ class CubeSink:
     """Called per batch of tiles with their patch features ``(B, C, h, w)`` and pixel validity
     ``(B, H, W)``."""
 
-    def __init__(self, run_dir: Path, state: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, plan: RunPlan) -> None:
         self.run_dir = run_dir
-        self.p = int(state["patch_size"])
-        t = state["tiling"]
-        self.size, self.overlap = t["size"] // self.p, t["overlap"] // self.p
+        self.p = plan.patch_size
+        t = plan.tiling
+        self.size, self.overlap = t.size // self.p, t.overlap // self.p
         self.stride = self.size - self.overlap
-        self.n_rows, self.n_cols = t["shape"]
-        self.region = state["region"]  # row_off, col_off, height, width (pixels)
-        self.grid = cube_grid_of(state)
+        self.n_rows, self.n_cols = t.shape
+        self.region = plan.region  # row_off, col_off, height, width (pixels)
+        self.grid = cube_grid_of(plan)
         self.rows: dict[int, np.ndarray] = {}  # cube row -> (C, width) buffer
 
     def _core(self, i: int, n: int) -> tuple[int, int]:

@@ -17,17 +17,28 @@ per pixel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from geo_dino.errors import CheckpointError, ConfigError
 
 
-def _sha256(path: Path) -> str:
-    from geo_dino.files import sha256_file
+class HeadPlan(BaseModel):
+    """The run's supervised head as checked at plan time (:func:`plan_head`); part of the run's plan."""
 
-    return sha256_file(path)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    task: Literal["segmentation", "change"]
+    layers: tuple[int, ...]
+    siamese: str | None
+    values: tuple[int, ...]
+    names: tuple[str, ...]
+    colours: tuple[tuple[int, int, int], ...]
+    positive_index: int | None
+    spectral: int
 
 
 def check_bands(recorded: dict[str, Any] | None, info: Any) -> None:
@@ -53,13 +64,14 @@ def check_bands(recorded: dict[str, Any] | None, info: Any) -> None:
                               f"[{fmt(have)}]; select the same bands with {key} (or train a head on these)")
 
 
-def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state entry, provenance record entry)`` of the run's supervised head; raises when it does not
-    fit (backbone, checkpoint, dates, or — given the run's first raster ``info`` — bands)."""
+def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[HeadPlan, dict[str, Any]]:
+    """``(plan, provenance record entry)`` of the run's supervised head; raises when it does not fit
+    (backbone, checkpoint, dates, or — given the run's first raster ``info`` — bands)."""
+    from geo_dino.files import sha256_file
     from geo_dino.models.seg_heads import load_head
 
     hc = cfg.heads.supervised
-    digest = _sha256(hc.path) if Path(hc.path).is_file() else None
+    digest = sha256_file(hc.path) if Path(hc.path).is_file() else None
     if hc.sha256 and digest and digest != hc.sha256.lower():
         raise CheckpointError(f"{hc.path}: sha256 {digest} does not match heads.supervised.sha256 "
                               f"{hc.sha256}")
@@ -71,7 +83,7 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[dict[str, Any],
     if bb.get("sha256"):
         # a pinned checkpoint hash is verified when the backbone loads: no second pass over a large file here
         pinned = (cfg.backbone.checkpoint_sha256 or "").lower() or None
-        run_digest = None if not cfg.backbone.checkpoint else pinned or _sha256(cfg.backbone.checkpoint)
+        run_digest = None if not cfg.backbone.checkpoint else pinned or sha256_file(cfg.backbone.checkpoint)
         if run_digest != bb["sha256"]:
             raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, "
                               f"this run's backbone is {run_digest or 'random-init'}: features would not "
@@ -88,15 +100,15 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[dict[str, Any],
                           f"{bool(inputs.get('shift_average', False))}; set the same in this run")
     values = list(table.values)
     positive = inputs.get("positive_class")
-    state = {"path": str(hc.path), "task": inputs["task"], "layers": list(inputs.get("layers") or []),
-             "siamese": inputs.get("siamese"), "values": values, "names": list(table.names),
-             "colours": [list(c.colour) for c in table.classes],
-             "positive_index": values.index(positive) if positive is not None else None,
-             "spectral": int(getattr(head, "spectral", 0))}
+    plan = HeadPlan(path=str(hc.path), task=inputs["task"], layers=tuple(inputs.get("layers") or ()),
+                    siamese=inputs.get("siamese"), values=tuple(values), names=tuple(table.names),
+                    colours=tuple(tuple(c.colour) for c in table.classes),
+                    positive_index=values.index(positive) if positive is not None else None,
+                    spectral=int(getattr(head, "spectral", 0)))
     record = {"path": str(hc.path), "sha256": digest, "format": meta["format"], "config": meta["head"],
               "inputs": inputs, "class_table": table.to_dict(), "metrics": meta.get("metrics"),
               "lineage": meta.get("lineage"), "preprocessing": meta.get("preprocessing")}
-    return state, record
+    return plan, record
 
 
 def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...],
@@ -151,19 +163,19 @@ def settings_from_head(path: Path) -> dict[str, Any]:
 
 
 class HeadRunner:
-    """The head of a run's ``state["head"]``, loaded once per process; logits of a batch of tiles."""
+    """The head of a run's plan, loaded once per process; logits of a batch of tiles."""
 
-    def __init__(self, state_head: dict[str, Any]) -> None:
+    def __init__(self, plan: HeadPlan) -> None:
         from geo_dino.models.seg_heads import load_head
 
-        self.info = state_head
-        self.head, self.table, _ = load_head(state_head["path"])
+        self.info = plan
+        self.head, self.table, _ = load_head(plan.path)
         self.n_classes = len(self.table.values)
 
     @property
     def change(self) -> bool:
         """Whether this is a change head (two dates in, one map out) rather than a segmentation head."""
-        return self.info["task"] == "change"
+        return self.info.task == "change"
 
     @property
     def spectral(self) -> bool:
@@ -175,14 +187,15 @@ class HeadRunner:
         and, for a spectral head, each date's raw bands ``(B, S, H, W)``."""
         import torch
 
-        from geo_dino.models.seg_heads import spectral_input
-        from geo_dino.training.train_head import combine_dates
+        from geo_dino.models.seg_heads import combine_dates, spectral_input
 
         if self.spectral and (bands is None or len(bands) != len(feats)):
             raise ConfigError("the head takes the pixels' bands; none were read")
         with torch.inference_mode():
             if self.change:
-                x = combine_dates(feats[0], feats[1], self.info["siamese"], max(len(self.info["layers"]), 1))
+                if self.info.siamese is None:
+                    raise ConfigError(f"{self.info.path}: a change head without a siamese mode")
+                x = combine_dates(feats[0], feats[1], self.info.siamese, max(len(self.info.layers), 1))
                 if self.spectral and bands is not None:
                     return [self.head(x, size, spectral=spectral_input(bands[0], bands[1]))]
                 return [self.head(x, size)]

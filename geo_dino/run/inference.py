@@ -1,8 +1,11 @@
-"""Windowed inference and blending: tiles in batches → backbone → label-free heads → a blended accumulator.
+"""Windowed inference and blending: tiles in batches → backbone → heads → a blended strip accumulator.
 
-The accumulator is a tiled float32 GeoTIFF on disk over the output grid (the AOI's sub-grid of the raster):
-each tile adds ``value × weight`` and ``weight`` (2-D Hann weights) by read-modify-write of its window, so
-peak memory depends on the tile and batch sizes, never on the raster's size.
+Tiles run row by row. Each adds ``value × weight`` and ``weight`` (2-D Hann weights) into a
+:class:`StripAccumulator`, a float32 strip in memory one tile high and as wide as the output grid. When a
+tile row is done, the rows above the next tile row are final: they go to the output writer
+(:class:`geo_dino.run.writing.OutputWriter`) and the strip slides down one stride. Peak memory depends on the
+tile, the batch and the output's width, never on the raster's height. A chunk task saves the rows still open
+(its checkpoint, :meth:`StripAccumulator.save`); the next chunk loads them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +21,9 @@ from geo_dino.inputs.grid import Grid, PixelBox, Tile, blend_weights
 from geo_dino.inputs.preprocess import Preprocessor
 from geo_dino.inputs.sources import WindowReader
 from geo_dino.models.label_free import LabelFreeHeads, upsampled_cosine_distance
+
+if TYPE_CHECKING:
+    from geo_dino.run.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,14 @@ class ChannelLayout:
     k: int
     n_seg: int = 0  # a supervised segmentation head's classes (logits per date)
     n_change_logits: int = 0  # a supervised change head's classes
+
+    @classmethod
+    def of(cls, plan: RunPlan, heads: LabelFreeHeads) -> ChannelLayout:
+        """The layout of a run: its dates, the fitted label-free heads and the planned supervised head."""
+        k = len(plan.head.values) if plan.head else 0
+        change = plan.head is not None and plan.head.task == "change"
+        return cls(plan.n_dates, heads.n_pca, heads.k, n_seg=0 if change else k,
+                   n_change_logits=k if change else 0)
 
     @property
     def per_date(self) -> int:

@@ -14,12 +14,18 @@ import json
 import math
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geo_dino.errors import OutputError
 from geo_dino.inputs.grid import Grid, PixelBox
+from geo_dino.run import folder
+
+if TYPE_CHECKING:
+    from geo_dino.config import RunConfig
+    from geo_dino.run.heads import HeadPlan
+    from geo_dino.run.plan import RunPlan
 
 BLOCK = 512
 CLASS_NODATA = 255
@@ -47,7 +53,7 @@ def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
     from shapely.geometry import shape
     from shapely.ops import transform
 
-    data = json.loads((run_dir / "screening.json").read_text())
+    data = json.loads((run_dir / folder.SCREENING).read_text())
     fc = data.get("mask_4326") or {}
     feats = fc.get("features", []) if isinstance(fc, dict) else []
     if not feats:
@@ -61,19 +67,19 @@ def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
     return out
 
 
-def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
+def _specs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> tuple[dict[str, Any], Any, Any]:
     """Output name → RasterSpec, the heads and the channel layout of a run."""
     from geo_dino.governance.provenance import geotiff_tags
+    from geo_dino.inputs.labels import class_colormap
     from geo_dino.models.label_free import LabelFreeHeads
-    from geo_dino.outputs.cog import RasterSpec, class_colormap
-    from geo_dino.run import stages as pl
+    from geo_dino.outputs.cog import RasterSpec
+    from geo_dino.run.inference import ChannelLayout
 
-    state = pl._state(run_dir)
-    heads = LabelFreeHeads.load(run_dir / "work" / "heads.npz")
-    layout = pl._layout(state, heads)
-    out_grid = pl._grid_from_dict(state["out_grid"])
-    tags = geotiff_tags(json.loads((run_dir / pl.RECORD).read_text()))
-    n_dates = len(state["rasters"])
+    heads = LabelFreeHeads.load(run_dir / folder.HEADS)
+    layout = ChannelLayout.of(plan, heads)
+    out_grid = plan.out_grid.grid()
+    tags = geotiff_tags(folder.read_record(run_dir))  # the tags carry the record's key fields
+    n_dates = plan.n_dates
 
     def sfx(d: int) -> str:
         return f"_t{d + 1}" if n_dates == 2 else ""
@@ -89,11 +95,11 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
                                                    categorical=True, colormap=class_colormap(heads.k),
                                                    tags=tags | {"GEO_DINO_PRODUCT": f"k-means k={heads.k} "
                                                                 "on patch features (label-free)"})
-    info = state.get("head")
+    info = plan.head
     if info:
-        palette = {v: (*c, 255) for v, c in zip(info["values"], info["colours"], strict=True)}
-        product = f"supervised head ({Path(info['path']).name})"
-        if info["task"] == "segmentation":
+        palette = {v: (*c, 255) for v, c in zip(info.values, info.colours, strict=True)}
+        product = f"supervised head ({Path(info.path).name})"
+        if info.task == "segmentation":
             for d in range(n_dates):
                 specs[f"seg_classes{sfx(d)}"] = RasterSpec(
                     out_grid, 1, "uint8", CLASS_NODATA, ("class value",), categorical=True, colormap=palette,
@@ -110,7 +116,7 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
                                                 colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
                                                 tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
     if layout.has_change:
-        method = pl.load_run_config(run_dir).heads.change.method
+        method = cfg.heads.change.method
         what = {"fused": "fused spectral and feature change score", "spectral": "spectral change score",
                 "features": "cosine distance between dates' features"}[method]
         specs["change_magnitude"] = RasterSpec(out_grid, 1, "float32", float("nan"), (what,),
@@ -129,35 +135,32 @@ def _specs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
     return specs, heads, layout
 
 
-def create_outputs(run_dir: Path) -> list[str]:
+def create_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> list[str]:
     """Create the (empty) intermediate of every output, uncompressed so row writes never grow the file."""
     from geo_dino.outputs.cog import create_intermediate
 
-    specs, _, _ = _specs(run_dir)
+    specs, _, _ = _specs(run_dir, plan, cfg)
     for name, spec in specs.items():
-        create_intermediate(run_dir / "work" / f"{name}.tif", spec, compress=None)
+        create_intermediate(folder.intermediate(run_dir, name), spec, compress=None)
     return list(specs)
 
 
 class OutputWriter:
     """Writes final rows into the intermediates (one open handle per output and per source)."""
 
-    def __init__(self, run_dir: Path, hist: np.ndarray | None = None) -> None:
+    def __init__(self, run_dir: Path, plan: RunPlan, cfg: RunConfig, hist: np.ndarray | None = None) -> None:
         from shapely import wkt
 
-        from geo_dino.run import stages as pl
         self.run_dir = run_dir
-        self.specs, self.heads, self.layout = _specs(run_dir)
-        state = pl._state(run_dir)
-        self.grid = pl._grid_from_dict(state["out_grid"])
-        self.n_dates = len(state["rasters"])
-        self.info = state.get("head")
-        if state.get("aoi_crs_wkt"):
-            self.aoi = wkt.loads(state["aoi_crs_wkt"])
+        self.specs, self.heads, self.layout = _specs(run_dir, plan, cfg)
+        self.grid = plan.out_grid.grid()
+        self.n_dates = plan.n_dates
+        self.info = plan.head
+        if plan.aoi_crs_wkt:
+            self.aoi = wkt.loads(plan.aoi_crs_wkt)
         else:
             from geo_dino.inputs.aoi import load_aoi
 
-            cfg = pl.load_run_config(run_dir)
             self.aoi = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(self.grid.crs)
         self.screen = _screen_mask_geometries(run_dir, self.grid.crs)
         import shapely
@@ -166,8 +169,7 @@ class OutputWriter:
         # the change histogram travels with the chunk checkpoint (the carried strip), not in a file of its own
         from geo_dino.models.change import HIST_BINS, ChangeModel
 
-        self.change = (ChangeModel.load(run_dir / "work" / pl.CHANGE_MODEL) if self.layout.has_change
-                       else None)
+        self.change = ChangeModel.load(run_dir / folder.CHANGE_MODEL) if self.layout.has_change else None
         self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
         self._stack = ExitStack()
 
@@ -177,7 +179,7 @@ class OutputWriter:
         from geo_dino.outputs.cog import GDAL_WRITE_ENV
 
         self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
-        self.dsts = {n: self._stack.enter_context(rasterio.open(self.run_dir / "work" / f"{n}.tif", "r+"))
+        self.dsts = {n: self._stack.enter_context(rasterio.open(folder.intermediate(self.run_dir, n), "r+"))
                      for n in self.specs}
         return self
 
@@ -234,12 +236,12 @@ class OutputWriter:
                 self.hist += histogram(ch[ok], fusion.hist_high)
 
 
-def _head_rows(writer: OutputWriter, info: dict[str, Any], v: np.ndarray, ok: np.ndarray, win: Any) -> None:
+def _head_rows(writer: OutputWriter, info: HeadPlan, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
     from geo_dino.run.heads import probabilities
 
     layout = writer.layout
-    if info["task"] == "segmentation":
-        lut = np.asarray(info["values"], np.uint8)
+    if info.task == "segmentation":
+        lut = np.asarray(info.values, np.uint8)
         for d in range(writer.n_dates):
             prob = probabilities(v[layout.seg(d)])
             idx = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0)
@@ -249,7 +251,7 @@ def _head_rows(writer: OutputWriter, info: dict[str, Any], v: np.ndarray, ok: np
             writer.dsts[f"seg_probability{writer._sfx(d)}"].write(conf[None], window=win)
     else:
         prob = probabilities(v[layout.change_logits])
-        pos = info["positive_index"]
+        pos = info.positive_index
         p = np.where(ok, prob[pos], np.nan).astype(np.float32)
         changed = np.argmax(np.nan_to_num(prob, nan=0.0), axis=0) == pos
         writer.dsts["change_probability"].write(p[None], window=win)
@@ -275,32 +277,25 @@ def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
                 "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
 
 
-def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
+def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> list[dict[str, Any]]:
     """Threshold the change, then make, validate and verify the COGs; styles beside them."""
     import rasterio
 
-    from geo_dino.outputs.cog import (
-        GDAL_WRITE_ENV,
-        class_colormap,
-        finalize_cog,
-        write_qml_palette,
-        write_qml_singleband,
-    )
-    from geo_dino.run import stages as pl
-
-    cfg = pl.load_run_config(run_dir)
-    specs, heads, layout = _specs(run_dir)
-    info = pl._state(run_dir).get("head")
-    work = run_dir / "work"
+    from geo_dino.inputs.labels import class_colormap
+    from geo_dino.outputs.cog import GDAL_WRITE_ENV, finalize_cog
+    from geo_dino.outputs.styles import write_qml_palette, write_qml_singleband
+    specs, heads, layout = _specs(run_dir, plan, cfg)
+    info = plan.head
+    work = run_dir / folder.WORK
     threshold = None
     change_record = None
     if layout.has_change:
         from geo_dino.models.change import ChangeModel, threshold_from_histogram
 
-        model = ChangeModel.load(work / pl.CHANGE_MODEL)
+        model = ChangeModel.load(run_dir / folder.CHANGE_MODEL)
         thr = cfg.heads.change.threshold
         if isinstance(thr, str):
-            last = sorted(work.glob("carry_*.npz"))[-1]
+            last = folder.chunk_checkpoints(run_dir)[-1]
             with np.load(last, allow_pickle=False) as z:
                 hist = z["hist"]
             threshold = (threshold_from_histogram(hist, model.fusion.edges(), thr) if hist.sum()
@@ -313,7 +308,7 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
         change_record = model.to_record() | {"threshold": {"value": threshold if math.isfinite(threshold)
                                                            else None, "method": thr,
                                                            "how_chosen": how}}
-        pl.update_record(run_dir, change=change_record)
+        folder.update_record(run_dir, change=change_record)
         grid = specs["change_mask"].grid
         mag = work / "change_magnitude.tif"
         mag = mag if mag.exists() else run_dir / "change_magnitude.tif"  # already a COG (a resumed run)
@@ -344,8 +339,8 @@ def finish_outputs(run_dir: Path) -> list[dict[str, Any]]:
         if name.startswith("seg_classes") or name == "change_binary":
             if info is None:  # these outputs exist only for a run with a supervised head
                 raise OutputError(f"{name} is a supervised head's output, but the run has no head")
-            entries = ([(v, n, (*c, 255)) for v, n, c in zip(info["values"], info["names"], info["colours"],
-                                                             strict=True)]
+            entries = ([(v, n, (*c, 255))
+                        for v, n, c in zip(info.values, info.names, info.colours, strict=True)]
                        if name.startswith("seg_classes") else
                        [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (230, 120, 0, 255))])
             write_qml_palette(run_dir / f"{name}.qml", entries, CLASS_NODATA)

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from geo_dino.errors import LabelError
-from geo_dino.run.stages import CONFIG, RECORD, atomic_json, records_failure, update_record
+from geo_dino.files import write_json_atomic
+from geo_dino.run.folder import CONFIG, records_failure, update_record
 from geo_dino.training.head_config import HeadTrainConfig
 
 HEAD_FILE = "head.safetensors"
@@ -43,6 +45,37 @@ METRICS = "metrics.json"
 def load_training_config(run_dir: Path) -> HeadTrainConfig:
     """Read the training run folder's resolved config (``config.resolved.json``) back."""
     return HeadTrainConfig.model_validate_json((run_dir / CONFIG).read_text())
+
+
+TRAINING_INPUTS = "work/training_inputs.json"
+
+
+class TrainingInputs(BaseModel):
+    """What :func:`extract_training_features` hands to :func:`fit_and_write_head` beside the arrays: the
+    backbone's identity and hooked layers, the bands, the preprocessing, the inputs, the labels and the split
+    (the same sections go into the provenance record, which no stage reads back)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: dict[str, Any]
+    layers: tuple[int, ...]
+    embed_dim: int
+    bands: dict[str, Any]
+    preprocessing: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    labels: dict[str, Any]
+    split: dict[str, Any]
+
+    def save(self, run_dir: Path) -> Path:
+        """Write it into the training run's work folder, atomically."""
+        from geo_dino.files import write_text_atomic
+
+        return write_text_atomic(run_dir / TRAINING_INPUTS, self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TrainingInputs:
+        """Read it back (validated)."""
+        return cls.model_validate_json((run_dir / TRAINING_INPUTS).read_text())
 
 
 def class_table(cfg: HeadTrainConfig):  # noqa: ANN201 - a ClassTable
@@ -67,17 +100,6 @@ def hooked_layers(kind: str, layers: list[int] | None, depth: int) -> tuple[int,
     return ()
 
 
-def combine_dates(f1: Any, f2: Any, mode: str, n_layers: int) -> Any:
-    """Two dates' features ``(N, L·C, h, w)`` → the change head's input, :func:`siamese_features` per
-    layer."""
-    import torch
-
-    from geo_dino.models.seg_heads import siamese_features
-
-    parts1, parts2 = f1.chunk(max(n_layers, 1), dim=1), f2.chunk(max(n_layers, 1), dim=1)
-    return torch.cat([siamese_features(a, b, mode) for a, b in zip(parts1, parts2, strict=True)], dim=1)
-
-
 def positive_value(cfg: HeadTrainConfig, table: Any) -> int:
     """The label value of a change head's positive class: ``labels.positive_class``, else ``changed``, else
     the last class."""
@@ -89,7 +111,7 @@ def positive_value(cfg: HeadTrainConfig, table: Any) -> int:
 # ---------------------------------------------------------------------------------------------- stages
 def prepare_training(cfg: HeadTrainConfig, run_id: str | None = None, flow_run_id: str | None = None) -> Path:
     """Create the run folder and write the resolved config before any work starts."""
-    from geo_dino.governance.provenance import git_info, software_versions
+    from geo_dino.governance.provenance import ProvenanceRecord, git_info, software_versions
 
     class_table(cfg)  # a bad class table fails before a folder is made
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -97,11 +119,12 @@ def prepare_training(cfg: HeadTrainConfig, run_id: str | None = None, flow_run_i
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "work").mkdir()
-    atomic_json(run_dir / CONFIG, cfg.to_json_dict())
-    update_record(run_dir, schema="geo_dino.head_training/1", run_id=run_id, kind="train-head",
-                  created_at=datetime.now(UTC).isoformat(), config={"sha256": cfg.sha256(), "path": CONFIG},
-                  software=software_versions(), git=git_info(),
-                  prefect={"flow_run_id": flow_run_id}, status="started")
+    write_json_atomic(run_dir / CONFIG, cfg.to_json_dict())
+    record = ProvenanceRecord.create(run_dir, run_id, schema="geo_dino.head_training/1")
+    record.update(kind="train-head", config={"sha256": cfg.sha256(), "path": CONFIG},
+                  software=software_versions(), git=git_info(), prefect={"flow_run_id": flow_run_id},
+                  status="started")
+    record.write()
     return run_dir
 
 
@@ -138,7 +161,7 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     from geo_dino.inputs.preprocess import make_preprocessor
     from geo_dino.inputs.sources import WindowReader, open_raster
     from geo_dino.models.backbone import arch_spec, build_backbone, check_licence, checkpoint_metadata
-    from geo_dino.models.seg_heads import band_identity, spectral_input
+    from geo_dino.models.seg_heads import band_identity, combine_dates, spectral_input
     from geo_dino.outputs.cog import write_tile_index
     from geo_dino.run.inference import FeatureExtractor, pick_device
 
@@ -246,18 +269,23 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                             "labelled_pixels": [int((y != IGNORE).sum()) for y in y_all]})
     split = {r: [i for i, role in enumerate(roles) if role == r]
              for r in ("fit", "early_stopping", "test", "dropped")}
-    atomic_json(run_dir / "work" / "split.json", split)
+    write_json_atomic(run_dir / "work" / "split.json", split)
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
+    handed = TrainingInputs(
+        backbone=spec.to_dict() | {"device": extractor.device, "layers": list(layers)}, layers=tuple(layers),
+        embed_dim=spec.embed_dim,
+        bands={"backbone": band_identity(infos[0].bands, infos[0].band_names),
+               "spectral": (band_identity(infos[0].spectral().bands, infos[0].spectral().band_names)
+                            if cfg.head.spectral else [])},
+        preprocessing=pre.to_dict(), inputs=inputs, labels=label_record,
+        split={"tile_size": cfg.tile_size, "tiles_with_labels": len(used),
+               **{r: len(v) for r, v in split.items()}, "settings": s.model_dump()})
+    handed.save(run_dir)
     update_record(run_dir, inputs=inputs, labels=label_record | {"stats": label_stats(labels, table)},
-                  backbone=spec.to_dict() | {"device": extractor.device, "layers": list(layers)},
+                  backbone=handed.backbone,
                   licence={"architecture_licence": arch.licence,
                            "declared_by_checkpoint": meta.get("licence"), "acceptance": acceptance},
-                  preprocessing=pre.to_dict(),
-                  bands={"backbone": band_identity(infos[0].bands, infos[0].band_names),
-                         "spectral": (band_identity(infos[0].spectral().bands, infos[0].spectral().band_names)
-                                      if cfg.head.spectral else [])},
-                  split={"tile_size": cfg.tile_size, "tiles_with_labels": len(used),
-                         **{r: len(v) for r, v in split.items()}, "settings": s.model_dump()})
+                  preprocessing=handed.preprocessing, bands=handed.bands, split=handed.split)
     update_record(run_dir, timings={"features": round(time.perf_counter() - t0, 3)})
     return {"tiles": len(used), "channels": int(x_all.shape[1]), **{r: len(v) for r, v in split.items()}}
 
@@ -286,15 +314,15 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = load_training_config(run_dir)
     table = class_table(cfg)
-    rec = json.loads((run_dir / RECORD).read_text())
+    handed = TrainingInputs.load(run_dir)
     x = torch.from_numpy(np.load(run_dir / "work" / "features.npy"))
     y = np.load(run_dir / "work" / "labels.npy")
     split = json.loads((run_dir / "work" / "split.json").read_text())
     fit, stop, test = (np.asarray(split[r], dtype=np.int64) for r in ("fit", "early_stopping", "test"))
-    layers = rec["backbone"]["layers"]
+    layers = list(handed.layers)
     change = len(cfg.rasters) == 2
     factor = SIAMESE_FACTOR[cfg.head.siamese] if change else 1
-    embed = int(rec["backbone"]["embed_dim"])
+    embed = handed.embed_dim
     spec_path = run_dir / "work" / "spectral.npy"
     sp = torch.from_numpy(np.load(spec_path)) if spec_path.exists() else None
     config: dict[str, Any] = {"type": cfg.head.type, "n_classes": len(table.values),
@@ -327,7 +355,7 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
                              table.values)
     cm = confusion_matrix(pred, values_to_indices(y[test], table.values), len(table.values))
     inputs = head_inputs("change" if change else "segmentation", layers, cfg.head.siamese if change else None,
-                         positive_value(cfg, table) if change else None, bands=rec["bands"])
+                         positive_value(cfg, table) if change else None, bands=handed.bands)
     inputs["shift_average"] = cfg.backbone.shift_average  # a run must make its features the same way
     metrics = {"test": test_metrics | {"confusion_matrix": cm.tolist(), "classes": list(table.names)},
                "early_stopping": res.metrics, "best_measurement": res.best_epoch,
@@ -335,13 +363,13 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
                "history": res.history,
                "class_weights": None if weights is None else [float(w) for w in weights],
                "split": {r: len(v) for r, v in split.items()}}
-    lineage = {"training_run": rec["run_id"], "labels": {k: rec["labels"].get(k) for k in ("path", "sha256")},
-               "rasters": [{"path": i["path"], "sha256": i.get("sha256")} for i in rec["inputs"]],
-               "split": rec["split"], "train": t.model_dump(), "config_sha256": rec["config"]["sha256"]}
-    spec = rec["backbone"]
-    save_head(run_dir / HEAD_FILE, res.head, table, backbone_spec=spec, preprocessing=rec["preprocessing"],
-              metrics={"test": test_metrics}, inputs=inputs, lineage=lineage)
-    atomic_json(run_dir / METRICS, metrics)
+    lineage = {"training_run": run_dir.name, "labels": {k: handed.labels.get(k) for k in ("path", "sha256")},
+               "rasters": [{"path": i["path"], "sha256": i.get("sha256")} for i in handed.inputs],
+               "split": handed.split, "train": t.model_dump(), "config_sha256": cfg.sha256()}
+    save_head(run_dir / HEAD_FILE, res.head, table, backbone_spec=handed.backbone,
+              preprocessing=handed.preprocessing, metrics={"test": test_metrics}, inputs=inputs,
+              lineage=lineage)
+    write_json_atomic(run_dir / METRICS, metrics)
     for name in ("features.npy", "labels.npy", "spectral.npy"):
         (run_dir / "work" / name).unlink(missing_ok=True)
     update_record(run_dir, head={"path": HEAD_FILE, "sha256": sha256_file(run_dir / HEAD_FILE),
