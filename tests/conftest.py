@@ -14,6 +14,29 @@ PUCALLPA = [ROOT / "data" / "rasters" / "pucallpa" / f"landsat_pucallpa_{y}.tif"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # tests talk to nothing but localhost
 
+# The only reasons a test may skip. Any other skip (a bundled file gone, a dev package missing behind
+# pytest.importorskip, a new skipif) fails instead, so that a run on another machine cannot pass by skipping.
+ALLOWED_SKIPS = (
+    "QGIS (python3-qgis) not installed",  # QGIS is a system package: outside CI a developer may lack it
+)
+
+
+def refuse_unlisted_skip(report: pytest.TestReport) -> None:
+    """Turn a skipped ``report`` into a failure unless its reason is one of :data:`ALLOWED_SKIPS`."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = f"skipped for a reason that tests/conftest.py ALLOWED_SKIPS does not list: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Every test phase's report goes through :func:`refuse_unlisted_skip`."""
+    outcome = yield
+    refuse_unlisted_skip(outcome.get_result())
+
 
 @pytest.fixture
 def tiny_config(tmp_path: Path):

@@ -6,7 +6,9 @@ package."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -123,3 +125,21 @@ def test_the_makefile_installs_the_locked_torch_first():
     line = next(ln for ln in makefile.splitlines() if "pip install" in ln and "torch==" in ln)
     assert f"torch=={pins['torch']}" in line and f"torchvision=={pins['torchvision']}" in line, line
     assert "-c requirements.lock" in makefile and "[dev,bench]" in makefile
+
+
+def test_a_skip_for_an_unlisted_reason_fails(tmp_path):
+    """tests/conftest.py lets only the QGIS skip through: a dev package missing behind importorskip or any
+    other skipif fails the run (so a missing dependency or bundled file cannot pass by skipping)."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_runtest_makereport  # noqa\n")
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n\n"
+        "def test_missing_package():\n    pytest.importorskip('no_such_module_for_geo_dino')\n\n"
+        "@pytest.mark.skipif(True, reason='sample raster not available')\n"
+        "def test_missing_file():\n    pass\n\n"
+        "def test_qgis():\n    pytest.skip('QGIS (python3-qgis) not installed; .ci/run installs it')\n")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_x.py"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 1, res.stdout[-3000:]
+    assert "1 failed, 1 skipped, 1 error" in res.stdout, res.stdout[-3000:]
+    assert "no_such_module_for_geo_dino" in res.stdout and "ALLOWED_SKIPS" in res.stdout
