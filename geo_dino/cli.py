@@ -286,7 +286,7 @@ def checkpoint_convert(
 ) -> None:
     """Convert any readable layout to timm-layout safetensors with metadata (and OUT.json)."""
     from geo_dino.errors import GeoDinoError
-    from geo_dino.models.checkpoints import convert_file
+    from geo_dino.models.backbone import convert_file
 
     try:
         rec = convert_file(path, out, arch)

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from geo_dino.errors import ConfigError
 
 
-class _Model(BaseModel):
+class ConfigModel(BaseModel):
+    """Base of every config section: unknown keys are refused, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _TopLevel(_Model):
+class TopLevelConfig(ConfigModel):
     """A whole configuration file (run, head training, pretraining): its paths resolve against a folder, and
     it is written to the run folder and hashed into the record."""
 
@@ -38,14 +40,14 @@ class _TopLevel(_Model):
         return hashlib.sha256(json.dumps(self.to_json_dict(), sort_keys=True).encode()).hexdigest()
 
 
-class Approval(_Model):
+class Approval(ConfigModel):
     """A named person's approval for a run over sites whose policy is ``require_approval``."""
 
     approver: Annotated[str, Field(min_length=2)]
     reason: Annotated[str, Field(min_length=5)]
 
 
-class AOIOptions(_Model):
+class AOIOptions(ConfigModel):
     """Limits on the AOI file (bytes, vertices, JSON nesting depth); whether invalid polygons are repaired."""
 
     max_bytes: Annotated[int, Field(gt=0)] = 5_000_000
@@ -54,7 +56,7 @@ class AOIOptions(_Model):
     repair: bool = False  # repair self-intersections (make_valid) instead of refusing; area change recorded
 
 
-class ScreeningConfig(_Model):
+class ScreeningConfig(ConfigModel):
     """The sensitive-site screen: the site registry, the policy applied to hits and an optional approval."""
 
     registry: Path = Path("data/registry/sensitive_sites.gpkg")
@@ -63,7 +65,7 @@ class ScreeningConfig(_Model):
     approval: Approval | None = None
 
 
-class SourceConfig(_Model):
+class SourceConfig(ConfigModel):
     """Which rasters may be read and how: allowed folders, remote and VRT sources, pixel budget, bands, and
     how two dates on different grids are aligned."""
 
@@ -81,7 +83,7 @@ class SourceConfig(_Model):
     align_dates: Literal["refuse", "nearest", "bilinear", "cubic"] = "refuse"
 
 
-class PreprocessConfig(_Model):
+class PreprocessConfig(ConfigModel):
     """How raster values become backbone inputs. ``None`` values come from the checkpoint spec."""
 
     scale: Literal["auto", "uint8", "range", "percentile", "none"] = "auto"
@@ -95,7 +97,7 @@ class PreprocessConfig(_Model):
     target_gsd_m: Annotated[float, Field(gt=0)] | None = None
 
 
-class BackboneConfig(_Model):
+class BackboneConfig(ConfigModel):
     """The frozen backbone: architecture, local checkpoint, licence acceptance, device and batching."""
 
     arch: str = "vit_small_patch16_dinov3"
@@ -115,7 +117,7 @@ class BackboneConfig(_Model):
     shift_average: bool = False
 
 
-class TilingConfig(_Model):
+class TilingConfig(ConfigModel):
     """How the region is cut into tiles: tile size and overlap in pixels, tiles per Prefect task."""
 
     size: Annotated[int, Field(gt=0)] = 224
@@ -123,7 +125,7 @@ class TilingConfig(_Model):
     chunk_tiles: Annotated[int, Field(gt=0)] = 64  # tiles per Prefect task
 
 
-class KMeansConfig(_Model):
+class KMeansConfig(ConfigModel):
     """Label-free clustering of patch features into ``k`` classes, fitted on a sample of tiles."""
 
     k: Annotated[int, Field(ge=2, le=64)] = 6
@@ -131,7 +133,7 @@ class KMeansConfig(_Model):
     seed: int = 0
 
 
-class ChangeConfig(_Model):
+class ChangeConfig(ConfigModel):
     """Label-free change between two dates (:mod:`geo_dino.models.change`): which score, and its threshold.
 
     ``fused`` (default) combines the spectral score over every band with the backbone's feature distance as
@@ -154,7 +156,7 @@ class ChangeConfig(_Model):
     fit_pixels: Annotated[int, Field(ge=1000)] = 100_000
 
 
-class VectorsConfig(_Model):
+class VectorsConfig(ConfigModel):
     """Polygons of the supervised classes / changes (``vectors.gpkg``)."""
 
     min_area_m2: Annotated[float, Field(ge=0)] = 0.0  # smaller polygons are dropped
@@ -164,7 +166,7 @@ class VectorsConfig(_Model):
     skip_classes: list[str] = Field(default_factory=list)
 
 
-class SupervisedHeadConfig(_Model):
+class SupervisedHeadConfig(ConfigModel):
     """A head trained with ``geo-dino train-head`` (its ``head.safetensors``)."""
 
     path: Path
@@ -172,7 +174,7 @@ class SupervisedHeadConfig(_Model):
     vectors: VectorsConfig | None = Field(default_factory=VectorsConfig)  # None: no polygons
 
 
-class HeadsConfig(_Model):
+class HeadsConfig(ConfigModel):
     """What is made from the features: PCA, k-means classes, change, a trained head, a feature cube."""
 
     pca: bool = True
@@ -183,7 +185,7 @@ class HeadsConfig(_Model):
     cube: bool = False
 
 
-class RunConfig(_TopLevel):
+class RunConfig(TopLevelConfig):
     """One run: the AOI, one raster or two dates, the output folder and the settings of every stage."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "run"
@@ -255,7 +257,7 @@ def _format_error(exc: ValidationError, what: str, example: str) -> str:
     return f"invalid {what}:\n" + "\n".join(lines)
 
 
-_C = TypeVar("_C", bound=_TopLevel)
+_C = TypeVar("_C", bound=TopLevelConfig)
 
 
 def validate_mapping(model: type[_C], data: Any, base: Path | None, what: str, example: str) -> _C:

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 NAIP = [ROOT / "data/rasters/naip" / f"m_4709963_se_14_1_{d}.tif" for d in ("20090818", "20200831")]
 
 
+@pytest.mark.slow
 def test_naip_pair_is_refused_then_reprojected_when_asked(tiny_config) -> None:
     cfg = tiny_config("aoi/naip_potholes.geojson", NAIP, sources={"bands": [1, 2, 3]},
                       tiling={"size": 64, "overlap": 16, "chunk_tiles": 64},

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -89,6 +90,7 @@ def test_library_never_imports_prefect():
         assert "import prefect" not in text and "from prefect" not in text, p.name
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end(tmp_path, monkeypatch):
     """`geo-dino run --aoi --raster` through the Prefect flow: outputs and where to find them."""
     monkeypatch.chdir(ROOT)

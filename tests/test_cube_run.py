@@ -113,6 +113,7 @@ def test_similar_cli_on_a_run(cube_run: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2
 
 
+@pytest.mark.slow
 def test_change_cli_needs_two_dates_and_train_head_cli(tmp_path: Path) -> None:
     res = runner.invoke(app, ["change", "--aoi", str(ROOT / "aoi/pucallpa.geojson"), "--raster",
                               str(PUCALLPA[0])])

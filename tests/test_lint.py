@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -29,6 +31,7 @@ def test_ruff_catches_what_it_is_configured_for(tmp_path):
     assert all(code in res.stdout for code in ("F401", "ANN001", "ANN201", "S101", "D103"))
 
 
+@pytest.mark.slow
 def test_mypy_finds_nothing(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT,
                          capture_output=True, text=True, timeout=900, check=False)

@@ -126,6 +126,7 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path) -> None:
         pretrain(changed)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     """torchrun with two gloo processes of batch 2 trains exactly as one process of batch 4: the same samples
     (indices s*B*W + r*B + j), gradients averaged by DDP, centres all-reduced. KoLeo (a per-process batch
@@ -261,6 +262,7 @@ def test_layerscale_init_applies_to_models_built_from_scratch_only(tmp_path: Pat
                for n, p in student.named_parameters() if "gamma" in n)
 
 
+@pytest.mark.slow
 def test_cli_pretrain_with_two_processes_goes_through_torchrun(tmp_path: Path) -> None:
     """`geo-dino pretrain --nproc 2`: the flow starts torchrun (two gloo processes) and relays its metrics."""
     from typer.testing import CliRunner

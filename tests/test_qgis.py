@@ -28,6 +28,7 @@ def _have_qgis() -> bool:
 
 @pytest.mark.skipif(not _have_qgis() and not os.environ.get("CI"),
                     reason="QGIS (python3-qgis) not installed; .ci/run and `make test` install it")
+@pytest.mark.slow
 def test_outputs_open_in_qgis(tiny_config, tmp_path):
     cfg = parse_config(tiny_config("aoi/pucallpa.geojson", PUCALLPA, sources={"bands": [1, 2, 3]}))
     run_dir = pl.run_local(cfg)

@@ -241,6 +241,7 @@ def _render(run_dir: Path, png: Path, xdg: Path) -> dict:
 
 @pytest.mark.skipif(not _have_qgis() and not os.environ.get("CI"),
                     reason="QGIS (python3-qgis) not installed; .ci/run and `make test` install it")
+@pytest.mark.slow
 def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
     from PIL import Image
 

@@ -242,7 +242,7 @@ def test_identify_published_by_bytes_then_name(tmp_path, reference, monkeypatch)
 
 
 def test_convert_to_safetensors_keeps_preprocessing_and_claims_no_lineage(tmp_path, reference):
-    from geo_dino.models.checkpoints import convert_file
+    from geo_dino.models.backbone import convert_file
 
     src = _save(reference.state_dict(), tmp_path / "w.pth")
     rec = convert_file(src, tmp_path / "w.safetensors", arch=MOCO)

@@ -22,6 +22,8 @@ from geo_dino.training.head_config import load_head_config, parse_head_config
 from geo_dino.training.train_head import HEAD_FILE, METRICS, hooked_layers, train_head_local
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # heads trained end to end on the bundled labels: about 70 s of the suite
+
 FLOODS = ROOT / "data/labels/sen1floods11_spain"
 TAIZHOU = ROOT / "data/labels/taizhou"
 SHIPPED = {"arch": "vit_tiny_patch8_geo", "checkpoint": str(ROOT / "models/vit_tiny_patch8_geo.safetensors"),

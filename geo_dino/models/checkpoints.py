@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from geo_dino.errors import CheckpointError
+from geo_dino.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,6 @@ def identify_published(path: str | Path | None = None, *, sha256: str | None = N
     same without the hash suffix), and such a match says so (``by="file name"``, not verified). The
     architecture a run builds is still the configured one: this only tells the user what they hold.
     """
-    from geo_dino.files import sha256_file
     from geo_dino.models.archs import ARCHS
 
     given = sha256.strip().lower() if sha256 else None
@@ -352,14 +352,12 @@ def identify_published(path: str | Path | None = None, *, sha256: str | None = N
 def inspect_file(path: Any) -> dict[str, Any]:
     """What a checkpoint file is: hash, format, layout, architecture facts, the registry entries it fits with
     their licence and preprocessing, and the metadata stored in it. Never executes code from the file."""
-    from geo_dino.files import sha256_file
     from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import read_state_dict
 
     p = Path(path)
     state, meta = read_state_dict(p, None)
     d = inspect_state(state)
-    fits = fitting_archs(d, _declared_chans(meta))
+    fits = fitting_archs(d, declared_chans(meta))
     match = identify_published(p)
     return {
         "path": str(p), "sha256": sha256_file(p), "size_bytes": p.stat().st_size,
@@ -375,54 +373,48 @@ def inspect_file(path: Any) -> dict[str, Any]:
     }
 
 
-def _declared_chans(meta: dict[str, str]) -> int | None:
+def declared_chans(meta: dict[str, str]) -> int | None:
     """The input bands a checkpoint's metadata declares (None: not stated or not a number)."""
     value = meta.get("in_chans", "")
     return int(value) if value.isdigit() else None
 
 
-def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
-    """Convert any readable layout to a timm-layout ``.safetensors`` with its metadata (and ``dst.json``)."""
-    import json
-    import os
+def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and metadata of a local checkpoint file, after checking its hash. Never executes code."""
+    import torch
 
-    from safetensors.torch import save_file
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} "
+                              "(weights are never downloaded; give a local path)")
+    digest = sha256_file(path)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise CheckpointError(f"{path}: sha256 {digest} does not match backbone.checkpoint_sha256 "
+                              f"{expected_sha256}; the file changed or is not the one you pinned")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
 
-    from geo_dino import __version__
-    from geo_dino.files import sha256_file
-    from geo_dino.models.archs import ARCHS
-    from geo_dino.models.backbone import build_backbone, read_state_dict
-
-    src, dst = Path(src), Path(dst)
-    if dst.suffix != ".safetensors":
-        raise CheckpointError(f"{dst}: the converted file must be a .safetensors file")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError("the output would overwrite the input")
-    state, src_meta = read_state_dict(src, None)
-    d = inspect_state(state)
-    fits = fitting_archs(d, _declared_chans(src_meta))
-    if arch is None:
-        if len(fits) != 1:
-            raise CheckpointError(f"{src}: its tensors fit {fits or 'no registered architecture'}; "
-                                  "name one with --arch (e.g. the _sat entry for SAT-493M weights)")
-        arch = fits[0]
-    a = ARCHS.get(arch)
-    if a is None:
-        raise CheckpointError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    model, spec = build_backbone(arch, checkpoint=src, accept_licence=a.licence)  # converting is not running
-    meta = {"arch": arch, "source_layout": d.layout, "source_sha256": sha256_file(src),
-            "source_name": src.name,
-            "licence": a.licence, "mean": ",".join(map(str, spec.mean)), "std": ",".join(map(str, spec.std)),
-            "bands": ",".join(a.bands),
-            # an entry pinned to a published file knows the lineage only when the bytes are that file's
-            "training_lineage": spec.training_lineage if a.published else a.training_data or "unknown",
-            "converted_by": f"geo_dino {__version__}"}
-    if spec.value_range is not None:
-        meta["value_range"] = ",".join(map(str, spec.value_range))
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, dst)
-    record = meta | {"sha256": sha256_file(dst), "tensors": len(tensors)}
-    dst.with_name(dst.name + ".json").write_text(json.dumps(record, indent=2))
-    return record
+        if head[:2] == b"\x80\x02" or head[:2] == b"PK":
+            raise CheckpointError(f"{path}: a pickle/zip file disguised as .safetensors; refused")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            return load_file(str(path)), meta
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from None
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10):
+        raise CheckpointError(f"torch {torch.__version__} is older than 2.10: loading .pth files is refused "
+                              "(CVE-2026-24747); convert the checkpoint to safetensors or upgrade torch")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {exc}") from None
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    return obj, {}

@@ -15,17 +15,17 @@ from pydantic import Field, model_validator
 
 from geo_dino.config import (
     BackboneConfig,
+    ConfigModel,
     PreprocessConfig,
     SourceConfig,
-    _Model,
-    _TopLevel,
+    TopLevelConfig,
     read_yaml_mapping,
     resolve_path,
     validate_mapping,
 )
 
 
-class ClassConfig(_Model):
+class ClassConfig(ConfigModel):
     """One class of the label table: its name, its label value (0..254) and its display colour."""
 
     name: Annotated[str, Field(min_length=1)]
@@ -33,7 +33,7 @@ class ClassConfig(_Model):
     colour: tuple[int, int, int] | str | None = None  # [r, g, b] or "#rrggbb"; default: a fixed palette
 
 
-class LabelsConfig(_Model):
+class LabelsConfig(ConfigModel):
     """Where the labels come from: a label raster, or polygons with a class attribute (exactly one)."""
 
     raster: Path | None = None
@@ -62,7 +62,7 @@ class LabelsConfig(_Model):
         return self
 
 
-class HeadSpecConfig(_Model):
+class HeadSpecConfig(ConfigModel):
     """The head to train: linear, MLP or DPT, the backbone blocks feeding it, how a change head combines
     dates, and whether it also sees every band of each pixel (the spectrum)."""
 
@@ -77,7 +77,7 @@ class HeadSpecConfig(_Model):
     spectral: bool = True
 
 
-class SplitConfig(_Model):
+class SplitConfig(ConfigModel):
     """Which tiles are held out for the test metrics, with a buffer of dropped tiles around them.
 
     ``blocks`` (:func:`geo_dino.inputs.labels.spatial_split`): random square blocks of tiles; ``halves``: one
@@ -105,7 +105,7 @@ class SplitConfig(_Model):
         return self
 
 
-class TrainConfig(_Model):
+class TrainConfig(ConfigModel):
     """Optimisation of the head: epochs, learning rate, batches, early stopping and class weights."""
 
     epochs: Annotated[int, Field(ge=1)] = 200
@@ -118,7 +118,7 @@ class TrainConfig(_Model):
     seed: int = 0
 
 
-class HeadTrainConfig(_TopLevel):
+class HeadTrainConfig(TopLevelConfig):
     """A head training run: the rasters (two for a change head), labels, tiles and each stage's settings."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "head"

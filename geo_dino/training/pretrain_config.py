@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from geo_dino.config import AOIOptions, PreprocessConfig, SourceConfig, _Model, _TopLevel
+from geo_dino.config import AOIOptions, ConfigModel, PreprocessConfig, SourceConfig, TopLevelConfig
 
 
-class PretrainDataConfig(_Model):
+class PretrainDataConfig(ConfigModel):
     """Where training tiles come from: one or many rasters, optionally restricted to AOIs."""
 
     rasters: Annotated[list[Path], Field(min_length=1)]
@@ -42,7 +42,7 @@ class PretrainDataConfig(_Model):
         return self
 
 
-class MultiCropConfig(_Model):
+class MultiCropConfig(ConfigModel):
     """Multi-crop augmentation (DINO section 3.1 and ``DataAugmentationDINO``), adapted to overhead imagery:
     90° rotations and vertical flips are valid symmetries of a nadir image; colour jitter is per band so any
     band count works; grayscale conversion is dropped (it mixes bands that need not be visible light)."""
@@ -75,7 +75,7 @@ class MultiCropConfig(_Model):
         return self
 
 
-class PretrainBackboneConfig(_Model):
+class PretrainBackboneConfig(ConfigModel):
     """The student's backbone: a registered architecture, from scratch or continued from a local
     checkpoint."""
 
@@ -91,7 +91,7 @@ class PretrainBackboneConfig(_Model):
     layerscale_init: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
-class HeadConfig(_Model):
+class HeadConfig(ConfigModel):
     """DINO projection head (DINO ``main_dino.py`` defaults)."""
 
     out_dim: Annotated[int, Field(ge=2)] = 65536
@@ -101,7 +101,7 @@ class HeadConfig(_Model):
     norm_last_layer: bool = True
 
 
-class IBOTConfig(_Model):
+class IBOTConfig(ConfigModel):
     """iBOT masked-patch loss (DINOv2 ``ssl_default_config.yaml``: ibot.*)."""
 
     loss_weight: Annotated[float, Field(ge=0)] = 1.0
@@ -110,7 +110,7 @@ class IBOTConfig(_Model):
     separate_head: bool = False  # DINOv2 default: the DINO head also projects patches
 
 
-class GramConfig(_Model):
+class GramConfig(ConfigModel):
     """Gram anchoring (DINOv3 ``gram.*``): the Gram teacher is a frozen copy of the EMA teacher, refreshed
     every ``update_every`` steps from ``start_step`` (DINOv3 starts it late, after the main pretraining)."""
 
@@ -119,7 +119,7 @@ class GramConfig(_Model):
     update_every: Annotated[int, Field(ge=1)] = 10_000  # DINOv3 refreshes every 10k iterations
 
 
-class RecipeConfig(_Model):
+class RecipeConfig(ConfigModel):
     """Optimisation and distillation schedule. ``*_steps`` defaults are fractions of ``steps`` matching DINO's
     100-epoch schedule: 10 warm-up epochs, last layer frozen for 1 epoch."""
 
@@ -153,7 +153,7 @@ class RecipeConfig(_Model):
         return self.freeze_last_layer_steps if self.freeze_last_layer_steps is not None else self.steps // 100
 
 
-class KnnEvalConfig(_Model):
+class KnnEvalConfig(ConfigModel):
     """Optional k-NN evaluation of the teacher during training (labelled images: CSV or folder)."""
 
     data: Path
@@ -162,7 +162,7 @@ class KnnEvalConfig(_Model):
     k: Annotated[int, Field(ge=1)] = 20
 
 
-class PretrainConfig(_TopLevel):
+class PretrainConfig(TopLevelConfig):
     """A whole pretraining run: data, crops, backbone, head and recipe, with the run's name, output folder,
     seed, device and precision, logging and checkpoint intervals, optional k-NN evaluation and the export."""
 
