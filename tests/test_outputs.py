@@ -15,17 +15,16 @@ from rio_cogeo.cogeo import cog_validate
 
 from geo_dino.errors import OutputError
 from geo_dino.inputs.grid import Grid, PixelBox
+from geo_dino.inputs.labels import class_colormap
 from geo_dino.outputs.cog import (
     RasterSpec,
-    class_colormap,
     create_intermediate,
     finalize_cog,
     safe_output_path,
     verify_raster,
-    write_qml_palette,
-    write_qml_singleband,
     write_tile_index,
 )
+from geo_dino.outputs.styles import write_qml_palette, write_qml_singleband
 
 UTM = Grid(200, 300, Affine(30.0, 0.0, 600000.0, 0.0, -30.0, 2700000.0), "EPSG:32618")
 GEO = Grid(200, 300, Affine(0.001, 0.0, -77.5, 0.0, -0.001, 25.1), "EPSG:4326")

@@ -21,7 +21,8 @@ from pyproj import CRS, Geod
 
 from geo_dino.errors import ConfigError, CRSMismatchError, OutputError, SourceError
 from geo_dino.inputs.labels import ClassTable
-from geo_dino.outputs.vectorize import layer_style_qml, vectorize_classes, write_layer_style
+from geo_dino.outputs.styles import layer_style_qml, write_layer_style
+from geo_dino.outputs.vectorize import vectorize_classes
 
 UTM = ("EPSG:32617", Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0))
 GEO = ("EPSG:4326", Affine(0.001, 0.0, -80.0, 0.0, -0.001, 45.0))
@@ -284,6 +285,7 @@ os._exit(0)  # QGIS 3.22 can crash while tearing down headless
 
 @pytest.mark.skipif(not _have_qgis() and not os.environ.get("CI"),
                     reason="QGIS (python3-qgis) not installed; .ci/run and `make test` install it")
+@pytest.mark.slow
 def test_qgis_loads_the_layer_with_its_default_style(tmp_path):
     table = ClassTable.from_dict({"classes": [{"name": "forest", "value": 1, "colour": "#228833"},
                                               {"name": "water", "value": 2, "colour": "#4477aa"}]})

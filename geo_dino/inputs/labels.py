@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from geo_dino.errors import ConfigError, CRSMismatchError, LabelError, SourceError
+from geo_dino.errors import ConfigError, CRSMismatchError, LabelError, OutputError, SourceError
 from geo_dino.inputs.grid import Grid, Tile, TileGrid
 
-__all__ = ["IGNORE", "ClassTable", "LabelClass", "LabelError", "label_stats", "rasterize_polygons",
-           "read_label_raster", "spatial_split"]
+__all__ = ["IGNORE", "ClassTable", "LabelClass", "LabelError", "class_colormap", "label_stats",
+           "rasterize_polygons", "read_label_raster", "spatial_split"]
 
 IGNORE = 255
 """The label of unlabelled and nodata pixels (skipped by the loss)."""
@@ -81,9 +81,45 @@ def _colour(c: Any, name: str) -> tuple[int, int, int]:
     return int(c[0]), int(c[1]), int(c[2])
 
 
-def _default_colours(n: int) -> list[tuple[int, int, int]]:
-    from geo_dino.outputs.cog import class_colormap
+#: Colour-blind-friendly qualitative palette: Okabe & Ito (2008) without black, then the tab10 colours
+#: that are not close to those. Further classes get deterministic golden-ratio hues.
+_BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0),    # orange
+    (86, 180, 233),   # sky blue
+    (0, 158, 115),    # bluish green
+    (240, 228, 66),   # yellow
+    (0, 114, 178),    # blue
+    (213, 94, 0),     # vermillion
+    (204, 121, 167),  # reddish purple
+    (127, 127, 127),  # grey (tab10)
+    (148, 103, 189),  # purple (tab10)
+    (140, 86, 75),    # brown (tab10)
+    (188, 189, 34),   # olive (tab10)
+    (23, 190, 207),   # cyan (tab10)
+)
 
+
+def class_colormap(k: int) -> dict[int, tuple[int, int, int, int]]:
+    """``k`` distinct, colour-blind-friendly RGBA colours for classes ``0..k-1`` (same every call)."""
+    import colorsys
+
+    if not 1 <= k <= 65535:
+        raise OutputError(f"class_colormap: k={k} must be in [1, 65535]")
+    colours: list[tuple[int, int, int]] = list(_BASE_PALETTE[:k])
+    seen = set(colours)
+    i = 0
+    while len(colours) < k:
+        h = (0.1 + i * 0.618033988749895) % 1.0
+        s, v = (0.65, 0.9) if (i // 7) % 2 == 0 else (0.9, 0.65)
+        rgb = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v))
+        i += 1
+        if rgb not in seen:
+            seen.add(rgb)  # type: ignore[arg-type]
+            colours.append(rgb)  # type: ignore[arg-type]
+    return {n: (r, g, b, 255) for n, (r, g, b) in enumerate(colours)}
+
+
+def _default_colours(n: int) -> list[tuple[int, int, int]]:
     return [rgba[:3] for _, rgba in sorted(class_colormap(n).items())]
 
 
@@ -218,7 +254,7 @@ class ClassTable:
         raise LabelError(f"{at}class value {raw!r} is neither a class name nor an integer value")
 
     def qml_classes(self) -> list[tuple[int, str, tuple[int, int, int, int]]]:
-        """``(value, name, rgba)`` entries for :func:`geo_dino.outputs.cog.write_qml_palette`."""
+        """``(value, name, rgba)`` entries for :func:`geo_dino.outputs.styles.write_qml_palette`."""
         return [(int(c.value), c.name, (*c.colour, 255)) for c in self.classes]
 
 

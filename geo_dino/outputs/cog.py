@@ -1,9 +1,10 @@
-"""Final outputs: Cloud-Optimised GeoTIFFs, QGIS styles and tile-index GeoPackages, all inside the run folder.
+"""Final outputs: Cloud-Optimised GeoTIFFs and tile-index GeoPackages, all inside the run folder.
 
 The pipeline writes results window by window into an *intermediate* tiled GeoTIFF made by
 :func:`create_intermediate`, then :func:`finalize_cog` builds the COG in one final pass (overviews included,
 rioxarray#410), validates it, re-reads it against its :class:`RasterSpec` and only then moves it into place.
 A file at the final name is therefore always complete and verified; partial files carry a ``.tmp`` name.
+A categorical COG with a colour table gets its ``.qml`` palette beside it (:mod:`geo_dino.outputs.styles`).
 
 Every path is checked to stay inside the run folder (no ``..``, absolute names or symlinks), and every GDAL
 call runs inside a scoped :class:`rasterio.Env`.
@@ -16,42 +17,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 from geo_dino.errors import OutputError
 from geo_dino.inputs.grid import Grid, PixelBox, crs_equal
+from geo_dino.outputs.styles import write_qml_palette
 
 #: GDAL settings for every raster write of this module.
 # GDAL_CACHEMAX in bytes: rasterio hands an int to GDALSetCacheMax64 (256 would be 256 bytes: no cache)
 GDAL_WRITE_ENV: dict[str, Any] = {"GDAL_CACHEMAX": 256 * 2**20, "GDAL_NUM_THREADS": "ALL_CPUS"}
-
-#: Colour-blind-friendly qualitative palette: Okabe & Ito (2008) without black, then the tab10 colours
-#: that are not close to those. Further classes get deterministic golden-ratio hues.
-_BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 159, 0),    # orange
-    (86, 180, 233),   # sky blue
-    (0, 158, 115),    # bluish green
-    (240, 228, 66),   # yellow
-    (0, 114, 178),    # blue
-    (213, 94, 0),     # vermillion
-    (204, 121, 167),  # reddish purple
-    (127, 127, 127),  # grey (tab10)
-    (148, 103, 189),  # purple (tab10)
-    (140, 86, 75),    # brown (tab10)
-    (188, 189, 34),   # olive (tab10)
-    (23, 190, 207),   # cyan (tab10)
-)
-
-#: Colour stops (position in [0, 1], RGB) of a viridis-like ramp for continuous rasters.
-_RAMPS: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
-    "viridis": ((0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)),
-                (0.75, (94, 201, 98)), (1.0, (253, 231, 37))),
-    "magma": ((0.0, (0, 0, 4)), (0.25, (81, 18, 124)), (0.5, (183, 55, 121)),
-              (0.75, (252, 137, 97)), (1.0, (252, 253, 191))),
-}
-
-_QGIS_VERSION = "3.22.0-Białowieża"
-_QML_HEAD = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
 
 
 @dataclass(frozen=True)
@@ -349,124 +322,6 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
         qml = write_qml_palette(dst.with_suffix(".qml"), classes, nodata)
         record["qml"] = qml.relative_to(run_root).as_posix()
     return record
-
-
-# --------------------------------------------------------------------------------------------- styles
-
-
-def class_colormap(k: int) -> dict[int, tuple[int, int, int, int]]:
-    """``k`` distinct, colour-blind-friendly RGBA colours for classes ``0..k-1`` (same every call)."""
-    import colorsys
-
-    if not 1 <= k <= 65535:
-        raise OutputError(f"class_colormap: k={k} must be in [1, 65535]")
-    colours: list[tuple[int, int, int]] = list(_BASE_PALETTE[:k])
-    seen = set(colours)
-    i = 0
-    while len(colours) < k:
-        h = (0.1 + i * 0.618033988749895) % 1.0
-        s, v = (0.65, 0.9) if (i // 7) % 2 == 0 else (0.9, 0.65)
-        rgb = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v))
-        i += 1
-        if rgb not in seen:
-            seen.add(rgb)  # type: ignore[arg-type]
-            colours.append(rgb)  # type: ignore[arg-type]
-    return {n: (r, g, b, 255) for n, (r, g, b) in enumerate(colours)}
-
-
-def _hex(rgb: tuple[int, ...]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
-
-
-def qml_document(renderer: str) -> str:
-    """A complete QGIS 3 raster layer style around one ``<rasterrenderer>`` element."""
-    return (
-        _QML_HEAD
-        + f'<qgis version={quoteattr(_QGIS_VERSION)} styleCategories="AllStyleCategories" '
-        'hasScaleBasedVisibilityFlag="0" minScale="1e+08" maxScale="0">\n'
-        "  <flags>\n    <Identifiable>1</Identifiable>\n    <Removable>1</Removable>\n"
-        "    <Searchable>1</Searchable>\n    <Private>0</Private>\n  </flags>\n"
-        "  <customproperties/>\n"
-        "  <pipe>\n"
-        "    <provider>\n"
-        '      <resampling enabled="false" maxOversampling="2" zoomedInResamplingMethod="nearestNeighbour" '
-        'zoomedOutResamplingMethod="nearestNeighbour"/>\n'
-        "    </provider>\n"
-        + renderer
-        + '    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>\n'
-        '    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0" colorizeRed="255" '
-        'colorizeGreen="128" colorizeBlue="128" colorizeStrength="100" invertColors="0"/>\n'
-        '    <rasterresampler maxOversampling="2"/>\n'
-        "    <resamplingStage>resamplingFilter</resamplingStage>\n"
-        "  </pipe>\n"
-        "  <blendMode>0</blendMode>\n"
-        "</qgis>\n"
-    )
-
-
-_MINMAX = ("      <minMaxOrigin>\n        <limits>None</limits>\n        <extent>WholeRaster</extent>\n"
-           "        <statAccuracy>Estimated</statAccuracy>\n"
-           "        <cumulativeCutLower>0.02</cumulativeCutLower>\n"
-           "        <cumulativeCutUpper>0.98</cumulativeCutUpper>\n        <stdDevFactor>2</stdDevFactor>\n"
-           "      </minMaxOrigin>\n")
-
-
-def write_qml_palette(path: Path, classes: list[tuple[int, str, tuple[int, int, int, int]]],
-                      nodata: int | None) -> Path:
-    """Write a QGIS 3 paletted style (``value, label, (r, g, b, a)`` per class); ``nodata`` is transparent."""
-    entries = "".join(
-        f"        <paletteEntry value={quoteattr(str(int(v)))} color={quoteattr(_hex(c))} "
-        f"alpha={quoteattr(str(int(c[3]) if len(c) > 3 else 255))} label={quoteattr(str(label))}/>\n"
-        for v, label, c in classes if nodata is None or int(v) != int(nodata)
-    )
-    transparency = "      <rasterTransparency/>\n"
-    if nodata is not None:
-        transparency = ("      <rasterTransparency>\n        <singleValuePixelList>\n"
-                        f'          <pixelListEntry min="{int(nodata)}" max="{int(nodata)}" '
-                        'percentTransparent="100"/>\n        </singleValuePixelList>\n'
-                        "      </rasterTransparency>\n")
-    renderer = (
-        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
-        + transparency + _MINMAX
-        + "      <colorPalette>\n" + entries + "      </colorPalette>\n"
-        "    </rasterrenderer>\n"
-    )
-    return write_text_atomic(Path(path), qml_document(renderer))
-
-
-def write_qml_singleband(path: Path, band: int, vmin: float, vmax: float, ramp: str = "viridis") -> Path:
-    """Write a QGIS 3 single-band pseudocolour style (interpolated ``ramp`` from ``vmin`` to ``vmax``)."""
-    if ramp not in _RAMPS:
-        raise OutputError(f"unknown colour ramp {ramp!r}; choose one of {sorted(_RAMPS)}")
-    if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= vmin:
-        raise OutputError(f"write_qml_singleband: need finite vmin < vmax, got {vmin}, {vmax}")
-    stops = _RAMPS[ramp]
-
-    def rgba(c: tuple[int, int, int]) -> str:
-        return f"{c[0]},{c[1]},{c[2]},255"
-
-    inner = ":".join(f"{p:g};{rgba(c)}" for p, c in stops[1:-1])
-    props = (f'          <prop k="color1" v="{rgba(stops[0][1])}"/>\n'
-             f'          <prop k="color2" v="{rgba(stops[-1][1])}"/>\n'
-             '          <prop k="discrete" v="0"/>\n          <prop k="rampType" v="gradient"/>\n'
-             f'          <prop k="stops" v="{inner}"/>\n')
-    items = "".join(
-        f'        <item alpha="255" value="{vmin + p * (vmax - vmin)!r}" '
-        f'label={quoteattr(f"{vmin + p * (vmax - vmin):.4g}")} color="{_hex(c)}"/>\n'
-        for p, c in stops
-    )
-    renderer = (
-        f'    <rasterrenderer type="singlebandpseudocolor" band="{int(band)}" opacity="1" alphaBand="-1" '
-        f'nodataColor="" classificationMin="{vmin!r}" classificationMax="{vmax!r}">\n'
-        "      <rasterTransparency/>\n" + _MINMAX
-        + "      <rastershader>\n"
-        f'        <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" '
-        f'minimumValue="{vmin!r}" maximumValue="{vmax!r}" labelPrecision="4">\n'
-        f'        <colorramp type="gradient" name="[source]">\n{props}        </colorramp>\n'
-        + items
-        + "        </colorrampshader>\n      </rastershader>\n    </rasterrenderer>\n"
-    )
-    return write_text_atomic(Path(path), qml_document(renderer))
 
 
 # --------------------------------------------------------------------------------------------- vectors

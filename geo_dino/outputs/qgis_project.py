@@ -12,8 +12,9 @@ run folder moved on the same machine still finds them; an input that is gone is 
 Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``,
 ``Inputs``.
 Each layer's style is embedded in its ``<maplayer>``: the ``<pipe>`` of the ``.qml`` beside a raster when
-there is one, else one made here (paletted from the colour table, a min/max pseudocolour stretch, multiband
-colour for ``pca_rgb``); for GeoPackage layers the default style of the file's ``layer_styles`` table.
+there is one, else one made from the data by :mod:`geo_dino.outputs.styles` (paletted from the colour table,
+a min/max pseudocolour stretch, multiband colour for ``pca_rgb``); for GeoPackage layers the default style of
+the file's ``layer_styles`` table, else the layer's style from :func:`~geo_dino.outputs.styles.vector_style`.
 In the project only, value 0 of a binary change raster is transparent so it overlays the classes.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import tempfile
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CRSMismatchError, OutputError
+from geo_dino.outputs import styles
 
 PROJECT = "run.qgs"
 CONTEXT = "context.gpkg"
 GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features", "Inputs")
-_QGIS_VERSION = "3.22.0-Białowieża"
-_DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
 
 #: (stem pattern, group, kind) of the rasters a run may hold; the first match wins.
 _RASTERS: tuple[tuple[str, str, str], ...] = (
@@ -112,14 +111,6 @@ def _qml_children(qml: str, tags: tuple[str, ...]) -> list[ET.Element]:
     return [c for c in root if c.tag in tags]
 
 
-def _with_temp_qml(write: Any, *args: Any) -> str:
-    """Run one of :mod:`geo_dino.outputs.cog`' QML writers into a temporary file and return its text."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "style.qml"
-        write(path, *args)
-        return path.read_text(encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------------------------- rasters
 def _stats(ds: Any, band: int) -> tuple[float, float]:
     """Min and max of a band's valid pixels, read at most 1024 pixels across (overviews when there)."""
@@ -137,7 +128,7 @@ def _stats(ds: Any, band: int) -> tuple[float, float]:
 
 def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
     """``<pipe>`` and ``<blendMode>`` for a raster: its sidecar ``.qml`` first, else made from the data."""
-    from geo_dino.outputs.cog import class_colormap, qml_document, write_qml_palette, write_qml_singleband
+    from geo_dino.inputs.labels import class_colormap
 
     sidecar = path.with_suffix(".qml")
     if sidecar.is_file():
@@ -148,30 +139,16 @@ def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
             cmap = {v: c for v, c in ds.colormap(1).items() if v != nodata and any(c)}
         except ValueError:  # no colour table
             cmap = {0: (210, 210, 210, 255), 1: (220, 30, 30, 255)} if kind == "binary" else class_colormap(8)
-        classes = [(v, f"class {v}", c) for v, c in sorted(cmap.items())[:256]]
-        qml = _with_temp_qml(write_qml_palette, classes, nodata)
+        qml = styles.palette_qml([(v, f"class {v}", c) for v, c in sorted(cmap.items())[:256]], nodata)
     elif kind == "rgb" or (not kind and ds.count >= 3):
-        bands = []
-        for i, colour in enumerate(("red", "green", "blue"), start=1):
-            lo, hi = _stats(ds, i)
-            bands.append(f"      <{colour}ContrastEnhancement>\n        <minValue>{lo!r}</minValue>\n"
-                         f"        <maxValue>{hi!r}</maxValue>\n"
-                         "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
-                         f"      </{colour}ContrastEnhancement>\n")
-        qml = qml_document(
-            '    <rasterrenderer type="multibandcolor" redBand="1" greenBand="2" blueBand="3" opacity="1" '
-            'alphaBand="-1" nodataColor="">\n      <rasterTransparency/>\n' + "".join(bands)
-            + "    </rasterrenderer>\n")
+        red, green, blue = ((i, *_stats(ds, i)) for i in (1, 2, 3))
+        qml = styles.multiband_qml(red, green, blue)
     else:
         lo, hi = (0.0, 1.0) if kind == "probability" else _stats(ds, 1)
-        qml = _with_temp_qml(write_qml_singleband, 1, lo, hi)
+        qml = styles.singleband_qml(1, lo, hi)
     style = _qml_children(qml, ("pipe", "blendMode"))
     if kind == "binary":  # an overlay in the project: only the changed pixels are drawn
-        for transparency in style[0].iter("rasterTransparency"):
-            pixels = transparency.find("singleValuePixelList")
-            if pixels is None:
-                pixels = _sub(transparency, "singleValuePixelList")
-            _sub(pixels, "pixelListEntry", min=0, max=0, percentTransparent=100)
+        styles.make_value_transparent(style[0], 0)
     return style
 
 
@@ -213,8 +190,6 @@ def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
     import rasterio
     from pyproj import CRS
 
-    from geo_dino.outputs.cog import qml_document
-
     inputs = record.get("inputs") or []
     out = []
     for i, inp in enumerate(inputs):
@@ -229,87 +204,18 @@ def _input_layers(run_dir: Path, record: dict[str, Any]) -> list[MapLayer]:
                 continue
             bands = [int(b) for b in (inp.get("bands") or range(1, ds.count + 1))]
             if len(bands) >= 3:
-                parts = []
-                for colour, b in zip(("red", "green", "blue"), bands[:3], strict=False):
-                    lo, hi = _percentiles(ds, b)
-                    parts.append(f"      <{colour}ContrastEnhancement>\n        <minValue>{lo!r}</minValue>\n"
-                                 f"        <maxValue>{hi!r}</maxValue>\n"
-                                 "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
-                                 f"      </{colour}ContrastEnhancement>\n")
-                renderer = ('    <rasterrenderer type="multibandcolor" redBand="{}" greenBand="{}" '
-                            'blueBand="{}" opacity="1" alphaBand="-1" nodataColor="">\n'
-                            '      <rasterTransparency/>\n'
-                            .format(*bands[:3]) + "".join(parts) + "    </rasterrenderer>\n")
+                red, green, blue = ((b, *_percentiles(ds, b)) for b in bands[:3])
+                qml = styles.multiband_qml(red, green, blue)
             else:
-                lo, hi = _percentiles(ds, bands[0])
-                renderer = (f'    <rasterrenderer type="singlebandgray" grayBand="{bands[0]}" '
-                            'gradient="BlackToWhite" opacity="1" alphaBand="-1" nodataColor="">\n'
-                            "      <rasterTransparency/>\n      <contrastEnhancement>\n"
-                            f"        <minValue>{lo!r}</minValue>\n        <maxValue>{hi!r}</maxValue>\n"
-                            "        <algorithm>StretchToMinimumMaximum</algorithm>\n"
-                            "      </contrastEnhancement>\n    </rasterrenderer>\n")
+                qml = styles.gray_qml(bands[0], *_percentiles(ds, bands[0]))
             sfx = f"_t{i + 1}" if len(inputs) == 2 else ""
             out.append(MapLayer(f"input{sfx}_{path.stem}", path.resolve().as_posix(), "gdal", "Inputs",
                                 CRS.from_wkt(ds.crs.to_wkt()), tuple(ds.bounds),
-                                _qml_children(qml_document(renderer), ("pipe", "blendMode")), visible=False))
+                                _qml_children(qml, ("pipe", "blendMode")), visible=False))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- vectors
-def _symbol(*fills: dict[str, str], name: str = "0") -> ET.Element:
-    """A QGIS fill ``<symbol>`` of ``SimpleFill`` symbol layers (QGIS property names and values)."""
-    sym = ET.Element("symbol", {"type": "fill", "name": name, "alpha": "1", "clip_to_extent": "1",
-                                "force_rhr": "0"})
-    for props in fills:
-        layer = _sub(sym, "layer", **{"class": "SimpleFill", "enabled": "1", "locked": "0", "pass": "0"})
-        opts = _sub(layer, "Option", type="Map")
-        base = {"color": "0,0,0,0", "outline_color": "0,0,0,255", "outline_style": "solid",
-                "outline_width": "0.26", "outline_width_unit": "MM", "style": "solid", "joinstyle": "miter",
-                "offset": "0,0", "offset_unit": "MM"}
-        for k, v in (base | props).items():
-            _sub(opts, "Option", name=k, value=v, type="QString")
-    return sym
-
-
-def _marker(props: dict[str, str], name: str = "0") -> ET.Element:
-    """A QGIS marker ``<symbol>`` of one ``SimpleMarker`` symbol layer."""
-    sym = ET.Element("symbol", {"type": "marker", "name": name, "alpha": "1", "clip_to_extent": "1",
-                                "force_rhr": "0"})
-    layer = _sub(sym, "layer", **{"class": "SimpleMarker", "enabled": "1", "locked": "0", "pass": "0"})
-    opts = _sub(layer, "Option", type="Map")
-    base = {"name": "star", "color": "255,255,255,255", "outline_color": "0,0,0,255",
-            "outline_style": "solid", "outline_width": "0.4", "outline_width_unit": "MM", "size": "4.5",
-            "size_unit": "MM", "angle": "0", "offset": "0,0", "offset_unit": "MM", "joinstyle": "miter",
-            "scale_method": "diameter"}
-    for k, v in (base | props).items():
-        _sub(opts, "Option", name=k, value=v, type="QString")
-    return sym
-
-
-def _vector_qml(*fills: dict[str, str], marker: dict[str, str] | None = None) -> str:
-    """A QGIS 3 vector layer style (single fill symbol, or ``marker`` for points) as a QML document."""
-    root = ET.Element("qgis", version=_QGIS_VERSION, styleCategories="AllStyleCategories")
-    renderer = _sub(root, "renderer-v2", type="singleSymbol", symbollevels="0", forceraster="0",
-                    enableorderby="0")
-    _sub(renderer, "symbols").append(_marker(marker) if marker is not None else _symbol(*fills))
-    _sub(root, "blendMode", 0)
-    _sub(root, "featureBlendMode", 0)
-    _sub(root, "layerOpacity", 1)
-    return _DOCTYPE + ET.tostring(root, encoding="unicode")
-
-
-_STYLES: dict[str, str] = {
-    "aoi": _vector_qml({"style": "no", "outline_color": "20,20,20,255", "outline_width": "0.8"}),
-    "masked_sites": _vector_qml(  # semi-transparent red under a red diagonal hatch
-        {"color": "220,30,30,90", "outline_color": "200,0,0,255", "outline_width": "0.5"},
-        {"color": "200,0,0,255", "style": "b_diagonal", "outline_style": "no"}),
-    # every site the screen hit, whatever its action: white stars, and orange dashed outlines for areas
-    "sites_hit": _vector_qml(marker={}),
-    "sites_hit_areas": _vector_qml({"style": "no", "outline_color": "230,120,0,255", "outline_width": "0.6",
-                                    "outline_style": "dash"}),
-    "tiles": _vector_qml({"style": "no", "outline_color": "90,90,90,200", "outline_width": "0.15"}),
-    "": _vector_qml({"color": "255,255,255,40", "outline_color": "40,40,40,255", "outline_width": "0.3"}),
-}
 _VECTOR_STYLE_TAGS = ("renderer-v2", "labeling", "blendMode", "featureBlendMode", "layerOpacity")
 
 
@@ -341,7 +247,7 @@ def _vector_layers(run_dir: Path, gpkg: Path, group: str) -> list[MapLayer]:
         else:
             x0, y0, x1, y1 = (float(b) for b in bounds)
             ext = (x0, y0, x1, y1)
-        qml = _stored_style(gpkg, layer) or _STYLES.get(layer, _STYLES[""])
+        qml = _stored_style(gpkg, layer) or styles.vector_style(layer)
         kind = "Polygon" if "Polygon" in geom else "Line" if "Line" in geom else "Point"
         source = f"./{gpkg.relative_to(run_dir.resolve()).as_posix()}|layername={layer}"
         out.append(MapLayer(layer, source, "ogr", group, CRS.from_user_input(info["crs"]), ext,
@@ -366,7 +272,6 @@ def write_context(run_dir: Path, crs: Any) -> Path:
     from shapely.geometry import shape
 
     from geo_dino.outputs.cog import _tmp_sibling, safe_output_path
-    from geo_dino.outputs.vectorize import write_layer_style
 
     dst = safe_output_path(run_dir, CONTEXT)
     record = json.loads((run_dir / "provenance.json").read_text())
@@ -404,7 +309,7 @@ def write_context(run_dir: Path, crs: Any) -> Path:
             gdf = gdf.to_crs(crs)
             gdf.to_file(tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type=geometry_types[name],
                         promote_to_multi=True)
-            write_layer_style(tmp, name, _STYLES[name], name=f"{name} (geo_dino)")
+            styles.write_layer_style(tmp, name, styles.vector_style(name), name=f"{name} (geo_dino)")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -476,7 +381,7 @@ def _maplayer(layer: MapLayer) -> ET.Element:
 
 def _project_tree(layers: list[MapLayer], crs: Any, extent: tuple[float, float, float, float],
                   title: str) -> ET.Element:
-    root = ET.Element("qgis", projectname=title, version=_QGIS_VERSION)
+    root = ET.Element("qgis", projectname=title, version=styles.QGIS_VERSION)
     _sub(root, "homePath", path="")
     _sub(root, "title", title)
     _sub(_sub(root, "projectCrs"), "spatialrefsys").extend(list(_spatialrefsys(crs)))
@@ -542,4 +447,4 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
               max(r.extent[2] for r in rasters), max(r.extent[3] for r in rasters))
     root = _project_tree(layers, crs, extent, str(record.get("run_id", run_dir.name)))
     ET.indent(root)
-    return write_text_atomic(dst, _DOCTYPE + ET.tostring(root, encoding="unicode") + "\n")
+    return write_text_atomic(dst, styles.DOCTYPE + ET.tostring(root, encoding="unicode") + "\n")

@@ -37,24 +37,21 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
 from geo_dino.errors import ConfigError, OutputError, SourceError
 from geo_dino.inputs.grid import Grid, PixelBox, crs_equal
 from geo_dino.outputs.cog import safe_output_path
+from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 
-__all__ = ["layer_style_qml", "vectorize_classes", "write_layer_style"]
+__all__ = ["vectorize_classes"]
 
 _BATCH = 50_000  # features written to the GeoPackage at a time
-_QML_HEAD = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
-_QGIS_VERSION = "3.22.0-Białowieża"
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -85,8 +82,7 @@ def _grid(ds: Any) -> Grid:
 
 def _class_table(classes: Any) -> tuple[dict[int, str], dict[int, tuple[int, int, int, int]]]:
     """``{value: name}`` and ``{value: rgba}`` of a ``{value: name}`` mapping or a ClassTable."""
-    from geo_dino.inputs.labels import ClassTable
-    from geo_dino.outputs.cog import class_colormap
+    from geo_dino.inputs.labels import ClassTable, class_colormap
 
     if isinstance(classes, ClassTable):
         entries = classes.qml_classes()
@@ -428,7 +424,8 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
     Attributes: ``class_value`` (int), ``class_name``, ``area_m2`` (true area of the pixels in m²),
     ``mean_confidence`` (NULL without a confidence raster), ``pixel_count``. The layer is in the raster's CRS.
     Other layers of an existing GeoPackage are kept; this layer is replaced. With ``style``, a categorized
-    QGIS style is stored as the layer's default in ``layer_styles`` (:func:`write_layer_style`).
+    QGIS style is stored as the layer's default in ``layer_styles``
+    (:func:`geo_dino.outputs.styles.write_layer_style`).
 
     Raises :class:`OutputError` for a path outside ``run_dir`` or a failed verification, :class:`SourceError`
     for a missing/unreadable raster or one without CRS, :class:`CRSMismatchError` when the confidence
@@ -527,111 +524,3 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
             "block": block, "connectivity": connectivity,
         },
     }
-
-
-# --------------------------------------------------------------------------------------------- QGIS style
-
-
-def _rgba(c: tuple[int, ...]) -> str:
-    return ",".join(str(int(v)) for v in (*c[:3], c[3] if len(c) > 3 else 255))
-
-
-def _fill_symbol(name: str, rgba: tuple[int, ...]) -> str:
-    outline = tuple(int(v * 0.6) for v in rgba[:3]) + (255,)
-    props = {"color": _rgba(rgba), "joinstyle": "bevel", "offset": "0,0", "offset_unit": "MM",
-             "outline_color": _rgba(outline), "outline_style": "solid", "outline_width": "0.26",
-             "outline_width_unit": "MM", "style": "solid"}
-    options = "".join(f'          <Option name={quoteattr(k)} type="QString" value={quoteattr(v)}/>\n'
-                      for k, v in props.items())
-    legacy = "".join(f"        <prop k={quoteattr(k)} v={quoteattr(v)}/>\n" for k, v in props.items())
-    return (f'    <symbol name={quoteattr(name)} type="fill" alpha="1" clip_to_extent="1" force_rhr="0">\n'
-            '      <layer class="SimpleFill" enabled="1" locked="0" pass="0">\n'
-            f'        <Option type="Map">\n{options}        </Option>\n{legacy}'
-            "      </layer>\n    </symbol>\n")
-
-
-def layer_style_qml(classes: list[tuple[int, str, tuple[int, ...]]]) -> str:
-    """A QGIS 3 vector style: categorized renderer on ``class_value``, one solid fill per class.
-
-    ``classes`` is ``[(value, name, (r, g, b[, a])), ...]`` (e.g. ``ClassTable.qml_classes()``); the names are
-    the legend labels.
-    """
-    if not classes:
-        raise ConfigError("layer_style_qml needs at least one (value, name, rgba) class")
-    cats = "".join(f"      <category render=\"true\" value={quoteattr(str(int(v)))} symbol=\"{k}\" "
-                   f"label={quoteattr(str(name))}/>\n" for k, (v, name, _) in enumerate(classes))
-    symbols = "".join(_fill_symbol(str(k), c) for k, (_, _, c) in enumerate(classes))
-    return (_QML_HEAD
-            + f'<qgis version={quoteattr(_QGIS_VERSION)} styleCategories="AllStyleCategories">\n'
-            '  <renderer-v2 type="categorizedSymbol" attr="class_value" symbollevels="0" enableorderby="0" '
-            'forceraster="0">\n'
-            f"    <categories>\n{cats}    </categories>\n"
-            f"    <symbols>\n{symbols}    </symbols>\n"
-            "    <rotation/>\n    <sizescale/>\n"
-            "  </renderer-v2>\n"
-            "  <blendMode>0</blendMode>\n  <featureBlendMode>0</featureBlendMode>\n"
-            "  <layerGeometryType>2</layerGeometryType>\n"
-            "</qgis>\n")
-
-
-#: The table as QGIS creates it through GDAL's GPKG driver (QgsOgrUtils::saveStyle: FID ``id``, field widths
-#: 256/30, ``useAsDefault`` boolean, ``update_time`` defaulting to CURRENT_TIMESTAMP), in GDAL's SQL.
-_LAYER_STYLES_SQL = (
-    'CREATE TABLE IF NOT EXISTS "layer_styles" ( "id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
-    '"f_table_catalog" TEXT(256), "f_table_schema" TEXT(256), "f_table_name" TEXT(256), '
-    '"f_geometry_column" TEXT(256), "styleName" TEXT(30), "styleQML" TEXT, "styleSLD" TEXT, '
-    '"useAsDefault" BOOLEAN, "description" TEXT, "owner" TEXT(30), "ui" TEXT(30), '
-    "\"update_time\" DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
-)
-_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ','now')"
-
-
-def write_layer_style(gpkg: Path, layer: str, qml: str, *, name: str | None = None,
-                      use_as_default: bool = True) -> None:
-    """Store ``qml`` for ``layer`` in the GeoPackage's ``layer_styles`` table, as QGIS's "Save to database".
-
-    The table is created if missing and registered in ``gpkg_contents`` as ``attributes`` (and in
-    ``gpkg_ogr_contents`` with an unknown count, which GDAL recounts). A style of the same ``name`` (default:
-    the layer name) is replaced; with ``use_as_default`` other default styles of the layer are unset, so QGIS
-    applies this one when the layer is loaded. One SQLite transaction.
-    """
-    gpkg = Path(gpkg)
-    if gpkg.is_symlink() or not gpkg.is_file():
-        raise OutputError(f"{gpkg} is not a GeoPackage file (missing or a symlink)")
-    style_name = name or layer
-    con = sqlite3.connect(gpkg)
-    try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not {"gpkg_contents", "gpkg_geometry_columns"} <= tables:
-            raise OutputError(f"{gpkg} is not a GeoPackage (no gpkg_contents/gpkg_geometry_columns table)")
-        row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE lower(table_name) = lower(?)",
-                          (layer,)).fetchone()
-        if row is None:
-            raise OutputError(f"{gpkg} has no feature layer {layer!r} to style")
-        with con:
-            con.execute(_LAYER_STYLES_SQL)
-            con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, "
-                        "description, last_change, srs_id) "
-                        f"VALUES ('layer_styles', 'attributes', 'layer_styles', '', {_NOW}, 0)")
-            if "gpkg_ogr_contents" in tables:
-                con.execute("INSERT OR IGNORE INTO gpkg_ogr_contents (table_name, feature_count) "
-                            "VALUES ('layer_styles', NULL)")
-            key = (layer, row[0])
-            if use_as_default:
-                con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_schema = '' AND "
-                            "f_table_name = ? AND f_geometry_column = ?", key)
-            values = (qml, "", 1 if use_as_default else 0, "written by geo_dino.outputs.vectorize")
-            cur = con.execute(f"UPDATE layer_styles SET styleQML = ?, styleSLD = ?, useAsDefault = ?, "
-                              f"description = ?, update_time = {_NOW} WHERE f_table_schema = '' AND "
-                              "f_table_name = ? AND f_geometry_column = ? AND styleName = ?",
-                              (*values, *key, style_name))
-            if cur.rowcount == 0:
-                con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
-                            "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, "
-                            "owner) "
-                            "VALUES ('', '', ?, ?, ?, ?, ?, ?, ?, '')", (*key, style_name, *values))
-            con.execute(f"UPDATE gpkg_contents SET last_change = {_NOW} WHERE table_name = 'layer_styles'")
-    except sqlite3.Error as exc:
-        raise OutputError(f"cannot store the style of {layer!r} in {gpkg}: {exc}") from None
-    finally:
-        con.close()
