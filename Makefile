@@ -1,5 +1,5 @@
-# Two commands: `make demo` and `make test`. Both create .venv when absent and reinstall only when
-# pyproject.toml or requirements.lock changed (the stamp file).
+# Two commands: `make demo` and `make test` (`make test-fast` leaves out the tests marked slow). All create .venv
+# when absent and reinstall only when pyproject.toml or requirements.lock changed (the stamp file).
 PY ?= python3
 # The embedded Prefect server sends no usage telemetry (machines here reach only package indexes)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean qgis
+.PHONY: setup demo test test-fast lint bench clean qgis
 
 setup: $(STAMP)
 
@@ -24,8 +24,17 @@ demo: $(STAMP)
 	$(BIN)/geo-dino run --config configs/demo_change.yaml
 	$(BIN)/geo-dino change --config configs/demo_taizhou_change.yaml
 
+# PYTEST_ARGS: extra pytest options (.ci/run asks for the slowest durations); the suite's wall time is printed last
+PYTEST_ARGS ?=
 test: $(STAMP) qgis
-	$(BIN)/python -m pytest -q tests
+	@start=$$(date +%s); $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
+	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# the suite without the tests marked slow (end-to-end training, CLI and Prefect runs, mypy, real QGIS): a few
+# minutes on two cores; `make test` still runs everything
+test-fast: $(STAMP)
+	@start=$$(date +%s); $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS) tests; rc=$$?; \
+	echo "fast test tier took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 # Real QGIS for the tests that open the outputs: Debian's python3-qgis under /usr/bin/python3 (installed when
 # missing and we are root with apt; otherwise those tests are skipped outside CI).

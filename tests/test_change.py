@@ -256,6 +256,7 @@ def test_shift_averaged_features_sit_at_half_patch_cell_centres():
     assert plain[0, 1] - plain[0, 0] == p and f[3, 2] - f[3, 1] == p / 2
 
 
+@pytest.mark.slow
 def test_run_with_shift_averaged_features(tiny_config):
     run_dir = _run(tiny_config, method="features")
     from geo_dino.config import parse_config

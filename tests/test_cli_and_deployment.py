@@ -105,6 +105,7 @@ def test_cli_run_end_to_end(tmp_path, monkeypatch):
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     policy = tmp_path / "policy.yaml"
@@ -162,6 +163,7 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
             assert all(Path(r).is_file() for r in cfg.rasters)
 
 
+@pytest.mark.slow
 def test_flows_turn_prefect_telemetry_off_by_default():
     """The ephemeral server a run starts sends no usage telemetry unless the user asks for it."""
     import subprocess

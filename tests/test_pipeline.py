@@ -354,6 +354,7 @@ def _screened(cfg: dict) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_outputs(tiny_config):
     """Kill after two chunks (and in the middle of a third): resuming gives byte-identical outputs."""
     from tests.conftest import PUCALLPA as DATES

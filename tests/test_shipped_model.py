@@ -86,6 +86,7 @@ def test_the_multispectral_backbone_takes_four_bands_and_runs_on_naip(tmp_path) 
 HEAD = ROOT / "models/taizhou_change_mlp.safetensors"
 
 
+@pytest.mark.slow
 def test_the_shipped_change_head_runs_in_the_demo_config(tmp_path, monkeypatch) -> None:
     """The shipped Taizhou change head: its card pins its bytes, it records its bands and the shipped
     backbone, and the demo config that uses it runs: the head's change beside the fused label-free change."""
