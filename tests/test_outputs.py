@@ -14,13 +14,13 @@ from affine import Affine
 from rio_cogeo.cogeo import cog_validate
 
 from geo_dino.errors import OutputError
+from geo_dino.files import safe_output_path
 from geo_dino.inputs.grid import Grid, PixelBox
 from geo_dino.inputs.labels import class_colormap
 from geo_dino.outputs.cog import (
     RasterSpec,
     create_intermediate,
     finalize_cog,
-    safe_output_path,
     verify_raster,
     write_tile_index,
 )

@@ -204,6 +204,18 @@ def test_paths_outside_the_run_folder_are_refused(tmp_path, name):
         vectorize_classes(src, run_dir=tmp_path / "run", gpkg_name=name, layer="c", classes=NAMES)
 
 
+def test_a_symlink_at_the_temporary_name_is_refused(tmp_path):
+    src = _write(tmp_path / "c.tif", np.ones((5, 5), np.uint8))
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside.gpkg"
+    outside.write_bytes(b"keep")
+    (run / ".v.gpkg.tmp.gpkg").symlink_to(outside)
+    with pytest.raises(OutputError, match="symlink"):
+        vectorize_classes(src, run_dir=run, gpkg_name="v.gpkg", layer="c", classes=NAMES)
+    assert outside.read_bytes() == b"keep" and not (run / "v.gpkg").exists()
+
+
 def test_bad_inputs_fail_clearly(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

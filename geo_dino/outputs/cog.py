@@ -13,12 +13,12 @@ call runs inside a scoped :class:`rasterio.Env`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import OutputError
+from geo_dino.files import atomic_write, check_inside, sha256_file
 from geo_dino.inputs.grid import Grid, PixelBox, crs_equal
 from geo_dino.outputs.styles import write_qml_palette
 
@@ -62,71 +62,6 @@ class RasterSpec:
         if self.colormap is not None and (self.count != 1 or self.dtype not in ("uint8", "uint16")):
             raise OutputError("RasterSpec.colormap needs a single-band uint8 or uint16 raster, got "
                               f"{self.count} band(s) of {self.dtype}")
-
-
-# --------------------------------------------------------------------------------------------- paths
-
-
-def safe_output_path(run_dir: Path, name: str) -> Path:
-    """``run_dir / name``, refusing names that are absolute, contain ``..``, or pass through a symlink.
-
-    Raises :class:`OutputError` when the result would resolve outside ``run_dir``.
-    """
-    run_dir = Path(run_dir)
-    rel = Path(name)
-    if not str(name) or rel.is_absolute() or rel.anchor:
-        raise OutputError(f"output name {name!r} must be a relative path inside the run folder {run_dir}")
-    if ".." in rel.parts:
-        raise OutputError(f"output name {name!r} must not contain '..'")
-    root = run_dir.resolve()
-    candidate = run_dir / rel
-    # No component under the run folder may be a symlink (resolve() would follow it silently).
-    probe = run_dir
-    for part in rel.parts:
-        probe = probe / part
-        if probe.is_symlink():
-            raise OutputError(f"output path {candidate} passes through the symlink {probe}; "
-                              "write outputs to plain files inside the run folder")
-    resolved = candidate.resolve()
-    if resolved == root:
-        raise OutputError(f"output name {name!r} names the run folder itself, not a file inside it")
-    if not resolved.is_relative_to(root):
-        raise OutputError(f"output path {candidate} resolves to {resolved}, outside the run folder {root}")
-    return resolved
-
-
-def _check_inside(run_dir: Path, dst: Path) -> Path:
-    """Resolved ``dst`` if it is a non-symlink path inside ``run_dir``; :class:`OutputError` otherwise."""
-    dst = Path(dst)
-    if dst.is_symlink():
-        raise OutputError(f"refusing to write {dst}: it is a symlink")
-    root = Path(run_dir).resolve()
-    resolved = dst.resolve()
-    if not resolved.is_relative_to(root):
-        raise OutputError(f"refusing to write {dst}: it resolves to {resolved}, "
-                          f"outside the run folder {root}")
-    return resolved
-
-
-def _tmp_sibling(dst: Path, suffix: str) -> Path:
-    """A hidden temporary name beside ``dst``; refuses a symlink there and removes a stale file."""
-    tmp = dst.with_name(f".{dst.name}.tmp{suffix}")
-    if tmp.is_symlink():
-        raise OutputError(f"refusing to write {tmp}: it is a symlink")
-    tmp.unlink(missing_ok=True)
-    return tmp
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (a temporary file, then ``os.replace``); return it."""
-    path = Path(path)
-    tmp = _tmp_sibling(path, path.suffix)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------------------------- rasters
@@ -249,18 +184,15 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
     from rio_cogeo.cogeo import cog_validate
     from rio_cogeo.profiles import cog_profiles
 
-    from geo_dino.files import sha256_file
-
     intermediate = Path(intermediate)
     run_root = Path(run_dir).resolve()
-    dst = _check_inside(run_root, Path(dst))
+    dst = check_inside(run_root, Path(dst))
     if intermediate.resolve() == dst:
         raise OutputError(f"the intermediate {intermediate} and the final COG {dst} must be different files")
     if not intermediate.is_file():
         raise OutputError(f"intermediate raster {intermediate} does not exist; create it with "
                           "create_intermediate() and write the windows first")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dst, ".tif")
 
     import numpy as np
 
@@ -270,7 +202,10 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
     if spec.count > 4:
         profile["interleave"] = "band"
     env = {**GDAL_WRITE_ENV, "GDAL_TIFF_INTERNAL_MASK": True, "GDAL_TIFF_OVR_BLOCKSIZE": "512"}
-    try:
+    found: dict[str, Any] = {}
+
+    def translate(tmp: Path) -> None:
+        """Metadata on the intermediate, GDAL's COG driver to ``tmp``, then validate and verify ``tmp``."""
         with rasterio.Env(**env):
             with rasterio.open(intermediate, "r+") as ds:
                 _apply_metadata(ds, spec)
@@ -293,26 +228,25 @@ def finalize_cog(intermediate: Path, dst: Path, spec: RasterSpec, *, run_dir: Pa
                 raise OutputError(f"{dst.name}: the COG is not valid: {errors}")
             verify_raster(tmp, spec)
             with rasterio.open(tmp) as src:
-                overviews = list(src.overviews(1))
-                crs = src.crs.to_string()
-                transform = [float(v) for v in tuple(src.transform)[:6]]
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+                found["overviews"] = list(src.overviews(1))
+                found["crs"] = src.crs.to_string()
+                found["transform"] = [float(v) for v in tuple(src.transform)[:6]]
+
+    atomic_write(dst, translate, suffix=".tif")
     intermediate.unlink(missing_ok=True)
 
     record: dict[str, Any] = {
         "path": dst.relative_to(run_root).as_posix(),
         "sha256": sha256_file(dst),
         "size_bytes": dst.stat().st_size,
-        "crs": crs,
-        "transform": transform,
+        "crs": found["crs"],
+        "transform": found["transform"],
         "width": spec.grid.width,
         "height": spec.grid.height,
         "count": spec.count,
         "dtype": spec.dtype,
         "nodata": "nan" if isinstance(spec.nodata, float) and math.isnan(spec.nodata) else spec.nodata,
-        "overviews": overviews,
+        "overviews": found["overviews"],
         "cog_valid": True,
     }
     if spec.categorical and spec.colormap:
@@ -365,11 +299,6 @@ def write_tile_index(path: Path, layer: str, grid: Grid, boxes: list[tuple[int, 
             raise OutputError(f"tile index column {name!r} clashes with a built-in column")
         columns[name] = list(values)
     gdf = gpd.GeoDataFrame(columns, geometry=[_box_polygon(grid, b) for _, b in boxes], crs=grid.crs)
-    tmp = _tmp_sibling(path, ".gpkg")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        gdf.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: gdf.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio",
+                                                      geometry_type="Polygon"), suffix=".gpkg")

@@ -41,6 +41,7 @@ import numpy as np
 from affine import Affine
 
 from geo_dino.errors import ConfigError, CRSMismatchError, CubeError
+from geo_dino.files import safe_output_path
 from geo_dino.inputs.grid import Grid, PixelBox
 
 if TYPE_CHECKING:
@@ -158,8 +159,6 @@ class CubeWriter:
     def __init__(self, run_dir: Path, name: str, grid: Grid, n_features: int, *, chunk: int | None = None,
                  dtype: str = "float32", attrs: dict[str, Any] | None = None,
                  overwrite: bool = False) -> None:
-        from geo_dino.outputs.cog import safe_output_path
-
         self.path = safe_output_path(Path(run_dir), name)
         self.grid = grid
         self.n_features = n_features
@@ -180,8 +179,6 @@ class CubeWriter:
     def reopen(cls, run_dir: Path, name: str) -> CubeWriter:
         """A writer for a cube created earlier and not yet closed (the pipeline fills one per chunk task)."""
         import zarr
-
-        from geo_dino.outputs.cog import safe_output_path
 
         path = safe_output_path(Path(run_dir), name)
         try:

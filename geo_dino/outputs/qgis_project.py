@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CRSMismatchError, OutputError
+from geo_dino.files import atomic_write, safe_output_path, write_text_atomic
 from geo_dino.outputs import styles
 
 PROJECT = "run.qgs"
@@ -265,13 +266,10 @@ def write_context(run_dir: Path, crs: Any) -> Path:
     sites themselves, with category, action, buffer and distance (written when there are any).
     """
     import json
-    import os
 
     import geopandas as gpd
     import shapely
     from shapely.geometry import shape
-
-    from geo_dino.outputs.cog import _tmp_sibling, safe_output_path
 
     dst = safe_output_path(run_dir, CONTEXT)
     record = json.loads((run_dir / "provenance.json").read_text())
@@ -299,8 +297,9 @@ def write_context(run_dir: Path, crs: Any) -> Path:
             layers[name] = gpd.GeoDataFrame({k: [props.get(k) for props, _ in part] for k in hit_cols},
                                             geometry=[g for _, g in part], crs="EPSG:4326")
             geometry_types[name] = gtype
-    tmp = _tmp_sibling(dst, ".gpkg")
-    try:
+
+    def write(tmp: Path) -> None:
+        """Every layer into ``tmp``, in ``crs``, each with its style stored."""
         for name, gdf in layers.items():
             if gdf.crs is None:
                 raise OutputError(f"the run's {name} has no CRS in its record; cannot place it on the map")
@@ -310,9 +309,8 @@ def write_context(run_dir: Path, crs: Any) -> Path:
             gdf.to_file(tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type=geometry_types[name],
                         promote_to_multi=True)
             styles.write_layer_style(tmp, name, styles.vector_style(name), name=f"{name} (geo_dino)")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dst, write, suffix=".gpkg")
     return dst
 
 
@@ -320,8 +318,6 @@ def write_context(run_dir: Path, crs: Any) -> Path:
 def discover_layers(run_dir: Path) -> list[MapLayer]:
     """Every map layer of a run folder, by name; ``provenance.json`` outputs that are not here are errors."""
     import json
-
-    from geo_dino.outputs.cog import safe_output_path
 
     run_dir = Path(run_dir)
     record_path = run_dir / "provenance.json"
@@ -422,8 +418,6 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
     the run folder.
     """
     import json
-
-    from geo_dino.outputs.cog import safe_output_path, write_text_atomic
 
     run_dir = Path(run_dir).resolve()
     dst = safe_output_path(run_dir, name)

@@ -23,13 +23,13 @@ kept; the COG is then built and verified by :func:`geo_dino.outputs.cog.finalize
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from geo_dino.errors import AOIError, ConfigError, CRSMismatchError
+from geo_dino.files import atomic_write, safe_output_path
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -213,13 +213,7 @@ def similarity(cube: xr.DataArray | Path | str, example: BaseGeometry | AOI, *, 
     import rasterio
 
     from geo_dino.inputs.aoi import AOI
-    from geo_dino.outputs.cog import (
-        GDAL_WRITE_ENV,
-        RasterSpec,
-        create_intermediate,
-        finalize_cog,
-        safe_output_path,
-    )
+    from geo_dino.outputs.cog import GDAL_WRITE_ENV, RasterSpec, create_intermediate, finalize_cog
     from geo_dino.outputs.cube import as_cube, cube_grid
 
     if top_k < 1:
@@ -307,10 +301,4 @@ def _write_matches(path: Path, picked: list[tuple[float, int, int]], xs: np.ndar
     gdf = gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs=CRS.from_user_input(crs))
     gdf = gdf.astype({"rank": "int32", "similarity": "float64", "x": "float64", "y": "float64",
                       "row": "int64", "col": "int64"})
-    tmp = path.with_name(f".{path.name}.tmp.gpkg")
-    tmp.unlink(missing_ok=True)
-    try:
-        gdf.to_file(tmp, layer=_MATCH_LAYER, driver="GPKG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: gdf.to_file(tmp, layer=_MATCH_LAYER, driver="GPKG"), suffix=".gpkg")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import STACError
+from geo_dino.files import write_text_atomic
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
@@ -295,12 +296,8 @@ def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
         if "file:checksum" in asset.extra_fields:
             FileExtension.ext(asset, add_if_missing=True)
     item.stac_extensions = sorted(set(item.stac_extensions) | {PROCESSING, MLM})
-    path = run_dir / ITEM_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2,
-                              allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(run_dir / ITEM_FILE, json.dumps(
+        item.to_dict(include_self_link=False, transform_hrefs=False), indent=2, allow_nan=False))
 
 
 def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: str, description: str,
@@ -342,11 +339,8 @@ def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: 
     if providers:
         coll["providers"] = providers
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / COLLECTION_FILE
-    tmp = path.with_name(f".{path.name}.tmp")  # runs finishing together: each replaces a whole file
-    tmp.write_text(json.dumps(coll, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    # runs finishing together: each replaces a whole file
+    return write_text_atomic(out_dir / COLLECTION_FILE, json.dumps(coll, indent=2, allow_nan=False))
 
 
 def _safe_key(key: str) -> str:

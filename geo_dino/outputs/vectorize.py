@@ -45,8 +45,8 @@ from typing import Any, cast
 import numpy as np
 
 from geo_dino.errors import ConfigError, OutputError, SourceError
+from geo_dino.files import atomic_write, safe_output_path, sha256_file
 from geo_dino.inputs.grid import Grid, PixelBox, crs_equal
-from geo_dino.outputs.cog import safe_output_path
 from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 
 __all__ = ["vectorize_classes"]
@@ -434,7 +434,6 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
     import pyogrio
     from pyproj import CRS
 
-    from geo_dino.files import sha256_file
     from geo_dino.inputs.sources import gdal_env
 
     if connectivity not in (4, 8):
@@ -454,11 +453,14 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
     dst = safe_output_path(run_dir, gpkg_name)
     if dst.suffix.lower() != ".gpkg":
         raise ConfigError(f"gpkg_name {gpkg_name!r} must end in .gpkg")
-    tmp = dst.with_name(f".{dst.name}.tmp.gpkg")
-    if tmp.is_symlink():
-        raise OutputError(f"refusing to write {tmp}: it is a symlink")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(dst.parent), gdal_env():
+    grid: Grid
+    sink: _Sink
+    unnamed: list[int]
+
+    def write(tmp: Path) -> None:
+        """This layer into ``tmp`` (a copy of ``dst`` with its other layers), styled and verified."""
+        nonlocal grid, sink, unnamed
         src = _open(Path(class_cog), "class raster")
         conf = None
         try:
@@ -470,7 +472,6 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
                 conf = _open(Path(confidence_cog), "confidence raster")
                 _grid(conf).same_as(grid, what=f"the confidence raster {confidence_cog} and the class raster")
             before: set[str] = set()
-            tmp.unlink(missing_ok=True)
             if dst.exists():
                 try:
                     before = {str(n) for n in pyogrio.list_layers(dst)[:, 0]}
@@ -498,13 +499,15 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
             lost = before - {str(n) for n in pyogrio.list_layers(tmp)[:, 0]}
             if lost:
                 raise OutputError(f"{dst.name}: writing {layer!r} lost the layers {sorted(lost)}")
-            os.replace(tmp, dst)
-            digest = sha256_file(dst)
         finally:
-            tmp.unlink(missing_ok=True)
             src.close()
             if conf is not None:
                 conf.close()
+
+    # the temporary copy is made, written and renamed by one writer at a time (it has one name per file)
+    with _folder_lock(dst.parent), gdal_env():
+        atomic_write(dst, write, suffix=".gpkg")
+        digest = sha256_file(dst)
     crs = CRS.from_user_input(grid.crs)
     per_class = {names.get(v, f"class_{v}"): {"value": v, "features": s[0], "area_m2": s[1],
                                               "pixel_count": s[2]}
