@@ -17,16 +17,8 @@ from geo_dino.errors import CheckpointError, ConfigError, LabelError
 from geo_dino.evaluation.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 from geo_dino.inputs.labels import IGNORE, ClassTable, label_stats, spatial_split
 from geo_dino.models.backbone import build_backbone
-from geo_dino.models.seg_heads import (
-    LinearHead,
-    TrainResult,
-    evaluate_head,
-    load_head,
-    predict_values,
-    save_head,
-    tile_features,
-    train_linear_head,
-)
+from geo_dino.models.seg_heads import LinearHead, load_head, predict_values, save_head, tile_features
+from geo_dino.training.fit_head import TrainResult, evaluate_head, train_linear_head
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models" / "vit_tiny_patch8_geo.safetensors"
@@ -305,7 +297,7 @@ def test_dpt_head_learns_from_four_layers(learnable: dict) -> None:
     features, and keeps the best early-stopping state."""
     from geo_dino.models.backbone import extract
     from geo_dino.models.dpt_head import DPTHead
-    from geo_dino.models.seg_heads import train_head
+    from geo_dino.training.fit_head import train_head
 
     spec, model, y, ti, vi = learnable["spec"], learnable["model"], learnable["labels"], learnable["ti"], \
         learnable["vi"]
@@ -346,13 +338,8 @@ def _spectral_problem(seed: int = 0) -> dict:
 def test_a_spectral_head_starts_as_the_logistic_regression_and_keeps_it(kind: str) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from geo_dino.models.seg_heads import (
-        build_head,
-        evaluate_head,
-        init_from_logistic,
-        spectral_stats,
-        train_head,
-    )
+    from geo_dino.models.seg_heads import build_head
+    from geo_dino.training.fit_head import evaluate_head, init_from_logistic, spectral_stats, train_head
 
     p = _spectral_problem()
     cfg = {"type": kind, "embed_dim": 8, "n_classes": 2, "spectral": 3}

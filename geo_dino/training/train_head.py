@@ -299,17 +299,8 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
     from geo_dino.evaluation.metrics import confusion_matrix, values_to_indices
     from geo_dino.files import sha256_file
     from geo_dino.inputs.labels import label_stats
-    from geo_dino.models.seg_heads import (
-        SIAMESE_FACTOR,
-        build_head,
-        evaluate_head,
-        head_inputs,
-        init_from_logistic,
-        predict_values,
-        save_head,
-        spectral_stats,
-        train_head,
-    )
+    from geo_dino.models.seg_heads import SIAMESE_FACTOR, build_head, head_inputs, predict_values, save_head
+    from geo_dino.training.fit_head import evaluate_head, init_from_logistic, spectral_stats, train_head
 
     t0 = time.perf_counter()
     cfg = load_training_config(run_dir)
