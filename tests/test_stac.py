@@ -178,6 +178,41 @@ def test_collection_over_two_runs(tiny_config, change_run, tmp_path, no_network)
     assert all(not Path(link["href"]).is_absolute() for link in coll["links"])
 
 
+def test_collection_document_is_pinned(tmp_path, no_network):
+    """The Collection's keys and values, whatever builds it: extent, summaries, relative item links, an empty
+    ``stac_extensions`` when no asset names a CRS, title and providers only when given."""
+    def item(name: str, when: str, bbox: list[float], code: str | None) -> Path:
+        assets = {"a": {"href": "a.tif", **({"proj:code": code} if code else {})}}
+        return _write_json(tmp_path / "runs" / name / "stac_item.json",
+                           {"id": name, "bbox": bbox, "assets": assets,
+                            "properties": {"datetime": when, "mlm:architecture": f"ViT {name}"}})
+
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r2").mkdir(parents=True)
+    one = item("r1", "2024-05-01T10:00:00.250000Z", [-75.0, -9.0, -74.0, -8.0], "EPSG:32718")
+    two = item("r2", "2023-01-02T03:04:05Z", [-76.0, -8.5, -74.5, -7.0], None)
+    out = tmp_path / "catalog"
+    providers = [{"name": "lab", "roles": ["producer"], "url": "https://example.org"}]
+    doc = json.loads(stac.write_collection([one, two], out, id="c", description="d", title="T",
+                                           providers=providers).read_text())
+    first, last = "2023-01-02T03:04:05Z", "2024-05-01T10:00:00.250000Z"
+    assert doc == {
+        "type": "Collection", "stac_version": stac.STAC_VERSION, "stac_extensions": [stac.PROJECTION],
+        "id": "c", "description": "d", "license": "other", "title": "T", "providers": providers,
+        "extent": {"spatial": {"bbox": [[-76.0, -9.0, -74.0, -7.0]]},
+                   "temporal": {"interval": [[first, last]]}},
+        "summaries": {"datetime": {"minimum": first, "maximum": last},
+                      "mlm:architecture": ["ViT r1", "ViT r2"], "proj:code": ["EPSG:32718"]},
+        "links": [{"rel": "item", "href": f"../runs/{n}/stac_item.json", "type": "application/geo+json",
+                   "title": n} for n in ("r1", "r2")],
+    }
+    assert stac.validate_collection(out / "collection.json")
+    bare = json.loads(stac.write_collection([two], out, id="c", description="d").read_text())
+    assert bare["stac_extensions"] == [] and "proj:code" not in bare["summaries"]
+    assert "title" not in bare and "providers" not in bare
+    assert not list(out.glob(".*"))  # no temporary file left
+
+
 def test_each_finished_run_joins_its_collection(tiny_config, tmp_path, no_network):
     """Runs of one config (or one Prefect deployment) share ``collections/<name>/collection.json`` in their
     output folder, rewritten by each run as it finishes; Items name it and link to it."""

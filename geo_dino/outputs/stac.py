@@ -3,7 +3,8 @@
 :func:`write_item` turns a finished run folder into ``stac_item.json`` beside its outputs, built from
 ``provenance.json`` and the outputs themselves. Every asset href is relative, so the folder stays
 self-contained and can be moved or uploaded as is. :func:`write_collection` gathers the Items of several runs
-(one deployment: a site or a programme) under a ``collection.json`` whose item links are relative too.
+(one deployment: a site or a programme) under a ``collection.json`` whose item links are relative too. Both
+are built with pystac.
 
 The ``datetime`` of an Item is the run's creation time (``provenance.created_at``), not an acquisition time:
 geo_dino does not know when its input rasters were acquired. ``created``/``updated`` carry the run's start and
@@ -16,7 +17,6 @@ schema that is not bundled is an error. pystac and jsonschema are imported insid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import STACError
-from geo_dino.files import write_text_atomic
+from geo_dino.files import sha256_file, write_text_atomic
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
@@ -65,17 +65,9 @@ _SIDECARS = {RECORD: ("provenance", "application/json", ["metadata"]),
 _HEADS = "work/heads.npz"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_fields(path: Path, sha256: str | None = None) -> dict[str, Any]:
     """``file:checksum`` (multihash: 0x12 = sha2-256, 0x20 = 32 bytes) and ``file:size``."""
-    return {"file:checksum": "1220" + (sha256 or _sha256(path)), "file:size": path.stat().st_size}
+    return {"file:checksum": "1220" + (sha256 or sha256_file(path)), "file:size": path.stat().st_size}
 
 
 def _crs_fields(crs: Any) -> dict[str, Any]:
@@ -309,6 +301,9 @@ def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: 
     covers every Item; links to the Items are relative to ``out_dir``, and the Items are left untouched, so a
     deployment keeps its catalog folder next to (or above) its run folders and can move both together.
     """
+    import pystac
+    from pystac.utils import str_to_datetime
+
     out_dir = Path(out_dir).resolve()
     items: list[tuple[Path, dict[str, Any]]] = []
     for src in sources:
@@ -321,26 +316,26 @@ def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: 
     boxes = [d["bbox"] for _, d in items]
     times = sorted(d["properties"]["datetime"] for _, d in items)
     codes = sorted({a["proj:code"] for _, d in items for a in d["assets"].values() if a.get("proj:code")})
-    coll: dict[str, Any] = {
-        "type": "Collection", "stac_version": STAC_VERSION, "stac_extensions": [PROJECTION] if codes else [],
-        "id": id, "description": description, "license": license,
-        "extent": {"spatial": {"bbox": [[min(b[0] for b in boxes), min(b[1] for b in boxes),
-                                         max(b[2] for b in boxes), max(b[3] for b in boxes)]]},
-                   "temporal": {"interval": [[times[0], times[-1]]]}},
-        "summaries": {"datetime": {"minimum": times[0], "maximum": times[-1]},
-                      "mlm:architecture": sorted({d["properties"].get("mlm:architecture", "")
-                                                  for _, d in items}),
-                      **({"proj:code": codes} if codes else {})},
-        "links": [{"rel": "item", "href": Path(os.path.relpath(p, out_dir)).as_posix(),
-                   "type": "application/geo+json", "title": d["id"]} for p, d in items],
-    }
-    if title:
-        coll["title"] = title
-    if providers:
-        coll["providers"] = providers
+    extent = pystac.Extent(
+        pystac.SpatialExtent([[min(b[0] for b in boxes), min(b[1] for b in boxes),
+                               max(b[2] for b in boxes), max(b[3] for b in boxes)]]),
+        pystac.TemporalExtent([[str_to_datetime(times[0]), str_to_datetime(times[-1])]]))
+    summaries = pystac.Summaries({
+        "datetime": {"minimum": times[0], "maximum": times[-1]},
+        "mlm:architecture": sorted({d["properties"].get("mlm:architecture", "") for _, d in items}),
+        **({"proj:code": codes} if codes else {})})
+    coll = pystac.Collection(id, description, extent, title=title or None,
+                             stac_extensions=[PROJECTION] if codes else [], license=license,
+                             providers=[pystac.Provider.from_dict(p) for p in providers or []] or None,
+                             summaries=summaries)
+    for p, d in items:
+        coll.add_link(pystac.Link("item", Path(os.path.relpath(p, out_dir)).as_posix(),
+                                  media_type="application/geo+json", title=d["id"]))
+    doc = coll.to_dict(include_self_link=False, transform_hrefs=False)
+    doc.setdefault("stac_extensions", [])  # pystac leaves an empty list out; every Collection has the key
     out_dir.mkdir(parents=True, exist_ok=True)
     # runs finishing together: each replaces a whole file
-    return write_text_atomic(out_dir / COLLECTION_FILE, json.dumps(coll, indent=2, allow_nan=False))
+    return write_text_atomic(out_dir / COLLECTION_FILE, json.dumps(doc, indent=2, allow_nan=False))
 
 
 def _safe_key(key: str) -> str:
