@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sqlite3
 import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
 from pathlib import Path
 
 import geopandas as gpd
@@ -21,6 +27,7 @@ from pyproj import CRS, Geod
 
 from geo_dino.errors import ConfigError, CRSMismatchError, OutputError, SourceError
 from geo_dino.inputs.labels import ClassTable
+from geo_dino.outputs import vectorize
 from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 from geo_dino.outputs.vectorize import vectorize_classes
 
@@ -325,3 +332,47 @@ def test_nothing_to_vectorise_writes_an_empty_styled_layer(tmp_path):
     gpkg = tmp_path / "run" / "vectors.gpkg"
     assert dict(pyogrio.list_layers(gpkg).tolist())["classes"] == "Polygon"
     assert CRS.from_user_input(pyogrio.read_info(gpkg, layer="classes")["crs"]) == CRS.from_epsg(32617)
+
+
+def test_writers_of_one_folder_take_turns(tmp_path):
+    """The folder lock (``flock`` on POSIX) makes a second writer wait until the first is done."""
+    events: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with vectorize._folder_lock(tmp_path):
+            events.append("first in")
+            held.set()
+            time.sleep(0.3)
+            events.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(5)
+    with vectorize._folder_lock(tmp_path):
+        events.append("second in")
+    t.join()
+    assert events == ["first in", "first out", "second in"]
+    assert not list(tmp_path.iterdir())  # no lock file in the folder
+
+
+def test_folder_lock_without_fcntl_uses_msvcrt(tmp_path, monkeypatch):
+    """Where there is no ``fcntl`` (Windows), ``msvcrt.locking`` locks a file in the temporary directory and
+    waits on past its own ten-second retries; the folder gets no lock file."""
+    calls: list[int] = []
+
+    def locking(fd: int, mode: int, nbytes: int) -> None:
+        calls.append(mode)
+        if calls == [1]:  # the first try finds the lock held (msvcrt gives up after ten seconds)
+            raise OSError(errno.EDEADLK, "Resource deadlock avoided")
+
+    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(LK_LOCK=1, LK_UNLCK=0, locking=locking))
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "run").mkdir()
+    with vectorize._folder_lock(tmp_path / "run"):
+        assert calls == [1, 1]
+    assert calls == [1, 1, 0]
+    assert not list((tmp_path / "run").iterdir())
+    assert len(list((tmp_path / "temp").glob("geo_dino-*.lock"))) == 1

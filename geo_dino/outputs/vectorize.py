@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -395,16 +396,44 @@ def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectiv
 
 @contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``folder`` itself (no lock file): writers of one GeoPackage take turns, so
-    two layers written at once cannot each replace the file with a copy lacking the other's layer."""
-    import fcntl
+    """An exclusive lock on ``folder``: writers of one GeoPackage take turns, so two layers written at once
+    cannot each replace the file with a copy lacking the other's layer.
 
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    POSIX: ``flock`` on the folder itself (no lock file). Windows, which has no ``fcntl`` and cannot open a
+    folder as a file: ``msvcrt.locking`` on a lock file named after the folder in the temporary directory, so
+    the run folder holds the same files on every system.
+    """
+    if sys.platform == "win32":
+        import errno
+        import hashlib
+        import msvcrt
+        import tempfile
+
+        key = hashlib.sha256(os.path.normcase(str(Path(folder).resolve())).encode()).hexdigest()[:32]
+        fd = os.open(Path(tempfile.gettempdir()) / f"geo_dino-{key}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            while True:
+                try:
+                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # tries for ten seconds, then raises EDEADLK
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EDEADLK:
+                        raise
+            try:
+                yield
+            finally:
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(fd)
+    else:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: str, classes: Any,
