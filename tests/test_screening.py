@@ -26,9 +26,7 @@ from geo_dino.governance.screening import (
 REPO = Path(__file__).resolve().parents[1]
 REGISTRY = REPO / "data" / "registry" / "sensitive_sites.gpkg"
 POLICY = REPO / "configs" / "screening_policy.yaml"
-BAHAMAS = next((p for p in (REPO / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif",
-                            REPO.parent / "shared" / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif")
-                if p.is_file()), None)
+BAHAMAS = REPO / "data" / "rasters" / "landsat7_bahamas_RGB.byte.tif"  # bundled
 GEOD = Geod(ellps="WGS84")
 
 NEW_PROVIDENCE = box(-77.56, 24.98, -77.25, 25.10)
@@ -118,7 +116,6 @@ def test_new_providence_hits_nassau_airport_and_port(registry, policy):
     assert len(d.aoi_sha256) == 64
 
 
-@pytest.mark.skipif(BAHAMAS is None, reason="Bahamas Landsat raster not available")
 def test_bahamas_raster_footprint_hits_airport_and_port(registry, policy):
     import rasterio
     from rasterio.warp import transform_geom

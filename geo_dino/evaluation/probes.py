@@ -156,10 +156,10 @@ class EvalResult:
         path = Path(path)
         rec = {"schema": "geo_dino.evaluation/1", **self.to_dict(), "software": software_versions(),
                "git": git_info()}
-        tmp = path.with_name(f".{path.name}.tmp")
+        from geo_dino.files import write_text_atomic
+
         try:
-            tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(rec, indent=2, default=str) + "\n")
         except OSError as exc:
             raise SourceError(f"cannot write {path}: {exc}; choose a writable --out path") from None
         return path

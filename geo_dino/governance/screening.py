@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -660,14 +659,7 @@ def write_decision(decision: Decision, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "screening.json"
     text = json.dumps(decision.to_dict(), indent=2, sort_keys=True, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=".screening.", suffix=".json.tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from geo_dino.files import write_text_atomic
+
+    write_text_atomic(out, text + "\n", fsync=True)
     return out

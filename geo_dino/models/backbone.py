@@ -318,7 +318,6 @@ def weights_normalisation(meta: dict[str, str],
 def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     """Convert any readable layout to a timm-layout ``.safetensors`` with its metadata (and ``dst.json``)."""
     import json
-    import os
 
     from safetensors.torch import save_file
 
@@ -354,9 +353,9 @@ def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
     if spec.value_range is not None:
         meta["value_range"] = ",".join(map(str, spec.value_range))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, dst)
+    from geo_dino.files import atomic_write
+
+    atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     record = meta | {"sha256": sha256_file(dst), "tensors": len(tensors)}
     dst.with_name(dst.name + ".json").write_text(json.dumps(record, indent=2))
     return record

@@ -384,10 +384,9 @@ def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, pr
         "n_classes": str(head.n_classes),
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in head.state_dict().items()}
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(p)
-    return p
+    from geo_dino.files import atomic_write
+
+    return atomic_write(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:

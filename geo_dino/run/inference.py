@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from geo_dino.files import atomic_write
 from geo_dino.inputs.grid import Grid, PixelBox, Tile, blend_weights
 from geo_dino.inputs.preprocess import Preprocessor
 from geo_dino.inputs.sources import WindowReader
@@ -24,6 +26,10 @@ from geo_dino.models.label_free import LabelFreeHeads, upsampled_cosine_distance
 
 if TYPE_CHECKING:
     from geo_dino.run.plan import RunPlan
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    np.save(path, arr)
 
 
 @dataclass(frozen=True)
@@ -217,9 +223,7 @@ class FeatureExtractor:
                 out[i] = f[j]
                 path = cache[i]
                 if store and path is not None:
-                    tmp = path.with_name(path.name + ".tmp.npy")
-                    np.save(tmp, f[j].numpy())
-                    tmp.replace(path)
+                    atomic_write(path, partial(_save_npy, arr=f[j].numpy()), suffix=".npy")
         for i, (h, path) in enumerate(zip(have, cache, strict=True)):
             if h and path is not None:  # have[i] implies a path
                 out[i] = torch.from_numpy(np.load(path))

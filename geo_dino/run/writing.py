@@ -1,4 +1,4 @@
-"""Outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs at the end.
+"""Writing a run's outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs.
 
 :class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
 and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CheckpointError, ConfigError
+from geo_dino.files import atomic_write
 from geo_dino.training.pretrain_config import KnnEvalConfig, PretrainConfig
 
 log = logging.getLogger("geo_dino.training.pretrain")
@@ -125,9 +126,7 @@ def _seeded(seed: int, *parts: int) -> int:
 def _atomic_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
@@ -464,9 +463,7 @@ def export(cfg: PretrainConfig, run_dir: Path, backbone: Any, spec: Any, source:
             "std": ",".join(str(x) for x in (cfg.crops.std or spec.std)),
             "bands": ",".join(band_names), "in_chans": str(spec.in_chans),
             "training_lineage": lineage, "format": "timm", "producer": f"geo_dino {__version__}"}
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     digest = sha256_file(out)
     hardware = {"device": device, "processes": world, "precision": "bf16 autocast" if bf16 else "fp32",
                 "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
