@@ -108,26 +108,6 @@ class TilingPlan(Frozen):
     model_size: int | None = None  # the backbone's input size when tiles are resampled to a GSD
 
 
-class PreprocessPlan(Frozen):
-    """The exact scaling of the pixels (:class:`~geo_dino.inputs.preprocess.Preprocessor`)."""
-
-    scale: str
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    bands: tuple[int, ...]
-
-    @classmethod
-    def of(cls, pre: Preprocessor) -> PreprocessPlan:
-        """The plan form of a preprocessor."""
-        return cls.model_validate(pre.to_dict())
-
-    def preprocessor(self) -> Preprocessor:
-        """Back to a :class:`Preprocessor`."""
-        return Preprocessor(self.scale, self.low, self.high, self.mean, self.std, self.bands)
-
-
 class BackbonePlan(Frozen):
     """The weights the run uses: chunk tasks load exactly these bytes (the sha256 is checked on load)."""
 
@@ -145,7 +125,7 @@ class RunPlan(Frozen):
     region: tuple[int, int, int, int]  # row_off, col_off, height, width in the first raster's pixels
     out_grid: GridPlan
     tiling: TilingPlan
-    preprocess: PreprocessPlan
+    preprocess: Preprocessor  # the exact scaling of the pixels (a frozen dataclass, validated as one)
     backbone: BackbonePlan
     aoi_crs_wkt: str | None  # the AOI in the rasters' CRS (None when too large to keep here)
     head: HeadPlan | None = None
@@ -393,7 +373,7 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
         out_grid=GridPlan.of(out_grid),
         tiling=TilingPlan(size=tiles.size, overlap=tiles.overlap, shape=tiles.shape, n_tiles=len(tiles),
                           n_chunks=len(chunks), chunk_tiles=cfg.tiling.chunk_tiles, model_size=model_size),
-        preprocess=PreprocessPlan.of(pre),
+        preprocess=pre,
         backbone=backbone_identity(cfg),
         aoi_crs_wkt=geom.wkt if len(geom.wkt) < 2_000_000 else None,
         head=head, coregistration=coreg)

@@ -59,7 +59,7 @@ def extractor(cfg: RunConfig, plan: RunPlan) -> tuple[FeatureExtractor, Checkpoi
     bad = [i for i in change_layers if not -depth <= i < depth]
     if bad:
         raise ConfigError(f"heads.change.layers {bad}: the backbone has blocks 0..{depth - 1}")
-    return FeatureExtractor(model, plan.preprocess.preprocessor(), device, model_size=plan.tiling.model_size,
+    return FeatureExtractor(model, plan.preprocess, device, model_size=plan.tiling.model_size,
                             layers=layers, shift_average=bb.shift_average, change_layers=change_layers), spec
 
 
