@@ -64,9 +64,11 @@ def check_bands(recorded: dict[str, Any] | None, info: Any) -> None:
                               f"[{fmt(have)}]; select the same bands with {key} (or train a head on these)")
 
 
-def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[HeadPlan, dict[str, Any]]:
+def plan_head(cfg: Any, n_dates: int, info: Any = None, *,
+              backbone_sha256: str | None = None) -> tuple[HeadPlan, dict[str, Any]]:
     """``(plan, provenance record entry)`` of the run's supervised head; raises when it does not fit
-    (backbone, checkpoint, dates, or — given the run's first raster ``info`` — bands)."""
+    (backbone, checkpoint, dates, or — given the run's first raster ``info`` — bands). ``backbone_sha256``:
+    the run's checkpoint digest when the caller already has it (else it is the pin, or the file is hashed)."""
     from geo_dino.files import sha256_file
     from geo_dino.models.seg_heads import load_head
 
@@ -82,8 +84,8 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None) -> tuple[HeadPlan, dict[
                           f"uses {cfg.backbone.arch!r}; train a head on this backbone (geo-dino train-head)")
     if bb.get("sha256"):
         # a pinned checkpoint hash is verified when the backbone loads: no second pass over a large file here
-        pinned = (cfg.backbone.checkpoint_sha256 or "").lower() or None
-        run_digest = None if not cfg.backbone.checkpoint else pinned or sha256_file(cfg.backbone.checkpoint)
+        known = backbone_sha256 or (cfg.backbone.checkpoint_sha256 or "").lower() or None
+        run_digest = None if not cfg.backbone.checkpoint else known or sha256_file(cfg.backbone.checkpoint)
         if run_digest != bb["sha256"]:
             raise ConfigError(f"heads.supervised: the head was trained on checkpoint sha256 {bb['sha256']}, "
                               f"this run's backbone is {run_digest or 'random-init'}: features would not "

@@ -250,8 +250,8 @@ def lay_tiles(cfg: RunConfig, grid: Grid, region: PixelBox, patch: int) -> TileG
     return tiles
 
 
-def preprocessing(cfg: RunConfig, info: RasterInfo, meta: dict[str, str], n_dates: int
-                  ) -> tuple[Preprocessor, HeadPlan | None, dict[str, Any] | None]:
+def preprocessing(cfg: RunConfig, info: RasterInfo, meta: dict[str, str], n_dates: int,
+                  backbone: BackbonePlan) -> tuple[Preprocessor, HeadPlan | None, dict[str, Any] | None]:
     """The pixels' scaling: the weights' own unless the config chooses one, or the supervised head's; with
     the head's plan and record (None without a head)."""
     from geo_dino.inputs.preprocess import make_preprocessor, weights_scaling
@@ -270,7 +270,7 @@ def preprocessing(cfg: RunConfig, info: RasterInfo, meta: dict[str, str], n_date
         return pre, None, None
     from geo_dino.run.heads import head_preprocessor, plan_head
 
-    head, record = plan_head(cfg, n_dates, info)
+    head, record = plan_head(cfg, n_dates, info, backbone_sha256=backbone.sha256)
     if record["preprocessing"].get("scale") == "percentile" and stats is None:
         with WindowReader(info) as r:
             stats = r.sample_stats(cfg.preprocess.percentiles)
@@ -356,7 +356,8 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
     out_grid = grid.subgrid(region)
     write_tile_index(tile_index, "tiles", grid, [(t.index, t.box) for t in tiles],
                      extra={"grid_row": [t.grid_row for t in tiles], "grid_col": [t.grid_col for t in tiles]})
-    pre, head, head_record = preprocessing(cfg, infos[0], meta, len(infos))
+    backbone = backbone_identity(cfg)  # hashes an unpinned checkpoint once, for the whole run
+    pre, head, head_record = preprocessing(cfg, infos[0], meta, len(infos), backbone)
     if head_record is not None:
         note(supervised_head=head_record)
     chunks = tiles.row_chunks(cfg.tiling.chunk_tiles)
@@ -374,7 +375,7 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
         tiling=TilingPlan(size=tiles.size, overlap=tiles.overlap, shape=tiles.shape, n_tiles=len(tiles),
                           n_chunks=len(chunks), chunk_tiles=cfg.tiling.chunk_tiles, model_size=model_size),
         preprocess=pre,
-        backbone=backbone_identity(cfg),
+        backbone=backbone,
         aoi_crs_wkt=geom.wkt if len(geom.wkt) < 2_000_000 else None,
         head=head, coregistration=coreg)
     gsd = gsd_check(inputs[0]["gsd"], arch.gsd_m)
