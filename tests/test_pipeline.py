@@ -381,3 +381,29 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_config):
     for name in ("pca_rgb_t1.tif", "classes_t2.tif", "change_magnitude.tif", "change_mask.tif"):
         with rasterio.open(whole / name) as a, rasterio.open(run_dir / name) as b:
             assert np.array_equal(a.read(), b.read(), equal_nan=True), name
+
+
+def test_a_checkpoint_replaced_after_planning_is_refused(tiny_config, tmp_path):
+    """The plan pins the weights' sha256; a task that finds other bytes at the checkpoint path refuses them."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from geo_dino.errors import CheckpointError
+    from geo_dino.files import sha256_file
+    from geo_dino.run.folder import read_record
+
+    ckpt = tmp_path / "weights.safetensors"
+    shutil.copy(ROOT / "models" / "vit_tiny_patch8_geo.safetensors", ckpt)
+    cfg = parse_config(tiny_config(backbone={"arch": "vit_tiny_patch8_geo", "checkpoint": str(ckpt)}))
+    run_dir = pl.prepare_run(cfg)
+    pl.screen_aoi(run_dir)
+    pl.plan_run(run_dir)
+    assert load_plan(run_dir).backbone.sha256 == sha256_file(ckpt)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=meta | {"note": "retrained since"})  # same shapes
+    with pytest.raises(CheckpointError, match="does not match"):
+        pl.fit_heads(run_dir)
+    assert read_record(run_dir)["status"] == "failed"
