@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.run import resources
+from geo_dino.run.folder import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -128,14 +129,14 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     run_dir = Path(run_aoi(config_path=cfg_path, overrides={"output_dir": str(out_flow)}))
     res["flow_wall_s"] = time.perf_counter() - t0
     res["flow_peak_rss_mib"] = peak_rss_mib()
-    state = json.loads((run_dir / "state.json").read_text())
+    state = load_plan(run_dir)
     rec = json.loads((run_dir / "provenance.json").read_text())
     res["flow_timings"] = rec.get("timings", {})
-    n_tiles = state["tiling"]["n_tiles"]
+    n_tiles = state.tiling.n_tiles
     res["n_tiles"] = n_tiles
     res["fit_tiles"] = rec["heads"]["fit_tiles"]
-    res["km2"] = km2(state["out_grid"])
-    res["out_grid"] = f'{state["out_grid"]["height"]}x{state["out_grid"]["width"]}'
+    res["km2"] = km2(state.out_grid.record())
+    res["out_grid"] = f"{state.out_grid.height}x{state.out_grid.width}"
 
     # 2) stage by stage, no Prefect; the model cache is cleared so fit_heads builds the model as in the flow
     resources.clear()
@@ -167,11 +168,11 @@ def bench_demo(tmp: Path, reps: int) -> dict[str, Any]:
     res["infer_reps_s"] = infer_reps
 
     # 3) backbone alone: the same tile windows, read and preprocessed up front (not timed), same batch size
-    state2 = json.loads((rd / "state.json").read_text())
-    extractor, _spec = pl._extractor(cfg, state2)
-    tiles = list(pl._tiles(state2))
+    state2 = load_plan(rd)
+    extractor, _spec = resources.extractor(cfg, state2)
+    tiles = list(state2.tile_grid())
     bs = cfg.backbone.batch_size
-    with WindowReader(pl._infos(state2)[0]) as r:
+    with WindowReader(state2.infos()[0]) as r:
         reads = [r.read(tl.box) for tl in tiles]
     batches = []
     for k in range(0, len(reads), bs):
@@ -341,19 +342,18 @@ def synthetic_config(raster: Path, aoi: Path, out: Path, arch: str, batch: int) 
     }
 
 
-def baseline_batches(cfg: Any, state: dict[str, Any], n: int) -> tuple[Any, list[Any], int]:
+def baseline_batches(cfg: Any, state: Any, n: int) -> tuple[Any, list[Any], int]:
     """``(extractor, batches, n_tiles)``: ``n`` of the run's tiles spread over it, read and preprocessed up
     front into the run's batch size, for the backbone-alone baseline."""
     import numpy as np
     import torch
 
     from geo_dino.inputs.sources import WindowReader
-    from geo_dino.run import stages as pl
 
-    extractor, _ = pl._extractor(cfg, state)
-    tiles = list(pl._tiles(state))
+    extractor, _ = resources.extractor(cfg, state)
+    tiles = list(state.tile_grid())
     idx = np.linspace(0, len(tiles) - 1, min(n, len(tiles))).round().astype(int)
-    with WindowReader(pl._infos(state)[0]) as r:
+    with WindowReader(state.infos()[0]) as r:
         reads = [r.read(tiles[i].box) for i in idx]
     bs = cfg.backbone.batch_size
     xs = [torch.from_numpy(extractor.pre(np.stack([d for d, _ in reads[k:k + bs]]),
@@ -391,7 +391,7 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     # stage times), so that the baseline and the pipeline share the machine's state over the same minutes
     from geo_dino.models.backbone import dense_features
 
-    extractor0, xs0, n0 = baseline_batches(cfg, json.loads((rd / "state.json").read_text()), 16)
+    extractor0, xs0, n0 = baseline_batches(cfg, load_plan(rd), 16)
     every = max(1, plan["n_chunks"] // 12)
     interleaved = {"tiles": 0, "seconds": 0.0, "passes": 0}
 
@@ -419,10 +419,10 @@ def child_synthetic(cfg_json: str) -> dict[str, Any]:
     stage("finalize", pl.finalize_outputs, rd)
     stage("complete", pl.complete_run, rd)
     total = time.perf_counter() - t_all - interleaved["seconds"]
-    state = json.loads((rd / "state.json").read_text())
+    state = load_plan(rd)
     peak = peak_rss_mib()
-    out = {"screen": screen, "n_tiles": state["tiling"]["n_tiles"], "km2": km2(state["out_grid"]),
-           "out_grid": f'{state["out_grid"]["height"]}x{state["out_grid"]["width"]}', "stages": st,
+    out = {"screen": screen, "n_tiles": state.tiling.n_tiles, "km2": km2(state.out_grid.record()),
+           "out_grid": f"{state.out_grid.height}x{state.out_grid.width}", "stages": st,
            "rss_after_stage": rss, "total_s": total, "peak_rss_mib": peak,
            "accumulator_bytes_apparent": acc_sizes[0], "accumulator_bytes_on_disk": acc_sizes[1]}
 
