@@ -384,7 +384,7 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_config):
 
 
 def test_a_checkpoint_replaced_after_planning_is_refused(tiny_config, tmp_path):
-    """The plan pins the weights' sha256; a task that finds other bytes at the checkpoint path refuses them."""
+    """The plan pins the weights' sha256: a task that finds other bytes at that path refuses them."""
     import shutil
 
     from safetensors import safe_open
