@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from geo_dino.errors import ConfigError
 from geo_dino.models.spectral_input import SpectralInput
@@ -44,7 +44,7 @@ class _ResidualUnit(nn.Module):
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
 
 
@@ -102,11 +102,12 @@ class DPTHead(SpectralInput):
                "n_layers": self.n_layers, "hidden": self.hidden}
         return cfg | ({"spectral": self.spectral} if self.spectral else {})
 
-    def linear_spectral(self) -> tuple[Any, Any]:
+    def linear_spectral(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) of the linear path from the standardised bands to the logits."""
         return self.skip.weight, self.skip.bias
 
-    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
+    def forward(self, features: Tensor, out_size: tuple[int, int] | None = None,
+                spectral: Tensor | None = None) -> Tensor:
         """Logits of ``features (B, L·C, h, w)``: at 4× (or the finest hooked scale of) the patch grid, or
         bilinearly resized to ``out_size`` ``(rows, cols)`` when given."""
         if features.ndim != 4 or features.shape[1] != self.in_channels:
@@ -122,7 +123,12 @@ class DPTHead(SpectralInput):
             fused = self.units_out[i](up + self.units_in[i](maps[i]))
         size = tuple(out_size) if out_size is not None else (int(h * self.scales[0]), int(w * self.scales[0]))
         if self.spectral:
-            size = tuple(out_size) if out_size is not None else tuple(spectral.shape[-2:])
+            if out_size is not None:
+                size = tuple(out_size)
+            elif spectral is not None:
+                size = tuple(spectral.shape[-2:])
+            else:
+                raise ConfigError(f"this head takes {self.spectral} spectral channels per pixel; none given")
             hid = nn.functional.interpolate(self.out[0](fused), size=size, mode="bilinear",
                                             align_corners=False)
             s = self._spectral(spectral, (int(size[0]), int(size[1])))

@@ -39,13 +39,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from geo_dino.errors import CheckpointError, ConfigError
 from geo_dino.models.spectral_input import SpectralInput
+
+if TYPE_CHECKING:
+    from geo_dino.inputs.labels import ClassTable
+    from geo_dino.models.backbone import CheckpointSpec
 
 __all__ = ["HEAD_FORMAT", "LinearHead", "MLPHead", "build_head", "head_inputs", "input_channels", "load_head",
            "predict_values", "save_head", "siamese_features", "spectral_input", "tile_features"]
@@ -55,7 +60,7 @@ _META_KEYS = ("format", "head", "inputs", "class_table", "backbone", "preprocess
               "n_classes")
 
 
-def _out_size(features: Any, out_size: tuple[int, int] | None, spectral: Any) -> tuple[int, int]:
+def _out_size(features: Tensor, out_size: tuple[int, int] | None, spectral: Tensor | None) -> tuple[int, int]:
     if out_size is not None:
         return (int(out_size[0]), int(out_size[1]))
     if spectral is not None:
@@ -63,7 +68,7 @@ def _out_size(features: Any, out_size: tuple[int, int] | None, spectral: Any) ->
     return (int(features.shape[-2]), int(features.shape[-1]))
 
 
-def _up(x: Any, size: tuple[int, int]) -> Any:
+def _up(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -103,7 +108,8 @@ class LinearHead(SpectralInput):
         cfg: dict[str, Any] = {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes}
         return cfg | ({"spectral": self.spectral} if self.spectral else {})
 
-    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
+    def forward(self, features: Tensor, out_size: tuple[int, int] | None = None,
+                spectral: Tensor | None = None) -> Tensor:
         """Logits ``(B, K, h, w)`` of features ``(B, C, h, w)``; bilinearly upsampled to ``out_size``
         ``(rows, cols)`` when given, plus the spectral part ``(B, S, H, W)`` for a spectral head."""
         if features.ndim != 4 or features.shape[1] != self.embed_dim:
@@ -115,7 +121,7 @@ class LinearHead(SpectralInput):
             logits = logits + self.conv_spectral(self._spectral(spectral, size))
         return logits
 
-    def linear_spectral(self) -> tuple[Any, Any]:
+    def linear_spectral(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) of the linear path from the standardised bands to the logits."""
         return self.conv_spectral.weight, self.conv.bias
 
@@ -157,7 +163,8 @@ class MLPHead(SpectralInput):
         return {"type": self.kind, "embed_dim": self.embed_dim, "n_classes": self.n_classes,
                 "spectral": self.spectral, "hidden": self.hidden}
 
-    def forward(self, features: Any, out_size: tuple[int, int] | None = None, spectral: Any = None) -> Any:
+    def forward(self, features: Tensor, out_size: tuple[int, int] | None = None,
+                spectral: Tensor | None = None) -> Tensor:
         """Logits ``(B, K, H, W)``; ``H, W``: ``out_size``, else the spectral input's, else the patch grid."""
         if features.ndim != 4 or features.shape[1] != self.embed_dim:
             raise ConfigError(f"features {tuple(features.shape)} are not (B, {self.embed_dim}, h, w)")
@@ -168,7 +175,7 @@ class MLPHead(SpectralInput):
         s = self._spectral(spectral, size)
         return self.mlp(h + self.proj_spectral(s)) + self.skip(s)
 
-    def linear_spectral(self) -> tuple[Any, Any]:
+    def linear_spectral(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) of the linear path from the standardised bands to the logits."""
         return self.skip.weight, self.skip.bias
 
@@ -176,7 +183,7 @@ class MLPHead(SpectralInput):
 HEAD_TYPES = ("linear", "mlp", "dpt")
 
 
-def build_head(config: Mapping[str, Any]) -> Any:
+def build_head(config: Mapping[str, Any]) -> SpectralInput:
     """A fresh head from its :meth:`config` (``type`` ``linear`` or ``dpt`` and its sizes)."""
     from geo_dino.models.dpt_head import DPTHead
 
@@ -196,8 +203,8 @@ def build_head(config: Mapping[str, Any]) -> Any:
     raise ConfigError(f"head type {kind!r}: choose one of {list(HEAD_TYPES)}")
 
 
-def predict_values(head: Any, features: Any, out_size: tuple[int, int], values: Sequence[int],
-                   batch_size: int = 64, spectral: Any = None) -> np.ndarray:
+def predict_values(head: SpectralInput, features: Tensor, out_size: tuple[int, int], values: Sequence[int],
+                   batch_size: int = 64, spectral: Tensor | None = None) -> np.ndarray:
     """Class values ``uint8 (N, rows, cols)`` (the arg-max logit's ``values[k]``) of features
     ``(N, C, h, w)`` (and, for a spectral head, the pixels' bands ``(N, S, rows, cols)``)."""
     lut = np.asarray(values, dtype=np.uint8)
@@ -210,7 +217,8 @@ def predict_values(head: Any, features: Any, out_size: tuple[int, int], values: 
     return lut[np.concatenate(out)] if out else np.zeros((0, *out_size), np.uint8)
 
 
-def call_head(head: Any, features: Any, out_size: tuple[int, int], spectral: Any) -> Any:
+def call_head(head: SpectralInput, features: Tensor, out_size: tuple[int, int],
+              spectral: Tensor | None) -> Tensor:
     """``head(features, out_size)``, with the spectral input for a spectral head (refused for another)."""
     if getattr(head, "spectral", 0):
         return head(features, out_size, spectral=spectral)
@@ -219,7 +227,7 @@ def call_head(head: Any, features: Any, out_size: tuple[int, int], spectral: Any
     return head(features, out_size)
 
 
-def spectral_input(x1: Any, x2: Any = None) -> Any:
+def spectral_input(x1: Tensor | np.ndarray, x2: Tensor | np.ndarray | None = None) -> Tensor:
     """A head's per-pixel spectral input from raw band values ``(N, S, H, W)``: one date as it is, or two
     dates as ``[x1, x2, |x2 - x1|]`` (3S channels), float32."""
     a = torch.as_tensor(np.asarray(x1, dtype=np.float32)) if not torch.is_tensor(x1) else x1.float()
@@ -231,7 +239,8 @@ def spectral_input(x1: Any, x2: Any = None) -> Any:
     return torch.cat([a, b, (b - a).abs()], dim=1)
 
 
-def tile_features(model: Any, spec: Any, tiles_pixels: Any, batch_size: int = 32) -> Any:
+def tile_features(model: torch.nn.Module, spec: CheckpointSpec, tiles_pixels: Tensor | np.ndarray,
+                  batch_size: int = 32) -> Tensor:
     """Dense patch features ``float32 (N, C, H/p, W/p)`` of pixel tiles ``(N, bands, H, W)`` scaled to [0, 1].
 
     Pixels are normalised with ``spec.mean`` / ``spec.std`` (a
@@ -268,7 +277,7 @@ def tile_features(model: Any, spec: Any, tiles_pixels: Any, batch_size: int = 32
 SIAMESE_MODES = ("diff", "concat", "concat+diff")
 
 
-def siamese_features(f1: Any, f2: Any, mode: str = "concat+diff") -> Any:
+def siamese_features(f1: Tensor, f2: Tensor, mode: str = "concat+diff") -> Tensor:
     """Change-detection input from two dates' patch features ``(N, C, h, w)`` of the same backbone and grid:
     ``diff`` = ``|f1 − f2|`` (C channels), ``concat`` = ``[f1, f2]`` (2C), ``concat+diff`` =
     ``[f1, f2, |f1 − f2|]`` (3C). A :class:`LinearHead` on it gives change logits (classes from the change
@@ -286,7 +295,7 @@ def siamese_features(f1: Any, f2: Any, mode: str = "concat+diff") -> Any:
     return torch.cat([f1, f2, diff], dim=1)
 
 
-def combine_dates(f1: Any, f2: Any, mode: str, n_layers: int) -> Any:
+def combine_dates(f1: Tensor, f2: Tensor, mode: str, n_layers: int) -> Tensor:
     """Two dates' features ``(N, L·C, h, w)`` → the change head's input, :func:`siamese_features` per
     layer."""
     import torch
@@ -343,8 +352,8 @@ def input_channels(embed_dim: int, inputs: Mapping[str, Any]) -> int:
     return int(embed_dim) * max(len(inputs.get("layers") or ()), 1) * factor
 
 
-def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, preprocessing: Any,
-              metrics: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None = None,
+def save_head(path: str | Path, head: SpectralInput, table: ClassTable, *, backbone_spec: Any,
+              preprocessing: Any, metrics: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None = None,
               lineage: Mapping[str, Any] | None = None) -> Path:
     """Write a head's weights and metadata to a ``.safetensors`` file (atomically) and return its path.
 
@@ -389,7 +398,7 @@ def save_head(path: str | Path, head: Any, table: Any, *, backbone_spec: Any, pr
     return atomic_write(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def load_head(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+def load_head(path: str | Path) -> tuple[SpectralInput, ClassTable, dict[str, Any]]:
     """``(head in eval mode, ClassTable, metadata)`` of a :func:`save_head` file. Never executes code.
 
     Raises :class:`~geo_dino.errors.CheckpointError` for a missing file, a file that is not safetensors,

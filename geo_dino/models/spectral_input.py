@@ -1,5 +1,6 @@
-"""The per-pixel spectral part every supervised head shares (:mod:`geo_dino.models.seg_heads`,
-:mod:`geo_dino.models.dpt_head`): band values standardised by buffers saved with the head's weights."""
+"""The base of every supervised head (:mod:`geo_dino.models.seg_heads`, :mod:`geo_dino.models.dpt_head`): what
+a head declares (kind, sizes, config) and its per-pixel spectral part, band values standardised by buffers
+saved with the head's weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from geo_dino.errors import ConfigError
 
@@ -15,9 +17,20 @@ class SpectralInput(torch.nn.Module):
     """The per-pixel spectral part of a head: ``spectral`` band values standardised by buffers
     (``spec_mean``, ``spec_std``, set from the training pixels by :meth:`set_spectral_stats`)."""
 
+    kind: str  # "linear", "mlp" or "dpt" (the ``type`` of its config)
+    embed_dim: int
+    n_classes: int
     spectral: int = 0
-    spec_mean: Any  # buffers (spectral heads only)
-    spec_std: Any
+    spec_mean: Tensor  # buffers (spectral heads only)
+    spec_std: Tensor
+
+    def config(self) -> dict[str, Any]:
+        """What :func:`~geo_dino.models.seg_heads.build_head` needs to make this head again."""
+        raise NotImplementedError
+
+    def linear_spectral(self) -> tuple[Tensor, Tensor | None]:
+        """The (weight, bias) of the linear path from the standardised bands to the logits."""
+        raise NotImplementedError
 
     def _init_spectral(self, spectral: int) -> None:
         if spectral < 0:
@@ -36,7 +49,7 @@ class SpectralInput(torch.nn.Module):
         self.spec_mean.copy_(m)
         self.spec_std.copy_(s)
 
-    def _spectral(self, spectral: Any, size: tuple[int, int]) -> Any:
+    def _spectral(self, spectral: Tensor | None, size: tuple[int, int]) -> Tensor:
         """Standardised spectral input ``(B, S, H, W)`` (checked against the head's ``S`` and ``size``)."""
         if spectral is None:
             raise ConfigError(f"this head takes {self.spectral} spectral channels per pixel; none were given")

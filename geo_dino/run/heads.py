@@ -36,7 +36,7 @@ class HeadPlan(BaseModel):
     siamese: str | None
     values: tuple[int, ...]
     names: tuple[str, ...]
-    colours: tuple[tuple[int, int, int], ...]
+    colours: tuple[tuple[int, int, int], ...]  # RGB per class
     positive_index: int | None
     spectral: int
 
@@ -104,7 +104,7 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None, *,
     positive = inputs.get("positive_class")
     plan = HeadPlan(path=str(hc.path), task=inputs["task"], layers=tuple(inputs.get("layers") or ()),
                     siamese=inputs.get("siamese"), values=tuple(values), names=tuple(table.names),
-                    colours=tuple(tuple(c.colour) for c in table.classes),
+                    colours=tuple((c.colour[0], c.colour[1], c.colour[2]) for c in table.classes),
                     positive_index=values.index(positive) if positive is not None else None,
                     spectral=int(getattr(head, "spectral", 0)))
     record = {"path": str(hc.path), "sha256": digest, "format": meta["format"], "config": meta["head"],

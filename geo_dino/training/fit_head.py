@@ -12,18 +12,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from geo_dino.errors import ConfigError
 from geo_dino.evaluation.metrics import confusion_matrix, segmentation_metrics, values_to_indices
 from geo_dino.inputs.labels import IGNORE
 from geo_dino.models.seg_heads import LinearHead, call_head, predict_values
+from geo_dino.models.spectral_input import SpectralInput
+
+if TYPE_CHECKING:
+    from geo_dino.inputs.labels import ClassTable
+
+Array = Tensor | np.ndarray  # a tensor, or an array turned into one
 
 
-def init_from_logistic(head: Any, spectral: Any, labels: Any, table: Any, *, max_pixels: int = 60_000,
+def init_from_logistic(head: SpectralInput, spectral: Array, labels: Array, table: ClassTable, *,
+                       max_pixels: int = 60_000,
                        seed: int = 0) -> dict[str, Any]:
     """Start a spectral head as the per-pixel logistic regression on its (standardised) bands.
 
@@ -62,6 +70,8 @@ def init_from_logistic(head: Any, spectral: Any, labels: Any, table: Any, *, max
         for row, c in enumerate(clf.classes_):
             w[int(c)], b[int(c)] = clf.coef_[row], clf.intercept_[row]
     weight, bias = head.linear_spectral()
+    if bias is None:  # every head's spectral path has a bias; a new head type must too
+        raise ConfigError(f"{type(head).__name__}: its linear spectral path has no bias to start from")
     with torch.no_grad():
         weight.copy_(torch.as_tensor(w, dtype=weight.dtype).view_as(weight))
         bias.copy_(torch.as_tensor(b, dtype=bias.dtype))
@@ -69,7 +79,7 @@ def init_from_logistic(head: Any, spectral: Any, labels: Any, table: Any, *, max
             "classes": [int(c) for c in present]}
 
 
-def spectral_stats(spectral: Any, labels: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+def spectral_stats(spectral: Array, labels: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of spectral input ``(N, S, H, W)`` over its pixels (those
     with a label when ``labels`` ``(N, H, W)`` is given)."""
     x = spectral.numpy() if torch.is_tensor(spectral) else np.asarray(spectral, np.float32)
@@ -89,17 +99,17 @@ class TrainResult:
     """The best head (by validation mIoU), its 0-based ``best_epoch``, one ``history`` entry per epoch run
     (``epoch``, ``train_loss``, ``val_miou``, ``lr``) and the ``metrics`` of the best head on validation."""
 
-    head: LinearHead
+    head: SpectralInput
     best_epoch: int
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
 
 
-def _as_tensor(a: Any, dtype: Any) -> Any:
+def _as_tensor(a: Array, dtype: torch.dtype) -> Tensor:
     return a.to(dtype) if torch.is_tensor(a) else torch.as_tensor(np.asarray(a)).to(dtype)
 
 
-def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table: Any) -> Any:
+def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table: ClassTable) -> Tensor | None:
     if class_weights is None:
         return None
     if isinstance(class_weights, Mapping):
@@ -116,7 +126,8 @@ def _weights(class_weights: Sequence[float] | Mapping[str, float] | None, table:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def evaluate_head(head: Any, features: Any, labels: Any, table: Any, spectral: Any = None) -> dict[str, Any]:
+def evaluate_head(head: SpectralInput, features: Tensor, labels: Array, table: ClassTable,
+                  spectral: Tensor | None = None) -> dict[str, Any]:
     """:func:`~geo_dino.evaluation.metrics.segmentation_metrics` of the head on features (and spectral input)
     and
     ``uint8`` label values."""
@@ -127,7 +138,8 @@ def evaluate_head(head: Any, features: Any, labels: Any, table: Any, spectral: A
     return segmentation_metrics(confusion_matrix(pred, target, len(table.values)), table.names)
 
 
-def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
+def train_linear_head(train_feats: Array, train_labels: Array, val_feats: Array, val_labels: Array,
+                      table: ClassTable, *,
                       class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
                       lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
                       seed: int = 0, eval_every: int | None = None) -> TrainResult:
@@ -140,11 +152,12 @@ def train_linear_head(train_feats: Any, train_labels: Any, val_feats: Any, val_l
                       batch_size=batch_size, patience=patience, seed=seed, eval_every=eval_every)
 
 
-def train_head(head: Any, train_feats: Any, train_labels: Any, val_feats: Any, val_labels: Any, table: Any, *,
+def train_head(head: SpectralInput, train_feats: Array, train_labels: Array, val_feats: Array,
+               val_labels: Array, table: ClassTable, *,
                class_weights: Sequence[float] | Mapping[str, float] | None = None, epochs: int = 50,
                lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16, patience: int = 5,
-               seed: int = 0, eval_every: int | None = None, train_spectral: Any = None,
-               val_spectral: Any = None) -> TrainResult:
+               seed: int = 0, eval_every: int | None = None, train_spectral: Array | None = None,
+               val_spectral: Array | None = None) -> TrainResult:
     """Fit ``head`` (a :class:`LinearHead`, :class:`MLPHead` or :class:`~geo_dino.models.dpt_head.DPTHead`) on
     frozen features (and, for a spectral head, ``*_spectral`` pixel bands ``(N, S, H, W)``) with early
     stopping on validation mIoU.
