@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geo_dino.errors import CheckpointError, ConfigError, LicenceError
 from geo_dino.files import sha256_file
@@ -18,6 +18,9 @@ from geo_dino.models.archs import (  # ARCHS re-exported: the registry lives in 
     DINOV3_LICENCE,
     ArchSpec,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -235,13 +238,12 @@ def fused(model: Any) -> Any:
     return view
 
 
-def dense_features(model: Any, x: Any) -> Any:
+def dense_features(model: Any, x: Tensor) -> Tensor:
     """Patch features ``(B, C, H/p, W/p)`` at the input's own size (a multiple of the patch size), after the
     final norm, with the CLS and register tokens dropped by their count (registers are never read as patches).
 
-    RoPE models (DINOv3) run through :class:`~geo_dino.models.fast_vit.FusedRopeViT` (bit-identical to timm,
-    faster);
-    others through timm's ``forward_intermediates``.
+    RoPE models (DINOv3) run through :class:`~geo_dino.models.fast_vit.FusedRopeViT` (bit-identical to
+    timm, faster); others through timm's ``forward_intermediates``.
     """
     import torch
 
@@ -265,12 +267,12 @@ class Features:
     norm; register tokens are never part of any of them.
     """
 
-    dense: Any
-    global_: Any
-    layers: dict[int, Any]
+    dense: Tensor
+    global_: Tensor
+    layers: dict[int, Tensor]
 
 
-def extract(model: Any, x: Any, layers: tuple[int, ...] = ()) -> Features:
+def extract(model: Any, x: Tensor, layers: tuple[int, ...] = ()) -> Features:
     """Dense, global and intermediate-layer features of ``x`` (a multiple of the patch size)."""
     import torch
 
@@ -285,7 +287,7 @@ def extract(model: Any, x: Any, layers: tuple[int, ...] = ()) -> Features:
     h, w = x.shape[-2] // p, x.shape[-1] // p
     npt = model.num_prefix_tokens
 
-    def grid(tokens: Any) -> Any:
+    def grid(tokens: Tensor) -> Tensor:
         return tokens[:, npt:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     with torch.inference_mode():
@@ -315,7 +317,7 @@ def weights_normalisation(meta: dict[str, str],
     return (_meta_floats(meta, "mean") or arch.mean, _meta_floats(meta, "std") or arch.std)
 
 
-def convert_file(src: Any, dst: Any, arch: str | None = None) -> dict[str, Any]:
+def convert_file(src: str | Path, dst: str | Path, arch: str | None = None) -> dict[str, Any]:
     """Convert any readable layout to a timm-layout ``.safetensors`` with its metadata (and ``dst.json``)."""
     import json
 

@@ -33,6 +33,7 @@ high percentile of the fit sample (values above go into the last bin), gathered 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -358,7 +359,7 @@ class ChangeModel:
     fusion: ChangeFusion
     layers: list[int] = field(default_factory=list)  # blocks of the feature change; [] = the last one
 
-    def save(self, path: Any) -> Any:
+    def save(self, path: str | Path) -> Path:
         """Write the fitted arrays and parameters atomically (temporary file, then rename)."""
         import json
 
@@ -372,7 +373,7 @@ class ChangeModel:
         return save_npz(path, arrays)
 
     @classmethod
-    def load(cls, path: Any) -> ChangeModel:
+    def load(cls, path: str | Path) -> ChangeModel:
         """Read a model written by :meth:`save`."""
         import json
 
