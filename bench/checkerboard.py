@@ -6,8 +6,7 @@ Runs the demo change job (the bundled Pucallpa 1985/2020 pair, the shipped ``vit
 times in a temporary folder: ``heads.change.method`` ``features`` and ``fused``, each with
 ``backbone.shift_average`` off and on. For each change score it prints the map's power at the patch period
 over its neighbouring frequencies (:func:`geo_dino.models.change.patch_period_power`; about 1 means no grid)
-and the
-inference time, and draws the four maps over one crop side by side (``--out``).
+and the inference time, and draws the four maps over one crop side by side (``--out``).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ Data: ``/work/shared/data`` (see its README and FILES.csv), or ``--data``. Every
   B4,B3,B2,B8).
 
 Each head is trained by the product's own stages (:func:`geo_dino.training.train_head.train_head_local`, the
-code
-behind ``geo-dino train-head``) with the shipped backbone ``vit_tiny_patch8_geo`` and a **geographic
+code behind ``geo-dino train-head``) with the shipped backbone ``vit_tiny_patch8_geo`` and a **geographic
 hold-out**: ``split.method: halves``, the eastern half of the labelled tiles is the test part, a one-tile
 buffer around it is dropped, early-stopping tiles are blocks of the western half. Heads: ``linear-features``
 (a linear head on the features alone, the old design), ``linear``, ``mlp`` and ``dpt`` (each on the features

@@ -3,8 +3,7 @@ Prediction"), sized for frozen DINO features.
 
 Input: the patch features of ``L`` backbone blocks (1 ≤ L ≤ 4, shallow to deep), concatenated along channels:
 ``(B, L·C, h, w)`` — the same tensor shape convention as :class:`~geo_dino.models.seg_heads.LinearHead`, so
-one
-training loop and one file format serve both. DPT's stages, scaled down:
+one training loop and one file format serve both. DPT's stages, scaled down:
 
 1. **Reassemble**: each layer goes through a 1×1 convolution to ``hidden`` channels and is resampled to its
    own scale of the patch grid — the deepest layer to ×½ (a stride-2 3×3 convolution), the next to ×1, then

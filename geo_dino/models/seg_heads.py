@@ -8,13 +8,11 @@ The head is linear, so upsampling its logits equals classifying bilinearly upsam
 
 Labels are ``uint8 (N, H, W)`` class *values* of a :class:`~geo_dino.inputs.labels.ClassTable`, with
 :data:`~geo_dino.inputs.labels.IGNORE` (255) skipped by the loss and the metrics. Logit channel ``k`` is the
-table's
-``k``-th class (``table.values[k]``), which need not be ``k``.
+table's ``k``-th class (``table.values[k]``), which need not be ``k``.
 
 Heads: :class:`LinearHead` (one 1×1 convolution), :class:`MLPHead` (a small per-pixel MLP of 1×1
 convolutions) and :class:`~geo_dino.models.dpt_head.DPTHead` (several backbone layers, DPT-style fusion). All
-take
-``(B, C_in, h, w)`` features and return logits: what ``C_in`` is made of (which layers, one date or two
+take ``(B, C_in, h, w)`` features and return logits: what ``C_in`` is made of (which layers, one date or two
 combined by :func:`siamese_features`) is the head's ``inputs`` record (:func:`head_inputs`). One training
 loop (:func:`train_head`) serves all three.
 

@@ -1,8 +1,7 @@
 """Search by example over a feature cube: "find more places like this polygon".
 
 :func:`similarity` takes a cube (:mod:`geo_dino.outputs.cube`) and an example polygon set with its CRS, and
-writes
-into the run folder:
+writes into the run folder:
 
 * ``<name>.tif`` — a float32 COG on the cube's grid (one pixel per cube cell) of the cosine similarity, in
   ``[-1, 1]``, of every cell's feature vector to the example's mean feature; NaN (the nodata value) where the

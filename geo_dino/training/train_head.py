@@ -3,11 +3,9 @@
     prepare_training → extract_training_features → fit_and_write_head
 
 * **Tiles and labels.** The first raster's grid is cut into non-overlapping ``tile_size`` tiles; labels (a
-  label raster or polygons, :mod:`geo_dino.inputs.labels`) are put on that grid, and a pixel that is nodata
-  on any
-  date is :data:`~geo_dino.inputs.labels.IGNORE`. Only tiles with at least one labelled pixel are used
-  (sparse labels
-  such as Taizhou's), at most ``max_tiles`` of them, evenly spaced.
+  label raster or polygons, :mod:`geo_dino.inputs.labels`) are put on that grid, and a pixel that is nodata on
+  any date is :data:`~geo_dino.inputs.labels.IGNORE`. Only tiles with at least one labelled pixel are used
+  (sparse labels such as Taizhou's), at most ``max_tiles`` of them, evenly spaced.
 * **Features.** Pixels are scaled exactly as a run scales them
   (:func:`geo_dino.inputs.preprocess.make_preprocessor`) and go through the frozen backbone
   (:class:`~geo_dino.run.inference.FeatureExtractor`, the same code a run uses). A change head sees both dates
