@@ -5,8 +5,7 @@ Needs only torch and timm. Variants, each timed after warm-up with CUDA events, 
   * timm DINOv3 ViT-L/16 eager (bf16 weights), and torch.compile'd
   * timm plain ViT-L/16 (no RoPE, no registers) eager and compiled: the ceiling RoPE costs us against
   * ours: geo_dino.models.fast_vit.FusedRopeViT (RoPE over the whole sequence with identity rows for the
-  prefix
-    tokens: no slice/cat, sin/cos tables cached per grid), bf16 weights, eager and torch.compile'd
+    prefix tokens: no slice/cat, sin/cos tables cached per grid), bf16 weights, eager and torch.compile'd
   * the pipeline's earlier path: dense_features under bf16 autocast
   * ViT-S/16 DINOv3 dense features at 224² and 512² tiles (what the spine runs per tile)
   * pinned host→device copy bandwidth

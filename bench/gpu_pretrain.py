@@ -6,8 +6,8 @@
 
 Variants, timed in the same process on the same synthetic crops (data loading is not part of the figure):
 ``eager`` (timm modules, geo_dino.training.dino losses, as ``geo_dino.training.pretrain`` runs them),
-``compiled``
-(``torch.compile`` of the student and teacher steps), ``compiled+fused`` (plus fused AdamW and a foreach EMA).
+``compiled`` (``torch.compile`` of the student and teacher steps), ``compiled+fused`` (plus fused AdamW and a
+foreach EMA).
 Each variant first checks its loss against the eager step on the same batch (bf16 tolerance).
 Goal: DINOv3 ViT-S/16 >= 2,000 images/s on one H200.
 """

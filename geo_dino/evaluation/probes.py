@@ -16,9 +16,8 @@ The data flow, top to bottom:
    patch 16).
 3. Features: :func:`model_features` normalises with the checkpoint's mean/std and takes the CLS token after
    the final norm (:func:`geo_dino.models.backbone.extract`), the mean of the patch tokens, or both
-   concatenated
-   (``pool`` = ``cls`` | ``mean`` | ``cls+mean``); :func:`pixel_features` is the raw-pixel baseline (pixels
-   standardised per band with the training images' mean/std, flattened).
+   concatenated (``pool`` = ``cls`` | ``mean`` | ``cls+mean``); :func:`pixel_features` is the raw-pixel
+   baseline (pixels standardised per band with the training images' mean/std, flattened).
 4. Classifiers: :func:`knn_scores` is ``knn_classifier`` of DINO's ``eval_knn.py`` (L2-normalised features,
    cosine similarity, top-k neighbours, votes weighted ``exp(sim / T)``), chunked over the test set so memory
    stays bounded; :func:`linear_probe` fits scikit-learn's L2 ``LogisticRegression`` on standardised features,

@@ -53,9 +53,8 @@ def check_pair(readers: list[Any], region: Any, *, side: int = DEFAULT_SIDE, war
                pixel_size_m: float | None = None) -> dict[str, Any]:
     """Shift of date 2 against date 1 in the central ``side``² window of ``region`` (a
     :class:`~geo_dino.inputs.grid.PixelBox`), on the mean of the selected bands, pixels valid on both dates
-    only
-    (invalid ones set to the mean). Returns a JSON-able record with ``warning`` set when the shift exceeds
-    ``warn_px`` pixels."""
+    only (invalid ones set to the mean). Returns a JSON-able record with ``warning`` set when the shift
+    exceeds ``warn_px`` pixels."""
     from geo_dino.inputs.grid import PixelBox
 
     s = min(side, region.height, region.width)

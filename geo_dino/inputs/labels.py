@@ -6,8 +6,7 @@ The nouns:
   RGB colour). ``IGNORE = 255`` marks unlabelled and nodata pixels; a loss skips it. The table travels with
   the head (:meth:`ClassTable.to_dict` / :meth:`ClassTable.from_dict`).
 * Label arrays are ``uint8 (row, col)`` on a :class:`~geo_dino.inputs.grid.Grid` — the raster's own grid, in
-the
-  raster's CRS. Labels are never resampled silently: a label raster on another grid is refused unless
+  the raster's CRS. Labels are never resampled silently: a label raster on another grid is refused unless
   ``reproject=True`` asks for a nearest-neighbour warp, which the returned record reports.
 
 Rules chosen here (each tested):

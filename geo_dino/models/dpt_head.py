@@ -14,9 +14,8 @@ one training loop and one file format serve both. DPT's stages, scaled down:
 3. **Predict**: a 3×3 convolution and ReLU, a 1×1 convolution to ``n_classes`` logits at the finest scale,
    bilinearly upsampled to the requested output size. With ``spectral`` bands per pixel
    (:class:`~geo_dino.models.spectral_input.SpectralInput`), the 3×3 convolution's output is upsampled to the
-   output
-   size first, the standardised bands are added through a 1×1 convolution, and the ReLU and the last 1×1
-   convolution run per pixel: the context from the features meets the spectrum at full resolution.
+   output size first, the standardised bands are added through a 1×1 convolution, and the ReLU and the last
+   1×1 convolution run per pixel: the context from the features meets the spectrum at full resolution.
 
 No batch normalisation (heads are trained on small label sets, often one chip): the result of a forward pass
 does not depend on what else is in the batch.

@@ -357,11 +357,10 @@ def save_head(path: str | Path, head: SpectralInput, table: ClassTable, *, backb
 
     ``head``: a :class:`LinearHead` or :class:`~geo_dino.models.dpt_head.DPTHead`; ``backbone_spec``: the
     :class:`~geo_dino.models.backbone.CheckpointSpec` the features came from; ``preprocessing``: a
-    :class:`~geo_dino.inputs.preprocess.Preprocessor` or a JSON-able dict (the pixels' scaling and mean/std:
-    a run
-    with this head uses them); ``metrics``: e.g. :attr:`TrainResult.metrics`; ``inputs``: :func:`head_inputs`
-    (default: one date, the last block); ``lineage``: JSON-able training record (labels and their sha256,
-    rasters, split, training settings).
+    :class:`~geo_dino.inputs.preprocess.Preprocessor` or a JSON-able dict (the pixels' scaling and mean/std: a
+    run with this head uses them); ``metrics``: e.g. :attr:`TrainResult.metrics`; ``inputs``:
+    :func:`head_inputs` (default: one date, the last block); ``lineage``: JSON-able training record (labels
+    and their sha256, rasters, split, training settings).
     """
     from safetensors.torch import save_file
 

@@ -24,8 +24,8 @@ On-disk layout (one Zarr group, ``<run>/<name>.zarr``):
   caller's ``attrs``. Metadata is consolidated on close.
 
 A cube cell is one backbone patch: :func:`patch_grid` makes the cube's :class:`~geo_dino.inputs.grid.Grid`
-from a
-pixel grid and the patch size. Rotated or sheared transforms are refused (x/y would not be 1-D coordinates).
+from a pixel grid and the patch size. Rotated or sheared transforms are refused (x/y would not be 1-D
+coordinates).
 """
 
 from __future__ import annotations

@@ -116,8 +116,7 @@ def plan_head(cfg: Any, n_dates: int, info: Any = None, *,
 def head_preprocessor(meta_pre: dict[str, Any], dtype: str, bands: tuple[int, ...],
                       stats: np.ndarray | None) -> Any:
     """The run's :class:`~geo_dino.inputs.preprocess.Preprocessor` from the head's recorded one: same scaling
-    kind
-    and mean/std; fixed bounds kept, percentile bounds measured on the run's raster (by
+    kind and mean/std; fixed bounds kept, percentile bounds measured on the run's raster (by
     ``make_preprocessor``)."""
     from geo_dino.config import PreprocessConfig
     from geo_dino.inputs.preprocess import Preprocessor, make_preprocessor

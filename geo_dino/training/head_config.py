@@ -81,10 +81,9 @@ class SplitConfig(ConfigModel):
     """Which tiles are held out for the test metrics, with a buffer of dropped tiles around them.
 
     ``blocks`` (:func:`geo_dino.inputs.labels.spatial_split`): random square blocks of tiles; ``halves``: one
-    half of
-    the labelled tiles, cut across ``axis`` (``east`` holds out the eastern half); ``box``: the tiles that
-    intersect ``test_box`` (minx, miny, maxx, maxy in the first raster's CRS). The early-stopping tiles are
-    then taken from the rest as blocks."""
+    half of the labelled tiles, cut across ``axis`` (``east`` holds out the eastern half); ``box``: the tiles
+    that intersect ``test_box`` (minx, miny, maxx, maxy in the first raster's CRS). The early-stopping tiles
+    are then taken from the rest as blocks."""
 
     method: Literal["blocks", "halves", "box"] = "blocks"
     axis: Literal["east", "west", "north", "south"] = "east"  # halves: the half held out

@@ -11,8 +11,7 @@
   (:class:`~geo_dino.run.inference.FeatureExtractor`, the same code a run uses). A change head sees both dates
   combined layer by layer by :func:`~geo_dino.models.seg_heads.siamese_features`.
 * **Split.** :func:`~geo_dino.inputs.labels.spatial_split` holds out whole blocks of tiles as the **test**
-part (the
-  reported metrics; training tiles touching it are dropped), then splits the rest again into fit and
+  part (the reported metrics; training tiles touching it are dropped), then splits the rest again into fit and
   early-stopping tiles. ``split.gpkg`` maps every tile's role.
 * **Outputs** in the run folder: ``head.safetensors`` (weights, class table, backbone identity, preprocessing,
   inputs, metrics, lineage), ``metrics.json`` (test and early-stopping metrics with confusion matrices, label
