@@ -9,6 +9,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from geo_dino.files import QGIS_PROJECT, RECORD
+
 app = typer.Typer(help="DINO-family backbones from an area of interest to screened, georeferenced outputs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -104,8 +106,8 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     for p in sorted(run_dir.glob("*")):
         if p.is_file():
             typer.echo(f"  {p.name}")
-    if (run_dir / "run.qgs").exists():
-        typer.echo(f"\nOpen in QGIS: Project > Open… {run_dir / 'run.qgs'} "
+    if (run_dir / QGIS_PROJECT).exists():
+        typer.echo(f"\nOpen in QGIS: Project > Open… {run_dir / QGIS_PROJECT} "
                    "(every output, grouped and styled).")
     typer.echo("Or add the .tif files as layers (each .qml style beside a raster is applied automatically). "
                "provenance.json is the run's record, stac_item.json its STAC Item, "
@@ -235,7 +237,7 @@ def resume(run_dir: Path) -> None:
     """Finish a run that was killed during inference, from its last chunk checkpoint."""
     from geo_dino.errors import GeoDinoError
 
-    if not (run_dir / "provenance.json").is_file():
+    if not (run_dir / RECORD).is_file():
         _fail(f"{run_dir} is not a run folder (no provenance.json)")
     from flows.run_aoi import resume_run
 

@@ -1,4 +1,4 @@
-"""Files: the one atomic-write helper, the sha256 of a file, and paths that cannot leave the run folder.
+"""Files: a run folder's file names, the one atomic-write helper, a file's sha256, and paths kept inside.
 
 Every file the package writes goes through :func:`atomic_write` (or its text/JSON/array forms): the bytes
 go to a hidden temporary file beside the target, then ``os.replace`` puts it in place, so a reader (a resumed
@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import OutputError
+
+# The names of the files in a run folder; no other module spells them (see geo_dino.run.folder).
+CONFIG = "config.resolved.json"
+PLAN = "plan.json"
+RECORD = "provenance.json"
+SCREENING = "screening.json"
+TILE_INDEX = "tiles.gpkg"
+QGIS_PROJECT = "run.qgs"
+WORK = "work"
+HEADS = "work/heads.npz"  # the label-free heads (PCA, k-means) fitted by fit_heads
+CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
+FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

@@ -53,3 +53,28 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     (pkg / "c.py").write_text("_hidden = 1\n")
     assert arch.cycles(arch.imports(pkg)) == [["pkg.a", "pkg.sub.b"]]
     assert arch.private_reach_ins(pkg) == ["pkg.sub.b imports pkg.c._hidden"]
+
+
+def test_run_folder_file_names_are_spelled_once():
+    """The run folder's file names live in geo_dino.files; any other module uses the constants (docstrings,
+    messages and f-strings aside), so renaming a file is a one-line change."""
+    import ast
+
+    from geo_dino import files
+
+    names = {files.CONFIG, files.PLAN, files.RECORD, files.SCREENING, files.TILE_INDEX, files.QGIS_PROJECT,
+             files.HEADS, files.CHANGE_MODEL, files.FEATURE_CACHE}
+    spelled = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "files.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        in_fstrings = {id(c) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for c in n.values}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+                    and id(node) not in in_fstrings):
+                spelled.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert spelled == []

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from geo_dino.files import sha256_file
+from geo_dino.files import RECORD, sha256_file
 
 SCHEMA = "geo_dino.provenance/1"
 
@@ -192,7 +192,7 @@ class ProvenanceRecord:
     @classmethod
     def create(cls, run_dir: Path, run_id: str, *, schema: str = SCHEMA) -> ProvenanceRecord:
         """A new record for the run in ``run_dir`` (not written until :meth:`write`)."""
-        return cls(Path(run_dir) / "provenance.json",
+        return cls(Path(run_dir) / RECORD,
                    {"schema": schema, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "run_id": run_id, "timings": {}})
 

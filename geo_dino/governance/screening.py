@@ -657,9 +657,9 @@ def write_decision(decision: Decision, run_dir: Path) -> Path:
     """Write ``run_dir/screening.json`` atomically (temporary file, fsync, ``os.replace``); return it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "screening.json"
-    text = json.dumps(decision.to_dict(), indent=2, sort_keys=True, allow_nan=False)
-    from geo_dino.files import write_text_atomic
+    from geo_dino.files import SCREENING, write_text_atomic
 
+    out = run_dir / SCREENING
+    text = json.dumps(decision.to_dict(), indent=2, sort_keys=True, allow_nan=False)
     write_text_atomic(out, text + "\n", fsync=True)
     return out

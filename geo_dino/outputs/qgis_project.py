@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import CRSMismatchError, OutputError
-from geo_dino.files import atomic_write, safe_output_path, write_text_atomic
+from geo_dino.files import QGIS_PROJECT, RECORD, SCREENING, atomic_write, safe_output_path, write_text_atomic
 from geo_dino.outputs import styles
 
-PROJECT = "run.qgs"
+PROJECT = QGIS_PROJECT
 CONTEXT = "context.gpkg"
 GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features", "Inputs")
 
@@ -272,8 +272,8 @@ def write_context(run_dir: Path, crs: Any) -> Path:
     from shapely.geometry import shape
 
     dst = safe_output_path(run_dir, CONTEXT)
-    record = json.loads((run_dir / "provenance.json").read_text())
-    screening = json.loads((run_dir / "screening.json").read_text())
+    record = json.loads((run_dir / RECORD).read_text())
+    screening = json.loads((run_dir / SCREENING).read_text())
     hits = {h.get("site_id"): h for h in screening.get("hits", [])}
     aoi = record.get("aoi") or {}
     feats = (screening.get("mask_4326") or {}).get("features", [])
@@ -320,7 +320,7 @@ def discover_layers(run_dir: Path) -> list[MapLayer]:
     import json
 
     run_dir = Path(run_dir)
-    record_path = run_dir / "provenance.json"
+    record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     names = {str(o["path"]).rstrip("/") for o in record.get("outputs", []) if o.get("path")}
     names |= {p.name for p in run_dir.iterdir() if p.suffix in _SUFFIXES and not p.name.startswith(".")}
@@ -432,9 +432,9 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
         if lay.crs != crs:
             raise CRSMismatchError(f"{lay.name} is in {lay.crs.to_string()}, {rasters[0].name} in "
                                    f"{crs.to_string()}; a run's outputs must share one CRS")
-    record_path = run_dir / "provenance.json"
+    record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if record and (run_dir / "screening.json").exists():  # AOI outline and masked sites
+    if record and (run_dir / SCREENING).exists():  # AOI outline and masked sites
         layers += _vector_layers(run_dir, write_context(run_dir, crs), "Screening")
     layers += _input_layers(run_dir, record)  # after the extent's rasters: an input may cover far more
     extent = (min(r.extent[0] for r in rasters), min(r.extent[1] for r in rasters),

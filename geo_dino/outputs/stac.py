@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import STACError
-from geo_dino.files import sha256_file, write_text_atomic
+from geo_dino.files import CONFIG, HEADS, QGIS_PROJECT, RECORD, TILE_INDEX, sha256_file, write_text_atomic
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
 #: where a run's Collection lives, relative to the output folder that holds the run folders
 COLLECTIONS_DIR = "collections"
-RECORD = "provenance.json"
 STAC_VERSION = "1.1.0"
 _CORE = f"https://schemas.stacspec.org/v{STAC_VERSION}"
 PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
@@ -59,10 +58,9 @@ SCHEMA_FILES: dict[str, str] = {
 }
 #: Files in a run folder that become assets when present: name -> (key, media type, roles).
 _SIDECARS = {RECORD: ("provenance", "application/json", ["metadata"]),
-             "config.resolved.json": ("config", "application/json", ["metadata"]),
-             "run.qgs": ("qgis_project", "application/x-qgis", ["metadata", "visual"]),
-             "tiles.gpkg": ("tiles", "application/geopackage+sqlite3", ["metadata"])}
-_HEADS = "work/heads.npz"
+             CONFIG: ("config", "application/json", ["metadata"]),
+             QGIS_PROJECT: ("qgis_project", "application/x-qgis", ["metadata", "visual"]),
+             TILE_INDEX: ("tiles", "application/geopackage+sqlite3", ["metadata"])}
 
 
 def _file_fields(path: Path, sha256: str | None = None) -> dict[str, Any]:
@@ -236,10 +234,10 @@ def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
     for p in sorted(run_dir.glob("*.zarr")):
         assets[p.stem] = pystac.Asset(p.name, media_type="application/vnd+zarr", roles=["data"])
     mlm = _mlm(rec)
-    heads = run_dir / _HEADS
+    heads = run_dir / HEADS
     if heads.is_file():  # the run's own fitted model: MLM requires one asset with the mlm:model role
         names = [{"name": b} for b in mlm["mlm:input"][0]["bands"]]  # and that asset its artifact type
-        assets["heads"] = pystac.Asset(_HEADS, title="fitted heads (PCA, k-means)", roles=["mlm:model"],
+        assets["heads"] = pystac.Asset(HEADS, title="fitted heads (PCA, k-means)", roles=["mlm:model"],
                                        media_type="application/octet-stream",
                                        extra_fields={**_file_fields(heads), "raster:bands": names,
                                                      "mlm:artifact_type": "numpy.savez"})
@@ -361,7 +359,7 @@ def collection_key(run_dir: Path | str, record: dict[str, Any] | None = None) ->
         rec = record if record is not None else json.loads((run_dir / RECORD).read_text())
         key = (rec.get("prefect") or {}).get("deployment")
         if not key:
-            key = json.loads((run_dir / "config.resolved.json").read_text())["name"]
+            key = json.loads((run_dir / CONFIG).read_text())["name"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise STACError(f"{run_dir}: cannot tell the run's Collection (no readable record and config): "
                         f"{exc}") from exc

@@ -1,9 +1,10 @@
 """The run folder: the names of its files, its record, and the config and plan every task reads.
 
 A run folder holds everything one run makes; stages hand each other its path and nothing else. This module
-owns the file names (no other module spells them), reads the resolved config and the typed plan, and reads
-and updates the provenance record through :class:`~geo_dino.governance.provenance.ProvenanceRecord`. Every
-write is atomic (:mod:`geo_dino.files`).
+re-exports the file names (defined in :mod:`geo_dino.files`, the shared bottom, so that screening and the
+output writers below the run layer use the same names), reads the resolved config and the typed plan, and
+reads and updates the provenance record through :class:`~geo_dino.governance.provenance.ProvenanceRecord`.
+Every write is atomic (:mod:`geo_dino.files`).
 
     <run>/config.resolved.json   the config as resolved (sha256 in the record)
     <run>/plan.json              the typed plan (:class:`~geo_dino.run.plan.RunPlan`), written by plan_run
@@ -23,20 +24,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from geo_dino.errors import RunRefused
+from geo_dino.files import (  # noqa: F401  (the names are re-exported here)
+    CHANGE_MODEL,
+    CONFIG,
+    FEATURE_CACHE,
+    HEADS,
+    PLAN,
+    QGIS_PROJECT,
+    RECORD,
+    SCREENING,
+    TILE_INDEX,
+    WORK,
+)
 
 if TYPE_CHECKING:
     from geo_dino.config import RunConfig
     from geo_dino.run.plan import RunPlan
 
-CONFIG = "config.resolved.json"
-PLAN = "plan.json"
-RECORD = "provenance.json"
-SCREENING = "screening.json"
-TILE_INDEX = "tiles.gpkg"
-WORK = "work"
-HEADS = "work/heads.npz"  # the label-free heads (PCA, k-means) fitted by fit_heads
-CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
-FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
 
 
 def carry_path(run_dir: Path, chunk: int) -> Path:
