@@ -14,7 +14,8 @@ from typing import Any, TypedDict
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from geo_dino.config import RunConfig, load_config, parse_config
+from geo_dino.config import ExecutionConfig, RunConfig, load_config, parse_config
+from geo_dino.run import engine
 from geo_dino.run import stages as pl
 
 
@@ -53,9 +54,28 @@ def fit(run_dir: str) -> dict[str, Any]:
 
 
 @task(name="infer-chunk", **_TASK)
-def infer(run_dir: str, chunk: int) -> dict[str, Any]:
-    """Run chunk number ``chunk`` of tile rows and write the rows that became final."""
-    return pl.infer_chunk(Path(run_dir), chunk)
+def infer(run_dir: str, chunk: int, threads: int | None = None) -> dict[str, Any]:
+    """Run chunk number ``chunk`` of tile rows (independent of the others) and write its rows; on a Dask
+    worker, with ``threads`` torch threads."""
+    if threads is None:
+        return pl.infer_chunk(Path(run_dir), chunk)
+    return engine.chunk_task(run_dir, chunk, threads)
+
+
+@flow(name="infer-chunks", log_prints=True)
+def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any]) -> dict[str, Any]:
+    """The chunk tasks on the Dask cluster of this flow's task runner (prefect-dask); the engine's record."""
+    from distributed import get_client
+    from prefect.futures import as_completed
+
+    log = get_run_logger()
+    ex = ExecutionConfig.model_validate(execution)
+    futures = [infer.submit(run_dir, c, ex.threads_per_worker) for c in chunks]
+    for n, fut in enumerate(as_completed(futures), 1):
+        r = fut.result()
+        log.info("chunk %d done on %s: %d tiles in %.1fs (%d/%d chunks)", r["chunk"], r["worker"],
+                 r["tiles"], r["seconds"], n, len(chunks))
+    return engine.cluster_record(get_client(), ex)
 
 
 @task(name="write-outputs", **_TASK)
@@ -88,12 +108,7 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
     log.info("%d tiles in %d chunks over region %s", p["n_tiles"], p["n_chunks"], p["region"])
     fit(run_dir)
     t_inf = time.perf_counter()
-    n = 0
-    for c in range(p["n_chunks"]):
-        r = infer(run_dir, c)
-        n += r["tiles"]
-        log.info("chunk %d/%d: %d tiles in %.1fs (%d/%d done)", c + 1, p["n_chunks"], r["tiles"],
-                 r["seconds"], n, p["n_tiles"])
+    run_chunks(run_dir, cfg.execution, cfg.backbone.device)
     t_out = time.perf_counter()
     outputs = finalize(run_dir)
     pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3),
@@ -102,16 +117,44 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
     return run_dir
 
 
-@task(name="resume-chunks-and-outputs", **_TASK)
-def resume(run_dir: str) -> str:
-    """Run the chunks a killed run still has to do, then its outputs; return the run folder's path."""
-    return str(pl.resume_run(Path(run_dir)))
+def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
+    """The chunks that have no result yet: one task after another (serial), or on a Dask cluster through
+    the prefect-dask task runner; then the engine and the chunks' timings in the record."""
+    log = get_run_logger()
+    todo = pl.missing_chunks(Path(run_dir))
+    t0 = time.perf_counter()
+    if execution.engine == "serial":
+        n = 0
+        for k, c in enumerate(todo, 1):
+            r = infer(run_dir, c)
+            n += r["tiles"]
+            log.info("chunk %d/%d: %d tiles in %.1fs (%d tiles done)", k, len(todo), r["tiles"],
+                     r["seconds"], n)
+        rec: dict[str, Any] = {"engine": "serial", "n_workers": 1, "workers": [{"address": "local"}]}
+    else:
+        runner = engine.task_runner(execution, device)
+        log.info("%d chunks on a Dask cluster (%s)", len(todo), execution.address or "local, started now")
+        rec = infer_on_cluster.with_options(task_runner=runner)(run_dir, todo, execution.model_dump())
+    pl.record_execution(Path(run_dir), rec, todo, time.perf_counter() - t0)
 
 
 @flow(name="resume_run", log_prints=True)
-def resume_run(run_dir: str) -> str:
-    """Finish a run killed during inference: the chunks after its last checkpoint, then the outputs."""
+def resume_run(run_dir: str, execution: dict[str, Any] | None = None) -> str:
+    """Finish a run that was killed after its outputs were planned: the chunks that have no result (on the
+    run's engine, or on ``execution``), then the outputs."""
     log = get_run_logger()
-    start = pl.next_chunk(Path(run_dir))
-    log.info("resuming %s from chunk %d", run_dir, start)
-    return resume(run_dir)
+    path = Path(run_dir)
+    if pl.folder.read_record(path).get("status") == "succeeded":
+        return run_dir
+    if not (path / pl.folder.PLAN).exists() or not (path / pl.folder.INTERMEDIATES).exists():
+        raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
+    cfg = pl.load_config(path)
+    ex = ExecutionConfig.model_validate(execution) if execution is not None else cfg.execution
+    todo = pl.missing_chunks(path)
+    log.info("resuming %s: %d chunks to compute", run_dir, len(todo))
+    t0 = time.perf_counter()
+    run_chunks(run_dir, ex, cfg.backbone.device)
+    finalize(run_dir)
+    pl.update_record(path, resumed={"chunks_missing": todo, "engine": ex.engine})
+    pl.complete_run(path, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
+    return run_dir

@@ -185,6 +185,30 @@ class HeadsConfig(ConfigModel):
     cube: bool = False
 
 
+class ExecutionConfig(ConfigModel):
+    """Where a run's chunk tasks run (:mod:`geo_dino.run.engine`); the outputs are the same on every engine.
+
+    ``serial``: one after another in the run's own process. ``dask``: on a Dask cluster, ``workers`` worker
+    processes of a LocalCluster started for the run (``0``: one per CPU core, or one per visible GPU), or the
+    existing cluster whose scheduler is at ``address`` (``tcp://host:port``; it must see the run folder at the
+    same path). ``threads_per_worker``: torch threads per worker process on CPU.
+    """
+
+    engine: Literal["serial", "dask"] = "serial"
+    workers: Annotated[int, Field(ge=0, le=1024)] = 0
+    address: Annotated[str | None, Field(pattern=r"^(tcp|tls|inproc|ucx)://[^\s]+$")] = None
+    threads_per_worker: Annotated[int, Field(ge=1, le=256)] = 1
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> ExecutionConfig:
+        if self.address is not None and self.engine != "dask":
+            raise ValueError("execution.address joins a Dask cluster: set execution.engine: dask")
+        if self.address is not None and self.workers:
+            raise ValueError("execution.workers starts a local cluster; with execution.address the "
+                             "cluster's own workers run the chunks (leave workers at 0)")
+        return self
+
+
 class RunConfig(TopLevelConfig):
     """One run: the AOI, one raster or two dates, the output folder and the settings of every stage."""
 
@@ -199,6 +223,7 @@ class RunConfig(TopLevelConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @field_validator("rasters")
     @classmethod

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ WORK = "work"
 HEADS = "work/heads.npz"  # the label-free heads (PCA, k-means) fitted by fit_heads
 CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
 FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
+INTERMEDIATES = "work/outputs.zarr"  # the outputs' intermediates, filled by the chunk tasks
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -128,3 +131,45 @@ def check_inside(run_dir: Path, dst: Path) -> Path:
         raise OutputError(f"refusing to write {dst}: it resolves to {resolved}, "
                           f"outside the run folder {root}")
     return resolved
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder``, across processes: writers that read-modify-write one file take turns
+    (two GeoPackage layers written at once, two chunk tasks writing feature-cube rows of one Zarr chunk).
+
+    POSIX: ``flock`` on the folder itself (no lock file). Windows, which has no ``fcntl`` and cannot open a
+    folder as a file: ``msvcrt.locking`` on a lock file named after the folder in the temporary directory, so
+    the run folder holds the same files on every system.
+    """
+    if sys.platform == "win32":
+        import errno
+        import hashlib
+        import msvcrt
+        import tempfile
+
+        key = hashlib.sha256(os.path.normcase(str(Path(folder).resolve())).encode()).hexdigest()[:32]
+        fd = os.open(Path(tempfile.gettempdir()) / f"geo_dino-{key}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            while True:
+                try:
+                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # tries for ten seconds, then raises EDEADLK
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EDEADLK:
+                        raise
+            try:
+                yield
+            finally:
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(fd)
+    else:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock

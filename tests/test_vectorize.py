@@ -25,9 +25,9 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Geod
 
+from geo_dino import files
 from geo_dino.errors import ConfigError, CRSMismatchError, OutputError, SourceError
 from geo_dino.inputs.labels import ClassTable
-from geo_dino.outputs import vectorize
 from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 from geo_dino.outputs.vectorize import vectorize_classes
 
@@ -340,7 +340,7 @@ def test_writers_of_one_folder_take_turns(tmp_path):
     held = threading.Event()
 
     def first() -> None:
-        with vectorize._folder_lock(tmp_path):
+        with files.folder_lock(tmp_path):
             events.append("first in")
             held.set()
             time.sleep(0.3)
@@ -349,7 +349,7 @@ def test_writers_of_one_folder_take_turns(tmp_path):
     t = threading.Thread(target=first)
     t.start()
     held.wait(5)
-    with vectorize._folder_lock(tmp_path):
+    with files.folder_lock(tmp_path):
         events.append("second in")
     t.join()
     assert events == ["first in", "first out", "second in"]
@@ -371,7 +371,7 @@ def test_folder_lock_without_fcntl_uses_msvcrt(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
     (tmp_path / "temp").mkdir()
     (tmp_path / "run").mkdir()
-    with vectorize._folder_lock(tmp_path / "run"):
+    with files.folder_lock(tmp_path / "run"):
         assert calls == [1, 1]
     assert calls == [1, 1, 0]
     assert not list((tmp_path / "run").iterdir())

@@ -195,10 +195,13 @@ class TileGrid:
                 yield Tile(i * nc + j, i, j, box)
 
     def row_chunks(self, n: int) -> list[list[list[Tile]]]:
-        """Whole tile rows grouped about ``n`` tiles at a time (at least one row per chunk): the unit of one
-        inference task, so that only the overlap rows carry over from one task to the next."""
+        """Whole tile rows grouped about ``n`` tiles at a time: the unit of one inference task.
+
+        A chunk has at least ``ceil(overlap / stride)`` rows, so the rows two neighbouring chunks share (the
+        overlap under one chunk's last tile row) are blended from those two chunks only, and each chunk can
+        run alone, in any order (:mod:`geo_dino.run.inference`)."""
         nr, nc = self.shape
-        rows_per = max(1, n // nc)
+        rows_per = max(1, n // nc, -(-self.overlap // self.stride))
         tiles = list(self)
         rows = [tiles[i * nc:(i + 1) * nc] for i in range(nr)]
         return [rows[k:k + rows_per] for k in range(0, nr, rows_per)]

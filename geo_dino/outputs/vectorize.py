@@ -35,18 +35,15 @@ replaced), verified (feature count, CRS, other layers) and moved over the target
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 from geo_dino.errors import ConfigError, OutputError, SourceError
-from geo_dino.files import atomic_write, safe_output_path, sha256_file
+from geo_dino.files import atomic_write, folder_lock, safe_output_path, sha256_file
 from geo_dino.inputs.grid import Grid, PixelBox, crs_equal
 from geo_dino.outputs.styles import layer_style_qml, write_layer_style
 
@@ -394,48 +391,6 @@ def _scan(src: Any, conf: Any, grid: Grid, skip: set[int], block: int, connectiv
 # --------------------------------------------------------------------------------------------- main entry
 
 
-@contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder``: writers of one GeoPackage take turns, so two layers written at once
-    cannot each replace the file with a copy lacking the other's layer.
-
-    POSIX: ``flock`` on the folder itself (no lock file). Windows, which has no ``fcntl`` and cannot open a
-    folder as a file: ``msvcrt.locking`` on a lock file named after the folder in the temporary directory, so
-    the run folder holds the same files on every system.
-    """
-    if sys.platform == "win32":
-        import errno
-        import hashlib
-        import msvcrt
-        import tempfile
-
-        key = hashlib.sha256(os.path.normcase(str(Path(folder).resolve())).encode()).hexdigest()[:32]
-        fd = os.open(Path(tempfile.gettempdir()) / f"geo_dino-{key}.lock", os.O_RDWR | os.O_CREAT)
-        try:
-            while True:
-                try:
-                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # tries for ten seconds, then raises EDEADLK
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EDEADLK:
-                        raise
-            try:
-                yield
-            finally:
-                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        finally:
-            os.close(fd)
-    else:
-        import fcntl
-
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-
 def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: str, classes: Any,
                       confidence_cog: Path | None = None, skip_values: Iterable[int] = (),
                       min_area_m2: float = 0.0, simplify_m: float = 0.0, block: int = 2048,
@@ -534,7 +489,7 @@ def vectorize_classes(class_cog: Path, *, run_dir: Path, gpkg_name: str, layer: 
                 conf.close()
 
     # the temporary copy is made, written and renamed by one writer at a time (it has one name per file)
-    with _folder_lock(dst.parent), gdal_env():
+    with folder_lock(dst.parent), gdal_env():
         atomic_write(dst, write, suffix=".gpkg")
         digest = sha256_file(dst)
     crs = CRS.from_user_input(grid.crs)

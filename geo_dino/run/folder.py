@@ -11,7 +11,7 @@ Every write is atomic (:mod:`geo_dino.files`).
     <run>/screening.json         the screening decision (written for every run, refused ones too)
     <run>/provenance.json        the record, updated stage by stage
     <run>/tiles.gpkg             the tile index
-    <run>/work/                  fitted heads, change model, intermediates, chunk checkpoints
+    <run>/work/                  fitted heads, change model, outputs.zarr (intermediates), chunk results
     <run>/*.tif, *.qml, ...      the outputs
 """
 
@@ -28,6 +28,7 @@ from geo_dino.files import (  # noqa: F401  (the names are re-exported here)
     CHANGE_MODEL,
     CONFIG,
     FEATURE_CACHE,
+    INTERMEDIATES,
     HEADS,
     PLAN,
     QGIS_PROJECT,
@@ -43,18 +44,20 @@ if TYPE_CHECKING:
 
 
 
-def carry_path(run_dir: Path, chunk: int) -> Path:
-    """The chunk checkpoint of ``chunk``: its open strip rows and the change histogram so far."""
-    return Path(run_dir) / WORK / f"carry_{chunk:05d}.npz"
+def chunk_path(run_dir: Path, chunk: int) -> Path:
+    """The result of chunk ``chunk``: its raw sums over the bands it shares with its neighbours and the
+    change histogram of the rows it wrote; its presence says the chunk is done."""
+    return Path(run_dir) / WORK / f"chunk_{chunk:05d}.npz"
 
 
-def chunk_checkpoints(run_dir: Path) -> list[Path]:
-    """The chunk checkpoints present, in chunk order."""
-    return sorted((Path(run_dir) / WORK).glob("carry_*.npz"))
+def chunk_results(run_dir: Path) -> list[Path]:
+    """The results of the chunks done so far (:class:`~geo_dino.run.inference.ChunkResult`), in chunk
+    order."""
+    return sorted((Path(run_dir) / WORK).glob("chunk_*.npz"))
 
 
 def intermediate(run_dir: Path, name: str) -> Path:
-    """The intermediate GeoTIFF of output ``name`` (filled row by row, made a COG at the end)."""
+    """The GeoTIFF of output ``name`` copied from the store of intermediates, made a COG at the end."""
     return Path(run_dir) / WORK / f"{name}.tif"
 
 

@@ -4,8 +4,13 @@ Tiles run row by row. Each adds ``value × weight`` and ``weight`` (2-D Hann wei
 :class:`StripAccumulator`, a float32 strip in memory one tile high and as wide as the output grid. When a
 tile row is done, the rows above the next tile row are final: they go to the output writer
 (:class:`geo_dino.run.writing.OutputWriter`) and the strip slides down one stride. Peak memory depends on the
-tile, the batch and the output's width, never on the raster's height. A chunk task saves the rows still open
-(its checkpoint, :meth:`StripAccumulator.save`); the next chunk loads them.
+tile, the batch and the output's width, never on the raster's height.
+
+Chunks of tile rows are independent: each starts from an empty strip. The overlap rows two neighbouring
+chunks share (a *band*) are not written by either: each chunk keeps its raw sums over its bands (the top band
+held back by :meth:`StripAccumulator.advance`, the bottom band left open at its end, :class:`ChunkResult`) and
+:func:`merge_band` adds the two chunks' sums, always in the same order, then blends them. The outputs are the
+same whatever the number of workers and the order the chunks finish in.
 """
 
 from __future__ import annotations
@@ -354,13 +359,13 @@ class StripAccumulator:
     carried (:meth:`save` / :meth:`load`).
     """
 
-    def __init__(self, grid: Grid, n_values: int, size: int, stride: int) -> None:
+    def __init__(self, grid: Grid, n_values: int, size: int, stride: int, top: int = 0) -> None:
         import torch
 
         self.grid = grid
         self.size = size
         self.stride = stride
-        self.top = 0  # output-grid row of strip row 0
+        self.top = top  # output-grid row of strip row 0
         self.buf = np.zeros((n_values + 1, size, grid.width), dtype=np.float32)
         self._buf_t = torch.from_numpy(self.buf)  # the same memory, for torch's fused multi-threaded ops
 
@@ -386,44 +391,94 @@ class StripAccumulator:
         dst[:-1].addcmul_(v, w)
         dst[-1].add_(w)
 
-    def advance(self, last: bool, sink) -> None:  # noqa: ANN001 - sink(first_row, values, weight)
+    def advance(self, last: bool, sink, hold_until: int = 0, hold=None) -> None:  # noqa: ANN001
         """Hand the rows that are final now (all open rows when ``last``) to ``sink`` as ``(first output row,
         blended values (n, h, W) with NaN where no weight, weight (h, W))``, then slide the strip one stride.
 
+        Rows above output row ``hold_until`` (a chunk's top band) go to ``hold(first output row, raw sums
+        (n + 1, h, W))`` instead, unblended: the chunk above adds its own sums to them (:func:`merge_band`).
         The values are divided in place in the strip (those rows are dropped right after), so no scene-wide
-        temporary is allocated; ``sink`` must not keep references to them.
+        temporary is allocated; ``sink`` and ``hold`` must not keep references to them.
         """
-        import torch
-
         h = min(self.size if last else self.stride, self.grid.height - self.top)
-        block = self._buf_t[:, :h]
-        w = block[-1]
-        # NaN where nothing was added
-        inv = torch.where(w > 0, w.reciprocal(), torch.full_like(w, float("nan")))
-        block[:-1].mul_(inv)
-        sink(self.top, self.buf[:-1, :h], self.buf[-1, :h])
+        k = min(max(hold_until - self.top, 0), h)
+        if k:
+            hold(self.top, self.buf[:, :k])
+        if h > k:
+            vals, w = blend(self._buf_t[:, k:h])
+            sink(self.top + k, vals, w)
         keep = self.size - self.stride
         self._buf_t[:, :keep] = self._buf_t[:, self.stride:self.size].clone()
         self._buf_t[:, keep:] = 0
         self.top += self.stride
 
-    def save(self, path: Path, **extra: np.ndarray) -> None:
-        """Write the open rows (and ``extra`` arrays) atomically: one file is one consistent checkpoint."""
+    def open_rows(self, height: int) -> np.ndarray:
+        """A copy of the raw sums ``(n + 1, height, W)`` of the strip's first ``height`` rows: after a chunk's
+        last tile row, its bottom band (the rows the next chunk's tiles also cover)."""
+        return self.buf[:, :height].copy()
+
+
+def blend(sums) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a torch tensor (n + 1, h, W)
+    """Blend raw sums in place: ``(values (n, h, W) = sums / weight, NaN where no weight; weight (h, W))``
+    (numpy views of ``sums``)."""
+    import torch
+
+    w = sums[-1]
+    inv = torch.where(w > 0, w.reciprocal(), torch.full_like(w, float("nan")))  # NaN where nothing was added
+    sums[:-1].mul_(inv)
+    return sums[:-1].numpy(), sums[-1].numpy()
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk task leaves for the merge: its raw sums over its top band (rows it shares with the chunk
+    above; None for the first chunk) and its bottom band (shared with the chunk below; None for the last),
+    and the change histogram of the rows it wrote."""
+
+    top: np.ndarray | None
+    bottom: np.ndarray | None
+    hist: np.ndarray
+
+    def save(self, path: Path, **extra: object) -> None:
+        """Write it atomically: the file's presence says the chunk is done."""
         from geo_dino.files import save_npz
 
-        save_npz(path, {"top": np.int64(self.top), "carry": self.buf[:, :self.size - self.stride]} | extra)
+        arrays = {"hist": self.hist} | {k: np.asarray(v) for k, v in extra.items()}
+        if self.top is not None:
+            arrays["top"] = self.top
+        if self.bottom is not None:
+            arrays["bottom"] = self.bottom
+        save_npz(path, arrays)
 
-    def load(self, path: Path) -> dict[str, np.ndarray]:
-        """Restore the open rows; returns the ``extra`` arrays saved with them."""
+    @classmethod
+    def load(cls, path: Path) -> ChunkResult:
+        """Read a saved result."""
         with np.load(path, allow_pickle=False) as z:
-            self.top = int(z["top"])
-            carry = z["carry"]
-            extra = {k: z[k] for k in z.files if k not in ("top", "carry")}
-        if carry.shape != (self.buf.shape[0], self.size - self.stride, self.grid.width):
-            raise ValueError(f"{path}: carried strip of shape {carry.shape} does not fit this run")
-        self.buf[:] = 0
-        self.buf[:, :carry.shape[1]] = carry
-        return extra
+            return cls(z["top"] if "top" in z.files else None, z["bottom"] if "bottom" in z.files else None,
+                       z["hist"])
+
+
+def band_rows(grid: Grid, chunks: Sequence[Sequence[Sequence[Tile]]], stride: int, overlap: int,
+              chunk: int) -> tuple[int, int]:
+    """Output rows ``[first, end)`` of the band chunk ``chunk`` shares with the chunk above (empty for the
+    first chunk)."""
+    first = chunks[chunk][0][0].grid_row * stride
+    return first, (min(first + overlap, grid.height) if chunk else first)
+
+
+def merge_band(above: ChunkResult, below: ChunkResult) -> tuple[np.ndarray, np.ndarray]:
+    """The blended rows of one band from the raw sums of the chunk above and the chunk below: ``(values (n,
+    h, W), weight (h, W))``. The chunk above's sums come first, as when one strip runs over both."""
+    import torch
+
+    if above.bottom is None or below.top is None:
+        raise ValueError("a band needs the bottom sums of the chunk above and the top sums of the one below")
+    h = below.top.shape[1]
+    if above.bottom.shape[1] < h:
+        raise ValueError(f"a band of {h} rows, but the chunk above kept {above.bottom.shape[1]}")
+    sums = torch.from_numpy(np.ascontiguousarray(above.bottom[:, :h]))
+    sums.add_(torch.from_numpy(below.top))
+    return blend(sums)
 
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from geo_dino.config import RunConfig
 from geo_dino.errors import AOIError, ConfigError, CRSMismatchError, SourceError
-from geo_dino.inputs.grid import Grid, PixelBox, TileGrid
+from geo_dino.inputs.grid import Grid, PixelBox, Tile, TileGrid
 from geo_dino.inputs.preprocess import Preprocessor
 from geo_dino.inputs.sources import RasterInfo
 from geo_dino.run.heads import HeadPlan
@@ -107,6 +107,11 @@ class TilingPlan(Frozen):
     chunk_tiles: int
     model_size: int | None = None  # the backbone's input size when tiles are resampled to a GSD
 
+    @property
+    def stride(self) -> int:
+        """Pixels between neighbouring tiles' corners: ``size - overlap``."""
+        return self.size - self.overlap
+
 
 class BackbonePlan(Frozen):
     """The weights the run uses: chunk tasks load exactly these bytes (the sha256 is checked on load)."""
@@ -148,6 +153,10 @@ class RunPlan(Frozen):
     def infos(self) -> list[RasterInfo]:
         """The sources, as :class:`RasterInfo`."""
         return [r.info() for r in self.rasters]
+
+    def chunks(self) -> list[list[list[Tile]]]:
+        """The chunks of tile rows, one inference task each (:meth:`TileGrid.row_chunks`)."""
+        return self.tile_grid().row_chunks(self.tiling.chunk_tiles)
 
     def tile_grid(self) -> TileGrid:
         """The run's :class:`TileGrid`."""

@@ -1,17 +1,13 @@
-"""What a worker process loads once and keeps between chunk tasks: the backbone, the trained head, and the
-open strip the previous chunk of the same run left in this process.
+"""What a worker process loads once and keeps between chunk tasks: the backbone and the trained head.
 
-A model is built once per process (the first task that needs it) and reused by every later task of the same
-weights; a task of other weights replaces it (one model per process at a time). The strip a chunk leaves is
-kept only for the next chunk of the same run in the same process; its chunk checkpoint holds the same rows,
-so a task in another process (or after a restart) loads that instead. :func:`clear` drops everything.
+A model is built once per process (the first task that needs it: in the run's own process, or in each Dask
+worker) and reused by every later task of the same weights; a task of other weights replaces it (one model
+per process at a time). :func:`clear` drops everything.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from geo_dino.errors import ConfigError
 
@@ -19,19 +15,17 @@ if TYPE_CHECKING:
     from geo_dino.config import RunConfig
     from geo_dino.models.backbone import CheckpointSpec
     from geo_dino.run.heads import HeadPlan, HeadRunner
-    from geo_dino.run.inference import FeatureExtractor, StripAccumulator
+    from geo_dino.run.inference import FeatureExtractor
     from geo_dino.run.plan import RunPlan
 
 _MODELS: dict[tuple[Any, ...], tuple[Any, CheckpointSpec]] = {}
 _RUNNERS: dict[HeadPlan, HeadRunner] = {}
-_STRIPS: dict[tuple[str, int], tuple[StripAccumulator, np.ndarray]] = {}
 
 
 def clear() -> None:
-    """Drop the models, heads and strips this process holds."""
+    """Drop the models and heads this process holds."""
     _MODELS.clear()
     _RUNNERS.clear()
-    _STRIPS.clear()
 
 
 def extractor(cfg: RunConfig, plan: RunPlan) -> tuple[FeatureExtractor, CheckpointSpec]:
@@ -75,14 +69,11 @@ def head_runner(plan: RunPlan) -> HeadRunner | None:
     return _RUNNERS[plan.head]
 
 
-def take_strip(run_key: str, chunk: int) -> tuple[StripAccumulator, np.ndarray] | None:
-    """The strip and change histogram chunk ``chunk`` of run ``run_key`` left in this process, if any (taken:
-    a failure of the task that takes it drops it); every other strip is dropped."""
-    mine = _STRIPS.pop((run_key, chunk), None)
-    _STRIPS.clear()
-    return mine
+def worker_name() -> str:
+    """This process as the record names it: its Dask worker's address, or ``local`` outside a cluster."""
+    try:
+        from distributed import get_worker
 
-
-def keep_strip(run_key: str, chunk: int, strip: StripAccumulator, hist: np.ndarray) -> None:
-    """Keep chunk ``chunk``'s open strip for the next chunk in this process."""
-    _STRIPS[(run_key, chunk)] = (strip, np.array(hist, copy=True))
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return "local"

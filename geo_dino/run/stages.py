@@ -6,12 +6,17 @@ decision, provenance record, work files, outputs). Nothing is written outside th
 
     prepare_run → screen_aoi → plan_run → fit_heads → init_outputs → infer_chunk × N → finalize_outputs
     → complete_run
+
+The chunk tasks are independent (any order, any process: :mod:`geo_dino.run.engine` runs them serially or
+on a Dask cluster); ``finalize_outputs`` merges the bands neighbouring chunks share, then makes the COGs.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from functools import partial
@@ -20,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geo_dino.config import RunConfig
+from geo_dino.config import ExecutionConfig, RunConfig
 from geo_dino.errors import AOIError, ConfigError, OutputError, RunRefused
 from geo_dino.files import write_json_atomic
 from geo_dino.run import folder, resources
+from geo_dino.run.chunks import chunk_timings, infer_chunk, merge_bands, missing_chunks  # noqa: F401
 from geo_dino.run.folder import load_config, load_plan, records_failure, timed, update_record
 
 if TYPE_CHECKING:
@@ -169,77 +175,6 @@ def init_outputs(run_dir: Path) -> list[str]:
     return names
 
 
-def _spectral_change(run_dir: Path) -> Any:
-    """The run's fitted spectral change score (None: one date, or ``method: features``)."""
-    from geo_dino.models.change import ChangeModel
-
-    path = run_dir / folder.CHANGE_MODEL
-    return ChangeModel.load(path).spectral if path.exists() else None
-
-
-@records_failure
-def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
-    """Run one chunk (whole tile rows) and write the rows that became final. Chunks run in order: each loads
-    the open strip rows the previous chunk carried over, and saves its own for the next."""
-    from geo_dino.inputs.sources import WindowReader
-    from geo_dino.models.label_free import LabelFreeHeads
-    from geo_dino.run.inference import ChannelLayout, StripAccumulator, infer_tiles
-    from geo_dino.run.writing import OutputWriter
-
-    t0 = time.perf_counter()
-    cfg = load_config(run_dir)
-    plan = load_plan(run_dir)
-    extractor, _ = resources.extractor(cfg, plan)
-    heads = LabelFreeHeads.load(run_dir / folder.HEADS)
-    layout = ChannelLayout.of(plan, heads)
-    grid = plan.tile_grid()
-    chunks = grid.row_chunks(plan.tiling.chunk_tiles)
-    n_rows = grid.shape[0]
-    out_grid = plan.out_grid.grid()
-    key = str(run_dir.resolve())
-    # the strip the previous chunk left in this process, if it is that chunk's
-    mine = resources.take_strip(key, chunk - 1)
-    acc, hist = None, None
-    if chunk > 0:
-        prev = folder.carry_path(run_dir, chunk - 1)
-        if not prev.exists():
-            raise RuntimeError(f"chunk {chunk} needs chunk {chunk - 1} to have run first (no {prev.name})")
-        if mine is not None and mine[0].buf.shape == (layout.n_values + 1, grid.size, out_grid.width):
-            acc, hist = mine  # equal to what the carry file holds: it was saved from this very strip
-        else:
-            acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
-            hist = acc.load(prev)["hist"]
-    if acc is None:
-        acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride)
-    region = plan.region_box()
-    spectral = _spectral_change(run_dir)
-    runner = resources.head_runner(plan)
-    n = 0
-    with ExitStack() as stack:
-        readers = [stack.enter_context(WindowReader(i)) for i in plan.infos()]
-        spectral_readers = (None if spectral is None and not (runner is not None and runner.spectral) else
-                            [stack.enter_context(WindowReader(i.spectral())) for i in plan.infos()])
-        writer = stack.enter_context(OutputWriter(run_dir, plan, cfg, hist))
-        cube = None
-        if cfg.heads.cube:
-            from geo_dino.run.cube_stage import CubeSink
-
-            cube = stack.enter_context(CubeSink(run_dir, plan))
-        for row in chunks[chunk]:
-            n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
-                             cfg.backbone.batch_size, cache_dir=run_dir / folder.FEATURE_CACHE,
-                             runner=runner, cube=cube, spectral=spectral,
-                             spectral_readers=spectral_readers)
-            acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
-    # one file is the chunk's checkpoint (open rows + change histogram): a killed run resumes after it
-    acc.save(folder.carry_path(run_dir, chunk), hist=writer.hist)
-    folder.carry_path(run_dir, chunk - 1).unlink(missing_ok=True)
-    if chunk + 1 < len(chunks):  # kept for the next chunk in this process: no reallocation, no reload
-        resources.keep_strip(key, chunk, acc, writer.hist)
-    dt = time.perf_counter() - t0
-    return {"chunk": chunk, "tiles": n, "seconds": round(dt, 3)}
-
-
 @records_failure
 def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
     """Blend → masks (nodata, AOI, screening) → output COGs, verified; styles beside them."""
@@ -248,7 +183,8 @@ def finalize_outputs(run_dir: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     cfg = load_config(run_dir)
     plan = load_plan(run_dir)
-    records = finish_outputs(run_dir, plan, cfg)
+    hist = merge_bands(run_dir, plan, cfg)
+    records = finish_outputs(run_dir, plan, cfg, hist)
     if cfg.heads.cube:
         from geo_dino.outputs.cube import open_cube
         from geo_dino.run.cube_stage import CUBE_NAME, close_cube
@@ -304,13 +240,38 @@ def _vectorise_head_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> lis
     return out
 
 
-def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
-    """Mark the record succeeded and drop the work files; the fitted heads stay in work/."""
-    import shutil
+def infer_chunks(run_dir: Path, execution: ExecutionConfig | None = None,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every chunk that has no result yet on the run's engine (``execution``: another one, e.g. more
+    workers for a resumed run) and put the engine, its workers and the chunks' timings in the record."""
+    from geo_dino.run.engine import run_chunks
 
+    cfg = load_config(run_dir)
+    execution = execution or cfg.execution
+    todo = missing_chunks(run_dir)
+    t0 = time.perf_counter()
+    engine = run_chunks(run_dir, todo, execution, cfg.backbone.device, progress)
+    return record_execution(run_dir, engine, todo, time.perf_counter() - t0)
+
+
+def record_execution(run_dir: Path, engine: dict[str, Any], ran: list[int], seconds: float) -> dict[str, Any]:
+    """Write the record's ``execution`` section: the engine and its workers, the chunks this pass ran, its
+    wall time, and where and how long every chunk ran (from the chunk results)."""
+    timings = chunk_timings(run_dir)
+    busy = sum(t["seconds"] for t in timings if t["chunk"] in set(ran))
+    section = engine | {"chunks_run": ran, "wall_seconds": round(seconds, 3),
+                        "chunk_seconds_total": round(busy, 3), "chunks": timings}
+    update_record(run_dir, execution=section)
+    return section
+
+
+def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    """Mark the record succeeded and drop the work files (feature cache, chunk results, the store of
+    intermediates); the fitted heads stay in work/."""
     shutil.rmtree(run_dir / folder.FEATURE_CACHE, ignore_errors=True)
-    for p in folder.chunk_checkpoints(run_dir):
+    for p in folder.chunk_results(run_dir):
         p.unlink()
+    shutil.rmtree(run_dir / folder.INTERMEDIATES, ignore_errors=True)
     from geo_dino.outputs import stac
     key = stac.collection_key(run_dir)
     update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
@@ -323,41 +284,34 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     return run_dir / folder.RECORD
 
 
-def next_chunk(run_dir: Path) -> int:
-    """The first chunk a (killed) run still has to do: one after its newest chunk checkpoint."""
-    done = sorted(int(p.stem.split("_")[1]) for p in folder.chunk_checkpoints(run_dir))
-    return done[-1] + 1 if done else 0
-
-
-def resume_run(run_dir: Path) -> Path:
-    """Finish a run that was killed during inference: the chunks after its last checkpoint, then the outputs.
-
-    Rows of the chunk that was interrupted are simply written again (same inputs, same values)."""
+def resume_run(run_dir: Path, execution: ExecutionConfig | None = None) -> Path:
+    """Finish a run that was killed after planning its outputs: the chunks that have no result (on the run's
+    engine, or on ``execution``), then the outputs. A chunk that was interrupted simply runs again (same
+    inputs, same rows, same result)."""
     if folder.read_record(run_dir).get("status") == "succeeded":
         return run_dir
-    if not (run_dir / folder.PLAN).exists() or not (run_dir / folder.HEADS).exists():
+    if not (run_dir / folder.PLAN).exists() or not (run_dir / folder.INTERMEDIATES).exists():
         raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
-    start = next_chunk(run_dir)
+    todo = missing_chunks(run_dir)
     t0 = time.perf_counter()
-    for c in range(start, load_plan(run_dir).tiling.n_chunks):
-        infer_chunk(run_dir, c)
+    infer_chunks(run_dir, execution)
     finalize_outputs(run_dir)
-    update_record(run_dir, resumed={"from_chunk": start, "at": datetime.now(UTC).isoformat()})
+    update_record(run_dir, resumed={"chunks_missing": todo, "at": datetime.now(UTC).isoformat()})
     complete_run(run_dir, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
     return run_dir
 
 
 def run_local(cfg: RunConfig) -> Path:
-    """Every stage in order in this process, without Prefect (tests, notebooks, debugging)."""
+    """Every stage in order without Prefect (tests, notebooks, debugging); the chunks run on the config's
+    engine (``execution``)."""
     t0 = time.perf_counter()
     run_dir = prepare_run(cfg)
     screen_aoi(run_dir)
-    plan = plan_run(run_dir)
+    plan_run(run_dir)
     fit_heads(run_dir)
     init_outputs(run_dir)
     t_inf = time.perf_counter()
-    for c in range(plan["n_chunks"]):
-        infer_chunk(run_dir, c)
+    infer_chunks(run_dir)
     t_out = time.perf_counter()
     finalize_outputs(run_dir)
     complete_run(run_dir, {"infer": round(t_out - t_inf, 3), "total": round(time.perf_counter() - t0, 3)})

@@ -1,18 +1,18 @@
 """Writing a run's outputs: blended rows → masked, georeferenced intermediates as inference goes, then COGs.
 
-:class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator)
-and writes them, masked, into one intermediate tiled GeoTIFF per output. A pixel is nodata when no tile gave
-it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or inside
-a site the screening policy masks. :func:`finish_outputs` thresholds the change (minimum-error or Otsu on
-the histogram gathered while writing, :mod:`geo_dino.models.change`), turns every intermediate into a COG and
-verifies it (CRS, transform, nodata, dtype).
+:class:`OutputWriter` receives the rows that became final after each tile row (from the strip accumulator,
+or from the merge of a band two chunks share) and writes them, masked, into the run's Zarr store of
+intermediates (:mod:`geo_dino.run.intermediates`), one variable per output. A pixel is nodata when no tile
+gave it weight (tiles weight a pixel only where it is valid on every date), when it lies outside the AOI, or
+inside a site the screening policy masks. :func:`finish_outputs` thresholds the change (minimum-error or Otsu
+on the histogram gathered while writing, :mod:`geo_dino.models.change`), copies every variable of the store
+into a tiled GeoTIFF, turns it into a COG and verifies it (CRS, transform, nodata, dtype).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,12 +136,12 @@ def _specs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> tuple[dict[str, Any]
 
 
 def create_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> list[str]:
-    """Create the (empty) intermediate of every output, uncompressed so row writes never grow the file."""
-    from geo_dino.outputs.cog import create_intermediate
+    """Create the (empty) Zarr store of the outputs' intermediates, chunked so that no two writers share a
+    Zarr chunk."""
+    from geo_dino.run.intermediates import create_store, row_chunk
 
     specs, _, _ = _specs(run_dir, plan, cfg)
-    for name, spec in specs.items():
-        create_intermediate(folder.intermediate(run_dir, name), spec, compress=None)
+    create_store(run_dir / folder.INTERMEDIATES, specs, row_chunk(plan.tiling.stride, plan.tiling.overlap))
     return list(specs)
 
 
@@ -171,20 +171,14 @@ class OutputWriter:
 
         self.change = ChangeModel.load(run_dir / folder.CHANGE_MODEL) if self.layout.has_change else None
         self.hist = np.zeros(HIST_BINS, np.int64) if hist is None else hist.astype(np.int64)
-        self._stack = ExitStack()
+        self.store = run_dir / folder.INTERMEDIATES
+        self.rows_written = 0
 
     def __enter__(self) -> OutputWriter:
-        import rasterio
-
-        from geo_dino.outputs.cog import GDAL_WRITE_ENV
-
-        self._stack.enter_context(rasterio.Env(**GDAL_WRITE_ENV))
-        self.dsts = {n: self._stack.enter_context(rasterio.open(folder.intermediate(self.run_dir, n), "r+"))
-                     for n in self.specs}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        pass
 
     def _sfx(self, d: int) -> str:
         return f"_t{d + 1}" if self.n_dates == 2 else ""
@@ -194,8 +188,11 @@ class OutputWriter:
         """Write final rows ``[row_off, row_off + h)`` (blended values and weights over the full width)."""
         from shapely.geometry import box as shp_box
 
+        from geo_dino.run.intermediates import write_rows
+
         h = vals.shape[1]
         heads, layout = self.heads, self.layout
+        self.dsts = {n: _Rows(s, h, self.grid.width) for n, s in self.specs.items()}
         lo = heads.pca_low
         span = None if heads.pca_high is None else np.maximum(heads.pca_high - heads.pca_low, 1e-6)
         for c0 in range(0, self.grid.width, block):
@@ -234,6 +231,25 @@ class OutputWriter:
                     self.dsts["change_spectral"].write(spec[None], window=win)
                     self.dsts["change_features"].write(feat[None], window=win)
                 self.hist += histogram(ch[ok], fusion.hist_high)
+        write_rows(self.store, row_off, {n: r.data for n, r in self.dsts.items()})
+        self.rows_written += h
+
+
+class _Rows:
+    """Full-width rows of one output, filled block by block through rasterio-style ``write(arr, window=)``
+    calls, then written to the store at once."""
+
+    def __init__(self, spec: Any, h: int, width: int) -> None:
+        shape = (spec.count, h, width) if spec.count > 1 else (h, width)
+        self.data = np.empty(shape, dtype=spec.dtype)
+        self.multi = spec.count > 1
+
+    def write(self, arr: np.ndarray, window: Any) -> None:
+        cols = slice(window.col_off, window.col_off + window.width)
+        if self.multi:
+            self.data[:, :, cols] = arr
+        else:
+            self.data[:, cols] = arr[0]
 
 
 def _head_rows(writer: OutputWriter, info: HeadPlan, v: np.ndarray, ok: np.ndarray, win: Any) -> None:
@@ -277,27 +293,27 @@ def _existing_record(path: Path, spec: Any, run_dir: Path) -> dict[str, Any]:
                 "cog_valid": bool(cog_validate(str(path), quiet=True)[0])}
 
 
-def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> list[dict[str, Any]]:
-    """Threshold the change, then make, validate and verify the COGs; styles beside them."""
+def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig, hist: np.ndarray) -> list[dict[str, Any]]:
+    """Threshold the change on the run's histogram ``hist``, then make, validate and verify the COGs from the
+    store of intermediates; styles beside them."""
     import rasterio
 
     from geo_dino.inputs.labels import class_colormap
-    from geo_dino.outputs.cog import GDAL_WRITE_ENV, finalize_cog
+    from geo_dino.outputs.cog import GDAL_WRITE_ENV, create_intermediate, finalize_cog
     from geo_dino.outputs.styles import write_qml_palette, write_qml_singleband
+    from geo_dino.run.intermediates import band_block, copy_to_geotiff, open_store
+
     specs, heads, layout = _specs(run_dir, plan, cfg)
     info = plan.head
-    work = run_dir / folder.WORK
     threshold = None
     change_record = None
+    store = open_store(run_dir / folder.INTERMEDIATES, decoded=False)
     if layout.has_change:
         from geo_dino.models.change import ChangeModel, threshold_from_histogram
 
         model = ChangeModel.load(run_dir / folder.CHANGE_MODEL)
         thr = cfg.heads.change.threshold
         if isinstance(thr, str):
-            last = folder.chunk_checkpoints(run_dir)[-1]
-            with np.load(last, allow_pickle=False) as z:
-                hist = z["hist"]
             threshold = (threshold_from_histogram(hist, model.fusion.edges(), thr) if hist.sum()
                          else float("inf"))  # no valid pixel: nothing is changed
             how = {"minimum-error": "Kittler-Illingworth minimum-error threshold",
@@ -309,22 +325,27 @@ def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> list[dict[st
                                                            else None, "method": thr,
                                                            "how_chosen": how}}
         folder.update_record(run_dir, change=change_record)
-        grid = specs["change_mask"].grid
-        mag = work / "change_magnitude.tif"
-        mag = mag if mag.exists() else run_dir / "change_magnitude.tif"  # already a COG (a resumed run)
-        with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(mag) as src, \
-                rasterio.open(work / "change_mask.tif", "r+") as dst:
-            for box in _blocks(grid):
-                ch = src.read(1, window=box.to_rasterio())
-                mask = np.where(np.isnan(ch), CLASS_NODATA,
-                                (ch > threshold).astype(np.uint8)).astype(np.uint8)
-                dst.write(mask[None], window=box.to_rasterio())
+
+    def fill(name: str, dst: Any) -> None:
+        if name != "change_mask":
+            copy_to_geotiff(store, name, dst)
+            return
+        grid = specs[name].grid
+        for box in _blocks(grid):
+            ch = band_block(store, "change_magnitude", box.row_off, box.height)[0, :, box.col_off:box.col_end]
+            mask = np.where(np.isnan(ch), CLASS_NODATA, (ch > threshold).astype(np.uint8)).astype(np.uint8)
+            dst.write(mask[None], window=box.to_rasterio())
+
     records = []
     for name, spec in specs.items():
-        if not (work / f"{name}.tif").exists() and (run_dir / f"{name}.tif").exists():
-            rec = _existing_record(run_dir / f"{name}.tif", spec, run_dir)  # converted before a kill
+        if (run_dir / f"{name}.tif").exists():
+            rec = _existing_record(run_dir / f"{name}.tif", spec, run_dir)  # made before a kill: checked
         else:
-            rec = finalize_cog(work / f"{name}.tif", run_dir / f"{name}.tif", spec, run_dir=run_dir)
+            tif = folder.intermediate(run_dir, name)
+            create_intermediate(tif, spec, compress=None)
+            with rasterio.Env(**GDAL_WRITE_ENV), rasterio.open(tif, "r+") as dst:
+                fill(name, dst)
+            rec = finalize_cog(tif, run_dir / f"{name}.tif", spec, run_dir=run_dir)
         rec["name"] = name
         if name.startswith("classes"):
             write_qml_palette(run_dir / f"{name}.qml",
