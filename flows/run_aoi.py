@@ -65,7 +65,7 @@ def infer(run_dir: str, chunk: int, threads: int | None = None) -> dict[str, Any
 @flow(name="infer-chunks", log_prints=True)
 def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any]) -> dict[str, Any]:
     """The chunk tasks on the Dask cluster of this flow's task runner (prefect-dask); the engine's record."""
-    from distributed import get_client
+    from prefect.context import FlowRunContext
     from prefect.futures import as_completed
 
     log = get_run_logger()
@@ -75,7 +75,11 @@ def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any])
         r = fut.result()
         log.info("chunk %d done on %s: %d tiles in %.1fs (%d/%d chunks)", r["chunk"], r["worker"],
                  r["tiles"], r["seconds"], n, len(chunks))
-    return engine.cluster_record(get_client(), ex)
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        raise RuntimeError("infer_on_cluster runs as a Prefect flow")
+    runner: Any = ctx.task_runner  # prefect-dask's DaskTaskRunner: its client reaches the cluster
+    return engine.cluster_record(runner.client, ex)
 
 
 @task(name="write-outputs", **_TASK)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +83,7 @@ def dask_client(execution: ExecutionConfig, device: str) -> Iterator[Client]:
 
     if execution.address:
         try:
-            client = Client(execution.address, timeout="20s")
+            client = Client(execution.address, timeout="10s")
         except OSError as exc:
             raise ConfigError(f"execution.address {execution.address}: no Dask scheduler answers there "
                               f"({exc}); start one (`dask scheduler`) or leave address unset") from None
@@ -161,4 +160,5 @@ def task_runner(execution: ExecutionConfig, device: str) -> Any:
     if execution.address:
         return DaskTaskRunner(address=execution.address)
     specs = worker_specs(execution.workers, execution.threads_per_worker, device)
-    return DaskTaskRunner(cluster_class=partial(local_cluster, specs))
+    # prefect-dask calls cluster_class(**cluster_kwargs); its annotation says a no-argument callable
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"specs": specs})  # type: ignore[arg-type]
