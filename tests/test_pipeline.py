@@ -14,7 +14,7 @@ from pyproj import CRS, Transformer
 from geo_dino.config import parse_config
 from geo_dino.errors import AOIError, ConfigError, RunRefused, ScreeningError, SourceError
 from geo_dino.run import stages as pl
-from geo_dino.run.folder import carry_path, load_config, load_plan
+from geo_dino.run.folder import chunk_path, chunk_results, load_config, load_plan
 from tests.conftest import BAHAMAS, PUCALLPA, ROOT, run_folders
 
 
@@ -356,7 +356,8 @@ def _screened(cfg: dict) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_outputs(tiny_config):
-    """Kill after two chunks (and in the middle of a third): resuming gives byte-identical outputs."""
+    """Kill after two chunks (and in the middle of a third): resuming computes only the missing chunks and
+    gives byte-identical outputs."""
     from tests.conftest import PUCALLPA as DATES
 
     cfg = tiny_config("aoi/pucallpa.geojson", DATES, sources={"bands": [1, 2, 3]},
@@ -370,14 +371,15 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_config):
     pl.init_outputs(run_dir)
     pl.infer_chunk(run_dir, 0)
     pl.infer_chunk(run_dir, 1)
-    saved = carry_path(run_dir, 1).read_bytes()
-    pl.infer_chunk(run_dir, 2)  # it writes its rows, then "dies" before its checkpoint is on disk:
-    carry_path(run_dir, 2).unlink()
-    carry_path(run_dir, 1).write_bytes(saved)
-    assert pl.next_chunk(run_dir) == 2
+    done = {p.name: p.stat().st_mtime_ns for p in chunk_results(run_dir)}
+    pl.infer_chunk(run_dir, 2)  # it writes its rows, then "dies" before its result is on disk:
+    chunk_path(run_dir, 2).unlink()
+    n = plan["n_chunks"]
+    assert pl.missing_chunks(run_dir) == list(range(2, n))
     pl.resume_run(run_dir)
     rec = json.loads((run_dir / "provenance.json").read_text())
-    assert rec["status"] == "succeeded" and rec["resumed"]["from_chunk"] == 2
+    assert rec["status"] == "succeeded" and rec["resumed"]["chunks_missing"] == list(range(2, n))
+    assert rec["execution"]["chunks_run"] == list(range(2, n)) and len(done) == 2
     for name in ("pca_rgb_t1.tif", "classes_t2.tif", "change_magnitude.tif", "change_mask.tif"):
         with rasterio.open(whole / name) as a, rasterio.open(run_dir / name) as b:
             assert np.array_equal(a.read(), b.read(), equal_nan=True), name

@@ -1,5 +1,5 @@
-"""One run over many worker processes on a real Dask cluster (127.0.0.1): outputs pixel-identical to the serial
-run whatever the workers, the order chunks finish in, a worker killed mid-chunk, or a resume; the outputs'
+"""One run over many worker processes on a real Dask cluster (127.0.0.1): outputs pixel-identical to the
+serial run whatever the workers, the order chunks finish in, a worker killed mid-chunk, or a resume; the outputs'
 intermediates are a georeferenced Zarr store; a run joins an external scheduler started by `dask scheduler`.
 """
 
@@ -31,9 +31,9 @@ def _tifs(run: Path) -> dict[str, tuple[np.ndarray, dict]]:
     out = {}
     for p in sorted(run.glob("*.tif")):
         with rasterio.open(p) as src:
-            out[p.name] = (src.read(), {"crs": src.crs, "transform": src.transform, "nodata": repr(src.nodata),
-                                        "dtypes": src.dtypes, "tags": {k: v for k, v in src.tags().items()
-                                                                       if k not in ("GEO_DINO_RUN_ID",)}})
+            meta = {"crs": src.crs, "transform": src.transform, "nodata": repr(src.nodata),
+                    "dtypes": src.dtypes}
+            out[p.name] = (src.read(), meta)
     return out
 
 

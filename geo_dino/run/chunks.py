@@ -65,11 +65,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     out_grid = plan.out_grid.grid()
     first, hold_end = band_rows(out_grid, chunks, grid.stride, grid.overlap, chunk)
     acc = StripAccumulator(out_grid, layout.n_values, grid.size, grid.stride, top=first)
-    top = np.zeros((layout.n_values + 1, hold_end - first, out_grid.width), np.float32) if chunk else None
-
-    def hold(row: int, sums: np.ndarray) -> None:  # rows are held only below the first chunk (top exists)
-        top[:, row - first:row - first + sums.shape[1]] = sums  # type: ignore[index]
-
+    acc.record_until = hold_end  # the top band's terms are kept for the merge, its rows not written here
     region = plan.region_box()
     spectral = _spectral_change(run_dir)
     runner = resources.head_runner(plan)
@@ -90,8 +86,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
                              cfg.backbone.batch_size, cache_dir=run_dir / folder.FEATURE_CACHE,
                              runner=runner, cube=cube, spectral=spectral,
                              spectral_readers=spectral_readers)
-            acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows, hold_until=hold_end,
-                        hold=hold)
+            acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     bottom = None
     if not last_chunk:  # the rows the next chunk's first tile rows also cover, as this chunk left them
         bottom = acc.open_rows(min(grid.overlap, out_grid.height - acc.top))
@@ -99,7 +94,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     timing = {"chunk": chunk, "tiles": n, "rows_written": writer.rows_written, "seconds": round(dt, 3),
               "started": started, "host": socket.gethostname(), "pid": os.getpid(),
               "worker": resources.worker_name(), "device": extractor.device}
-    ChunkResult(top, bottom, writer.hist).save(folder.chunk_path(run_dir, chunk),
+    ChunkResult(acc.recorded, bottom, writer.hist).save(folder.chunk_path(run_dir, chunk),
                                                timing=np.frombuffer(json.dumps(timing).encode(), np.uint8))
     return timing
 
@@ -136,8 +131,8 @@ def merge_bands(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> np.ndarray:
         above = ChunkResult.load(folder.chunk_path(run_dir, 0))
         for c in range(1, len(chunks)):
             below = ChunkResult.load(folder.chunk_path(run_dir, c))
-            first, _ = band_rows(out_grid, chunks, grid.stride, grid.overlap, c)
-            vals, w = merge_band(above, below)
+            first, end = band_rows(out_grid, chunks, grid.stride, grid.overlap, c)
+            vals, w = merge_band(above, below, out_grid, grid.size, grid.stride, first, end)
             writer.write_rows(first, vals, w)
             writer.hist += above.hist
             above = below

@@ -7,10 +7,12 @@ tile row is done, the rows above the next tile row are final: they go to the out
 tile, the batch and the output's width, never on the raster's height.
 
 Chunks of tile rows are independent: each starts from an empty strip. The overlap rows two neighbouring
-chunks share (a *band*) are not written by either: each chunk keeps its raw sums over its bands (the top band
-held back by :meth:`StripAccumulator.advance`, the bottom band left open at its end, :class:`ChunkResult`) and
-:func:`merge_band` adds the two chunks' sums, always in the same order, then blends them. The outputs are the
-same whatever the number of workers and the order the chunks finish in.
+chunks share (a *band*) are written by neither. The chunk above keeps its raw sums over the band (the rows
+left open after its last tile row); the chunk below keeps each of its tiles' own terms over the band
+(values and weights, recorded by :meth:`StripAccumulator.add`), :class:`ChunkResult`. :func:`merge_band`
+starts from the first and adds the second's terms in tile order, with the very operations one strip over
+both chunks would have done: the outputs are bit for bit those of one strip over the whole region, whatever
+the chunking, the number of workers and the order the chunks finish in.
 """
 
 from __future__ import annotations
@@ -366,6 +368,9 @@ class StripAccumulator:
         self.size = size
         self.stride = stride
         self.top = top  # output-grid row of strip row 0
+        # the terms each tile adds to output rows above this row (a chunk's top band), in order
+        self.record_until = top
+        self.recorded: list[tuple[PixelBox, np.ndarray, np.ndarray]] = []
         self.buf = np.zeros((n_values + 1, size, grid.width), dtype=np.float32)
         self._buf_t = torch.from_numpy(self.buf)  # the same memory, for torch's fused multi-threaded ops
 
@@ -383,27 +388,30 @@ class StripAccumulator:
         rs, cs = inner.relative_to(box).slices()
         dst_r = slice(inner.row_off - self.top, inner.row_end - self.top)
         dst_c = slice(inner.col_off, inner.col_end)
-        w = torch.from_numpy(np.ascontiguousarray(weight[rs, cs], dtype=np.float32))
+        w_np = np.ascontiguousarray(weight[rs, cs], dtype=np.float32)
+        w = torch.from_numpy(w_np)
         v = torch.from_numpy(values[:, rs, cs])
+        if inner.row_off < self.record_until:  # the part of the term over the band (for merge_band)
+            k = min(inner.row_end, self.record_until) - inner.row_off
+            self.recorded.append((PixelBox(inner.row_off, inner.col_off, k, inner.width),
+                                  values[:, rs, cs][:, :k].copy(), w_np[:k].copy()))
         dst = self._buf_t[:, dst_r, dst_c]
         # torch's fused, multi-threaded in-place ops on views of the strip (measured 1.8× numpy's multiply
         # then add on a 16384-wide strip, 2 cores)
         dst[:-1].addcmul_(v, w)
         dst[-1].add_(w)
 
-    def advance(self, last: bool, sink, hold_until: int = 0, hold=None) -> None:  # noqa: ANN001
+    def advance(self, last: bool, sink) -> None:  # noqa: ANN001 - sink(first_row, values, weight)
         """Hand the rows that are final now (all open rows when ``last``) to ``sink`` as ``(first output row,
         blended values (n, h, W) with NaN where no weight, weight (h, W))``, then slide the strip one stride.
 
-        Rows above output row ``hold_until`` (a chunk's top band) go to ``hold(first output row, raw sums
-        (n + 1, h, W))`` instead, unblended: the chunk above adds its own sums to them (:func:`merge_band`).
-        The values are divided in place in the strip (those rows are dropped right after), so no scene-wide
-        temporary is allocated; ``sink`` and ``hold`` must not keep references to them.
+        Rows above :attr:`record_until` (a chunk's top band) are not handed out: the merge blends them from
+        both chunks (:func:`merge_band`). The values are divided in place in the strip (those rows are
+        dropped right after), so no scene-wide temporary is allocated; ``sink`` must not keep references to
+        them.
         """
         h = min(self.size if last else self.stride, self.grid.height - self.top)
-        k = min(max(hold_until - self.top, 0), h)
-        if k:
-            hold(self.top, self.buf[:, :k])
+        k = min(max(self.record_until - self.top, 0), h)
         if h > k:
             vals, w = blend(self._buf_t[:, k:h])
             sink(self.top + k, vals, w)
@@ -431,31 +439,34 @@ def blend(sums) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a torch tens
 
 @dataclass
 class ChunkResult:
-    """What a chunk task leaves for the merge: its raw sums over its top band (rows it shares with the chunk
-    above; None for the first chunk) and its bottom band (shared with the chunk below; None for the last),
-    and the change histogram of the rows it wrote."""
+    """What a chunk task leaves for the merge: its tiles' terms over its top band (rows it shares with the
+    chunk above: ``(box, values (n, h, w), weight (h, w))`` in the order they were added; empty for the first
+    chunk), its raw sums ``(n + 1, h, W)`` over its bottom band (shared with the chunk below; None for the
+    last chunk) and the change histogram of the rows it wrote."""
 
-    top: np.ndarray | None
+    top: list[tuple[PixelBox, np.ndarray, np.ndarray]]
     bottom: np.ndarray | None
     hist: np.ndarray
 
-    def save(self, path: Path, **extra: object) -> None:
+    def save(self, path: Path, **extra: np.ndarray) -> None:
         """Write it atomically: the file's presence says the chunk is done."""
         from geo_dino.files import save_npz
 
-        arrays = {"hist": self.hist} | {k: np.asarray(v) for k, v in extra.items()}
-        if self.top is not None:
-            arrays["top"] = self.top
+        boxes = [[b.row_off, b.col_off, b.height, b.width] for b, _, _ in self.top]
+        arrays = {"hist": self.hist, "top_boxes": np.array(boxes, np.int64).reshape(-1, 4)}
+        for i, (_, v, w) in enumerate(self.top):
+            arrays[f"top_v{i}"], arrays[f"top_w{i}"] = v, w
         if self.bottom is not None:
             arrays["bottom"] = self.bottom
-        save_npz(path, arrays)
+        save_npz(path, arrays | extra)
 
     @classmethod
     def load(cls, path: Path) -> ChunkResult:
         """Read a saved result."""
         with np.load(path, allow_pickle=False) as z:
-            return cls(z["top"] if "top" in z.files else None, z["bottom"] if "bottom" in z.files else None,
-                       z["hist"])
+            top = [(PixelBox(*(int(x) for x in b)), z[f"top_v{i}"], z[f"top_w{i}"])
+                   for i, b in enumerate(z["top_boxes"])]
+            return cls(top, z["bottom"] if "bottom" in z.files else None, z["hist"])
 
 
 def band_rows(grid: Grid, chunks: Sequence[Sequence[Sequence[Tile]]], stride: int, overlap: int,
@@ -466,19 +477,26 @@ def band_rows(grid: Grid, chunks: Sequence[Sequence[Sequence[Tile]]], stride: in
     return first, (min(first + overlap, grid.height) if chunk else first)
 
 
-def merge_band(above: ChunkResult, below: ChunkResult) -> tuple[np.ndarray, np.ndarray]:
-    """The blended rows of one band from the raw sums of the chunk above and the chunk below: ``(values (n,
-    h, W), weight (h, W))``. The chunk above's sums come first, as when one strip runs over both."""
-    import torch
-
-    if above.bottom is None or below.top is None:
-        raise ValueError("a band needs the bottom sums of the chunk above and the top sums of the one below")
-    h = below.top.shape[1]
+def merge_band(above: ChunkResult, below: ChunkResult, grid: Grid, size: int, stride: int,
+               first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blended output rows ``[first, end)`` of one band: the raw sums the chunk above left, then the
+    terms of the chunk below's tiles added in their order, exactly as one strip over both chunks adds them.
+    Returns ``(values (n, h, W), weight (h, W))``."""
+    if above.bottom is None:
+        raise ValueError("a band needs the raw sums the chunk above left open")
+    h = end - first
     if above.bottom.shape[1] < h:
         raise ValueError(f"a band of {h} rows, but the chunk above kept {above.bottom.shape[1]}")
-    sums = torch.from_numpy(np.ascontiguousarray(above.bottom[:, :h]))
-    sums.add_(torch.from_numpy(below.top))
-    return blend(sums)
+    acc = StripAccumulator(grid, above.bottom.shape[0] - 1, size, stride, top=first)
+    acc.buf[:, :h] = above.bottom[:, :h]
+    for box, v, w in below.top:
+        if box.row_off < first or box.row_end > end:
+            raise ValueError(f"a recorded term over rows {box.row_off}..{box.row_end} is not in the band "
+                             f"{first}..{end}")
+        acc.add(box, v, w)
+    import torch
+
+    return blend(torch.from_numpy(acc.buf)[:, :h])
 
 
 def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], heads: LabelFreeHeads,
