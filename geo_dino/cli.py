@@ -36,17 +36,27 @@ def run(
         help="a trained head (head.safetensors of geo-dino train-head)")] = None,
     cube: Annotated[bool, typer.Option(
         help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
+    workers: Annotated[int | None, typer.Option(
+        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
 ) -> None:
     """Run the pipeline on an AOI and one or two rasters."""
     _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
-         cube)
+         cube, workers=workers, dask_address=dask_address)
 
 
 def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint,  # noqa: ANN001
-         accept_licence, head, cube, need_two: bool = False) -> None:  # noqa: ANN001
+         accept_licence, head, cube, need_two: bool = False, workers: int | None = None,  # noqa: ANN001
+         dask_address: str | None = None) -> None:
     from geo_dino.errors import GeoDinoError, RunRefused
 
     overrides: dict = {}
+    if workers is not None or dask_address is not None:
+        if workers is not None and dask_address is not None:
+            _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
+        overrides["execution"] = {"engine": "dask"} | (
+            {"workers": workers} if workers is not None else {"address": dask_address})
     if aoi is not None:
         overrides["aoi"] = str(aoi)
     if raster:
@@ -128,12 +138,16 @@ def change(
     accept_licence: Annotated[str | None, typer.Option(help="accept the weights' licence by name")] = None,
     head: Annotated[Path | None, typer.Option(
         help="a trained change head (else label-free change only)")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
 ) -> None:
     """Change between two dates: label-free change (the spectrum and the features fused, minimum-error
     threshold), and a trained change head's probability and binary change when --head is given (its
     backbone, checkpoint and bands come with it)."""
     _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
-         False, need_two=True)
+         False, need_two=True, workers=workers, dask_address=dask_address)
 
 
 @app.command("train-head")
@@ -233,16 +247,39 @@ def pretrain(
 
 
 @app.command()
-def resume(run_dir: Path) -> None:
-    """Finish a run that was killed during inference, from its last chunk checkpoint."""
+def resume(
+    run_dir: Path,
+    workers: Annotated[int | None, typer.Option(
+        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+) -> None:
+    """Finish a run that was killed during inference: the chunks that have no result, then the outputs (on
+    the run's own engine, or on --workers / --dask-address)."""
     from geo_dino.errors import GeoDinoError
 
     if not (run_dir / RECORD).is_file():
         _fail(f"{run_dir} is not a run folder (no provenance.json)")
     from flows.run_aoi import resume_run
 
+    execution = None
+    if workers is not None and dask_address is not None:
+        _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
+    if workers is not None:
+        execution = {"engine": "dask", "workers": workers}
+    elif dask_address is not None:
+        execution = {"engine": "dask", "address": dask_address}
+    if execution is not None:
+        from pydantic import ValidationError
+
+        from geo_dino.config import ExecutionConfig
+
+        try:
+            ExecutionConfig.model_validate(execution)
+        except ValidationError as exc:
+            _fail(f"{'; '.join(e['msg'] for e in exc.errors())}")
     try:
-        out = resume_run(str(run_dir.resolve()))
+        out = resume_run(str(run_dir.resolve()), execution)
     except (GeoDinoError, RuntimeError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
     typer.secho(f"Outputs in {out}", fg=typer.colors.GREEN, bold=True)

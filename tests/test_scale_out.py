@@ -1,6 +1,6 @@
 """One run over many worker processes on a real Dask cluster (127.0.0.1): outputs pixel-identical to the
-serial run whatever the workers, the order chunks finish in, a worker killed mid-chunk, or a resume; the outputs'
-intermediates are a georeferenced Zarr store; a run joins an external scheduler started by `dask scheduler`.
+serial run whatever the workers, the order chunks finish in, a worker killed mid-chunk, or a resume; the
+outputs' intermediates are a georeferenced Zarr store; a run joins an external `dask scheduler`.
 """
 
 from __future__ import annotations
@@ -287,3 +287,35 @@ def test_an_unreachable_scheduler_is_one_clear_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no Dask scheduler answers"):
         with dask_client(ExecutionConfig(engine="dask", address="tcp://127.0.0.1:9"), "cpu"):
             pass
+
+
+def test_backbone_and_head_bits_do_not_depend_on_threads_or_batch() -> None:
+    """What makes a chunk's numbers independent of the worker: after same_bits_anywhere, the backbone's
+    features are equal bit for bit at 1 and 2 threads and any batch split (the fit pass's cached features
+    come in other batches than inference's), a 1×1-conv head's at 1 and 2 threads (its batches are the same
+    on every engine); torch's defaults are not: these head shapes differ with the thread count."""
+    import torch
+
+    from geo_dino.models.backbone import build_backbone, dense_features
+    from geo_dino.run.resources import same_bits_anywhere
+
+    same_bits_anywhere()
+    model, _ = build_backbone("vit_tiny_patch8_geo", checkpoint=ROOT / "models" / "vit_tiny_patch8_geo"
+                                                                               ".safetensors")
+    head = torch.nn.Sequential(torch.nn.Conv2d(192, 64, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 3, 1)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(17, 3, 64, 64, generator=g)
+    feats = {n: torch.randn(n, 192, s, s, generator=g) for n, s in ((16, 16), (8, 16), (5, 17))}
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        with torch.inference_mode():
+            for threads, split in ((2, 17), (1, 17), (2, 3), (1, 5)):
+                torch.set_num_threads(threads)
+                f = torch.cat([dense_features(model, x[i:i + split]) for i in range(0, 17, split)])
+                outs.append((f, [head(v) for v in feats.values()]))
+    finally:
+        torch.set_num_threads(before)
+    for f, hs in outs[1:]:
+        assert torch.equal(f, outs[0][0])
+        assert all(torch.equal(h, h0) for h, h0 in zip(hs, outs[0][1], strict=True))

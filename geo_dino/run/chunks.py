@@ -93,7 +93,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     timing = {"chunk": chunk, "tiles": n, "rows_written": writer.rows_written, "seconds": round(dt, 3),
               "started": started, "host": socket.gethostname(), "pid": os.getpid(),
-              "worker": resources.worker_name(), "device": extractor.device}
+              "worker": resources.worker_name(), "device": extractor.device,
+              "peak_rss_mib": resources.peak_rss_mib()}
     ChunkResult(acc.recorded, bottom, writer.hist).save(folder.chunk_path(run_dir, chunk),
                                                timing=np.frombuffer(json.dumps(timing).encode(), np.uint8))
     return timing

@@ -4,7 +4,8 @@ Tiles overlap, so each patch cell is taken from exactly one tile: the tile whose
 minus half the overlap on each side that has a neighbour (the first and last tiles keep their outer edge).
 Cores partition the region, so every cell is written once. This needs the overlap to be a whole number of
 patches (checked at plan time). Cells of patches that are less than half valid (nodata, outside the AOI's
-raster) are NaN. Rows are gathered per chunk task and written once at its end (one region write per task).
+raster) are NaN. Rows are gathered per chunk task and written once at its end (one region write per task,
+under a lock on the cube: chunk tasks on several workers may share a Zarr chunk).
 """
 
 from __future__ import annotations
@@ -95,4 +96,9 @@ class CubeSink:
         if keys != list(range(keys[0], keys[-1] + 1)):
             raise RuntimeError(f"feature cube rows {keys[0]}..{keys[-1]} are not contiguous in this chunk")
         block = np.stack([self.rows[k] for k in keys], axis=1)
-        CubeWriter.reopen(self.run_dir, CUBE_NAME).write(keys[0], 0, block)
+        from geo_dino.files import folder_lock
+
+        # the cube's Zarr chunks (64 cells) do not follow the chunk tasks' rows: two tasks may write parts of
+        # one Zarr chunk at once on a cluster, so their writes take turns
+        with folder_lock(self.run_dir / CUBE_NAME):
+            CubeWriter.reopen(self.run_dir, CUBE_NAME).write(keys[0], 0, block)

@@ -41,10 +41,7 @@ def extractor(cfg: RunConfig, plan: RunPlan) -> tuple[FeatureExtractor, Checkpoi
         torch.set_num_threads(bb.threads)
     device = pick_device(bb.device)
     if device == "cpu":
-        # oneDNN's convolutions (the patch embedding, a head's 1×1 layers) give other bits with another
-        # number of threads (24 of 42 shapes measured, 1 vs 2 threads); the GEMM path gives the same bits at
-        # any thread count, as fast here, so a chunk's numbers do not depend on where it runs
-        setattr(torch.backends.mkldnn, "enabled", False)  # noqa: B010  (a property of the module: typed oddly)
+        same_bits_anywhere()
     key = (bb.arch, str(bb.checkpoint), plan.backbone.sha256, bb.seed, bb.in_chans, device)
     if key not in _MODELS:
         _MODELS.clear()
@@ -60,6 +57,20 @@ def extractor(cfg: RunConfig, plan: RunPlan) -> tuple[FeatureExtractor, Checkpoi
         raise ConfigError(f"heads.change.layers {bad}: the backbone has blocks 0..{depth - 1}")
     return FeatureExtractor(model, plan.preprocess, device, model_size=plan.tiling.model_size,
                             layers=layers, shift_average=bb.shift_average, change_layers=change_layers), spec
+
+
+def same_bits_anywhere() -> None:
+    """Make this process's CPU convolutions give the same bits at any thread count and batch size.
+
+    A chunk's numbers must not depend on where it runs: oneDNN's convolutions (the patch embedding, a head's
+    1×1 layers) give other bits with another number of threads (24 of 42 shapes measured, 1 vs 2 threads),
+    NNPACK's (batches of 16 and more) other bits than smaller batches. With both off, convolutions take the
+    im2col + GEMM path: the same bits at any thread count and batch size (tests/test_scale_out.py), as fast
+    for these models (ViT-tiny, 16 tiles of 128²: 233 vs 272 ms, within noise)."""
+    import torch
+
+    setattr(torch.backends.mkldnn, "enabled", False)  # noqa: B010  (a property of the module: typed oddly)
+    torch.backends.nnpack.set_flags(False)
 
 
 def head_runner(plan: RunPlan) -> HeadRunner | None:
@@ -82,3 +93,24 @@ def worker_name() -> str:
         return str(get_worker().address)
     except (ImportError, ValueError):
         return "local"
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say: Windows). Linux:
+    ``VmHWM`` (``ru_maxrss`` would carry a big parent's peak over into a worker it started)."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # macOS counts bytes
