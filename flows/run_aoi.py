@@ -121,6 +121,18 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
     return run_dir
 
 
+def task_runner(execution: ExecutionConfig, device: str) -> Any:
+    """prefect-dask's ``DaskTaskRunner`` for the run's chunk tasks: on the cluster at ``execution.address``,
+    or on a local cluster started for them (:func:`geo_dino.run.engine.local_cluster`)."""
+    from prefect_dask import DaskTaskRunner
+
+    if execution.address:
+        return DaskTaskRunner(address=execution.address)
+    specs = engine.worker_specs(execution.workers, execution.threads_per_worker, device)
+    # prefect-dask calls cluster_class(**cluster_kwargs); its annotation says a no-argument callable
+    return DaskTaskRunner(cluster_class=engine.local_cluster, cluster_kwargs={"specs": specs})  # type: ignore[arg-type]
+
+
 def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
     """The chunks that have no result yet: one task after another (serial), or on a Dask cluster through
     the prefect-dask task runner; then the engine and the chunks' timings in the record."""
@@ -136,7 +148,7 @@ def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
                      r["seconds"], n)
         rec: dict[str, Any] = {"engine": "serial", "n_workers": 1, "workers": [{"address": "local"}]}
     else:
-        runner = engine.task_runner(execution, device)
+        runner = task_runner(execution, device)
         log.info("%d chunks on a Dask cluster (%s)", len(todo), execution.address or "local, started now")
         rec = infer_on_cluster.with_options(task_runner=runner)(run_dir, todo, execution.model_dump())
     pl.record_execution(Path(run_dir), rec, todo, time.perf_counter() - t0)

@@ -10,9 +10,9 @@ worker that dies mid-chunk has its chunk run again on another (Dask reschedules 
 writes the same rows and the same result). Chunks are independent (:mod:`geo_dino.run.inference`), so the
 outputs equal the serial run's, whatever the workers and the order the chunks finish in.
 
-Without Prefect, :func:`run_chunks` drives the cluster with a ``distributed.Client``; in the ``run_aoi`` flow,
-Prefect's ``DaskTaskRunner`` (prefect-dask) runs the chunk tasks on the same kind of cluster
-(:func:`task_runner`).
+Without Prefect, :func:`run_chunks` drives the cluster with a ``distributed.Client``; in the ``run_aoi`` flow
+(``flows/``), Prefect's ``DaskTaskRunner`` (prefect-dask) runs the chunk tasks on the same kind of cluster
+(:func:`local_cluster`, :func:`worker_specs`). The library itself never imports Prefect.
 """
 
 from __future__ import annotations
@@ -150,15 +150,3 @@ def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig,
             if progress:
                 progress(r)
     return record
-
-
-def task_runner(execution: ExecutionConfig, device: str) -> Any:
-    """Prefect's ``DaskTaskRunner`` for the run's chunk tasks: on the cluster at ``execution.address``, or on
-    a local cluster started for them (:func:`local_cluster`)."""
-    from prefect_dask import DaskTaskRunner
-
-    if execution.address:
-        return DaskTaskRunner(address=execution.address)
-    specs = worker_specs(execution.workers, execution.threads_per_worker, device)
-    # prefect-dask calls cluster_class(**cluster_kwargs); its annotation says a no-argument callable
-    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"specs": specs})  # type: ignore[arg-type]
