@@ -85,7 +85,9 @@ def test_import_is_light():
 
 
 def test_library_never_imports_prefect():
-    for p in (ROOT / "geo_dino").glob("*.py"):
+    files = sorted((ROOT / "geo_dino").rglob("*.py"))
+    assert len(files) > 50  # every subpackage's modules, not only the top level
+    for p in files:
         text = p.read_text()
         assert "import prefect" not in text and "from prefect" not in text, p.name
 
@@ -126,6 +128,47 @@ def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
     assert len(approved) == 1
     dec = json.loads((approved[0] / "screening.json").read_text())
     assert dec["approval"]["approver"] == "B. Reviewer"
+
+
+@pytest.mark.slow
+def test_cli_run_on_two_workers_gives_the_serial_outputs(tmp_path, monkeypatch):
+    """`geo-dino run --workers 2`: the Prefect flow runs the chunks on a local Dask cluster of two worker
+    processes (prefect-dask); the rasters equal a serial run's of the same config."""
+    import numpy as np
+    import rasterio
+
+    from geo_dino.config import parse_config
+    from geo_dino.run import stages as pl
+
+    monkeypatch.chdir(ROOT)
+    args = {"aoi": "aoi/bahamas_andros.geojson", "raster": "data/rasters/landsat7_bahamas_RGB.byte.tif",
+            "arch": "vit_tiny_patch16_dinov3_test"}
+    res = runner.invoke(app, ["run", "--aoi", args["aoi"], "--raster", args["raster"], "--arch",
+                              args["arch"], "--output-dir", str(tmp_path / "dask"), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = run_folders(tmp_path / "dask")
+    ex = json.loads((run_dir / "provenance.json").read_text())["execution"]
+    assert ex["engine"] == "dask" and ex["n_workers"] == 2
+    assert os.getpid() not in {w["pid"] for w in ex["workers"]}
+    serial = pl.run_local(parse_config({"aoi": args["aoi"], "rasters": [args["raster"]],
+                                        "backbone": {"arch": args["arch"]},
+                                        "output_dir": str(tmp_path / "s")}))
+    for name in ("pca_rgb.tif", "classes.tif"):
+        with rasterio.open(serial / name) as a, rasterio.open(run_dir / name) as b:
+            assert np.array_equal(a.read(), b.read()) and a.transform == b.transform, name
+
+
+def test_cli_engine_flags_are_checked(tmp_path, tiny_config):
+    res = runner.invoke(app, ["run", "--config", str(ROOT / "configs/demo.yaml"), "--workers", "2",
+                              "--dask-address", "tcp://127.0.0.1:8786"])
+    assert res.exit_code == 2 and "give one of them" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dask-address",
+                              "http://127.0.0.1:8786"])
+    assert res.exit_code == 2 and "execution.address" in res.output
+    (tmp_path / "provenance.json").write_text("{}")
+    res = runner.invoke(app, ["resume", str(tmp_path), "--dask-address", "http://127.0.0.1:8786"])
+    assert res.exit_code == 2 and "String should match pattern" in res.output
 
 
 def test_cli_resume(tmp_path, tiny_config):

@@ -113,6 +113,9 @@ def test_two_worker_processes_give_the_serial_outputs_one_date(serial_runs, tmp_
     assert len(pids) == 2 and os.getpid() not in pids  # worker processes, not this one
     assert sorted(c["chunk"] for c in ex["chunks"]) == list(range(len(ex["chunks"])))
     assert {c["pid"] for c in ex["chunks"]} <= pids and all(c["seconds"] > 0 for c in ex["chunks"])
+    for pid in {c["pid"] for c in ex["chunks"]}:  # the backbone is built once per worker, not per chunk
+        mine = [c for c in ex["chunks"] if c["pid"] == pid]
+        assert max(c["models_built_in_process"]["backbone"] for c in mine) == 1
     serial = json.loads((serial_runs["one"] / folder.RECORD).read_text())["execution"]
     assert serial["engine"] == "serial" and {c["pid"] for c in serial["chunks"]} == {os.getpid()}
     assert not (run / folder.INTERMEDIATES).exists()  # dropped once the COGs are made
@@ -122,6 +125,8 @@ def test_two_worker_processes_give_the_serial_outputs_two_dates_with_a_change_he
                                                                                    tmp_path) -> None:
     run = pl.run_local(parse_config(_two_dates_with_head(tmp_path, "dask2", engine="dask", workers=2)))
     n = assert_same_outputs(serial_runs["two"], run)
+    chunks = json.loads((run / folder.RECORD).read_text())["execution"]["chunks"]
+    assert len(chunks) > 2 and all(c["models_built_in_process"] == {"backbone": 1, "head": 1} for c in chunks)
     names = {p.name for p in run.glob("*.tif")}
     assert {"change_probability.tif", "change_binary.tif", "change_mask.tif", "pca_rgb_t2.tif"} <= names
     assert n == len(names)

@@ -94,7 +94,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     timing = {"chunk": chunk, "tiles": n, "rows_written": writer.rows_written, "seconds": round(dt, 3),
               "started": started, "host": socket.gethostname(), "pid": os.getpid(),
               "worker": resources.worker_name(), "device": extractor.device,
-              "peak_rss_mib": resources.peak_rss_mib()}
+              "peak_rss_mib": resources.peak_rss_mib(),
+              "models_built_in_process": dict(resources.BUILDS)}
     ChunkResult(acc.recorded, bottom, writer.hist).save(folder.chunk_path(run_dir, chunk),
                                                timing=np.frombuffer(json.dumps(timing).encode(), np.uint8))
     return timing
@@ -133,8 +134,9 @@ def merge_bands(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> np.ndarray:
         for c in range(1, len(chunks)):
             below = ChunkResult.load(folder.chunk_path(run_dir, c))
             first, end = band_rows(out_grid, chunks, grid.stride, grid.overlap, c)
-            vals, w = merge_band(above, below, out_grid, grid.size, grid.stride, first, end)
-            writer.write_rows(first, vals, w)
+            if end > first:  # tiling.overlap 0: chunks share no row
+                vals, w = merge_band(above, below, out_grid, grid.size, grid.stride, first, end)
+                writer.write_rows(first, vals, w)
             writer.hist += above.hist
             above = below
         writer.hist += above.hist

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 _MODELS: dict[tuple[Any, ...], tuple[Any, CheckpointSpec]] = {}
 _RUNNERS: dict[HeadPlan, HeadRunner] = {}
+BUILDS = {"backbone": 0, "head": 0}  # how many times this process built each (the record shows it per chunk)
 
 
 def clear() -> None:
@@ -45,6 +46,7 @@ def extractor(cfg: RunConfig, plan: RunPlan) -> tuple[FeatureExtractor, Checkpoi
     key = (bb.arch, str(bb.checkpoint), plan.backbone.sha256, bb.seed, bb.in_chans, device)
     if key not in _MODELS:
         _MODELS.clear()
+        BUILDS["backbone"] += 1
         _MODELS[key] = build_backbone(bb.arch, checkpoint=bb.checkpoint,
                                       checkpoint_sha256=plan.backbone.sha256, seed=bb.seed,
                                       accept_licence=bb.accept_licence, in_chans=bb.in_chans)
@@ -81,6 +83,7 @@ def head_runner(plan: RunPlan) -> HeadRunner | None:
         return None
     if plan.head not in _RUNNERS:
         _RUNNERS.clear()
+        BUILDS["head"] += 1
         _RUNNERS[plan.head] = HeadRunner(plan.head)
     return _RUNNERS[plan.head]
 
