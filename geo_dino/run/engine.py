@@ -151,7 +151,7 @@ def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig,
         if 0 < len(chunks) < 4 * n:
             import warnings
 
-            # measured (bench/scale.py, ViT-S/16): 11 chunks on 2 workers ran at 0.88 of one process, 22 at 0.99
+            # measured (bench/scale.py, ViT-S/16): 11 chunks on 2 workers ran at 0.88 of one process, 22: 0.99
             warnings.warn(f"{len(chunks)} chunks for {n} workers: some workers will wait at the end; lower "
                           "tiling.chunk_tiles for four chunks or more per worker", stacklevel=2)
         futures = [client.submit(chunk_task, str(run_dir), c, execution.threads_per_worker,
