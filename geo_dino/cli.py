@@ -432,6 +432,108 @@ def eval_linear(data: _DataArg, arch: _Arch = None, checkpoint: _Ckpt = None, ch
           batch_size, bands, value_range, test_fraction, seed, device, out, val_fraction=val_fraction)
 
 
+record_app = typer.Typer(help="A run's deployment record: the six parts, who decided, what is missing.",
+                         no_args_is_help=True)
+app.add_typer(record_app, name="record")
+
+
+def _record_of(run_dir: Path) -> dict[str, Any]:
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.run.deployment import make_record
+
+    if not (run_dir / RECORD).is_file():
+        _fail(f"{run_dir} is not a run folder (no provenance.json)")
+    try:
+        return make_record(run_dir)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+@record_app.command("show")
+def record_show(run_dir: Path, as_json: Annotated[bool, typer.Option(
+        "--json", help="the JSON record instead of the tables")] = False) -> None:
+    """Print the run's deployment record as it stands now (made from its folder)."""
+    from geo_dino.governance.deployment import to_markdown
+
+    rec = _record_of(run_dir)
+    typer.echo(json.dumps(rec, indent=2, ensure_ascii=False) if as_json else to_markdown(rec))
+
+
+@record_app.command("check")
+def record_check(run_dir: Path) -> None:
+    """Say what the run's deployment record lacks (unknown fields) or what is stale (a checkpoint past its
+    retirement); exit 1 when anything is, 0 when the record is complete."""
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.governance.deployment import incomplete, validate
+
+    rec = _record_of(run_dir)
+    try:
+        validate(rec)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    missing = incomplete(rec)
+    retire = rec["governance_route"]["retirement"]
+    stale = isinstance(retire.get("value"), dict) and retire["value"].get("stale")
+    for name in missing:
+        part, field = name.split(".", 1)
+        why = rec[part][field].get("value")
+        typer.echo(f"unknown: {name}" + (f" ({why})" if why else "") + f" — decided by: "
+                   f"{rec[part][field]['decided_by']}")
+    if stale:
+        typer.echo(f"stale: governance_route.retirement (due {retire['value'].get('due')})")
+    if missing or stale:
+        typer.secho(f"{run_dir.name}: the deployment record is incomplete ({len(missing)} unknown"
+                    + (", checkpoint stale" if stale else "") + ")", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.secho(f"{run_dir.name}: the deployment record is complete (every field filled or not applicable)",
+                fg=typer.colors.GREEN)
+
+
+governance_app = typer.Typer(help="The governance fields a run or a deployment must fill.",
+                             no_args_is_help=True)
+app.add_typer(governance_app, name="governance")
+
+
+@governance_app.command("check")
+def governance_check(path: Path, deployment: Annotated[bool, typer.Option(
+        help="check a run config as a scheduled deployment's (a prefect.yaml's always are)")] = False) -> None:
+    """Check a run config, or every run_aoi deployment of a prefect.yaml, against its governance policy:
+    exit 1 naming each missing field. flows/prefect.yaml runs this as a build step, so `prefect deploy`
+    refuses a deployment that lacks them."""
+    import yaml
+
+    from geo_dino.config import load_config
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.governance.deployment import check_governance
+
+    if not path.is_file():
+        _fail(f"{path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        _fail(f"{path}: not YAML ({exc})")
+    targets: list[tuple[str, Path, bool]] = []
+    if isinstance(doc, dict) and "deployments" in doc:
+        for dep in doc.get("deployments") or []:
+            if str(dep.get("entrypoint", "")).endswith(":run_aoi"):
+                cfg_path = (dep.get("parameters") or {}).get("config_path")
+                if not cfg_path:
+                    _fail(f"deployment {dep.get('name')}: run_aoi without parameters.config_path", 1)
+                targets.append((f"deployment {dep.get('name')}", Path(cfg_path), True))
+    else:
+        targets.append((str(path), path, deployment))
+    failed = 0
+    for where, cfg_path, as_deployment in targets:
+        try:
+            check_governance(load_config(cfg_path).governance, deployment=as_deployment, where=where)
+            typer.echo(f"{where}: governance fields complete")
+        except GeoDinoError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            failed += 1
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     """Run the ``geo-dino`` command line and exit with its status."""
     sys.exit(app())

@@ -185,6 +185,42 @@ class HeadsConfig(ConfigModel):
     cube: bool = False
 
 
+Answer = Literal["yes", "no", "unknown"]
+
+
+class GovernanceConfig(ConfigModel):
+    """The human-decided fields of a run's deployment record (:mod:`geo_dino.governance.deployment`).
+
+    Fields left unset here are taken from ``file`` (a ``governance.yaml`` a deployment points to, with the
+    same keys); what is still unset is recorded as ``unknown``, "not declared" — never left blank. The
+    ``policy`` names the fields a scheduled deployment must fill (it is refused without them) and what a stale
+    checkpoint does. ``decided_by`` is who answered (a person or a board); ``decided_by_fields`` names another
+    for single fields.
+    """
+
+    file: Path | None = None
+    policy: Path | None = None  # None: the built-in policy (geo_dino.governance.deployment.DEFAULT_POLICY)
+    decided_by: str | None = None
+    decided_by_fields: dict[str, str] = Field(default_factory=dict)
+    # pipeline boundary
+    outputs_reviewed_before_use: Answer | None = None
+    reviewer: str | None = None
+    logging: str | None = None
+    automated_actions: str | None = None  # what is done with the outputs without a person; "none" if nothing
+    calibration: str | None = None
+    # people and places: what no computation answers
+    faces: Answer | None = None
+    homes: Answer | None = None
+    workplaces: Answer | None = None
+    medical_data: Answer | None = None
+    # governance route
+    privacy_assessment: str | None = None
+    data_protection_basis: str | None = None
+    security_review: str | None = None
+    appeal_path: str | None = None
+    monitoring_plan: str | None = None
+
+
 class ExecutionConfig(ConfigModel):
     """Where a run's chunk tasks run (:mod:`geo_dino.run.engine`); the outputs are the same on every engine.
 
@@ -224,6 +260,7 @@ class RunConfig(TopLevelConfig):
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
 
     @field_validator("rasters")
     @classmethod
@@ -257,6 +294,8 @@ class RunConfig(TopLevelConfig):
             "heads": self.heads if self.heads.supervised is None else self.heads.model_copy(update={
                 "supervised": self.heads.supervised.model_copy(
                     update={"path": fix(self.heads.supervised.path)})}),
+            "governance": self.governance.model_copy(update={
+                "file": fix(self.governance.file), "policy": fix(self.governance.policy)}),
         })
 
 

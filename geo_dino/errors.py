@@ -57,3 +57,8 @@ class CubeError(GeoDinoError, ValueError):
 
 class STACError(GeoDinoError, ValueError):
     """A STAC document could not be built or does not validate against its (bundled) schemas."""
+
+
+class GovernanceError(GeoDinoError, ValueError):
+    """A deployment record that is incomplete where the governance policy requires it, or a bad governance
+    file or policy."""

@@ -30,7 +30,8 @@ SCHEMA = "geo_dino.provenance/1"
 _DISTRIBUTIONS: dict[str, str] = {
     "torch": "torch", "timm": "timm", "numpy": "numpy", "rasterio": "rasterio", "shapely": "shapely",
     "geopandas": "geopandas", "pyproj": "pyproj", "xarray": "xarray", "dask": "dask", "prefect": "prefect",
-    "pydantic": "pydantic", "rio_cogeo": "rio-cogeo", "safetensors": "safetensors",
+    "pydantic": "pydantic", "rio_cogeo": "rio-cogeo", "safetensors": "safetensors", "zarr": "zarr",
+    "distributed": "distributed", "prefect_dask": "prefect-dask",
 }
 
 

@@ -88,6 +88,11 @@ class ArchSpec:
     # (preprocess.scale: range, preprocess.value_range); None: mean/std apply to the run's own [0, 1] scaling
     value_range: tuple[float, float] | None = None
     published: PublishedWeights | None = None  # the one published file of this entry, pinned by sha256
+    # retirement of the weights (deployment record, governance route): after this date (ISO), or when the last
+    # review (reviewed_on) is older than review_interval_days, a run warns or refuses (governance policy)
+    retire_after: str | None = None
+    review_interval_days: int | None = None
+    reviewed_on: str | None = None
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(timm_name, ...)``: a copy of ``timm_overrides``, with
@@ -190,7 +195,8 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in (
     # imagery and shipped in models/ (Apache-2.0: our own weights, no gated licence)
     ArchSpec("vit_tiny_patch8_geo", "dinov3", "vit_small_patch16_dinov3", 8, 192, 6, 3, 4, True, "mlp",
              APACHE, training_data="geo_dino DINO pretraining on bundled NAIP (5 m) and Landsat imagery",
-             timm_overrides={"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 8}),
+             timm_overrides={"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 8},
+             review_interval_days=365, reviewed_on="2026-11-26"),
     # a tiny DINOv3-architecture ViT (RoPE, 4 registers) so tests run the whole pipeline in seconds on CPU
     ArchSpec("vit_tiny_patch16_dinov3_test", "test", "vit_small_patch16_dinov3", 16, 48, 2, 2, 4, True, "mlp",
              "n/a (test architecture, random weights)",

@@ -105,6 +105,20 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def write_deployment_record(run_dir: Path) -> Path | None:
+    """Write the run's deployment record (:mod:`geo_dino.run.deployment`) as it stands. For a run that is
+    stopping (refused, failed) a record that cannot be made does not hide why the run stopped: the reason
+    goes into the provenance record instead, and None is returned."""
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.run.deployment import write_record
+
+    try:
+        return write_record(run_dir)
+    except (GeoDinoError, OSError, ValueError) as exc:
+        update_record(run_dir, deployment_record_error=f"{type(exc).__name__}: {exc}")
+        return None
+
+
 def records_failure(stage: Callable[P, R]) -> Callable[P, R]:
     """Decorator for a stage whose first argument is the run folder: if it raises, the record's status
     becomes ``failed`` with the error (unless it is already ``refused`` or ``failed``), then it re-raises."""
@@ -120,6 +134,7 @@ def records_failure(stage: Callable[P, R]) -> Callable[P, R]:
             if read_record(run_dir).get("status") not in ("refused", "failed"):
                 update_record(run_dir, status="failed",
                               error=f"{stage.__name__}: {type(exc).__name__}: {exc}")
+                write_deployment_record(run_dir)
             raise
 
     return wrapper

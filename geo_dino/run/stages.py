@@ -53,6 +53,16 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
                   git=git_info(), prefect={"flow_run_id": flow_run_id, "deployment": deployment},
                   status="started")
     record.write()
+    from geo_dino.errors import GeoDinoError
+    from geo_dino.governance.deployment import check_governance
+
+    try:  # the governance policy's required fields, before anything else (a deployment's are stricter)
+        check_governance(cfg.governance, deployment=deployment is not None,
+                         where=f"deployment {deployment}" if deployment else "")
+    except GeoDinoError as exc:
+        update_record(run_dir, status="refused", error=str(exc))
+        folder.write_deployment_record(run_dir)
+        raise
     return run_dir
 
 
@@ -72,6 +82,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
         refusal = {"action": "refused", "allowed": False, "hits": [], "reason": f"invalid AOI: {exc}"}
         write_json_atomic(run_dir / folder.SCREENING, refusal)
         update_record(run_dir, status="failed", error=str(exc), screening=refusal)
+        folder.write_deployment_record(run_dir)
         raise
     update_record(run_dir, aoi=aoi.to_record())
     try:
@@ -82,6 +93,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
                    "reason": f"the screen cannot run (fails closed): {exc}"}
         write_json_atomic(run_dir / folder.SCREENING, refusal)
         update_record(run_dir, status="refused", screening=refusal)
+        folder.write_deployment_record(run_dir)
         raise
     decision = screen(aoi.geometry, registry, policy, approval=cfg.screening.approval, aoi_sha256=aoi.sha256)
     write_decision(decision, run_dir)
@@ -91,6 +103,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
         enforce(decision)
     except RunRefused:
         update_record(run_dir, status="refused")
+        folder.write_deployment_record(run_dir)
         raise
     return {"action": decision.action, "allowed": decision.allowed, "hits": len(decision.hits)}
 
@@ -104,10 +117,34 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = load_config(run_dir)
     plan = make_plan(cfg, run_dir / folder.TILE_INDEX, partial(update_record, run_dir))
+    check_retirement(run_dir, plan.backbone.arch, cfg)
     (run_dir / folder.WORK).mkdir(exist_ok=True)
     folder.save_plan(run_dir, plan)
     timed(run_dir, "plan", t0)
     return {"n_tiles": plan.tiling.n_tiles, "n_chunks": plan.tiling.n_chunks, "region": list(plan.region)}
+
+
+def check_retirement(run_dir: Path, arch: str, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint's retirement condition (backbone registry): past it, warn or refuse per the governance
+    policy; recorded either way."""
+    import warnings
+
+    from geo_dino.errors import GovernanceError
+    from geo_dino.governance.deployment import load_policy
+    from geo_dino.run.deployment import retirement_of
+
+    policy = load_policy(cfg.governance.policy)
+    field = retirement_of({"backbone": {"arch": arch}}, policy)
+    value = field.get("value") if field["status"] == "filled" else None
+    update_record(run_dir, retirement=field)
+    if isinstance(value, dict) and value.get("stale"):
+        msg = (f"backbone {arch} is past its retirement condition (due {value.get('due')}; backbone "
+               "registry): review the weights and record the review (reviewed_on), or choose other weights")
+        if policy.stale_checkpoint == "refuse":
+            update_record(run_dir, status="refused", error=msg)
+            raise GovernanceError(msg + f" (the governance policy {cfg.governance.policy} refuses)")
+        warnings.warn(msg, stacklevel=2)
+    return field
 
 
 @records_failure
@@ -148,7 +185,8 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
     heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None,
                            seed=kcfg.seed if kcfg else 0)
     heads.save(run_dir / folder.HEADS)
-    update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device},
+    n_params = sum(int(p.numel()) for p in extractor.model.parameters())
+    update_record(run_dir, backbone=spec.to_dict() | {"device": extractor.device, "parameters": n_params},
                   heads={"pca": cfg.heads.pca, "kmeans_k": heads.k, "fit_tiles": len(idx),
                          "fit_patches": int(samples.shape[0]), "change": plan.n_dates == 2},
                   **({"change": change.to_record() | {"fit_pixels": int(fd.size)}} if change is not None
@@ -273,10 +311,13 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
         p.unlink()
     shutil.rmtree(run_dir / folder.INTERMEDIATES, ignore_errors=True)
     from geo_dino.outputs import stac
+    from geo_dino.run.deployment import write_record
+
     key = stac.collection_key(run_dir)
     update_record(run_dir, status="succeeded", finished_at=datetime.now(UTC).isoformat(),
                   timings=timings or {}, stac_item=stac.ITEM_FILE,
                   stac_collection=stac.collection_href(key, from_run=True))
+    write_record(run_dir)  # a succeeded run's record must be complete and valid: no catch-all here
     # after the last write to the record (the Item holds its checksum); then the Collection of the run's
     # deployment (or config name) in the output folder, rewritten over all of its finished runs
     stac.validate_item(stac.write_item(run_dir, collection=key))
