@@ -295,7 +295,7 @@ def _name(value: Any) -> str:
 
 def _sensitive_sites(screening: Mapping[str, Any] | None) -> dict[str, Any]:
     if screening is None:
-        return {"sites": None, "count": None, "action": None, "decided_by": "not screened"}
+        return {"sites": None, "count": None, "action": None, "reason": None, "decided_by": "not screened"}
     if not isinstance(screening, Mapping) or not isinstance(screening.get("hits"), list):
         raise ScreeningError("the screening decision has no 'hits' list; pass Decision.to_dict() of "
                              "geo_dino.governance.screening.screen")
@@ -310,7 +310,7 @@ def _sensitive_sites(screening: Mapping[str, Any] | None) -> dict[str, Any]:
                       "category": str(hit["category"]), "action": str(hit["action"]),
                       "distance_m": round(float(hit["distance_m"]), 1)})
     return {"sites": sites, "count": len(sites), "action": screening.get("action"),
-            "decided_by": DECIDED_SCREENING}
+            "reason": screening.get("reason"), "decided_by": DECIDED_SCREENING}
 
 
 def _urban(metric: _Metric, layers: Path, near_m: float) -> dict[str, Any]:
