@@ -298,7 +298,10 @@ def make_record(run_dir: Path) -> dict[str, Any]:
            "pipeline_boundary": _pipeline(rec, cfg, fields, head),
            "evaluation_boundary": _evaluation(head, rec),
            "people_and_places": _people(rec, fields),
-           "governance_route": _route(rec, fields, policy, retirement_of(rec, policy))}
+           "governance_route": _route(rec, fields, policy, retirement_of(
+               {"backbone": {"arch": (rec.get("backbone") or {}).get("arch")
+                             or ((plan or {}).get("backbone") or {}).get("arch")
+                             or (rec.get("retirement") or {}).get("arch")}}, policy))}
     return out
 
 

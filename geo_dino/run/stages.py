@@ -136,12 +136,13 @@ def check_retirement(run_dir: Path, arch: str, cfg: RunConfig) -> dict[str, Any]
     policy = load_policy(cfg.governance.policy)
     field = retirement_of({"backbone": {"arch": arch}}, policy)
     value = field.get("value") if field["status"] == "filled" else None
-    update_record(run_dir, retirement=field)
+    update_record(run_dir, retirement={"arch": arch} | field)
     if isinstance(value, dict) and value.get("stale"):
         msg = (f"backbone {arch} is past its retirement condition (due {value.get('due')}; backbone "
                "registry): review the weights and record the review (reviewed_on), or choose other weights")
         if policy.stale_checkpoint == "refuse":
             update_record(run_dir, status="refused", error=msg)
+            folder.write_deployment_record(run_dir)
             raise GovernanceError(msg + f" (the governance policy {cfg.governance.policy} refuses)")
         warnings.warn(msg, stacklevel=2)
     return field
