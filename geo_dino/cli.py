@@ -496,7 +496,7 @@ app.add_typer(governance_app, name="governance")
 
 @governance_app.command("check")
 def governance_check(path: Path, deployment: Annotated[bool, typer.Option(
-        help="check a run config as a scheduled deployment's (a prefect.yaml's always are)")] = False) -> None:
+        help="check a run config as a deployment's (a prefect.yaml's always are)")] = False) -> None:
     """Check a run config, or every run_aoi deployment of a prefect.yaml, against its governance policy:
     exit 1 naming each missing field. flows/prefect.yaml runs this as a build step, so `prefect deploy`
     refuses a deployment that lacks them."""

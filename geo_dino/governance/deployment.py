@@ -80,14 +80,14 @@ class GovernancePolicy(BaseModel):
 
 
 #: the policy of a config that names none (the same as configs/governance_policy.yaml)
-DEFAULT_REQUIRED_FOR_DEPLOYMENTS = ("decided_by", "privacy_assessment", "data_protection_basis", "appeal_path",
-                                    "monitoring_plan", "outputs_reviewed_before_use")
+DEFAULT_REQUIRED_FOR_DEPLOYMENTS = ("decided_by", "privacy_assessment", "data_protection_basis",
+                                    "appeal_path", "monitoring_plan", "outputs_reviewed_before_use")
 
 
 def default_policy() -> GovernancePolicy:
     """The built-in policy: nothing required of ad-hoc runs; a scheduled deployment must name who decided,
-    the privacy assessment, the data-protection basis, the appeal path, the monitoring plan and whether outputs
-    are reviewed; a stale checkpoint warns."""
+    the privacy assessment, the data-protection basis, the appeal path, the monitoring plan and whether
+    outputs are reviewed; a stale checkpoint warns."""
     return GovernancePolicy(required_for_deployments=list(DEFAULT_REQUIRED_FOR_DEPLOYMENTS))
 
 
