@@ -92,6 +92,25 @@ def test_the_nassau_run_names_the_airport_hit_and_the_people_there(nassau_run) -
                                                                             "deployment)"}
 
 
+def test_the_stac_item_and_the_tags_agree_with_the_record(nassau_run) -> None:
+    import rasterio
+
+    rec = _record(nassau_run)
+    item = json.loads((nassau_run / "stac_item.json").read_text())
+    assert item["properties"]["geo_dino:deployment_record"] == dr.summary(rec)
+    s = dr.summary(rec)
+    hits = rec["people_and_places"]["sensitive_sites_hit"]["value"]
+    assert s["complete"] and s["sites_hit"] == hits["count"] >= 1
+    assert s["weights_kind"] == rec["training_lineage"]["weights_kind"]["value"]
+    assert {"deployment_record", "deployment_record_md"} <= set(item["assets"])
+    assert any(lk["rel"] == "describedby" and lk["href"] == dr.MD_FILE for lk in item["links"])
+    with rasterio.open(nassau_run / "classes.tif") as src:
+        tags = src.tags()
+    assert tags["GEO_DINO_EVALUATION"].startswith("unvalidated") == \
+        rec["evaluation_boundary"]["statement"]["value"].startswith("unvalidated")
+    assert tags["GEO_DINO_DEPLOYMENT_RECORD"].startswith(dr.JSON_FILE)
+
+
 def test_record_check_passes_a_complete_record_and_show_prints_it(nassau_run) -> None:
     res = runner.invoke(app, ["record", "check", str(nassau_run)])
     assert res.exit_code == 0, res.output
@@ -141,6 +160,10 @@ def test_a_trained_head_run_carries_its_test_and_is_task_headed(tmp_path) -> Non
     assert pb["labels"]["value"]["sha256"] == head["lineage"]["labels"]["sha256"]
     assert pb["thresholds"]["value"]["change"]["method"] == "minimum-error"
     assert pb["calibration"]["value"].startswith("none")
+    import rasterio
+
+    with rasterio.open(run / "change_probability.tif") as src:
+        assert f"mIoU {head['metrics']['test']['miou']:.3f}" in src.tags()["GEO_DINO_EVALUATION"]
 
 
 def test_refused_and_denied_runs_have_a_record(tmp_path, tiny_config) -> None:

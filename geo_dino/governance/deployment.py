@@ -223,6 +223,31 @@ def incomplete(record: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record in a few keys (the STAC Item's ``geo_dino:deployment_record``): per part how many fields
+    are filled, not applicable and unknown, the unknown ones, and the headline of each part."""
+    def value(part: str, name: str) -> Any:
+        return (record.get(part) or {}).get(name, {}).get("value")
+
+    counts = {part: {st: sum(1 for f in record[part].values() if f["status"] == st)
+                     for st in ("filled", "not_applicable", "unknown")} for part in PARTS}
+    sites = value("people_and_places", "sensitive_sites_hit")
+    urban = value("people_and_places", "urban_areas")
+    resolution = value("people_and_places", "resolution")
+    route = value("governance_route", "route")
+    return {"schema": record["schema"], "href": JSON_FILE, "run_status": record["run_status"],
+            "complete": not incomplete(record), "unknown": incomplete(record), "parts": counts,
+            "backbone_family": value("backbone", "family"),
+            "checkpoint_sha256": value("backbone", "checkpoint_sha256"),
+            "weights_kind": value("training_lineage", "weights_kind"),
+            "evaluation": value("evaluation_boundary", "statement"),
+            "sites_hit": sites.get("count") if isinstance(sites, dict) else None,
+            "urban_overlap": urban.get("overlaps") if isinstance(urban, dict) else None,
+            "could_resolve_people": (resolution.get("could_resolve_people") if isinstance(resolution, dict)
+                                     else None),
+            "route": route.get("action") if isinstance(route, dict) else None}
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"

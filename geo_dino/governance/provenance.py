@@ -272,4 +272,17 @@ def geotiff_tags(record: dict[str, Any]) -> dict[str, str]:
         "GEO_DINO_SCREENING": _first(record.get("screening"), "action", "decision", "outcome", "status"),
         "GEO_DINO_GIT_COMMIT": commit,
         "GEO_DINO_VERSION": _first(record.get("software"), "geo_dino"),
+        "GEO_DINO_EVALUATION": _evaluation_tag(record),
+        "GEO_DINO_DEPLOYMENT_RECORD": "deployment_record.json (six parts; deployment_record.md for people)",
     }
+
+
+def _evaluation_tag(record: dict[str, Any]) -> str:
+    """Part 4 of the deployment record in one line: a trained head's own test, or unvalidated."""
+    head = record.get("supervised_head")
+    if not isinstance(head, dict):
+        return "unvalidated: label-free outputs, no labelled test"
+    test = (head.get("metrics") or {}).get("test") or {}
+    miou = test.get("miou")
+    return (f"trained head: test mIoU {miou:.3f} on {test.get('pixels')} held-out pixels (the provider's own "
+            "test)" if isinstance(miou, (int, float)) else "trained head without test metrics")

@@ -273,11 +273,28 @@ def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
     }
     if rec.get("supervised_head"):
         props["geo_dino:supervised_head"] = rec["supervised_head"]
+    from geo_dino.governance.deployment import JSON_FILE, MD_FILE, summary
+
+    record_file = run_dir / JSON_FILE
+    if record_file.is_file():  # the six parts, summed up; the whole record is an asset
+        props["geo_dino:deployment_record"] = summary(json.loads(record_file.read_text()))
+        assets["deployment_record"] = pystac.Asset(record_file.name, title="deployment record",
+                                                   media_type="application/json", roles=["metadata"],
+                                                   extra_fields=_file_fields(record_file))
+        md = run_dir / MD_FILE
+        if md.is_file():
+            assets["deployment_record_md"] = pystac.Asset(md.name, title="deployment record (for people)",
+                                                          media_type="text/markdown", roles=["metadata"],
+                                                          extra_fields=_file_fields(md))
     item = pystac.Item(rec["run_id"], geometry, bbox, created, props, assets=assets,
                        collection=_safe_key(collection) if collection else None)
     if collection:
         item.add_link(pystac.Link("collection", collection_href(collection, from_run=True),
                                   media_type="application/json", title=collection))
+    if record_file.is_file():
+        item.add_link(pystac.Link("describedby", MD_FILE, media_type="text/markdown",
+                                  title="deployment record: backbone, lineage, pipeline and evaluation "
+                                        "boundaries, people and places, governance route"))
     for asset in item.assets.values():  # register the extensions the asset fields use
         if "proj:shape" in asset.extra_fields:
             ProjectionExtension.ext(asset, add_if_missing=True)
