@@ -70,7 +70,9 @@ def test_a_label_free_run_has_every_part_and_says_it_is_unvalidated(nassau_run) 
         "backbone"]["sha256"]
     assert bb["parameters"]["value"] > 1_000_000 and bb["register_tokens"]["value"] == 4
     lin = rec["training_lineage"]
-    assert "geo_dino" in lin["pretraining_rasters"]["value"] and lin["model_card"]["value"].endswith(".md")
+    used = lin["pretraining_rasters"]["value"]["rasters"]  # the user's own rasters, with their hashes
+    assert len(used) == 3 and all(len(r["sha256"]) == 64 for r in used)
+    assert lin["model_card"]["value"].endswith(".md")
     assert lin["weights_kind"]["value"].startswith("satellite-pretrained")
     ev = rec["evaluation_boundary"]
     assert ev["statement"]["value"].startswith("unvalidated") and ev["metrics"]["status"] == "not_applicable"

@@ -89,7 +89,12 @@ def _lineage(rec: dict[str, Any], head: dict[str, Any] | None) -> dict[str, Any]
     rasters: dict[str, Any]
     if own:
         card = Path(str(bb.get("source", ""))).with_suffix(".md")
-        rasters = filled(bb.get("training_lineage"), "checkpoint metadata")
+        meta = _read(card.with_suffix(".json")) or {}
+        used = [{"path": r.get("path"), "sha256": r.get("sha256")}
+                for r in (meta.get("data") or {}).get("rasters") or []]
+        rasters = (filled({"rasters": used, "summary": bb.get("training_lineage")},
+                          f"checkpoint metadata ({card.with_suffix('.json').name})") if used
+                   else filled(bb.get("training_lineage"), "checkpoint metadata"))
         model_card = filled(str(card), "checkpoint metadata") if card.is_file() else \
             unknown("checkpoint metadata", f"no model card beside the checkpoint ({card.name})")
     else:
