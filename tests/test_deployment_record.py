@@ -64,6 +64,8 @@ def test_a_label_free_run_has_every_part_and_says_it_is_unvalidated(nassau_run) 
     rec = _record(nassau_run)
     _md_agrees(nassau_run, rec)
     assert rec["run_status"] == "succeeded"
+    prov = json.loads((nassau_run / "provenance.json").read_text())["deployment_record"]
+    assert {p: prov[p] for p in dr.PARTS} == {p: rec[p] for p in dr.PARTS}  # the six parts, in both
     bb = rec["backbone"]
     assert bb["family"]["value"] == "dinov3" and bb["architecture"]["value"] == "vit_tiny_patch8_geo"
     assert bb["checkpoint_sha256"]["value"] == json.loads((nassau_run / "provenance.json").read_text())[

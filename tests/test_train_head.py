@@ -318,3 +318,30 @@ def test_head_alone_fills_in_backbone_checkpoint_and_bands(taizhou_head, tmp_pat
     assert rec["status"] == "succeeded"
     assert rec["supervised_head"]["inputs"]["bands"]["backbone"][0]["index"] == 3
     assert (run / "change_probability.tif").is_file() and (run / "change_mask.tif").is_file()
+
+
+def test_a_head_keeps_its_worst_test_tiles_and_test_region_for_the_deployment_record(taizhou_head,
+                                                                                     tmp_path) -> None:
+    """Failure examples: the worst test tiles as PNGs beside the head, named in its metadata and in a run's
+    deployment record with the test region's bounds."""
+    from PIL import Image
+
+    from geo_dino.governance import deployment as dr
+
+    m = json.loads((taizhou_head / METRICS).read_text())
+    fails = m["failure_examples"]
+    assert 1 <= len(fails) <= 4
+    assert [f["error_rate"] for f in fails] == sorted((f["error_rate"] for f in fails), reverse=True)
+    for f in fails:
+        with Image.open(taizhou_head / f["png"]) as im:
+            assert im.format == "PNG" and im.size[0] > im.size[1] > 0  # labels | prediction | errors
+    run = pl.run_local(parse_config(_run_cfg(tmp_path, "aoi/taizhou.geojson",
+                                             [TAIZHOU / "taizhou_L7ETM_2000-03-17.tif",
+                                              TAIZHOU / "taizhou_L7ETM_2003-02-06.tif"], taizhou_head,
+                                             bands=[3, 2, 1])))
+    ev = json.loads((run / dr.JSON_FILE).read_text())["evaluation_boundary"]
+    assert ev["failure_examples"]["status"] == "filled"
+    assert all(Path(f["png"]).is_file() for f in ev["failure_examples"]["value"])
+    region = ev["test_region"]["value"]
+    w, s, e, n = region["bounds_4326"]
+    assert 119.7 < w < e < 120.1 and 32.3 < s < n < 32.7 and region["tiles"] > 0  # Taizhou, China

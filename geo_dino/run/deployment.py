@@ -191,7 +191,9 @@ def _evaluation(head: dict[str, Any] | None, rec: dict[str, Any]) -> dict[str, A
     gsd = (rec.get("gsd") or {}).get("input_m")
     per_class = test.get("per_class") or {}
     region = split.get("test_region") or split.get("test_bounds")
-    fails = head.get("failure_examples")
+    fails = (head.get("lineage") or {}).get("failure_examples")
+    if fails and head.get("path"):  # the PNGs lie beside the head file
+        fails = [f | {"png": str(Path(str(head["path"])).parent / f["png"])} for f in fails]
     return {
         "statement": filled("the head's own held-out test, made when it was trained", "head metadata"),
         "metrics": (filled({k: test.get(k) for k in ("miou", "macro_f1", "overall_accuracy", "pixels")},
@@ -286,7 +288,7 @@ def make_record(run_dir: Path) -> dict[str, Any]:
     from geo_dino.config import GovernanceConfig
 
     run_dir = Path(run_dir)
-    rec = _read(run_dir / RECORD) or {}
+    rec = {k: v for k, v in (_read(run_dir / RECORD) or {}).items() if k != "deployment_record"}
     cfg = _read(run_dir / CONFIG) or {}
     plan = _read(run_dir / PLAN)
     if not rec.get("screening"):
@@ -311,6 +313,14 @@ def make_record(run_dir: Path) -> dict[str, Any]:
 
 
 def write_record(run_dir: Path) -> Path:
-    """Assemble, validate and write the run's deployment record (JSON and markdown); the JSON's path."""
-    js, _ = dr.write(run_dir, make_record(run_dir))
+    """Assemble, validate and write the run's deployment record (``deployment_record.json`` and ``.md``),
+    and put its six parts in the provenance record too (section ``deployment_record``); the JSON's path."""
+    from geo_dino.governance.provenance import ProvenanceRecord
+
+    record = make_record(run_dir)
+    js, _ = dr.write(run_dir, record)
+    prov = ProvenanceRecord.open(Path(run_dir) / RECORD)
+    prov.update(deployment_record={k: v for k, v in record.items() if k != "schema"} | {
+        "schema": record["schema"], "path": dr.JSON_FILE})
+    prov.write()
     return js

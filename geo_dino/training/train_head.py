@@ -266,7 +266,9 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                             "labelled_pixels": [int((y != IGNORE).sum()) for y in y_all]})
     split = {r: [i for i, role in enumerate(roles) if role == r]
              for r in ("fit", "early_stopping", "test", "dropped")}
-    write_json_atomic(run_dir / "work" / "split.json", split)
+    test_region = _region_of(grid, [used[i] for i in split["test"]])
+    write_json_atomic(run_dir / "work" / "split.json",
+                      split | {"cells": [[t.index, t.grid_row, t.grid_col] for t in used]})
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
     handed = TrainingInputs(
         backbone=spec.to_dict() | {"device": extractor.device, "layers": list(layers)}, layers=tuple(layers),
@@ -276,7 +278,8 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                             if cfg.head.spectral else [])},
         preprocessing=pre.to_dict(), inputs=inputs, labels=label_record,
         split={"tile_size": cfg.tile_size, "tiles_with_labels": len(used),
-               **{r: len(v) for r, v in split.items()}, "settings": s.model_dump()})
+               **{r: len(v) for r, v in split.items()}, "settings": s.model_dump(),
+               "test_region": test_region})
     handed.save(run_dir)
     update_record(run_dir, inputs=inputs, labels=label_record | {"stats": label_stats(labels, table)},
                   backbone=handed.backbone,
@@ -285,6 +288,63 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
                   preprocessing=handed.preprocessing, bands=handed.bands, split=handed.split)
     update_record(run_dir, timings={"features": round(time.perf_counter() - t0, 3)})
     return {"tiles": len(used), "channels": int(x_all.shape[1]), **{r: len(v) for r, v in split.items()}}
+
+
+def _region_of(grid: Any, tiles: list[Any]) -> dict[str, Any] | None:
+    """Where the test tiles lie: their bounds in the grid's CRS and in EPSG:4326 (lon/lat)."""
+    from rasterio.warp import transform_bounds
+
+    if not tiles:
+        return None
+    boxes = [grid.bounds(t.box.intersection(grid.box) or t.box) for t in tiles]
+    b = (min(x[0] for x in boxes), min(x[1] for x in boxes), max(x[2] for x in boxes),
+         max(x[3] for x in boxes))
+    lonlat = transform_bounds(grid.crs, "EPSG:4326", *b, densify_pts=21)
+    return {"crs": str(grid.crs), "bounds": [float(v) for v in b],
+            "bounds_4326": [round(v, 6) for v in lonlat], "tiles": len(tiles)}
+
+
+FAILURES = "failures"  # the worst test tiles as PNGs, beside the head
+
+
+def write_failure_examples(run_dir: Path, pred: np.ndarray, truth: np.ndarray, test: np.ndarray,
+                           cells: list[list[int]], table: Any, k: int = 4) -> list[dict[str, Any]]:
+    """The ``k`` test tiles with the highest error rate on labelled pixels, each a small PNG (labels |
+    prediction | errors in red) in ``failures/`` beside the head; their records (tile, error rate, file)."""
+    from PIL import Image
+
+    from geo_dino.files import atomic_write
+    from geo_dino.inputs.labels import IGNORE
+
+    lut = np.full((256, 3), 128, np.uint8)  # unlabelled / unknown values grey
+    for c in table.classes:
+        lut[int(c.value)] = c.colour
+    rates = []
+    for j in range(len(test)):
+        ok = truth[j] != IGNORE
+        n = int(ok.sum())
+        if n:
+            rates.append((float((pred[j][ok] != truth[j][ok]).mean()), n, j))
+    rates.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    out = []
+    (run_dir / FAILURES).mkdir(exist_ok=True)
+    for rate, n, j in rates[:k]:
+        index, row, col = cells[int(test[j])]
+        t, p = truth[j].astype(np.int64), pred[j].astype(np.int64)
+        err = np.zeros(t.shape + (3,), np.uint8)
+        err[(t != IGNORE) & (p != t)] = (220, 30, 30)
+        err[(t != IGNORE) & (p == t)] = (235, 235, 235)
+        gap = np.full((t.shape[0], 2, 3), 255, np.uint8)
+        img = np.concatenate([lut[np.clip(t, 0, 255)], gap, lut[np.clip(p, 0, 255)], gap, err], axis=1)
+        name = f"{FAILURES}/test_tile_{index:05d}.png"
+
+        def save(tmp: Path, arr: np.ndarray = img) -> None:
+            Image.fromarray(arr).save(tmp, format="PNG")
+
+        atomic_write(run_dir / name, save, suffix=".png")
+        out.append({"tile": int(index), "grid_row": int(row), "grid_col": int(col),
+                    "error_rate": round(rate, 4), "labelled_pixels": n, "png": name})
+    return out
 
 
 @records_failure
@@ -339,9 +399,10 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
                      val_spectral=None if sp is None else sp[stop])
     sp_test = None if sp is None else sp[test]
     test_metrics = evaluate_head(res.head, x[test], y[test], table, spectral=sp_test)
-    pred = values_to_indices(predict_values(res.head, x[test], y.shape[-2:], table.values, spectral=sp_test),
-                             table.values)
+    pred_values = predict_values(res.head, x[test], y.shape[-2:], table.values, spectral=sp_test)
+    pred = values_to_indices(pred_values, table.values)
     cm = confusion_matrix(pred, values_to_indices(y[test], table.values), len(table.values))
+    failures = write_failure_examples(run_dir, np.asarray(pred_values), y[test], test, split["cells"], table)
     inputs = head_inputs("change" if change else "segmentation", layers, cfg.head.siamese if change else None,
                          positive_value(cfg, table) if change else None, bands=handed.bands)
     inputs["shift_average"] = cfg.backbone.shift_average  # a run must make its features the same way
@@ -350,10 +411,12 @@ def fit_and_write_head(run_dir: Path) -> dict[str, Any]:
                "spectral_start": start,
                "history": res.history,
                "class_weights": None if weights is None else [float(w) for w in weights],
-               "split": {r: len(v) for r, v in split.items()}}
+               "split": {r: len(v) for r, v in split.items() if r != "cells"},
+               "failure_examples": failures}
     lineage = {"training_run": run_dir.name, "labels": {k: handed.labels.get(k) for k in ("path", "sha256")},
                "rasters": [{"path": i["path"], "sha256": i.get("sha256")} for i in handed.inputs],
-               "split": handed.split, "train": t.model_dump(), "config_sha256": cfg.sha256()}
+               "split": handed.split, "train": t.model_dump(), "config_sha256": cfg.sha256(),
+               "failure_examples": failures}
     save_head(run_dir / HEAD_FILE, res.head, table, backbone_spec=handed.backbone,
               preprocessing=handed.preprocessing, metrics={"test": test_metrics}, inputs=inputs,
               lineage=lineage)
