@@ -73,11 +73,12 @@ def test_nassau_record(nassau_record):
     assert nassau["country"] == "The Bahamas" and nassau["population"] > 100_000
     assert nassau["distance_m"] == 0.0 and places["count"] == len(places["places"])
 
-    # Natural Earth's 1:50m urban areas have no polygon in the Bahamas (the nearest is around Miami), so the
-    # computed answer is "no overlap"; urban overlap is shown on Strasbourg below
+    # Natural Earth's 1:50m urban areas have no polygon in the Bahamas (the nearest is around Miami): no
+    # polygon overlap, but Nassau, a city of ~228,000, lies inside the AOI, so the AOI is urban
     urban = rec["urban_areas"]
-    assert urban["decided_by"] == "computed (Natural Earth 50m urban areas)"
+    assert urban["decided_by"].startswith("computed (Natural Earth 50m urban areas)")
     assert urban["overlaps"] is False and urban["area_m2"] == 0.0
+    assert urban["urban"] is True and [c["name"] for c in urban["cities_inside"]] == ["Nassau"]
 
     borders = rec["international_borders"]
     assert borders["nearest_border_m"] is None and borders["crosses"] is False and borders["within"] is False
@@ -119,6 +120,7 @@ def test_border_distance_is_geodesic_and_bounded_by_the_setting():
 def test_open_ocean_touches_nothing():
     rec = people_and_places(OPEN_ATLANTIC, gsd_m=10.0, screening=None)
     assert rec["urban_areas"]["overlaps"] is False and rec["urban_areas"]["n_within"] == 0
+    assert rec["urban_areas"]["urban"] is False and rec["urban_areas"]["cities_inside"] == []
     assert rec["populated_places"]["count"] == 0 and rec["populated_places"]["places"] == []
     borders = rec["international_borders"]
     assert borders["within"] is False and borders["crosses"] is False and borders["nearest_border_m"] is None

@@ -129,7 +129,8 @@ def test_deny_writes_only_the_decision_and_record(tiny_config, tmp_path):
     with pytest.raises(RunRefused, match="Nassau"):
         pl.screen_aoi(run_dir)
     assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
-                                                   "provenance.json"}
+                                                   "provenance.json", "deployment_record.json",
+                                                   "deployment_record.md"}
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "refused" and rec["screening"]["action"] == "deny"
     assert rec["screening"]["hits"][0]["category"] == "port"
@@ -185,7 +186,8 @@ def test_invalid_aoi_refused_with_decision(tiny_config, tmp_path):
     with pytest.raises(AOIError):
         pl.screen_aoi(run_dir)
     assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
-                                                   "provenance.json"}
+                                                   "provenance.json", "deployment_record.json",
+                                                   "deployment_record.md"}
     assert json.loads((run_dir / "screening.json").read_text())["action"] == "refused"
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "failed"
 
@@ -197,7 +199,8 @@ def test_raster_outside_allowed_roots(tiny_config, tmp_path):
     with pytest.raises(SourceError, match="allowed roots"):
         pl.plan_run(run_dir)
     assert {p.name for p in run_dir.iterdir()} == {"config.resolved.json", "screening.json",
-                                                   "provenance.json"}
+                                                   "provenance.json", "deployment_record.json",
+                                                   "deployment_record.md"}
     rec = json.loads((run_dir / "provenance.json").read_text())
     assert rec["status"] == "failed" and "allowed roots" in rec["error"]
 

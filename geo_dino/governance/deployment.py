@@ -242,7 +242,7 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
             "weights_kind": value("training_lineage", "weights_kind"),
             "evaluation": value("evaluation_boundary", "statement"),
             "sites_hit": sites.get("count") if isinstance(sites, dict) else None,
-            "urban_overlap": urban.get("overlaps") if isinstance(urban, dict) else None,
+            "urban": urban.get("urban", urban.get("overlaps")) if isinstance(urban, dict) else None,
             "could_resolve_people": (resolution.get("could_resolve_people") if isinstance(resolution, dict)
                                      else None),
             "route": route.get("action") if isinstance(route, dict) else None}

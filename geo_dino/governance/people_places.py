@@ -332,6 +332,22 @@ def _urban(metric: _Metric, layers: Path, near_m: float) -> dict[str, Any]:
             "decided_by": DECIDED_URBAN}
 
 
+#: a populated place at least this big inside the AOI makes it urban, whatever the urban-area polygons say
+#: (Natural Earth's 1:50m urban areas leave out many island and smaller cities, Nassau among them)
+CITY_POPULATION = 50_000
+
+
+def _urban_or_city(urban: dict[str, Any], places: dict[str, Any]) -> dict[str, Any]:
+    """The urban answer: an urban-area polygon overlaps the AOI, or a city of ``CITY_POPULATION`` or more
+    lies inside it."""
+    cities = [p for p in places["places"]
+              if p["distance_m"] == 0.0 and (p["population"] or 0) >= CITY_POPULATION]
+    return urban | {"cities_inside": [{"name": p["name"], "population": p["population"]} for p in cities],
+                    "city_population": CITY_POPULATION, "urban": bool(urban["overlaps"] or cities),
+                    "decided_by": f"{urban['decided_by']}; and Natural Earth 50m populated places of "
+                                  f"{CITY_POPULATION:,} or more inside the AOI"}
+
+
 def _places(metric: _Metric, layers: Path, near_m: float) -> dict[str, Any]:
     gdf = _read_near(layers, PLACES_LAYER, metric.aoi, near_m, ["name", "country", "pop_max"])
     found: list[dict[str, Any]] = []
@@ -442,11 +458,12 @@ def people_and_places(aoi_4326: Any, *, gsd_m: float | None, screening: Mapping[
 
     metric = _Metric(aoi)
     shr, protected = _registry_sites(metric, registry, near)
+    places = _places(metric, layers, near)
     minx, miny, maxx, maxy = aoi.bounds
     return {
         "sensitive_sites_hit": sites_hit,
-        "urban_areas": _urban(metric, layers, near),
-        "populated_places": _places(metric, layers, near),
+        "urban_areas": _urban_or_city(_urban(metric, layers, near), places),
+        "populated_places": places,
         "schools_health_religious": shr,
         "international_borders": _borders(metric, layers, border),
         "protected_areas": protected,
