@@ -155,11 +155,12 @@ def test_require_approval(tiny_config, tmp_path):
     assert "storm" in rec["screening"]["approval"]["reason"]
 
 
-@pytest.mark.parametrize("problem", ["missing", "tampered"])
+@pytest.mark.parametrize("problem", ["missing", "tampered", "sidecar deleted"])
 def test_screen_fails_closed(tiny_config, tmp_path, problem):
     reg = tmp_path / "sites.gpkg"
-    if problem == "tampered":
+    if problem != "missing":
         reg.write_bytes((ROOT / "data/registry/sensitive_sites.gpkg").read_bytes())
+    if problem == "tampered":
         (tmp_path / "sites.gpkg.sha256").write_text("0" * 64 + "  sites.gpkg\n")
     cfg = tiny_config(screening={"registry": str(reg)})
     run_dir = pl.prepare_run(parse_config(cfg))

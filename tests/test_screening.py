@@ -54,6 +54,13 @@ def _tiny_registry(path: Path, lon: float, lat: float, category: str = "test_sit
     if crs != "EPSG:4326":
         gdf = gdf.to_crs(crs)
     gdf.to_file(path, layer="sites", driver="GPKG")
+    return _vouch(path)
+
+
+def _vouch(path: Path) -> Path:
+    """Write the registry's ``.sha256`` sidecar, as scripts/build_registry.py does."""
+    path.with_name(path.name + ".sha256").write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  "
+                                                     f"{path.name}\n")
     return path
 
 
@@ -248,14 +255,14 @@ def test_empty_registry_fails_closed(tmp_path):
     path = tmp_path / "empty.gpkg"
     empty.to_file(path, layer="sites", driver="GPKG")
     with pytest.raises(ScreeningError, match="zero sites"):
-        load_registry(path)
+        load_registry(_vouch(path))
 
 
 def test_corrupt_registry_fails_closed(tmp_path):
     path = tmp_path / "corrupt.gpkg"
     path.write_bytes(bytes(range(256)) * 64)
     with pytest.raises(ScreeningError, match="cannot be read"):
-        load_registry(path)
+        load_registry(_vouch(path))
 
 
 def test_geojson_named_gpkg_fails_closed(tmp_path):
@@ -264,7 +271,7 @@ def test_geojson_named_gpkg_fails_closed(tmp_path):
         {"type": "Feature", "properties": {"category": "x"},
          "geometry": {"type": "Point", "coordinates": [0, 1]}}]}))
     with pytest.raises(ScreeningError, match="not the GPKG"):
-        load_registry(path)
+        load_registry(_vouch(path))
 
 
 def test_registry_hash_mismatch_fails_closed(tmp_path):
@@ -281,6 +288,18 @@ def test_registry_hash_mismatch_fails_closed(tmp_path):
     assert load_registry(path).sha256 == good
 
 
+def test_registry_without_sidecar_or_pinned_hash_fails_closed(tmp_path):
+    """An edited registry with its sidecar deleted must not pass: no sidecar and no pinned sha256 refuses;
+    pinning the reviewed file's sha256 in the config lets it through."""
+    path = _tiny_registry(tmp_path / "sites.gpkg", 10.0, 60.0)
+    path.with_name(path.name + ".sha256").unlink()
+    with pytest.raises(ScreeningError, match="no sites.gpkg.sha256 beside it") as err:
+        load_registry(path)
+    good = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"screening.registry_sha256: {good}" in str(err.value)  # the fix, in the message
+    assert load_registry(path, expected_sha256=good).sha256 == good
+
+
 def test_registry_without_category_fails_closed(tmp_path):
     import geopandas as gpd
 
@@ -288,7 +307,7 @@ def test_registry_without_category_fails_closed(tmp_path):
     gpd.GeoDataFrame({"site_id": ["a"], "kind": ["military"]}, geometry=[Point(1, 2)],
                      crs="EPSG:4326").to_file(path, layer="sites", driver="GPKG")
     with pytest.raises(ScreeningError, match="no 'category' column"):
-        load_registry(path)
+        load_registry(_vouch(path))
 
 
 def test_registry_without_crs_fails_closed(tmp_path):
@@ -299,7 +318,7 @@ def test_registry_without_crs_fails_closed(tmp_path):
         gpd.GeoDataFrame({"category": ["military"]}, geometry=[Point(1, 2)]).to_file(path, layer="sites",
                                                                                      driver="GPKG")
     with pytest.raises(ScreeningError, match="no CRS"):
-        load_registry(path)
+        load_registry(_vouch(path))
 
 
 @pytest.mark.parametrize(("body", "key"), [

@@ -191,8 +191,9 @@ def load_registry(path: str | os.PathLike[str], expected_sha256: str | None = No
 
     The file's bytes are hashed and parsed from the same buffer. Raises :class:`ScreeningError` when the file
     is missing, too large, not a GeoPackage/GeoJSON (or its content does not match its extension), corrupt,
-    has no ``category`` column, has zero sites, has sites with no geometry or category, has no CRS, or when
-    its sha256 differs from ``expected_sha256`` or from a sibling ``<file>.sha256``. A registry in another CRS
+    has no ``category`` column, has zero sites, has sites with no geometry or category, has no CRS, when its
+    sha256 differs from ``expected_sha256`` or from a sibling ``<file>.sha256``, or when neither vouches for
+    it (no sidecar and no ``expected_sha256``). A registry in another CRS
     is reprojected to EPSG:4326; invalid polygons are repaired with ``make_valid``.
     """
     import numpy as np
@@ -226,6 +227,10 @@ def load_registry(path: str | os.PathLike[str], expected_sha256: str | None = No
                                  f"was changed or replaced. Restore it, or update screening.registry_sha256 "
                                  f"after review")
     sidecar = p.with_name(p.name + ".sha256")
+    if not sidecar.exists() and expected_sha256 is None:  # fail closed: nothing vouches for these bytes
+        raise ScreeningError(f"registry {p} has no {sidecar.name} beside it and the config pins no "
+                             f"screening.registry_sha256, so its integrity cannot be checked. Restore the "
+                             f"sidecar, or set screening.registry_sha256: {digest} after reviewing the file")
     if sidecar.exists():
         want = _read_sidecar(sidecar, p)
         if want != digest:
