@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -245,6 +246,21 @@ class ExecutionConfig(ConfigModel):
         return self
 
 
+#: a URL scheme (``https://``, ``s3://``, ``file://`` …): two or more letters, so ``C:/`` stays a Windows path
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def refuse_urls(values: Any, where: str) -> None:
+    """Refuse URLs among path values, on the raw strings: ``Path`` would turn ``https://host/x`` into the
+    local path ``https:/host/x`` and every later check would look at the wrong thing."""
+    items = values if isinstance(values, (list, tuple)) else [values]
+    for i, v in enumerate(items):
+        if isinstance(v, str) and URL_SCHEME.match(v.strip()):
+            name = f"{where}[{i}]" if isinstance(values, (list, tuple)) else where
+            raise ValueError(f"{name}: {v.strip()!r} is a URL; geo_dino reads local files only: download it "
+                             "(and check its licence), then give the local path")
+
+
 class RunConfig(TopLevelConfig):
     """One run: the AOI, one raster or two dates, the output folder and the settings of every stage."""
 
@@ -261,6 +277,18 @@ class RunConfig(TopLevelConfig):
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_urls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("rasters", "aoi", "output_dir"):
+                if key in data:
+                    refuse_urls(data[key], key)
+            backbone = data.get("backbone")
+            if isinstance(backbone, dict) and "checkpoint" in backbone:
+                refuse_urls(backbone["checkpoint"], "backbone.checkpoint")
+        return data
 
     @field_validator("rasters")
     @classmethod

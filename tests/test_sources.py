@@ -615,3 +615,20 @@ def test_repeated_bands_read_with_threads_equal_a_single_threaded_read(tmp_path,
     with WindowReader(info) as r:
         _, hole = r.read(PixelBox(100, 200, 80, 130))
     assert not hole.any()  # the nodata hole is invalid in every read
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1/scene.tif", "http://example.org/a.tif",
+                                 "file:///tmp/scene.tif", "s3://bucket/key.tif", "gs://bucket/key.tif",
+                                 "  HTTPS://127.0.0.1/x.tif"])
+def test_a_url_as_a_raster_aoi_or_checkpoint_is_refused_before_path_mangles_it(url):
+    """``Path("https://h/x")`` is the local path ``https:/h/x``: the URL is caught on the raw string."""
+    from geo_dino.config import parse_config
+    from geo_dino.errors import ConfigError
+
+    base = {"aoi": "aoi/pucallpa.geojson", "rasters": ["data/rasters/landsat7_bahamas_RGB.byte.tif"]}
+    for key, cfg in (("rasters[0]", base | {"rasters": [url]}), ("aoi", base | {"aoi": url}),
+                     ("backbone.checkpoint", base | {"backbone": {"checkpoint": url}})):
+        with pytest.raises(ConfigError, match="is a URL; geo_dino reads local files only") as err:
+            parse_config(cfg)
+        assert key in str(err.value)
+    assert parse_config(base).rasters  # a local path still passes
