@@ -171,6 +171,35 @@ def test_dinov3_weights_need_licence_acceptance(tmp_path):
     assert rand.source == "random-init"
 
 
+def test_metadata_never_lifts_the_dinov3_licence(tmp_path):
+    """A DINOv3 file re-saved with ``licence: Apache-2.0`` in its metadata stays gated; so does one whose
+    lineage starts from other weights or that is in the official layout. Only weights geo_dino pretrained
+    from scratch keep their own licence; a gated licence in metadata gates any architecture."""
+    from geo_dino.errors import LicenceError
+    from geo_dino.models.backbone import effective_licence
+
+    ref, _ = build_backbone("vit_small_patch16_dinov3", seed=1)
+    path = tmp_path / "relabelled.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path),
+              metadata={"licence": "Apache-2.0"})
+    with pytest.raises(LicenceError, match="DINOv3 License"):
+        build_backbone("vit_small_patch16_dinov3", checkpoint=path)
+    own = {"licence": "Apache-2.0", "producer": "geo_dino 0.1.0",
+           "training_lineage": "DINO pretraining by geo_dino 0.1.0 for 10 steps on 1 raster(s) (a.tif), "
+                               "from random initialisation"}
+    arch = "vit_small_patch16_dinov3"
+    assert effective_licence(arch, own) == "Apache-2.0"  # our own weights, from scratch
+    continued = own | {"training_lineage": own["training_lineage"].replace(
+        "from random initialisation", "continued from /w/dinov3_vits16.pth (sha256 ab)")}
+    assert effective_licence(arch, continued) == "DINOv3 License"  # started from DINOv3 weights
+    assert effective_licence(arch, own, layout="official") == "DINOv3 License"  # Meta's own file
+    assert effective_licence(arch, own | {"producer": "someone"}) == "DINOv3 License"
+    assert effective_licence("dino_vits16", {"licence": "DINOv3 License"}) == "DINOv3 License"  # adds
+    assert effective_licence("dino_vits16", {}) == "Apache-2.0"
+    model, spec = build_backbone(arch, checkpoint=path, accept_licence="DINOv3 License")
+    assert spec.licence == "DINOv3 License"
+
+
 @pytest.mark.parametrize("arch", [ARCH, "dino_vits16"])
 def test_feature_api_dense_global_layers(arch):
     from geo_dino.models.backbone import extract

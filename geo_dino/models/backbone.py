@@ -95,13 +95,37 @@ def arch_spec(arch: str) -> ArchSpec:
     return ARCHS[arch]
 
 
+def own_from_scratch(meta: dict[str, str]) -> bool:
+    """Whether a checkpoint's metadata says geo_dino pretrained it from random initialisation (its producer is
+    geo_dino and its lineage names no starting weights)."""
+    lineage = meta.get("training_lineage", "")
+    return (meta.get("producer", "").startswith("geo_dino") and "by geo_dino" in lineage
+            and lineage.rstrip().endswith("from random initialisation"))
+
+
+def effective_licence(arch: str, meta: dict[str, str], layout: str | None = None) -> str:
+    """The licence a checkpoint is run under: metadata may add a restriction, never lift one.
+
+    The architecture's published weights' licence holds, unless the weights are geo_dino's own from scratch
+    (:func:`own_from_scratch`), whose metadata states their licence. A gated licence (DINOv3) stays whatever
+    the metadata says for a file in the official repositories' layout (``layout == "official"``) or whose
+    lineage starts from other weights; a gated licence in the metadata gates any architecture."""
+    arch_licence = arch_spec(arch).licence
+    declared = meta.get("licence")
+    if declared == DINOV3_LICENCE:
+        return DINOV3_LICENCE
+    if arch_licence == DINOV3_LICENCE and (layout == "official" or not own_from_scratch(meta)):
+        return DINOV3_LICENCE
+    return declared or arch_licence
+
+
 def check_licence(arch: str, checkpoint: Path | None, accept_licence: str | None,
-                  declared: str | None = None) -> dict[str, Any] | None:
+                  meta: dict[str, str] | None = None, layout: str | None = None) -> dict[str, Any] | None:
     """Refuse gated weights without an explicit acceptance; return the acceptance record (None if not gated).
 
-    ``declared``: the licence the checkpoint's metadata states (else the architecture's published
-    weights')."""
-    licence = declared or arch_spec(arch).licence
+    ``meta``: the checkpoint's metadata, ``layout`` its tensors' layout when known
+    (:func:`effective_licence`)."""
+    licence = effective_licence(arch, meta or {}, layout)
     if checkpoint is None or licence != DINOV3_LICENCE:
         return None
     if accept_licence != licence:
@@ -121,14 +145,16 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     """A ViT in eval mode and its :class:`CheckpointSpec`. Random init is seeded and recorded as such.
 
     Weights under a gated licence (DINOv3) load only with ``accept_licence`` naming that licence. The licence
-    is the one the checkpoint's metadata declares (weights pretrained by geo_dino from scratch declare their
-    own), else the architecture's. ``drop_path_rate`` and ``layerscale_init`` (LayerScale's initial value, for
-    models trained from scratch) matter only for training.
+    is :func:`effective_licence`: the architecture's, which only weights geo_dino pretrained from scratch
+    replace by their own; metadata may add a restriction, never lift one. ``drop_path_rate`` and
+    ``layerscale_init`` (LayerScale's initial value, for models trained from scratch) matter only for
+    training.
     """
     import timm
     import torch
 
     a = arch_spec(arch)
+    from geo_dino.models.checkpoints import detect_layout as detect_layout_of
     from geo_dino.models.checkpoints import inspect_state, read_state_dict, to_timm
 
     meta: dict[str, str] = {}
@@ -136,7 +162,8 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
     timm_name = a.timm_name
     if checkpoint is not None:
         state, meta = read_state_dict(Path(checkpoint), checkpoint_sha256)
-    check_licence(arch, checkpoint, accept_licence, meta.get("licence"))
+    check_licence(arch, checkpoint, accept_licence, meta,
+                  detect_layout_of(state) if checkpoint is not None else None)
     ckpt_chans = a.in_chans
     if checkpoint is not None:
         if "in_chans" in meta:
@@ -195,7 +222,7 @@ def build_backbone(arch: str, *, checkpoint: Path | None = None, checkpoint_sha2
         source=str(checkpoint) if checkpoint else "random-init",
         layout=layout,
         sha256=digest,
-        licence=meta.get("licence", a.licence) if checkpoint else "n/a (random weights)",
+        licence=(effective_licence(arch, meta, layout) if checkpoint else "n/a (random weights)"),
         seed=None if checkpoint else seed,
         training_lineage=meta.get("training_lineage") or _lineage(a, digest),
         value_range=(value_range[0], value_range[1]) if value_range and len(value_range) == 2 else None,

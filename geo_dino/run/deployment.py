@@ -108,8 +108,8 @@ def _lineage(rec: dict[str, Any], head: dict[str, Any] | None) -> dict[str, Any]
                           "backbone registry"),
         "pretraining_rasters": rasters,
         "model_card": model_card,
-        "licence": filled(lic.get("declared_by_checkpoint") or lic.get("architecture_licence")
-                          or lin["licence"], "licence gate"),
+        "licence": filled(lic.get("effective") or lic.get("declared_by_checkpoint")
+                          or lic.get("architecture_licence") or lin["licence"], "licence gate"),
         "access_route": filled(lin["access"] + ("; licence accepted in the config" if lic.get("acceptance")
                                                 else ""), "backbone registry"),
         "bias_notes": filled(lin["bias_notes"], "model card (summarised in the backbone registry)"),
@@ -255,7 +255,7 @@ def _route(rec: dict[str, Any], fields: dict[str, Any], policy: dr.GovernancePol
         "route": route,
         "privacy_assessment": fields["privacy_assessment"],
         "data_protection_basis": fields["data_protection_basis"],
-        "licence_review": (filled({"licence": lic.get("declared_by_checkpoint")
+        "licence_review": (filled({"licence": lic.get("effective") or lic.get("declared_by_checkpoint")
                                    or lic.get("architecture_licence"), "gated": lic.get("gated"),
                                    "acceptance": lic.get("acceptance")}, "licence gate") if lic
                            else not_applicable("no backbone loaded", COMPUTED)),

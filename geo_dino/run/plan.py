@@ -182,12 +182,13 @@ MAX_GSD_FACTOR = 8.0  # resampling beyond 8× either way invents or throws away 
 
 def licence_section(cfg: RunConfig, meta: dict[str, str]) -> dict[str, Any]:
     """Check the weights' licence (gated weights need acceptance) and return the record's ``licence``."""
-    from geo_dino.models.backbone import arch_spec, check_licence
+    from geo_dino.models.backbone import arch_spec, check_licence, effective_licence
 
     arch = arch_spec(cfg.backbone.arch)
     acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence,
-                               meta.get("licence"))
-    return {"architecture_licence": arch.licence, "gated": arch.gated,
+                               meta)
+    licence = effective_licence(cfg.backbone.arch, meta) if cfg.backbone.checkpoint else arch.licence
+    return {"architecture_licence": arch.licence, "gated": arch.gated, "effective": licence,
             "declared_by_checkpoint": meta.get("licence"),
             "weights": "checkpoint" if cfg.backbone.checkpoint else "random-init", "acceptance": acceptance}
 

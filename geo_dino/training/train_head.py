@@ -168,7 +168,7 @@ def extract_training_features(run_dir: Path) -> dict[str, Any]:
     arch = arch_spec(cfg.backbone.arch)
     meta = checkpoint_metadata(cfg.backbone.checkpoint)
     acceptance = check_licence(cfg.backbone.arch, cfg.backbone.checkpoint, cfg.backbone.accept_licence,
-                               meta.get("licence"))
+                               meta)
     ckpt_chans = int(meta["in_chans"]) if meta.get("in_chans", "").isdigit() else arch.in_chans
     infos = [open_raster(p, cfg.sources, needed_bands=cfg.backbone.in_chans or ckpt_chans)
              for p in cfg.rasters]
