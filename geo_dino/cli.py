@@ -15,6 +15,20 @@ app = typer.Typer(help="DINO-family backbones from an area of interest to screen
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from geo_dino import __version__
+
+        typer.echo(f"geo-dino {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """DINO-family backbones from an area of interest to screened, georeferenced outputs."""
+
+
 def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

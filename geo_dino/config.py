@@ -246,6 +246,8 @@ class ExecutionConfig(ConfigModel):
         return self
 
 
+#: folders a run never writes into (output_dir)
+SYSTEM_FOLDERS = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/proc", "/sys", "/dev", "/lib", "/lib64")
 #: a URL scheme (``https://``, ``s3://``, ``file://`` …): two or more letters, so ``C:/`` stays a Windows path
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
@@ -289,6 +291,19 @@ class RunConfig(TopLevelConfig):
             if isinstance(backbone, dict) and "checkpoint" in backbone:
                 refuse_urls(backbone["checkpoint"], "backbone.checkpoint")
         return data
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder_of_ours(cls, v: Path) -> Path:
+        resolved = v.expanduser().resolve()
+        if resolved.exists() and not resolved.is_dir():
+            raise ValueError(f"output_dir {v} is a file, not a folder: give a folder (it is created if "
+                             "missing)")
+        for system in SYSTEM_FOLDERS:
+            if resolved == Path(system) or Path(system) in resolved.parents:
+                raise ValueError(f"output_dir {v} is inside the system folder {system}: give a folder of "
+                                 "your own (e.g. ./runs)")
+        return v
 
     @field_validator("rasters")
     @classmethod

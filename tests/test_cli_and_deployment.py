@@ -222,3 +222,26 @@ def test_flows_turn_prefect_telemetry_off_by_default():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
     assert res.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_version() -> None:
+    from geo_dino import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"geo-dino {__version__}"
+
+
+@pytest.mark.parametrize("where", ["/etc/geo", "/usr/local/runs", "/proc/self", "/dev/shm/x", "a file"])
+def test_output_dir_must_be_a_folder_of_ours(tmp_path, where) -> None:
+    from geo_dino.config import parse_config
+    from geo_dino.errors import ConfigError
+
+    if where == "a file":
+        (tmp_path / "notes.txt").write_text("x")
+        where, match = str(tmp_path / "notes.txt"), "is a file, not a folder"
+    else:
+        match = "inside the system folder"
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"aoi": "aoi/pucallpa.geojson", "rasters": ["data/x.tif"], "output_dir": where})
+    assert parse_config({"aoi": "aoi/pucallpa.geojson", "rasters": ["data/x.tif"],
+                         "output_dir": str(tmp_path / "runs")}).output_dir
