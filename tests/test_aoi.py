@@ -167,8 +167,31 @@ def test_crs_member_refused(where):
         obj = {"type": "FeatureCollection", "features": [feature(poly(), crs=named)]}
     else:
         obj = {**poly(), "crs": named}
-    with pytest.raises(AOIError, match="'crs' member.*RFC 7946.*Reproject"):
+    with pytest.raises(AOIError, match="'crs' member naming 'EPSG:32618'.*RFC 7946.*-lco RFC7946=YES"):
         load_aoi(obj)
+    # what QGIS and GDAL write for EPSG:4326 data: OGC CRS84, RFC 7946's own CRS, accepted
+    for name in ("urn:ogc:def:crs:OGC:1.3:CRS84", "urn:ogc:def:crs:OGC::CRS84", "OGC:CRS84"):
+        crs84 = {"type": "name", "properties": {"name": name}}
+        ok = (({"type": "FeatureCollection", "crs": crs84, "features": [feature(poly())]} if where == "top"
+               else {"type": "FeatureCollection", "features": [feature(poly(), crs=crs84)]})
+              if where != "geometry" else {**poly(), "crs": crs84})
+        assert load_aoi(ok).geometry.area > 0
+
+
+def test_duplicate_keys_and_rings_closed_in_only_two_ordinates_are_refused(tmp_path):
+    """A second "coordinates" would silently replace the first polygon; [100, 0] ... [100, 0, 4.9] is not a
+    closed ring."""
+    text = ('{"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,0]]], '
+            '"coordinates": [[[50,50],[51,50],[51,51],[50,50]]]}')
+    path = tmp_path / "twice.geojson"
+    path.write_text(text)
+    with pytest.raises(AOIError, match="'coordinates' appears twice"):
+        load_aoi(path)
+    open_ring = {"type": "Polygon", "coordinates": [[[100, 0], [101, 0], [101, 1], [100, 0, 4.9]]]}
+    with pytest.raises(AOIError, match="not closed.*every ordinate"):
+        load_aoi(open_ring)
+    closed_3d = {"type": "Polygon", "coordinates": [[[100, 0, 1], [101, 0, 1], [101, 1, 1], [100, 0, 1.0]]]}
+    assert load_aoi(closed_3d).geometry.area > 0
 
 
 # ------------------------------------------------------------------------------------------ coordinates

@@ -219,6 +219,18 @@ def _reject_constant(name: str) -> Any:
                      f"finite number")
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats: parsers keep the last one silently (a second
+    "coordinates" would replace the polygon that was screened by eye)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} appears twice in one object; JSON parsers keep only the last, "
+                             "so the file does not say which is meant — remove one")
+        out[k] = v
+    return out
+
+
 def _parse_json(data: bytes, source: str, max_depth: int) -> Any:
     try:
         text = data.decode("utf-8-sig")
@@ -226,7 +238,7 @@ def _parse_json(data: bytes, source: str, max_depth: int) -> Any:
         raise AOIError(f"AOI file {source} is not UTF-8 text ({exc.reason} at byte {exc.start}); GeoJSON "
                        f"must be UTF-8 (RFC 7946 §1) — re-save it as UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise AOIError(f"AOI file {source} is nested too deeply to parse; GeoJSON polygons need at most "
                        f"a handful of levels") from None
@@ -347,11 +359,22 @@ def _refuse_type(kind: Any, where: str) -> None:
                    f"AOIs are accepted ({_ACCEPTED})")
 
 
+#: ``crs`` names that say what RFC 7946 coordinates are anyway: WGS84 longitude/latitude (QGIS and GDAL
+#: write the first when they save EPSG:4326 data as GeoJSON)
+CRS84_NAMES = {"urn:ogc:def:crs:ogc:1.3:crs84", "urn:ogc:def:crs:ogc::crs84", "crs84", "ogc:crs84",
+               "http://www.opengis.net/def/crs/ogc/1.3/crs84"}
+
+
 def _no_crs(obj: dict, where: str) -> None:
-    if "crs" in obj:
-        raise AOIError(f"{where} has a 'crs' member, which RFC 7946 removed: coordinates must be WGS84 "
-                       f"longitude/latitude (EPSG:4326). Reproject the file to EPSG:4326 (e.g. ogr2ogr "
-                       f"-t_srs EPSG:4326 out.geojson in.geojson) and remove 'crs' before submitting")
+    if "crs" not in obj:
+        return
+    crs = obj["crs"]
+    name = (crs.get("properties") or {}).get("name") if isinstance(crs, dict) else None
+    if isinstance(name, str) and crs.get("type") == "name" and name.strip().lower() in CRS84_NAMES:
+        return  # OGC CRS84 is RFC 7946's own CRS: longitude, latitude on WGS84
+    raise AOIError(f"{where} has a 'crs' member naming {name or crs!r}; GeoJSON (RFC 7946) coordinates must "
+                   f"be WGS84 longitude/latitude. Write the file again in that form, e.g. ogr2ogr -f GeoJSON "
+                   f"-t_srs EPSG:4326 -lco RFC7946=YES out.geojson in.geojson (it drops the 'crs' member)")
 
 
 def _feature(feat: Any, where: str, options: AOIOptions, budget: _Budget, repairs: _Repairs,
@@ -429,9 +452,11 @@ def _ring(ring: Any, n: int, label: str, budget: _Budget) -> list[tuple[float, f
         raise AOIError(f"{where} has {len(ring)} positions; a linear ring needs at least 4 (3 corners plus "
                        f"the first position repeated at the end)")
     out = [_position(p, k, where) for k, p in enumerate(ring, start=1)]
-    if out[0] != out[-1]:
-        raise AOIError(f"{where} is not closed: its last position {list(out[-1])} differs from its first "
-                       f"{list(out[0])}; repeat the first position at the end (RFC 7946 §3.1.6)")
+    if out[0] != out[-1] or len(ring[0]) != len(ring[-1]) or list(ring[0]) != list(ring[-1]):
+        # closed means equal in every ordinate: [100, 0] ... [100, 0, 4.9] is not closed
+        raise AOIError(f"{where} is not closed: its last position {list(ring[-1])} differs from its first "
+                       f"{list(ring[0])}; repeat the first position at the end, every ordinate the same "
+                       f"(RFC 7946 §3.1.6)")
     return out
 
 
