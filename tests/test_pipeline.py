@@ -413,3 +413,25 @@ def test_a_checkpoint_replaced_after_planning_is_refused(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="does not match"):
         pl.fit_heads(run_dir)
     assert read_record(run_dir)["status"] == "failed"
+
+
+def test_an_aoi_written_lat_lon_says_so(tiny_config, tmp_path):
+    """Positions written [lat, lon]: the AOI misses the raster, and the message says that swapped it would
+    not."""
+    from tests.conftest import PUCALLPA
+
+    obj = json.loads((ROOT / "aoi/pucallpa.geojson").read_text())
+
+    def swap(c):  # noqa: ANN001, ANN202
+        return [swap(x) for x in c] if isinstance(c[0], list) else [c[1], c[0], *c[2:]]
+
+    for f in obj.get("features", [obj]):
+        g = f.get("geometry", f)
+        g["coordinates"] = swap(g["coordinates"])
+    path = tmp_path / "latlon.geojson"
+    path.write_text(json.dumps(obj))
+    cfg = tiny_config(str(path), PUCALLPA, sources={"bands": [1, 2, 3], "allowed_roots": [str(ROOT / "data")]})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    with pytest.raises(AOIError, match="longitude and latitude swapped it would cover it"):
+        pl.plan_run(run_dir)

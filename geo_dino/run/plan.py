@@ -232,6 +232,23 @@ def align_dates(infos: list[RasterInfo], how: str) -> tuple[list[RasterInfo], di
                                 "target_grid": GridPlan.of(infos[0].grid).record()}
 
 
+def _swapped_hits(geom_4326: Any, crs: str, footprint: Any) -> bool:
+    """Whether the AOI with x and y swapped (lat/lon written as lon/lat) overlaps ``footprint``."""
+    from pyproj import Transformer
+    from shapely.ops import transform
+
+    swapped = transform(lambda x, y, z=None: (y, x), geom_4326)
+    if not (-180 <= swapped.bounds[0] <= swapped.bounds[2] <= 180
+            and -90 <= swapped.bounds[1] <= swapped.bounds[3] <= 90):
+        return False
+    try:
+        tr = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        moved = transform(tr.transform, swapped)
+    except Exception:  # outside the CRS's area: no hint, the plain message stands
+        return False
+    return bool(moved.is_valid and moved.intersects(footprint) and moved.intersection(footprint).area > 0)
+
+
 def region_of(cfg: RunConfig, info: RasterInfo) -> tuple[PixelBox, Any]:
     """The pixels of AOI ∩ raster (a box of the raster's grid) and the AOI in the raster's CRS."""
     from shapely.geometry import box as shp_box
@@ -239,12 +256,17 @@ def region_of(cfg: RunConfig, info: RasterInfo) -> tuple[PixelBox, Any]:
     from geo_dino.inputs.aoi import load_aoi
 
     grid = info.grid
-    geom = load_aoi(cfg.aoi, cfg.aoi_options).to_crs(grid.crs)
+    aoi = load_aoi(cfg.aoi, cfg.aoi_options)
+    geom = aoi.to_crs(grid.crs)
     footprint = shp_box(*grid.bounds())
     if not geom.intersects(footprint) or geom.intersection(footprint).area <= 0:
+        hint = ""
+        if _swapped_hits(aoi.geometry, grid.crs, footprint):
+            hint = (" — but with longitude and latitude swapped it would cover it: the file's positions are "
+                    "probably [lat, lon]; GeoJSON positions are [longitude, latitude] (RFC 7946 §3.1.1)")
         raise AOIError(f"the AOI does not overlap the raster {Path(info.path).name} "
-                       f"(raster bounds {tuple(round(v, 3) for v in grid.bounds())} in {grid.crs}); "
-                       "check the AOI and the raster")
+                       f"(raster bounds {tuple(round(v, 3) for v in grid.bounds())} in {grid.crs})"
+                       + (hint or "; check the AOI and the raster"))
     region = grid.box_covering(geom.intersection(footprint).bounds)
     if region is None:
         raise AOIError("the AOI covers no pixel of the raster")
