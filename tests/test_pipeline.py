@@ -422,7 +422,7 @@ def test_an_aoi_written_lat_lon_says_so(tiny_config, tmp_path):
 
     obj = json.loads((ROOT / "aoi/pucallpa.geojson").read_text())
 
-    def swap(c):  # noqa: ANN001, ANN202
+    def swap(c):
         return [swap(x) for x in c] if isinstance(c[0], list) else [c[1], c[0], *c[2:]]
 
     for f in obj.get("features", [obj]):
