@@ -430,7 +430,8 @@ def test_an_aoi_written_lat_lon_says_so(tiny_config, tmp_path):
         g["coordinates"] = swap(g["coordinates"])
     path = tmp_path / "latlon.geojson"
     path.write_text(json.dumps(obj))
-    cfg = tiny_config(str(path), PUCALLPA, sources={"bands": [1, 2, 3], "allowed_roots": [str(ROOT / "data")]})
+    cfg = tiny_config(str(path), PUCALLPA,
+                      sources={"bands": [1, 2, 3], "allowed_roots": [str(ROOT / "data")]})
     run_dir = pl.prepare_run(parse_config(cfg))
     pl.screen_aoi(run_dir)
     with pytest.raises(AOIError, match="longitude and latitude swapped it would cover it"):
