@@ -503,3 +503,40 @@ def test_demo_andros_excludes_nassau_and_nassau_covers_airport():
     assert nassau.geometry.contains(airport) and nassau.geometry.contains(downtown)
     assert 3e9 < andros.area_m2() < 1e10  # 60-100 km across
     assert 4e8 < nassau.area_m2() < 9e8  # ~30 × 20 km
+
+
+@pytest.mark.parametrize("ext", ["gpkg", "shp"])
+def test_geopackage_and_shapefile_aois_are_reprojected_and_recorded(tmp_path, ext):
+    """An AOI drawn in QGIS and saved as a GeoPackage or a Shapefile in a projected CRS: reprojected to
+    EPSG:4326, merged, validated like GeoJSON, and the source says so."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    ref = load_aoi(ROOT / "aoi/pucallpa.geojson")
+    utm = gpd.GeoDataFrame({"name": ["west", "east"]}, crs="EPSG:4326",
+                           geometry=[box(*ref.geometry.bounds).buffer(0)] * 2).to_crs("EPSG:32718")
+    path = tmp_path / f"drawn.{ext}"
+    utm.to_file(path, driver="GPKG" if ext == "gpkg" else "ESRI Shapefile")
+    aoi = load_aoi(path)
+    assert "reprojected from EPSG:32718 to EPSG:4326" in aoi.source and "2 feature(s)" in aoi.source
+    assert aoi.geometry.symmetric_difference(box(*ref.geometry.bounds)).area < 1e-6
+    assert aoi.to_record()["sha256"] == aoi.sha256 and len(aoi.sha256) == 64
+
+
+def test_vector_aois_fail_clearly(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import Point, box
+
+    lines = tmp_path / "points.gpkg"
+    gpd.GeoDataFrame(geometry=[Point(0, 0)], crs="EPSG:4326").to_file(lines, driver="GPKG")
+    with pytest.raises(AOIError, match="polygons only"):
+        load_aoi(lines)
+    fake = tmp_path / "fake.gpkg"
+    fake.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(AOIError, match="fake.gpkg"):
+        load_aoi(fake)
+    two = tmp_path / "two.gpkg"
+    gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)], crs="EPSG:4326").to_file(two, layer="a", driver="GPKG")
+    gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)], crs="EPSG:4326").to_file(two, layer="b", driver="GPKG")
+    with pytest.raises(AOIError, match="2 layers"):
+        load_aoi(two)

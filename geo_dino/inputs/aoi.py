@@ -185,10 +185,55 @@ def load_aoi(src: str | Path | dict, options: AOIOptions | None = None) -> AOI:
         return _make_aoi(geometry, info, hashlib.sha256(canonical).hexdigest(), "<object>")
     if not isinstance(src, (str, Path)):
         raise AOIError(f"an AOI must be a GeoJSON file path or a mapping, not {type(src).__name__}")
+    if Path(src).suffix.lower() in VECTOR_DRIVERS:
+        return _load_vector_aoi(Path(src), options)
     data = _read_bounded(Path(src), options.max_bytes)
     obj = _parse_json(data, str(src), options.max_depth)
     geometry, info = validate_geojson(obj, options)
     return _make_aoi(geometry, info, hashlib.sha256(data).hexdigest(), str(src))
+
+
+#: AOI files other than GeoJSON: extension → the only GDAL driver accepted for it
+VECTOR_DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile"}
+
+
+def _load_vector_aoi(path: Path, options: AOIOptions) -> AOI:
+    """An AOI from a GeoPackage or a Shapefile: its polygons in its single layer (or the layer named
+    ``aoi``), reprojected to EPSG:4326 and merged, then validated as GeoJSON is; the source records the
+    layer and the CRS it was reprojected from."""
+    import pyogrio
+    from shapely import union_all
+
+    _read_bounded(path, options.max_bytes)  # exists, a file, within the size limit
+    want = VECTOR_DRIVERS[path.suffix.lower()]
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        layer = "aoi" if "aoi" in layers else (layers[0] if len(layers) == 1 else None)
+        if layer is None:
+            raise AOIError(f"AOI file {path} has {len(layers)} layers ({', '.join(layers)}); keep one, or "
+                           "name the AOI's layer 'aoi'")
+        info = pyogrio.read_info(path, layer=layer)
+        if info["driver"] != want:
+            raise AOIError(f"AOI file {path} is read by GDAL as {info['driver']}, not {want}: its content "
+                           "does not match its extension")
+        gdf = pyogrio.read_dataframe(path, layer=layer)
+    except AOIError:
+        raise
+    except Exception as exc:  # pyogrio's errors: a corrupt or unreadable file
+        raise AOIError(f"AOI file {path} cannot be read as {want}: {exc}") from None
+    if gdf.crs is None:
+        raise AOIError(f"AOI file {path} (layer {layer}) has no CRS; define it (e.g. ogr2ogr -a_srs "
+                       "EPSG:XXXX) so it can be reprojected to EPSG:4326")
+    if len(gdf) == 0 or not gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"]).all():
+        raise AOIError(f"AOI file {path} (layer {layer}) must hold polygons only, and at least one")
+    from_crs = gdf.crs.to_string()
+    merged = union_all(gdf.to_crs("EPSG:4326").geometry.values)
+    from shapely.geometry import mapping
+
+    obj = {"type": "Feature", "properties": {}, "geometry": json.loads(json.dumps(mapping(merged)))}
+    geometry, checked = validate_geojson(obj, options)
+    how = f"layer {layer}, {len(gdf)} feature(s) reprojected from {from_crs} to EPSG:4326"
+    return _make_aoi(geometry, checked, hashlib.sha256(path.read_bytes()).hexdigest(), f"{path} ({how})")
 
 
 def _make_aoi(geometry: PolygonalGeometry, info: dict[str, Any], sha: str, source: str) -> AOI:
