@@ -436,3 +436,26 @@ def test_an_aoi_written_lat_lon_says_so(tiny_config, tmp_path):
     pl.screen_aoi(run_dir)
     with pytest.raises(AOIError, match="longitude and latitude swapped it would cover it"):
         pl.plan_run(run_dir)
+
+
+def test_a_truncated_raster_fails_with_the_reason_recorded(tiny_config, tmp_path):
+    """The header reads, the pixels do not: one clear SourceError, the run recorded ``failed`` with why."""
+    src = tmp_path / "cut.tif"
+    with rasterio.open(BAHAMAS) as s:
+        profile = s.profile | {"tiled": True, "blockxsize": 64, "blockysize": 64, "compress": "deflate"}
+        with rasterio.open(src, "w", **profile) as d:
+            d.write(s.read())
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])  # the second half of the blocks is gone
+    cfg = tiny_config(rasters=[src], sources={"allowed_roots": [str(tmp_path)]})
+    run_dir = pl.prepare_run(parse_config(cfg))
+    pl.screen_aoi(run_dir)
+    pl.plan_run(run_dir)
+    with pytest.raises(SourceError, match="truncated or corrupt"):
+        pl.fit_heads(run_dir)
+        pl.init_outputs(run_dir)
+        for c in range(load_plan(run_dir).tiling.n_chunks):
+            pl.infer_chunk(run_dir, c)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "failed" and "truncated or corrupt" in rec["error"]
+    assert json.loads((run_dir / "deployment_record.json").read_text())["run_status"] == "failed"

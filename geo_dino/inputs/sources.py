@@ -324,8 +324,15 @@ class WindowReader:
             return data, valid
         rel = inner.relative_to(box)
         w = inner.to_rasterio()
-        arr = self._read(window=w)
-        ok = self._valid(arr, w)
+        import rasterio.errors
+
+        try:
+            arr = self._read(window=w)
+            ok = self._valid(arr, w)
+        except rasterio.errors.RasterioError as exc:  # a truncated or corrupt file: its blocks cannot be read
+            raise SourceError(f"{info.path}: pixels {inner.row_off}..{inner.row_end} × {inner.col_off}.."
+                              f"{inner.col_end} cannot be read ({str(exc).splitlines()[0]}); the file is "
+                              "truncated or corrupt — copy it again (check its size and sha256)") from None
         rs, cs = rel.slices()
         data[:, rs, cs] = arr
         valid[rs, cs] = ok
