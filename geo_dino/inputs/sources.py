@@ -188,18 +188,27 @@ def open_raster(path: str | Path, cfg: SourceConfig, *, needed_bands: int | None
                 if budget > cfg.max_pixels:
                     raise SourceError(f"{path}: {src.width}x{src.height}x{src.count} = {budget:,} samples "
                                       f"exceeds the budget sources.max_pixels = {cfg.max_pixels:,}")
+                gcps, _ = src.gcps
+                if gcps and src.transform.is_identity:
+                    raise SourceError(f"{path}: has no geotransform, only {len(gcps)} ground control points; "
+                                      "warp it onto a grid first, e.g. gdalwarp -t_srs EPSG:<code> "
+                                      f"{Path(path).name} gridded.tif")
                 if src.crs is None:
                     raise SourceError(f"{path}: has no CRS; georeference it first")
                 t = src.transform
                 if t.b or t.d:
                     raise SourceError(f"{path}: rotated/sheared geotransforms are not supported; "
-                                      "warp it first")
+                                      "warp it first (gdalwarp -t_srs <its CRS> in.tif north_up.tif)")
                 if t.e >= 0:
-                    raise SourceError(f"{path}: north-up rasters only (the transform's y scale is positive)")
+                    raise SourceError(f"{path}: the raster is south-up (its y pixel size is positive); warp "
+                                      "it north-up first: gdalwarp -t_srs <its CRS> in.tif north_up.tif")
                 if len(set(src.dtypes)) != 1:
                     raise SourceError(f"{path}: bands of mixed data types {src.dtypes}")
                 if src.dtypes[0] not in ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"):
-                    raise SourceError(f"{path}: data type {src.dtypes[0]} is not supported")
+                    raise SourceError(f"{path}: data type {src.dtypes[0]} is not supported (real-valued "
+                                      "uint8/16/32, int16/32 or float32/64 only); convert it, e.g. "
+                                      "gdal_translate -ot Int16 (int8) or -ot Float32 (complex: take the "
+                                      "amplitude first)")
                 bands = _select_bands(cfg.bands, src.count, src.descriptions, str(path), needed_bands)
                 spectral = _select_bands(cfg.spectral_bands, src.count, src.descriptions, str(path), None)
                 epsg = src.crs.to_epsg()

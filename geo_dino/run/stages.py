@@ -183,6 +183,21 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
             change = fit_change_model(ch.method, ch.spectral, ch.feature_weight, x1, x2, fd,
                                       layers=list(extractor.change_layers))
             change.save(run_dir / folder.CHANGE_MODEL)
+    needed = max(3, kcfg.k if kcfg else 0)
+    if samples.shape[0] < needed:  # say why: a raster too small for the patches, or too little valid
+        p = plan.patch_size
+        h, w = plan.region[2], plan.region[3]
+        n = -(-h // p) * -(-w // p)
+        from geo_dino.errors import GeoDinoError
+
+        if n < needed:
+            raise GeoDinoError(f"the raster area to map (AOI ∩ raster) is {h}×{w} pixels: {n} patches of "
+                               f"{p} px, fewer than the {needed} the label-free heads need; use a larger "
+                               "raster or AOI, a backbone with smaller patches, or lower heads.kmeans.k")
+        raise GeoDinoError(f"only {samples.shape[0]} of the sampled patches are at least 75 % valid (the "
+                           f"rest is nodata, masked or outside the raster), fewer than the {needed} the "
+                           "label-free heads need; check the raster's nodata, or raise "
+                           "heads.kmeans.fit_tiles")
     heads = fit_label_free(samples, pca=cfg.heads.pca, k=kcfg.k if kcfg else None,
                            seed=kcfg.seed if kcfg else 0)
     heads.save(run_dir / folder.HEADS)
