@@ -34,6 +34,27 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+_BandsOpt = Annotated[str | None, typer.Option(
+    help="the raster bands the backbone takes, in order: 1-based indexes or descriptions, e.g. 3,2,1")]
+_RootsOpt = Annotated[list[Path] | None, typer.Option(
+    help="a folder rasters may be read from (repeat); the folders of --raster files are allowed anyway")]
+_RegistryOpt = Annotated[Path | None, typer.Option(help="the sensitive-site registry (.gpkg)")]
+_PolicyOpt = Annotated[Path | None, typer.Option(help="the screening policy (YAML)")]
+_RandomOpt = Annotated[bool, typer.Option(
+    help="run random weights on purpose (no --checkpoint): outputs show structure only")]
+#: the backbone a command-line run uses when none is named
+SHIPPED_ARCH = "vit_tiny_patch8_geo"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "vit_tiny_patch8_geo.safetensors"
+
+
+def _bands(text: str) -> list[int | str]:
+    """``3,2,1`` or ``red,green,blue`` (descriptions) → the config's ``sources.bands``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        _fail("--bands: give the bands in order, e.g. --bands 3,2,1 or --bands red,green,blue")
+    return [int(t) if t.isdigit() else t for t in items]
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
@@ -54,18 +75,36 @@ def run(
         help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
     dask_address: Annotated[str | None, typer.Option(
         help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+    bands: _BandsOpt = None, allow_root: _RootsOpt = None, registry: _RegistryOpt = None,
+    policy: _PolicyOpt = None, random_init: _RandomOpt = False,
 ) -> None:
-    """Run the pipeline on an AOI and one or two rasters."""
+    """Run the pipeline on an AOI and one or two rasters (the shipped backbone unless told otherwise)."""
     _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
-         cube, workers=workers, dask_address=dask_address)
+         cube, workers=workers, dask_address=dask_address, bands=bands, allow_root=allow_root,
+         registry=registry, policy=policy, random_init=random_init)
 
 
 def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint,  # noqa: ANN001
          accept_licence, head, cube, need_two: bool = False, workers: int | None = None,  # noqa: ANN001
-         dask_address: str | None = None) -> None:
+         dask_address: str | None = None, bands: str | None = None, allow_root: list[Path] | None = None,
+         registry: Path | None = None, policy: Path | None = None, random_init: bool = False) -> None:
     from geo_dino.errors import GeoDinoError, RunRefused
 
     overrides: dict = {}
+    if random_init and checkpoint is not None:
+        _fail("--random-init runs random weights; --checkpoint names weights: give one of them")
+    if config is None and head is None and checkpoint is None and not random_init:
+        if arch is not None and arch != SHIPPED_ARCH:
+            _fail(f"--arch {arch} without --checkpoint would run random weights; give --checkpoint FILE "
+                  "(local weights for that architecture), or --random-init to run random weights on purpose")
+        if not SHIPPED_CHECKPOINT.is_file():
+            _fail(f"the shipped backbone {SHIPPED_CHECKPOINT} is missing; give --arch and --checkpoint")
+        arch, checkpoint = SHIPPED_ARCH, SHIPPED_CHECKPOINT
+    if bands:
+        overrides["sources"] = {"bands": _bands(bands)}
+    screening = {k: str(v) for k, v in (("registry", registry), ("policy", policy)) if v is not None}
+    if screening:
+        overrides["screening"] = screening
     if workers is not None or dask_address is not None:
         if workers is not None and dask_address is not None:
             _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
@@ -80,7 +119,8 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     if approve_by or approve_reason:
         if not (approve_by and approve_reason):
             _fail("--approve-by and --approve-reason go together")
-        overrides["screening"] = {"approval": {"approver": approve_by, "reason": approve_reason}}
+        overrides["screening"] = overrides.get("screening", {}) | {
+            "approval": {"approver": approve_by, "reason": approve_reason}}
     if head is not None and not (arch or checkpoint):
         # --head alone: the backbone, checkpoint and bands it was trained on (its metadata says which)
         from geo_dino.errors import GeoDinoError as _Err
@@ -92,7 +132,7 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
             _fail(str(exc))
         overrides["backbone"] = from_head["backbone"]
         if from_head["sources"]:
-            overrides["sources"] = from_head["sources"]
+            overrides["sources"] = from_head["sources"] | overrides.get("sources", {})
         typer.echo(f"from the head: backbone {from_head['backbone'].get('arch')} "
                    f"({from_head['backbone'].get('checkpoint') or 'random-init'}), "
                    f"bands {from_head['sources'].get('bands')}, "
@@ -116,6 +156,15 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
         _fail(str(exc))
     if need_two and len(cfg.rasters) != 2:
         _fail(f"change needs two rasters (two dates); got {len(cfg.rasters)}")
+    roots = [p.resolve() for p in (allow_root or [])] + [Path(r).resolve().parent for r in (raster or [])]
+    if roots:  # the folder of a raster named on the command line is allowed: the user named that file
+        known = list(cfg.sources.allowed_roots)
+        cfg = cfg.model_copy(update={"sources": cfg.sources.model_copy(
+            update={"allowed_roots": known + [p for p in roots if p not in known]})})
+    if cfg.backbone.checkpoint is None:
+        typer.secho(f"backbone: {cfg.backbone.arch} with RANDOM weights (seed {cfg.backbone.seed}), no "
+                    "pretrained checkpoint: the outputs show the image's structure only",
+                    fg=typer.colors.YELLOW, err=True)
     from flows.run_aoi import run_aoi
 
     try:
@@ -156,12 +205,15 @@ def change(
         help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
     dask_address: Annotated[str | None, typer.Option(
         help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+    bands: _BandsOpt = None, allow_root: _RootsOpt = None, registry: _RegistryOpt = None,
+    policy: _PolicyOpt = None, random_init: _RandomOpt = False,
 ) -> None:
     """Change between two dates: label-free change (the spectrum and the features fused, minimum-error
     threshold), and a trained change head's probability and binary change when --head is given (its
     backbone, checkpoint and bands come with it)."""
     _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, checkpoint, accept_licence, head,
-         False, need_two=True, workers=workers, dask_address=dask_address)
+         False, need_two=True, workers=workers, dask_address=dask_address, bands=bands,
+         allow_root=allow_root, registry=registry, policy=policy, random_init=random_init)
 
 
 @app.command("train-head")

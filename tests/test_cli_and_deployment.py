@@ -99,7 +99,8 @@ def test_cli_run_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "runs"
     res = runner.invoke(app, ["run", "--aoi", "aoi/bahamas_andros.geojson",
                               "--raster", "data/rasters/landsat7_bahamas_RGB.byte.tif",
-                              "--arch", "vit_tiny_patch16_dinov3_test", "--output-dir", str(out)])
+                              "--arch", "vit_tiny_patch16_dinov3_test", "--random-init",
+                              "--output-dir", str(out)])
     assert res.exit_code == 0, res.output
     (run_dir,) = run_folders(out)
     assert f"Outputs in {run_dir}" in res.output and "QGIS" in res.output
@@ -144,7 +145,8 @@ def test_cli_run_on_two_workers_gives_the_serial_outputs(tmp_path, monkeypatch):
     args = {"aoi": "aoi/bahamas_andros.geojson", "raster": "data/rasters/landsat7_bahamas_RGB.byte.tif",
             "arch": "vit_tiny_patch16_dinov3_test"}
     res = runner.invoke(app, ["run", "--aoi", args["aoi"], "--raster", args["raster"], "--arch",
-                              args["arch"], "--output-dir", str(tmp_path / "dask"), "--workers", "2"])
+                              args["arch"], "--random-init", "--output-dir", str(tmp_path / "dask"),
+                              "--workers", "2"])
     assert res.exit_code == 0, res.output
     (run_dir,) = run_folders(tmp_path / "dask")
     ex = json.loads((run_dir / "provenance.json").read_text())["execution"]
@@ -245,3 +247,41 @@ def test_output_dir_must_be_a_folder_of_ours(tmp_path, where) -> None:
         parse_config({"aoi": "aoi/pucallpa.geojson", "rasters": ["data/x.tif"], "output_dir": where})
     assert parse_config({"aoi": "aoi/pucallpa.geojson", "rasters": ["data/x.tif"],
                          "output_dir": str(tmp_path / "runs")}).output_dir
+
+
+def test_cli_never_runs_random_weights_silently(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    base = ["run", "--aoi", "aoi/bahamas_andros.geojson", "--raster",
+            "data/rasters/landsat7_bahamas_RGB.byte.tif", "--output-dir", str(tmp_path)]
+    res = runner.invoke(app, base + ["--arch", "vit_small_patch16_dinov3"])
+    assert res.exit_code == 2 and "would run random weights" in res.output and "--random-init" in res.output
+    res = runner.invoke(app, base + ["--random-init", "--checkpoint",
+                                     "models/vit_tiny_patch8_geo.safetensors"])
+    assert res.exit_code == 2 and "give one of them" in res.output
+    res = runner.invoke(app, base + ["--bands", ","])
+    assert res.exit_code == 2 and "--bands" in res.output
+    assert not list(tmp_path.iterdir())  # refused before any run folder
+
+
+@pytest.mark.slow
+def test_the_readme_change_example_runs_with_bands_on_the_shipped_backbone(tmp_path, monkeypatch) -> None:
+    """`geo-dino run --aoi … --raster 1985 --raster 2020 --bands 1,2,3`: four-band Landsat, the shipped
+    backbone (no --checkpoint), the registry and policy named on the command line."""
+    from geo_dino.files import sha256_file
+
+    monkeypatch.chdir(ROOT)
+    res = runner.invoke(app, ["run", "--aoi", "aoi/pucallpa.geojson",
+                              "--raster", "data/rasters/pucallpa/landsat_pucallpa_1985.tif",
+                              "--raster", "data/rasters/pucallpa/landsat_pucallpa_2020.tif",
+                              "--bands", "1,2,3",
+                              "--registry", "data/registry/sensitive_sites.gpkg",
+                              "--policy", "configs/screening_policy.yaml", "--output-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "RANDOM" not in res.output
+    (run_dir,) = run_folders(tmp_path)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["backbone"]["arch"] == "vit_tiny_patch8_geo"
+    assert rec["backbone"]["sha256"] == sha256_file(ROOT / "models/vit_tiny_patch8_geo.safetensors")
+    assert rec["preprocessing"]["bands"] == [1, 2, 3]
+    assert rec["screening"]["policy"]["path"].endswith("configs/screening_policy.yaml")
+    assert (run_dir / "change_mask.tif").is_file()
