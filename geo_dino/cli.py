@@ -165,6 +165,12 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
         typer.secho(f"backbone: {cfg.backbone.arch} with RANDOM weights (seed {cfg.backbone.seed}), no "
                     "pretrained checkpoint: the outputs show the image's structure only",
                     fg=typer.colors.YELLOW, err=True)
+    from geo_dino.run.plan import preflight
+
+    try:  # everything that can be checked before a run folder exists: a bad input is one line, no folder
+        preflight(cfg)
+    except GeoDinoError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
     from flows.run_aoi import run_aoi
 
     try:

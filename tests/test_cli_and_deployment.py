@@ -285,3 +285,20 @@ def test_the_readme_change_example_runs_with_bands_on_the_shipped_backbone(tmp_p
     assert rec["preprocessing"]["bands"] == [1, 2, 3]
     assert rec["screening"]["policy"]["path"].endswith("configs/screening_policy.yaml")
     assert (run_dir / "change_mask.tif").is_file()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--bands", "1,2,9"], "band"),
+    (["--registry", "data/registry/missing.gpkg"], "registry not found"),
+    (["--policy", "configs/nope.yaml"], "policy not found"),
+])
+def test_bad_inputs_fail_before_prefect_in_one_line_and_leave_no_run_folder(tmp_path, monkeypatch, extra,
+                                                                            message) -> None:
+    monkeypatch.chdir(ROOT)
+    res = runner.invoke(app, ["run", "--aoi", "aoi/pucallpa.geojson", "--raster",
+                              "data/rasters/pucallpa/landsat_pucallpa_1985.tif", "--output-dir",
+                              str(tmp_path / "runs"), *extra])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()

@@ -425,3 +425,34 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
                      "output_grid": plan.out_grid.record(),
                      "blend": "hann (cos^2), floor 1e-3", "upsampling": "bilinear features to pixels"}})
     return plan
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Every check a run can make before it has a run folder and before any pixel is read: the AOI, the
+    screening registry and policy, the governance policy and file, the weights' licence, the sources' headers
+    and bands, the AOI over the raster, the tile grid and the length of ``preprocess.mean``/``std``. Raises
+    the first problem as a :class:`~geo_dino.errors.GeoDinoError`; returns a short summary."""
+    from geo_dino.governance.deployment import governance_fields
+    from geo_dino.governance.deployment import load_policy as load_governance_policy
+    from geo_dino.governance.screening import load_policy, load_registry
+    from geo_dino.inputs.aoi import load_aoi
+    from geo_dino.models.backbone import arch_spec, checkpoint_metadata
+
+    aoi = load_aoi(cfg.aoi, cfg.aoi_options)
+    registry = load_registry(cfg.screening.registry, cfg.screening.registry_sha256)
+    load_policy(cfg.screening.policy)
+    load_governance_policy(cfg.governance.policy)
+    governance_fields(cfg.governance)
+    arch = arch_spec(cfg.backbone.arch)
+    meta = checkpoint_metadata(cfg.backbone.checkpoint)
+    licence_section(cfg, meta)
+    infos, _ = open_sources(cfg, meta)
+    for name in ("mean", "std"):
+        values = getattr(cfg.preprocess, name)
+        if values is not None and len(values) != len(infos[0].bands):
+            raise ConfigError(f"preprocess.{name} has {len(values)} values for {len(infos[0].bands)} bands "
+                              f"({list(infos[0].bands)}); give one per band")
+    region, _ = region_of(cfg, infos[0])
+    tiles = lay_tiles(cfg, infos[0].grid, region, arch.patch_size)
+    return {"aoi_sha256": aoi.sha256, "registry_sha256": registry.sha256, "rasters": len(infos),
+            "bands": list(infos[0].bands), "tiles": len(tiles)}
