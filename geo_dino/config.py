@@ -184,6 +184,8 @@ class HeadsConfig(ConfigModel):
     supervised: SupervisedHeadConfig | None = None
     # also write the dense patch features as a Zarr cube (features.zarr) for search by example
     cube: bool = False
+    # the cube's Zarr format: 3 (default), or 2 for readers without Zarr v3 (QGIS 3.22 with GDAL 3.6)
+    cube_zarr_format: Literal[2, 3] = 3
 
 
 Answer = Literal["yes", "no", "unknown"]

@@ -257,3 +257,20 @@ def test_import_is_light() -> None:
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_a_plain_open_zarr_has_the_crs_and_v2_is_offered(tmp_path: Path, zarr_format: int) -> None:
+    """``xr.open_zarr(path).rio.crs`` with no extra argument; Zarr v2 on request (GDAL 3.6 / QGIS 3.22 read
+    no v3), with the same values."""
+    import xarray as xr
+
+    data = _data(UTM)
+    with CubeWriter(tmp_path, "cube.zarr", UTM, data.shape[0], chunk=16, zarr_format=zarr_format) as w:
+        w.write(0, 0, data)
+    path = tmp_path / "cube.zarr"
+    assert (path / (".zgroup" if zarr_format == 2 else "zarr.json")).is_file()
+    ds = xr.open_zarr(path)
+    assert ds.rio.crs == CRS.from_user_input(UTM.crs) and ds[CUBE_VAR].rio.crs == CRS.from_user_input(UTM.crs)
+    assert ds.rio.transform() == UTM.transform
+    np.testing.assert_array_equal(_bits(open_cube(path).values), _bits(data))

@@ -134,7 +134,9 @@ def cube_template(grid: Grid, n_features: int, *, chunk: int | None = None, dtyp
     ds.attrs.update({"geo_dino_kind": CUBE_KIND, "geo_dino_cube_version": CUBE_VERSION,
                      "axis_order": "(feature, y, x) = (band, row, col)", "nodata": "nan", "complete": False,
                      **user})
-    ds[CUBE_VAR].encoding.update({"chunks": (n_features, chunk, chunk), "_FillValue": np.nan})
+    # "coordinates" names spatial_ref, so a plain xr.open_zarr(path) has it as a coordinate and .rio.crs works
+    ds[CUBE_VAR].encoding.update({"chunks": (n_features, chunk, chunk), "_FillValue": np.nan,
+                                  "coordinates": "spatial_ref"})
     return ds
 
 
@@ -158,7 +160,7 @@ class CubeWriter:
 
     def __init__(self, run_dir: Path, name: str, grid: Grid, n_features: int, *, chunk: int | None = None,
                  dtype: str = "float32", attrs: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, zarr_format: int = 3) -> None:
         self.path = safe_output_path(Path(run_dir), name)
         self.grid = grid
         self.n_features = n_features
@@ -172,7 +174,8 @@ class CubeWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            template.to_zarr(self.path, mode="w-", compute=False, zarr_format=3, consolidated=False)
+            # Zarr v3 by default; v2 for readers that have no v3 (GDAL < 3.8, so QGIS 3.22 / GDAL 3.6)
+            template.to_zarr(self.path, mode="w-", compute=False, zarr_format=zarr_format, consolidated=False)
         self.closed = False
 
     @classmethod

@@ -29,12 +29,14 @@ def cube_grid_of(plan: RunPlan) -> Grid:
     return patch_grid(plan.out_grid.grid(), plan.patch_size)
 
 
-def create_cube(run_dir: Path, plan: RunPlan, n_features: int, attrs: dict[str, Any]) -> Path:
+def create_cube(run_dir: Path, plan: RunPlan, n_features: int, attrs: dict[str, Any],
+                zarr_format: int = 3) -> Path:
     """Create the run's empty cube (``n_features`` features, chunks of 64 cells; replaces an old one) and
     return its path."""
     from geo_dino.outputs.cube import CubeWriter
 
     writer = CubeWriter(run_dir, CUBE_NAME, cube_grid_of(plan), n_features, chunk=64, attrs=attrs,
+                        zarr_format=zarr_format,
                         overwrite=True)
     return writer.path
 

@@ -224,7 +224,7 @@ def init_outputs(run_dir: Path) -> list[str]:
         bb = plan.backbone
         create_cube(run_dir, plan, bb.embed_dim,
                     attrs={"backbone_arch": bb.arch, "backbone_sha256": bb.sha256 or "random-init",
-                           "patch_size": bb.patch_size, "date": 1})
+                           "patch_size": bb.patch_size, "date": 1}, zarr_format=cfg.heads.cube_zarr_format)
         names.append(CUBE_NAME)
     return names
 
