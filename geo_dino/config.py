@@ -79,6 +79,9 @@ class SourceConfig(ConfigModel):
     # the bands the spectral part sees (label-free spectral change; heads' per-pixel spectral input):
     # 1-based indexes or descriptions; None = every band of the raster
     spectral_bands: list[int | str] | None = None
+    # when each raster was acquired (one per raster: "YYYY-MM-DD" or "YYYY"), where its tags and file name do
+    # not say; the STAC Item's start/end_datetime come from these
+    acquired: list[Annotated[str, Field(pattern=r"^\d{4}(-\d{2}-\d{2})?$")]] | None = None
     # two dates on different grids: refuse (default), or reproject the second onto the first's grid with this
     # resampling (recorded in the provenance record; the co-registration check then measures what is left)
     align_dates: Literal["refuse", "nearest", "bilinear", "cubic"] = "refuse"

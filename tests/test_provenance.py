@@ -127,3 +127,21 @@ def test_git_info(tmp_path: Path) -> None:
     assert git_info(tmp_path) is None
     info = git_info()
     assert info is None or (set(info) == {"commit", "dirty"} and isinstance(info["dirty"], bool))
+
+
+def test_acquisition_dates_from_tags_or_file_names():
+    from pathlib import Path
+
+    from geo_dino.governance.provenance import acquisition_date
+
+    assert acquisition_date(Path("taizhou_L7ETM_2000-03-17.tif"), {}) == {
+        "start": "2000-03-17", "end": "2000-03-17", "source": "file name"}
+    assert acquisition_date(Path("m_4709963_se_14_1_20090818.tif"), {})["start"] == "2009-08-18"
+    assert acquisition_date(Path("landsat_pucallpa_1985.tif"), {}) == {
+        "start": "1985-01-01", "end": "1985-12-31", "source": "file name (year)"}
+    assert acquisition_date(Path("landsat7_bahamas_RGB.byte.tif"), {}) is None  # nothing says
+    assert acquisition_date(Path("Spain_7370579_S2.tif"), {}) is None  # a 7-digit id is not a date
+    tags = {"TIFFTAG_DATETIME": "2021:01:05 12:00:00", "DATE_ACQUIRED": "2019-05-02"}
+    assert acquisition_date(Path("x_2018.tif"), tags) == {"start": "2019-05-02", "end": "2019-05-02",
+                                                          "source": "tag DATE_ACQUIRED"}  # the tag first
+    assert acquisition_date(Path("x.tif"), {"DATE_ACQUIRED": "2019-13-45"}) is None  # not a date

@@ -84,7 +84,12 @@ def test_item_of_a_change_run(change_run, no_network):
     assert wanted <= set(item["stac_extensions"])
 
     rec = json.loads((change_run / "provenance.json").read_text())
-    assert item["id"] == rec["run_id"] and item["properties"]["datetime"].startswith(rec["created_at"][:19])
+    assert item["id"] == rec["run_id"] and item["properties"]["created"] == rec["created_at"]
+    # the time is the acquisitions' (Pucallpa 1985 and 2020: years from the file names), not the run's
+    assert item["properties"]["datetime"] is None
+    assert item["properties"]["start_datetime"] == "1985-01-01T00:00:00Z"
+    assert item["properties"]["end_datetime"] == "2020-12-31T23:59:59Z"
+    assert [a["source"] for a in item["properties"]["geo_dino:acquired"]] == ["file name (year)"] * 2
     assert {o["name"] for o in rec["outputs"]} <= set(item["assets"])
     assert {"change_magnitude", "change_mask", "provenance", "tiles", "heads"} <= set(item["assets"])
     for key, asset in item["assets"].items():
@@ -174,7 +179,9 @@ def test_collection_over_two_runs(tiny_config, change_run, tmp_path, no_network)
         assert bbox[0] <= it["bbox"][0] and bbox[1] <= it["bbox"][1]
         assert bbox[2] >= it["bbox"][2] and bbox[3] >= it["bbox"][3]
     start, end = coll["extent"]["temporal"]["interval"][0]
-    assert start <= min(i["properties"]["datetime"] for i in items) <= end
+    times = [t for i in items for t in (i["properties"]["datetime"], i["properties"].get("start_datetime"),
+                                         i["properties"].get("end_datetime")) if t]
+    assert start <= min(times) and max(times) <= end
     assert all(not Path(link["href"]).is_absolute() for link in coll["links"])
 
 

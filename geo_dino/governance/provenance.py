@@ -160,7 +160,41 @@ def raster_input_record(path: Path | str) -> dict[str, Any]:
             "dtypes": list(src.dtypes),
             "nodata": src.nodata,
             "gsd": gsd,
+            "acquired": acquisition_date(path, src.tags()),
         }
+
+
+#: dataset tags that carry an acquisition time, in the order they are trusted
+_DATE_TAGS = ("ACQUISITION_DATE", "ACQUISITIONDATE", "DATE_ACQUIRED", "SENSING_TIME", "acquisition_date",
+              "TIFFTAG_DATETIME")
+
+
+def acquisition_date(path: Path, tags: dict[str, str]) -> dict[str, Any] | None:
+    """When a raster was acquired, as far as its tags or its file name say: ``{"start", "end", "source"}``
+    (ISO dates; a year alone spans the year), or None. ``TIFFTAG_DATETIME`` is the file's own time, often its
+    processing time: trusted last."""
+    import re
+    from datetime import date
+
+    def day(y: str, m: str, d: str) -> str | None:
+        try:
+            return date(int(y), int(m), int(d)).isoformat()
+        except ValueError:
+            return None
+
+    for tag in _DATE_TAGS:
+        value = tags.get(tag)
+        m = re.match(r"\s*(\d{4})[-:/](\d{2})[-:/](\d{2})", value or "")
+        if m and (iso := day(*m.groups())):
+            return {"start": iso, "end": iso, "source": f"tag {tag}"}
+    name = Path(path).stem
+    m = re.search(r"(?<!\d)(\d{4})-?(\d{2})-?(\d{2})(?!\d)", name)
+    if m and 1972 <= int(m.group(1)) <= 2100 and (iso := day(*m.groups())):
+        return {"start": iso, "end": iso, "source": "file name"}
+    m = re.search(r"(?<!\d)(19[7-9]\d|20\d\d)(?!\d)", name)
+    if m:
+        return {"start": f"{m.group(1)}-01-01", "end": f"{m.group(1)}-12-31", "source": "file name (year)"}
+    return None
 
 
 def _json_safe(obj: Any) -> Any:

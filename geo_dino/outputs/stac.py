@@ -6,9 +6,10 @@ self-contained and can be moved or uploaded as is. :func:`write_collection` gath
 (one deployment: a site or a programme) under a ``collection.json`` whose item links are relative too. Both
 are built with pystac.
 
-The ``datetime`` of an Item is the run's creation time (``provenance.created_at``), not an acquisition time:
-geo_dino does not know when its input rasters were acquired. ``created``/``updated`` carry the run's start and
-finish. Search a catalog of runs by ``datetime`` as "when was this product made".
+An Item's time is when its input rasters were acquired: ``start_datetime``/``end_datetime`` span the
+inputs' acquisition dates (from their tags or file names, or the config's ``sources.acquired``; the record
+says which), and ``datetime`` is null. Only when an input's date is unknown is ``datetime`` the run's
+creation time. ``created``/``updated`` always carry the run's start and finish.
 
 :func:`validate_item`/:func:`validate_collection` check a document against the STAC core schemas and every
 extension schema it lists, all bundled under ``geo_dino/schemas`` (see its README): nothing is fetched, and a
@@ -286,7 +287,14 @@ def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
             assets["deployment_record_md"] = pystac.Asset(md.name, title="deployment record (for people)",
                                                           media_type="text/markdown", roles=["metadata"],
                                                           extra_fields=_file_fields(md))
-    item = pystac.Item(rec["run_id"], geometry, bbox, created, props, assets=assets,
+    acquired = [i["acquired"] for i in rec.get("inputs") or [] if i.get("acquired")]
+    when: datetime | None = created
+    if acquired and len(acquired) == len(rec.get("inputs") or []):  # every input's date is known
+        when = None
+        props["start_datetime"] = min(a["start"] for a in acquired) + "T00:00:00Z"
+        props["end_datetime"] = max(a["end"] for a in acquired) + "T23:59:59Z"
+        props["geo_dino:acquired"] = acquired
+    item = pystac.Item(rec["run_id"], geometry, bbox, when, props, assets=assets,
                        collection=_safe_key(collection) if collection else None)
     if collection:
         item.add_link(pystac.Link("collection", collection_href(collection, from_run=True),
@@ -329,7 +337,9 @@ def write_collection(sources: Iterable[Path | str], out_dir: Path | str, *, id: 
     if not items:
         raise STACError("write_collection needs at least one run folder or Item")
     boxes = [d["bbox"] for _, d in items]
-    times = sorted(d["properties"]["datetime"] for _, d in items)
+    times = sorted(t for _, d in items for t in (d["properties"].get("datetime"),
+                                                 d["properties"].get("start_datetime"),
+                                                 d["properties"].get("end_datetime")) if t)
     codes = sorted({a["proj:code"] for _, d in items for a in d["assets"].values() if a.get("proj:code")})
     extent = pystac.Extent(
         pystac.SpatialExtent([[min(b[0] for b in boxes), min(b[1] for b in boxes),

@@ -394,6 +394,13 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
         note(supervised_head=head_record)
     chunks = tiles.row_chunks(cfg.tiling.chunk_tiles)
     inputs = [raster_input_record(Path(i.path)) | {"bands": list(i.bands)} for i in infos]
+    if cfg.sources.acquired is not None:
+        if len(cfg.sources.acquired) != len(inputs):
+            raise ConfigError(f"sources.acquired has {len(cfg.sources.acquired)} dates for {len(inputs)} "
+                              "rasters; give one per raster, in order")
+        for rec, when in zip(inputs, cfg.sources.acquired, strict=True):
+            start, end = (when, when) if len(when) == 10 else (f"{when}-01-01", f"{when}-12-31")
+            rec["acquired"] = {"start": start, "end": end, "source": "config: sources.acquired"}
     model_size, resampling = None, None
     if cfg.preprocess.resample_to_gsd:
         model_size, resampling = gsd_resampling(inputs[0]["gsd"], cfg.preprocess.target_gsd_m or arch.gsd_m,
