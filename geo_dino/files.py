@@ -28,6 +28,7 @@ TILE_INDEX = "tiles.gpkg"
 QGIS_PROJECT = "run.qgs"
 WORK = "work"
 HEADS = "work/heads.npz"  # the label-free heads (PCA, k-means) fitted by fit_heads
+LABEL_FREE_MODEL = "label_free_heads.npz"  # the same, beside the outputs of a finished run (STAC mlm:model)
 CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
 FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
 INTERMEDIATES = "work/outputs.zarr"  # the outputs' intermediates, filled by the chunk tasks

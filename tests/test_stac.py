@@ -95,6 +95,7 @@ def test_item_of_a_change_run(change_run, no_network):
     for key, asset in item["assets"].items():
         href = asset["href"]
         assert not Path(href).is_absolute() and "://" not in href and ".." not in href, key
+        assert not href.startswith("work/"), key  # work/ is the run's scratch, not a product
         target = change_run / href
         assert target.exists(), key
         if target.is_file():

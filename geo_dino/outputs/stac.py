@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from geo_dino.errors import STACError
-from geo_dino.files import CONFIG, HEADS, QGIS_PROJECT, RECORD, TILE_INDEX, sha256_file, write_text_atomic
+from geo_dino.files import (
+    CONFIG,
+    LABEL_FREE_MODEL,
+    QGIS_PROJECT,
+    RECORD,
+    TILE_INDEX,
+    sha256_file,
+    write_text_atomic,
+)
 
 ITEM_FILE = "stac_item.json"
 COLLECTION_FILE = "collection.json"
@@ -235,10 +243,11 @@ def write_item(run_dir: Path | str, collection: str | None = None) -> Path:
     for p in sorted(run_dir.glob("*.zarr")):
         assets[p.stem] = pystac.Asset(p.name, media_type="application/vnd+zarr", roles=["data"])
     mlm = _mlm(rec)
-    heads = run_dir / HEADS
+    heads = run_dir / LABEL_FREE_MODEL  # beside the outputs: no asset points into work/
     if heads.is_file():  # the run's own fitted model: MLM requires one asset with the mlm:model role
         names = [{"name": b} for b in mlm["mlm:input"][0]["bands"]]  # and that asset its artifact type
-        assets["heads"] = pystac.Asset(HEADS, title="fitted heads (PCA, k-means)", roles=["mlm:model"],
+        assets["heads"] = pystac.Asset(LABEL_FREE_MODEL, title="fitted heads (PCA, k-means)",
+                                       roles=["mlm:model"],
                                        media_type="application/octet-stream",
                                        extra_fields={**_file_fields(heads), "raster:bands": names,
                                                      "mlm:artifact_type": "numpy.savez"})

@@ -323,6 +323,11 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     """Mark the record succeeded and drop the work files (feature cache, chunk results, the store of
     intermediates); the fitted heads stay in work/."""
     shutil.rmtree(run_dir / folder.FEATURE_CACHE, ignore_errors=True)
+    if (run_dir / folder.HEADS).is_file():  # the fitted heads beside the outputs (the STAC Item's model)
+        from geo_dino.files import LABEL_FREE_MODEL, atomic_write
+
+        atomic_write(run_dir / LABEL_FREE_MODEL, lambda tmp: shutil.copyfile(run_dir / folder.HEADS, tmp),
+                     suffix=".npz")
     for p in folder.chunk_results(run_dir):
         p.unlink()
     shutil.rmtree(run_dir / folder.INTERMEDIATES, ignore_errors=True)
