@@ -683,3 +683,21 @@ def test_a_raster_too_small_for_the_patches_says_so(tiny_config, tmp_path):
     with pytest.raises(GeoDinoError, match=r"is 5×5 pixels: 1 patches of 16 px") as err:
         pl.fit_heads(run_dir)
     assert "enlarge" not in str(err.value)
+
+
+def test_the_known_extrasamples_notice_is_not_logged(caplog):
+    """The bundled Pucallpa scenes make libtiff log an ExtraSamples notice at every open: it is filtered
+    out, other GDAL warnings are not."""
+    import logging
+
+    from geo_dino.config import SourceConfig
+
+    path = ROOT / "data/rasters/pucallpa/landsat_pucallpa_1985.tif"
+    with caplog.at_level(logging.WARNING, logger="rasterio._env"):
+        info = open_raster(path, SourceConfig(allowed_roots=[ROOT / "data"], bands=[1, 2, 3]))
+        with WindowReader(info) as r:
+            r.read(PixelBox(0, 0, 32, 32))
+        logging.getLogger("rasterio._env").warning("CPLE_AppDefined in x.tif: another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("ExtraSamples" in m for m in messages)
+    assert any("another warning" in m for m in messages)

@@ -7,6 +7,7 @@ read. Reads are windowed, inside :func:`gdal_env`, and honour nodata and interna
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,20 @@ from geo_dino.inputs.grid import Grid, PixelBox
 
 ALLOWED_DRIVERS = ("GTiff",)
 _REMOTE_PREFIXES = ("/vsi", "http://", "https://", "ftp://", "s3://", "gs://", "az://", "file://")
+
+
+class _KnownTiffNotice(logging.Filter):
+    """Drop libtiff's notice about ExtraSamples on RGB+N TIFFs written without that tag (the bundled Pucallpa
+    scenes, and many exports): GDAL reads the fourth band as it should, so the notice, repeated at every
+    open, only buries the run's own messages."""
+
+    NOTICE = "Sum of Photometric type-related color channels and ExtraSamples doesn't match SamplesPerPixel"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.NOTICE not in record.getMessage()
+
+
+logging.getLogger("rasterio._env").addFilter(_KnownTiffNotice())
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
