@@ -146,7 +146,7 @@ def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
             n += r["tiles"]
             log.info("chunk %d/%d: %d tiles in %.1fs (%d tiles done)", k, len(todo), r["tiles"],
                      r["seconds"], n)
-        rec: dict[str, Any] = {"engine": "serial", "n_workers": 1, "workers": [{"address": "local"}]}
+        rec = engine.serial_record()
     else:
         runner = task_runner(execution, device)
         log.info("%d chunks on a Dask cluster (%s)", len(todo), execution.address or "local, started now")

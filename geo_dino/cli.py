@@ -42,9 +42,24 @@ _RegistryOpt = Annotated[Path | None, typer.Option(help="the sensitive-site regi
 _PolicyOpt = Annotated[Path | None, typer.Option(help="the screening policy (YAML)")]
 _RandomOpt = Annotated[bool, typer.Option(
     help="run random weights on purpose (no --checkpoint): outputs show structure only")]
+_WorkersOpt = Annotated[int | None, typer.Option(
+    help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")]
+_AddressOpt = Annotated[str | None, typer.Option(
+    help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")]
 #: the backbone a command-line run uses when none is named
 SHIPPED_ARCH = "vit_tiny_patch8_geo"
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "vit_tiny_patch8_geo.safetensors"
+
+
+def _execution(workers: int | None, dask_address: str | None) -> dict[str, Any] | None:
+    """The config's ``execution`` section for ``--workers`` / ``--dask-address`` (None: neither given)."""
+    if workers is not None and dask_address is not None:
+        _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
+    if workers is not None:
+        return {"engine": "dask", "workers": workers}
+    if dask_address is not None:
+        return {"engine": "dask", "address": dask_address}
+    return None
 
 
 def _bands(text: str) -> list[int | str]:
@@ -71,10 +86,7 @@ def run(
         help="a trained head (head.safetensors of geo-dino train-head)")] = None,
     cube: Annotated[bool, typer.Option(
         help="also write the feature cube (features.zarr) for geo-dino similar")] = False,
-    workers: Annotated[int | None, typer.Option(
-        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
-    dask_address: Annotated[str | None, typer.Option(
-        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+    workers: _WorkersOpt = None, dask_address: _AddressOpt = None,
     bands: _BandsOpt = None, allow_root: _RootsOpt = None, registry: _RegistryOpt = None,
     policy: _PolicyOpt = None, random_init: _RandomOpt = False,
 ) -> None:
@@ -105,11 +117,9 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     screening = {k: str(v) for k, v in (("registry", registry), ("policy", policy)) if v is not None}
     if screening:
         overrides["screening"] = screening
-    if workers is not None or dask_address is not None:
-        if workers is not None and dask_address is not None:
-            _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
-        overrides["execution"] = {"engine": "dask"} | (
-            {"workers": workers} if workers is not None else {"address": dask_address})
+    execution = _execution(workers, dask_address)
+    if execution is not None:
+        overrides["execution"] = execution
     if aoi is not None:
         overrides["aoi"] = str(aoi)
     if raster:
@@ -207,10 +217,7 @@ def change(
     accept_licence: Annotated[str | None, typer.Option(help="accept the weights' licence by name")] = None,
     head: Annotated[Path | None, typer.Option(
         help="a trained change head (else label-free change only)")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
-    dask_address: Annotated[str | None, typer.Option(
-        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+    workers: _WorkersOpt = None, dask_address: _AddressOpt = None,
     bands: _BandsOpt = None, allow_root: _RootsOpt = None, registry: _RegistryOpt = None,
     policy: _PolicyOpt = None, random_init: _RandomOpt = False,
 ) -> None:
@@ -321,10 +328,7 @@ def pretrain(
 @app.command()
 def resume(
     run_dir: Path,
-    workers: Annotated[int | None, typer.Option(
-        help="run the chunks on a local Dask cluster of N worker processes (execution.engine: dask)")] = None,
-    dask_address: Annotated[str | None, typer.Option(
-        help="run the chunks on the Dask cluster whose scheduler is at tcp://HOST:PORT")] = None,
+    workers: _WorkersOpt = None, dask_address: _AddressOpt = None,
 ) -> None:
     """Finish a run that was killed during inference: the chunks that have no result, then the outputs (on
     the run's own engine, or on --workers / --dask-address)."""
@@ -334,13 +338,7 @@ def resume(
         _fail(f"{run_dir} is not a run folder (no provenance.json)")
     from flows.run_aoi import resume_run
 
-    execution = None
-    if workers is not None and dask_address is not None:
-        _fail("--workers starts a local Dask cluster, --dask-address joins one: give one of them")
-    if workers is not None:
-        execution = {"engine": "dask", "workers": workers}
-    elif dask_address is not None:
-        execution = {"engine": "dask", "address": dask_address}
+    execution = _execution(workers, dask_address)
     if execution is not None:
         from pydantic import ValidationError
 

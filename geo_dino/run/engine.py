@@ -131,6 +131,11 @@ def chunk_task(run_dir: str, chunk: int, threads: int) -> dict[str, Any]:
     return infer_chunk(Path(run_dir), chunk)
 
 
+def serial_record() -> dict[str, Any]:
+    """The engine as the record holds it when the chunks ran in this process."""
+    return {"engine": "serial", "n_workers": 1, "workers": [{"address": "local", "pid": os.getpid()}]}
+
+
 def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig, device: str,
                progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``chunks`` of the run on its engine; ``progress`` is called with each chunk's timing as it
@@ -142,7 +147,7 @@ def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig,
             r = infer_chunk(run_dir, c)
             if progress:
                 progress(r)
-        return {"engine": "serial", "n_workers": 1, "workers": [{"address": "local", "pid": os.getpid()}]}
+        return serial_record()
     from distributed import as_completed
 
     with dask_client(execution, device) as client:
