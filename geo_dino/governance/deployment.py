@@ -190,7 +190,7 @@ def retirement(retire_after: str | None, review_interval_days: int | None, revie
         stale = today > due
     if review_interval_days is not None:
         if reviewed_on is None:
-            stale, due = True, due
+            stale = True  # a review interval with no review on record: due now
         else:
             review_due = date.fromisoformat(reviewed_on) + timedelta(days=review_interval_days)
             due = min(due, review_due) if due else review_due
