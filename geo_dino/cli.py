@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from geo_dino.files import QGIS_PROJECT, RECORD
+
+_T = TypeVar("_T")
 
 app = typer.Typer(help="DINO-family backbones from an area of interest to screened, georeferenced outputs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -23,15 +26,40 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: set by ``geo-dino --debug``: tracebacks on the console (Prefect's, and the command's own)
+_STATE = {"debug": False}
+
+
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="print the version and exit")] = False) -> None:
+                                                help="print the version and exit")] = False,
+          debug: Annotated[bool, typer.Option(
+              "--debug", help="show tracebacks (a user error is otherwise one line)")] = False) -> None:
     """DINO-family backbones from an area of interest to screened, georeferenced outputs."""
+    _STATE["debug"] = debug
 
 
-def _fail(msg: str, code: int = 2) -> NoReturn:
+def _fail(msg: str, code: int = 2, exc: BaseException | None = None) -> NoReturn:
+    if exc is not None and _STATE["debug"]:
+        import traceback
+
+        traceback.print_exception(exc)
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _error(exc: BaseException, code: int = 2) -> NoReturn:
+    """A project error as one line: its kind and message (the traceback only with --debug)."""
+    _fail(f"{type(exc).__name__}: {exc}", code, exc)
+
+
+def _in_flow(call: Callable[[], _T]) -> _T:
+    """Run a Prefect flow from the command line: a temporary server that ends with this command however it
+    ends, and no tracebacks on the console for the project's own errors (unless --debug)."""
+    from flows.console import flow_session
+
+    with flow_session(_STATE["debug"]):
+        return call()
 
 
 _BandsOpt = Annotated[str | None, typer.Option(
@@ -139,7 +167,7 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
         try:
             from_head = settings_from_head(head)
         except _Err as exc:
-            _fail(str(exc))
+            _fail(str(exc), exc=exc)
         overrides["backbone"] = from_head["backbone"]
         if from_head["sources"]:
             overrides["sources"] = from_head["sources"] | overrides.get("sources", {})
@@ -163,7 +191,7 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     try:
         cfg = load_config(config, overrides) if config else parse_config(overrides)
     except GeoDinoError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc=exc)
     if need_two and len(cfg.rasters) != 2:
         _fail(f"change needs two rasters (two dates); got {len(cfg.rasters)}")
     roots = [p.resolve() for p in (allow_root or [])] + [Path(r).resolve().parent for r in (raster or [])]
@@ -180,16 +208,16 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     try:  # everything that can be checked before a run folder exists: a bad input is one line, no folder
         preflight(cfg)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     from flows.run_aoi import run_aoi
 
     try:
-        run_dir = Path(run_aoi(config=json.loads(cfg.model_dump_json())))
+        run_dir = Path(_in_flow(lambda: run_aoi(config=json.loads(cfg.model_dump_json()))))
     except RunRefused as exc:
         _fail(f"run refused by the sensitive-site screen: {exc}\n(the decision and the provenance record are "
-              f"in the run folder under {cfg.output_dir})", 3)
+              f"in the run folder under {cfg.output_dir})", 3, exc)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.echo("")
     typer.secho(f"Outputs in {run_dir}", fg=typer.colors.GREEN, bold=True)
     for p in sorted(run_dir.glob("*")):
@@ -247,13 +275,13 @@ def train_head_cmd(
     try:
         cfg = load_head_config(config, overrides)
     except GeoDinoError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc=exc)
     from flows.train_head import train_head_flow
 
     try:
-        res = train_head_flow(config=json.loads(cfg.model_dump_json()))
+        res = _in_flow(lambda: train_head_flow(config=json.loads(cfg.model_dump_json())))
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.secho(f"Head: {res['head']}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"Held-out test mIoU {res['test_miou']:.3f}, macro F1 {res['test_macro_f1']:.3f} "
                f"(metrics.json and split.gpkg in {res['run_dir']}). "
@@ -280,7 +308,7 @@ def similar(
         res = similarity(cube_path, load_example(example), run_dir=cube_path.parent, name=name, top_k=top_k,
                          min_separation_cells=min_separation)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.secho(f"Similarity: {cube_path.parent / (name + '.tif')}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"Top {res['matches']['count']} places in {res['matches']['path']}; best scores "
                f"{', '.join(f'{s:.3f}' for s in res['top_scores'][:5])}")
@@ -313,13 +341,14 @@ def pretrain(
     try:
         cfg = load_pretrain_config(config, overrides)
     except GeoDinoError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc=exc)
     from flows.pretrain import pretrain_flow
 
     try:
-        res = pretrain_flow(config=json.loads(cfg.model_dump_json()), nproc=nproc, config_file=str(config))
+        res = _in_flow(lambda: pretrain_flow(config=json.loads(cfg.model_dump_json()), nproc=nproc,
+                                             config_file=str(config)))
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.secho(f"Backbone: {res['checkpoint']} (sha256 {res['sha256']})", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"Model card, metrics and checkpoint in {Path(res['checkpoint']).parent}. Use it with "
                f"backbone.checkpoint: {res['checkpoint']} and backbone.arch: {cfg.backbone.arch}.")
@@ -349,9 +378,9 @@ def resume(
         except ValidationError as exc:
             _fail(f"{'; '.join(e['msg'] for e in exc.errors())}")
     try:
-        out = resume_run(str(run_dir.resolve()), execution)
+        out = _in_flow(lambda: resume_run(str(run_dir.resolve()), execution))
     except (GeoDinoError, RuntimeError) as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.secho(f"Outputs in {out}", fg=typer.colors.GREEN, bold=True)
 
 
@@ -365,7 +394,7 @@ def validate_aoi(path: Path, repair: bool = typer.Option(False, help="repair sel
     try:
         aoi = load_aoi(path, AOIOptions(repair=repair))
     except GeoDinoError as exc:
-        _fail(f"invalid AOI: {exc}")
+        _fail(f"invalid AOI: {exc}", exc=exc)
     rec = aoi.to_record()
     rec.pop("geometry", None)
     typer.echo(json.dumps(rec, indent=2, default=str))
@@ -385,7 +414,7 @@ def checkpoint_inspect(path: Path) -> None:
     try:
         info = inspect_file(path)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.echo(json.dumps(info, indent=2, default=str))
 
 
@@ -400,7 +429,7 @@ def checkpoint_convert(
     try:
         rec = convert_file(path, out, arch)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.echo(json.dumps(rec, indent=2))
 
 
@@ -469,7 +498,7 @@ def _eval(method: str, data: Path, arch: str | None, checkpoint: Path | None, ch
         if out is not None:
             res.write_json(out)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
     typer.echo(res.summary() + (f" -> {out}" if out is not None else ""))
 
 
@@ -516,7 +545,7 @@ def _record_of(run_dir: Path) -> dict[str, Any]:
     try:
         return make_record(run_dir)
     except GeoDinoError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        _error(exc)
 
 
 @record_app.command("show")

@@ -1,0 +1,120 @@
+"""The command line around a Prefect flow: a user error inside the flow is one message with no traceback
+(``--debug`` shows them), and a killed command leaves no temporary Prefect server behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.console import ConsoleFilter
+from geo_dino.errors import RunRefused, SourceError
+from tests.conftest import ROOT
+
+CLI = str(Path(sys.executable).with_name("geo-dino"))
+
+
+def _record(msg: str, exc: BaseException | None = None, name: str = "prefect.task_runs",
+            level: int = logging.ERROR) -> logging.LogRecord:
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord(name, level, __file__, 1, msg, None, exc_info)
+
+
+def test_console_filter_keeps_project_errors_off_and_everything_else_on() -> None:
+    quiet = ConsoleFilter(errors=True, links=True)
+    assert not quiet.filter(_record("Task run failed with exception", RunRefused("no", {})))
+    assert not quiet.filter(_record(
+        "Finished in state Failed('Task run encountered an exception SourceError: truncated')",
+        name="prefect.flow_runs", level=logging.INFO))
+    assert not quiet.filter(_record("View at http://127.0.0.1:8123/runs/flow-run/x", level=logging.INFO))
+    # a bug is not a user error: its traceback stays
+    assert quiet.filter(_record("Task run failed with exception", ValueError("bug")))
+    assert quiet.filter(_record("Finished in state Failed('… ValueError: bug')", level=logging.INFO))
+    assert quiet.filter(_record("Finished in state Completed()", level=logging.INFO))
+    assert quiet.filter(_record("a SourceError: in a library's own log", name="rasterio"))
+    debug = ConsoleFilter(errors=False, links=False)
+    assert debug.filter(_record("Task run failed with exception", SourceError("x")))
+    assert debug.filter(_record("View at http://127.0.0.1:8123/runs/flow-run/x", level=logging.INFO))
+
+
+def _refused_config(tmp_path: Path) -> Path:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
+                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"aoi: aoi/bahamas_nassau.geojson\nrasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\n"
+                   f"output_dir: {tmp_path / 'runs'}\nscreening: {{policy: {policy}}}\n"
+                   f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
+    return cfg
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_flow_is_one_message_without_traceback(tmp_path) -> None:
+    """The screening refusal happens inside the Prefect flow: once without tracebacks, with them on --debug."""
+    cfg = _refused_config(tmp_path)
+    res = subprocess.run([CLI, "run", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 3, out
+    assert "Traceback" not in out and "RunRefused" not in out
+    assert out.count("run needs approval") == 1 and "Nassau" in out
+    assert "View at http" not in out  # the temporary server has no UI
+    res = subprocess.run([CLI, "--debug", "run", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 3 and "Traceback" in out and "RunRefused" in out
+
+
+def _server_of(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    for _ in range(1200):
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "prefect.server.api.server" in " ".join(c.cmdline()):
+                    return c
+            except psutil.NoSuchProcess:  # a short-lived child (e.g. a probe) ended while listed
+                continue
+        time.sleep(0.05)
+    raise AssertionError("the command started no temporary Prefect server")
+
+
+def _gone(p: psutil.Process, within_s: float = 15.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["starting", "running"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_command_leaves_no_prefect_server(tmp_path, when, sig) -> None:
+    """Killed while the server starts, or while the flow runs (its run folder exists): the server ends too."""
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([CLI, "run", "--config", "configs/demo.yaml", "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = _server_of(proc)
+        if when == "running":
+            end = time.monotonic() + 120
+            while not (out.is_dir() and any(out.iterdir())) and time.monotonic() < end:
+                time.sleep(0.1)
+            assert out.is_dir() and any(out.iterdir()), "the flow never started"
+            assert server.is_running()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert _gone(server), f"the temporary Prefect server {server.pid} outlived the killed command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
