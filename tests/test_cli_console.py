@@ -118,3 +118,27 @@ def test_a_killed_command_leaves_no_prefect_server(tmp_path, when, sig) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+TAIZHOU = "data/labels/taizhou/taizhou_L7ETM_"
+HEAD = "models/taizhou_change_mlp.safetensors"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--raster", f"{TAIZHOU}2000-03-17.tif", "--head", HEAD], "a change head needs two rasters"),
+    (["--raster", f"{TAIZHOU}2000-03-17.tif", "--raster", f"{TAIZHOU}2003-02-06.tif", "--head", HEAD,
+      "--arch", "vit_tiny_patch16_dinov3_test", "--random-init", "--bands", "3,2,1"],
+     "the head was trained on backbone 'vit_tiny_patch8_geo'"),
+    (["--raster", f"{TAIZHOU}2000-03-17.tif", "--raster", f"{TAIZHOU}2003-02-06.tif", "--head", HEAD,
+      "--bands", "1,2,3"], "the head's backbone bands are [3 (B3 red)"),
+])
+def test_a_head_that_does_not_fit_fails_before_prefect(tmp_path, extra, message) -> None:
+    """Head compatibility is part of the preflight: one error line, no Prefect server, no run folder."""
+    res = subprocess.run([CLI, "run", "--aoi", "aoi/taizhou.geojson", "--output-dir", str(tmp_path / "runs"),
+                          *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("ConfigError")]
+    assert len(errors) == 1 and message in errors[0], out
+    assert "Traceback" not in out and "temporary server" not in out
+    assert not (tmp_path / "runs").exists()

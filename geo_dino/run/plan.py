@@ -437,7 +437,8 @@ def make_plan(cfg: RunConfig, tile_index: Path, note: Callable[..., object]) -> 
 def preflight(cfg: RunConfig) -> dict[str, Any]:
     """Every check a run can make before it has a run folder and before any pixel is read: the AOI, the
     screening registry and policy, the governance policy and file, the weights' licence, the sources' headers
-    and bands, the AOI over the raster, the tile grid and the length of ``preprocess.mean``/``std``. Raises
+    and bands, the supervised head against the backbone, dates and bands, the AOI over the raster, the tile
+    grid and the length of ``preprocess.mean``/``std``. Raises
     the first problem as a :class:`~geo_dino.errors.GeoDinoError`; returns a short summary."""
     from geo_dino.governance.deployment import governance_fields
     from geo_dino.governance.deployment import load_policy as load_governance_policy
@@ -459,6 +460,15 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
         if values is not None and len(values) != len(infos[0].bands):
             raise ConfigError(f"preprocess.{name} has {len(values)} values for {len(infos[0].bands)} bands "
                               f"({list(infos[0].bands)}); give one per band")
+    if cfg.heads.supervised is not None:  # the head fits the backbone, checkpoint, dates and bands
+        from geo_dino.run.heads import plan_head
+
+        _, head = plan_head(cfg, len(infos), infos[0])
+        n_head = len((head.get("preprocessing") or {}).get("mean") or infos[0].bands)
+        if n_head != len(infos[0].bands):
+            raise ConfigError(f"heads.supervised: the head was trained on {n_head} bands, the run reads "
+                              f"{len(infos[0].bands)} ({list(infos[0].bands)}); select its bands with "
+                              "sources.bands")
     region, _ = region_of(cfg, infos[0])
     tiles = lay_tiles(cfg, infos[0].grid, region, arch.patch_size)
     return {"aoi_sha256": aoi.sha256, "registry_sha256": registry.sha256, "rasters": len(infos),
