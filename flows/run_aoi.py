@@ -166,6 +166,7 @@ def resume_run(run_dir: str, execution: dict[str, Any] | None = None) -> str:
         raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
     cfg = pl.load_config(path)
     ex = ExecutionConfig.model_validate(execution) if execution is not None else cfg.execution
+    pl.folder.reserve_space(path)
     todo = pl.missing_chunks(path)
     log.info("resuming %s: %d chunks to compute", run_dir, len(todo))
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ LABEL_FREE_MODEL = "label_free_heads.npz"  # the same, beside the outputs of a f
 CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
 FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
 INTERMEDIATES = "work/outputs.zarr"  # the outputs' intermediates, filled by the chunk tasks
+SPACE_RESERVE = "work/.space_reserve"  # disk space held back for the record of a run that fills the disk
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

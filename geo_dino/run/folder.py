@@ -17,13 +17,15 @@ Every write is atomic (:mod:`geo_dino.files`).
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from geo_dino.errors import RunRefused
+from geo_dino.errors import OutputError, RunRefused
 from geo_dino.files import (  # noqa: F401  (the names are re-exported here)
     CHANGE_MODEL,
     CONFIG,
@@ -34,6 +36,7 @@ from geo_dino.files import (  # noqa: F401  (the names are re-exported here)
     QGIS_PROJECT,
     RECORD,
     SCREENING,
+    SPACE_RESERVE,
     TILE_INDEX,
     WORK,
 )
@@ -119,9 +122,84 @@ def write_deployment_record(run_dir: Path) -> Path | None:
         return None
 
 
+#: disk space held back (``SPACE_RESERVE``) from planning to completion: enough for the records of a run
+#: that fills the disk (the provenance and deployment records are tens of kB)
+RESERVE_BYTES = 4 << 20
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Hold back :data:`RESERVE_BYTES` of real disk blocks in the run folder, released by
+    :func:`release_space` when the run completes or fails; a disk too full for it is an error now, before the
+    run writes anything large."""
+    path = Path(run_dir) / SPACE_RESERVE
+    path.parent.mkdir(exist_ok=True)
+    try:
+        with open(path, "wb") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+            else:  # pragma: no cover - macOS and Windows: zeros, written
+                f.write(bytes(RESERVE_BYTES))
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise OutputError(f"disk full ({errno.errorcode.get(exc.errno or 0, 'ENOSPC')}): the disk of "
+                              f"{run_dir} has no room for the run; free at least {RESERVE_BYTES >> 20} MiB "
+                              "plus the outputs' size, then start the run again") from exc
+        raise
+
+
+def release_space(run_dir: Path) -> None:
+    """Give back the space :func:`reserve_space` held (no error when there is none)."""
+    (Path(run_dir) / SPACE_RESERVE).unlink(missing_ok=True)
+
+
+#: GDAL and libtiff report a failed write without the system's errno ("TIFFAppendToStrip:Write error at
+#: scanline 0", "Write failed"): such an error on a disk with less than this free is a full disk
+_NEARLY_FULL = 64 << 20
+_WRITE_TEXT = ("write error", "write failed", "failed to write", "cannot write")
+
+
+def disk_full(exc: BaseException, run_dir: Path | None = None) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota, or the file size limit) is full: an ``OSError``
+    with ENOSPC/EDQUOT/EFBIG, an error whose message says so, or — ``run_dir`` given — a GDAL write error
+    while the run folder's disk is nearly full (GDAL does not pass the errno on)."""
+    import shutil
+
+    chain = [e for e in (exc, exc.__cause__, exc.__context__) if e is not None]
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(e) for t in _FULL_TEXT):
+            return True
+    if run_dir is not None and any(t in str(e).lower() for e in chain for t in _WRITE_TEXT):
+        try:
+            return shutil.disk_usage(run_dir).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Delete the hidden temporary files of unfinished writes in the run folder (``.NAME.tmp…``, see
+    :func:`geo_dino.files.tmp_sibling`); their paths relative to the run folder."""
+    run_dir = Path(run_dir)
+    gone = []
+    for p in sorted(run_dir.rglob(".*.tmp*")):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            gone.append(str(p.relative_to(run_dir)))
+    return gone
+
+
 def records_failure(stage: Callable[P, R]) -> Callable[P, R]:
     """Decorator for a stage whose first argument is the run folder: if it raises, the record's status
-    becomes ``failed`` with the error (unless it is already ``refused`` or ``failed``), then it re-raises."""
+    becomes ``failed`` with the error (unless it is already ``refused`` or ``failed``), then it re-raises.
+
+    A full disk is told apart: the space reserve is released (so the record can be written), the temporary
+    files of unfinished writes are deleted, the record names the error (ENOSPC…) and what was removed, and an
+    :class:`OutputError` saying how to go on replaces the raw ``OSError``."""
 
     @functools.wraps(stage)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -131,6 +209,24 @@ def records_failure(stage: Callable[P, R]) -> Callable[P, R]:
             raise
         except Exception as exc:
             run_dir = Path(args[0])  # type: ignore[arg-type]
+            full_disk = disk_full(exc, run_dir)  # before the reserve goes back
+            release_space(run_dir)
+            if full_disk:
+                removed = remove_temp_files(run_dir)
+                code = next((errno.errorcode.get(e.errno, "") for e in (exc, exc.__cause__, exc.__context__)
+                             if isinstance(e, OSError) and e.errno), "") or "ENOSPC"
+                resumable = (run_dir / PLAN).exists() and (run_dir / INTERMEDIATES).exists()
+                full = exc if isinstance(exc, OutputError) else OutputError(
+                    f"disk full ({code}) in {stage.__name__}: {exc}; free space on the disk of {run_dir}, "
+                    + (f"then finish the run with `geo-dino resume {run_dir}`" if resumable else
+                       "then start the run again"))
+                update_record(run_dir, status="failed", error=str(full),
+                              disk_full={"errno": code, "stage": stage.__name__,
+                                         "temp_files_removed": removed, "resumable": resumable})
+                write_deployment_record(run_dir)
+                if full is exc:
+                    raise
+                raise full from exc
             if read_record(run_dir).get("status") not in ("refused", "failed"):
                 update_record(run_dir, status="failed",
                               error=f"{stage.__name__}: {type(exc).__name__}: {exc}")

@@ -47,12 +47,19 @@ def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | No
     run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_json_atomic(run_dir / folder.CONFIG, cfg.to_json_dict())
-    record = ProvenanceRecord.create(run_dir, run_id)
-    record.update(config={"sha256": cfg.sha256(), "path": folder.CONFIG}, software=software_versions(),
-                  git=git_info(), prefect={"flow_run_id": flow_run_id, "deployment": deployment},
-                  status="started")
-    record.write()
+    try:
+        write_json_atomic(run_dir / folder.CONFIG, cfg.to_json_dict())
+        record = ProvenanceRecord.create(run_dir, run_id)
+        record.update(config={"sha256": cfg.sha256(), "path": folder.CONFIG}, software=software_versions(),
+                      git=git_info(), prefect={"flow_run_id": flow_run_id, "deployment": deployment},
+                      status="started")
+        record.write()
+    except OSError as exc:  # no record could be made: no half-made run folder either
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if folder.disk_full(exc):
+            raise OutputError(f"the disk of {cfg.output_dir} is full ({exc}); free space there, then start "
+                              "the run again") from exc
+        raise
     from geo_dino.errors import GeoDinoError
     from geo_dino.governance.deployment import check_governance
 
@@ -119,6 +126,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     plan = make_plan(cfg, run_dir / folder.TILE_INDEX, partial(update_record, run_dir))
     check_retirement(run_dir, plan.backbone.arch, cfg)
     (run_dir / folder.WORK).mkdir(exist_ok=True)
+    folder.reserve_space(run_dir)  # released when the run completes or fails: room for its record
     folder.save_plan(run_dir, plan)
     timed(run_dir, "plan", t0)
     return {"n_tiles": plan.tiling.n_tiles, "n_chunks": plan.tiling.n_chunks, "region": list(plan.region)}
@@ -319,6 +327,7 @@ def record_execution(run_dir: Path, engine: dict[str, Any], ran: list[int], seco
     return section
 
 
+@records_failure
 def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
     """Mark the record succeeded and drop the work files (feature cache, chunk results, the store of
     intermediates); the fitted heads stay in work/."""
@@ -331,6 +340,7 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     for p in folder.chunk_results(run_dir):
         p.unlink()
     shutil.rmtree(run_dir / folder.INTERMEDIATES, ignore_errors=True)
+    folder.release_space(run_dir)
     from geo_dino.outputs import stac
     from geo_dino.run.deployment import write_record
 
@@ -354,6 +364,7 @@ def resume_run(run_dir: Path, execution: ExecutionConfig | None = None) -> Path:
         return run_dir
     if not (run_dir / folder.PLAN).exists() or not (run_dir / folder.INTERMEDIATES).exists():
         raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
+    folder.reserve_space(run_dir)
     todo = missing_chunks(run_dir)
     t0 = time.perf_counter()
     infer_chunks(run_dir, execution)
