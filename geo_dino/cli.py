@@ -312,6 +312,9 @@ def similar(
     typer.secho(f"Similarity: {cube_path.parent / (name + '.tif')}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"Top {res['matches']['count']} places in {res['matches']['path']}; best scores "
                f"{', '.join(f'{s:.3f}' for s in res['top_scores'][:5])}")
+    if res.get("project"):
+        typer.echo(f"Open {cube_path.parent / res['project']} in QGIS: the similarity and its matches are "
+                   "shown, styled.")
 
 
 @app.command()

@@ -57,7 +57,8 @@ def _refused_config(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_an_error_inside_the_flow_is_one_message_without_traceback(tmp_path) -> None:
-    """The screening refusal happens inside the Prefect flow: once without tracebacks, with them on --debug."""
+    """The screening refusal happens inside the Prefect flow: said once without tracebacks; with them on
+    --debug."""
     cfg = _refused_config(tmp_path)
     res = subprocess.run([CLI, "run", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)

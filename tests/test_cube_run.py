@@ -106,6 +106,25 @@ def test_similar_cli_on_a_run(cube_run: Path, tmp_path: Path) -> None:
     with rasterio.open(cube_run / "similarity.tif") as s:
         sim = s.read(1)
     assert np.nanmax(sim) <= 1 + 1e-5 and np.nanmax(sim[5:8, 4:7]) > 0.9  # the example's own cells
+    # styled and in the run's QGIS project, shown first with its matches
+    import sqlite3
+    import xml.etree.ElementTree as ET
+
+    qml = ET.parse(cube_run / "similarity.qml").getroot()
+    shader = qml.find(".//colorrampshader")
+    assert qml.find(".//rasterrenderer").get("type") == "singlebandpseudocolor"
+    assert float(shader.get("minimumValue")) == pytest.approx(float(np.nanmedian(sim)), abs=0.05)
+    assert float(shader.get("maximumValue")) == pytest.approx(float(np.nanmax(sim)), abs=1e-4)
+    with sqlite3.connect(cube_run / "similarity_matches.gpkg") as db:
+        assert db.execute("SELECT count(*) FROM layer_styles WHERE f_table_name = 'matches' "
+                          "AND useAsDefault").fetchone() == (1,)
+    tree = {n.get("name"): n.get("checked") for n in ET.parse(cube_run / "run.qgs").getroot()
+            .iter("layer-tree-layer")}
+    assert tree["similarity"] == tree["matches"] == "Qt::Checked"
+    assert [n for n, c in tree.items() if c == "Qt::Checked" and n not in ("aoi", "masked_sites",
+                                                                           "sites_hit")] == [
+        "similarity", "matches"]
+    assert "run.qgs" in res.output
     far = tmp_path / "far.geojson"
     far.write_text(json.dumps({"type": "Polygon",
                                "coordinates": [[[10, 10], [10.1, 10], [10.1, 10.1], [10, 10]]]}))

@@ -36,7 +36,8 @@ def _config(tmp_path: Path, out: Path) -> Path:
     cfg.write_text(f"name: t\naoi: aoi/bahamas_andros.geojson\n"
                    f"rasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\noutput_dir: {out}\n"
                    "backbone: {arch: vit_tiny_patch16_dinov3_test, batch_size: 16}\n"
-                   "tiling: {size: 64, overlap: 16, chunk_tiles: 16}\nheads: {kmeans: {k: 4, fit_tiles: 16}}\n")
+                   "tiling: {size: 64, overlap: 16, chunk_tiles: 16}\n"
+                   "heads: {kmeans: {k: 4, fit_tiles: 16}}\n")
     return cfg
 
 

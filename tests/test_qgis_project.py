@@ -119,8 +119,12 @@ def test_project_xml_relative_grouped_and_styled(tiny_config):
         # every input raster, by its recorded absolute path, hidden at first, the run's bands as RGB
         assert [layers[n].findtext("datasource") for n in inputs] == [i["path"] for i in record["inputs"]]
         tree = {n.get("name"): n.get("checked") for n in root.iter("layer-tree-layer")}
+        shown = {n for n, c in tree.items() if c == "Qt::Checked"}
+        # only the most useful output on: the classes (one date); the label-free change over the newest
+        # input (two dates); with the screening context
+        assert shown - set(_groups(project)["Screening"]) == (
+            {"classes"} if run_dir == runs[0][0] else {"change_mask", inputs[-1]})
         for n, inp in zip(inputs, record["inputs"], strict=True):
-            assert tree[n] == "Qt::Unchecked"
             renderer = layers[n].find("pipe/rasterrenderer")
             assert renderer.get("type") == "multibandcolor"
             assert [int(renderer.get(f"{c}Band")) for c in ("red", "green", "blue")] == inp["bands"][:3]
@@ -187,10 +191,13 @@ def test_project_finds_outputs_by_name(tiny_config):
     _add_future_outputs(run_dir)
     project = qp.write_project(run_dir)
     groups = _groups(project)
-    assert groups["Features"] == ["pca_rgb_t1", "pca_rgb_t2", "similarity"]
-    assert groups["Classes"] == ["classes_t1", "classes_t2", "seg_classes_t2", "seg_probability_t2"]
-    assert groups["Change"] == ["change_binary", "change_features", "change_magnitude", "change_mask",
-                                "change_probability", "change_spectral"]
+    assert list(groups) == ["Screening", "Search", "Head", "Vectors", "Change", "Classes", "Features",
+                            "Inputs"]  # a trained head's answer above the label-free outputs
+    assert groups["Search"] == ["similarity"]
+    assert groups["Head"] == ["change_binary", "change_probability", "seg_classes_t2", "seg_probability_t2"]
+    assert groups["Features"] == ["pca_rgb_t1", "pca_rgb_t2"]
+    assert groups["Classes"] == ["classes_t1", "classes_t2"]
+    assert groups["Change"] == ["change_features", "change_magnitude", "change_mask", "change_spectral"]
     assert groups["Vectors"] == ["tiles", "change_polygons"]
     layers = _layers(project)
     kinds = {n: m.find("pipe/rasterrenderer").get("type") for n, m in layers.items()
@@ -201,8 +208,57 @@ def test_project_finds_outputs_by_name(tiny_config):
     assert layers["change_polygons"].find("renderer-v2").get("type") == "categorizedSymbol"
     checked = {n.get("name") for n in ET.parse(project).getroot().iter("layer-tree-layer")
                if n.get("checked") == "Qt::Checked"}
-    assert checked == {"aoi", "masked_sites", "change_polygons", "seg_classes_t2", "change_mask",
-                       "change_binary"}
+    assert checked == {"aoi", "masked_sites", "similarity"}  # the search the user asked for, alone
+    (run_dir / "similarity.tif").unlink()
+    tree = ET.parse(qp.write_project(run_dir)).getroot().iter("layer-tree-layer")
+    # then the head's change over the newest input image
+    assert {n.get("name") for n in tree if n.get("checked") == "Qt::Checked"} == {
+        "aoi", "masked_sites", "change_binary", groups["Inputs"][-1]}
+
+
+def _layer(name: str, group: str, provider: str = "gdal") -> qp.MapLayer:
+    return qp.MapLayer(name, f"./{name}", provider, group, None, (0, 0, 1, 1), [])
+
+
+@pytest.mark.parametrize(("names", "shown"), [
+    (["pca_rgb", "classes", "similarity", "change_binary", "change_mask"], {"similarity", "matches"}),
+    (["pca_rgb_t1", "pca_rgb_t2", "classes_t1", "classes_t2", "seg_classes_t1", "seg_classes_t2"],
+     {"seg_classes_t2"}),
+    (["classes_t1", "classes_t2", "change_mask", "change_binary", "input_t1_a", "input_t2_b"],
+     {"change_binary", "input_t2_b"}),
+    (["classes_t1", "classes_t2", "change_mask"], {"change_mask", "classes_t2"}),  # no input here
+    (["classes", "pca_rgb", "input_a"], {"classes"}),
+    (["pca_rgb_t1", "pca_rgb_t2"], {"pca_rgb_t2"}),
+])
+def test_only_the_most_useful_output_is_on(names, shown) -> None:
+    groups = {"similarity": "Search", "change_binary": "Head", "change_mask": "Change", "pca_rgb": "Features"}
+    layers = [_layer(n, "Inputs" if n.startswith("input") else "Head" if n.startswith("seg_") else
+                     next((g for k, g in groups.items() if n.startswith(k)), "Classes")) for n in names]
+    layers += [_layer("aoi", "Screening", "ogr"), _layer("tiles", "Vectors", "ogr"),
+               _layer("change_polygons", "Vectors", "ogr")]
+    if "similarity" in names:
+        layers.append(_layer("matches", "Search", "ogr"))
+    on = {lay.name for lay in qp.default_visibility(layers) if lay.visible}
+    assert on == shown | {"aoi"}
+
+
+def test_change_colours_stand_apart_from_every_class_colour() -> None:
+    """The head's "changed" and the label-free "changed" are far from each other and from every k-means
+    colour (up to 64 classes), so a change over the classes is never lost in them."""
+    from geo_dino.inputs.labels import (
+        CHANGED_HEAD,
+        CHANGED_LABEL_FREE,
+        MIN_COLOUR_DISTANCE,
+        class_colormap,
+        colour_distance,
+    )
+
+    assert colour_distance(CHANGED_HEAD, CHANGED_LABEL_FREE) >= MIN_COLOUR_DISTANCE
+    for k in (1, 6, 8, 12, 13, 20, 64):
+        for c in class_colormap(k).values():
+            assert colour_distance(c, CHANGED_HEAD) >= MIN_COLOUR_DISTANCE, (k, c)
+            assert colour_distance(c, CHANGED_LABEL_FREE) >= MIN_COLOUR_DISTANCE, (k, c)
+        assert len(set(class_colormap(k).values())) == k
 
 
 def test_project_stays_inside_the_run_folder(tiny_config, tmp_path):
@@ -253,9 +309,10 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
     moved.parent.mkdir()
     pucallpa = _pucallpa(tiny_config)
     _add_future_outputs(pucallpa, seg_classes=False)
+    (pucallpa / "similarity.tif").unlink()  # the head's change is then the layer shown
     qp.write_project(pucallpa)
     shutil.move(pucallpa, moved)
-    for run_dir, class_raster in ((bahamas, "classes"), (moved, "classes_t2")):
+    for run_dir, class_raster in ((bahamas, "classes"), (moved, "change_binary")):
         out = _render(run_dir, tmp_path / f"{run_dir.name}.png", xdg)
         layers = out["layers"]
         with rasterio.open(run_dir / f"{class_raster}.tif") as ds:
@@ -299,8 +356,10 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
         if run_dir == moved:
             assert layers["change_polygons"]["renderer"] == "categorizedSymbol"
             assert layers["change_polygons"]["stored_style"]["renderer"] == "categorizedSymbol"
-        # the image: not blank, and the visible class raster's colours are there
-        assert out["visible"][-1] == class_raster
+        # the image: not blank, and the colours of the one output shown are there (the head's change over
+        # the newest input image, its unchanged pixels transparent)
+        shown = [n for n in out["visible"] if n not in groups["Screening"]]
+        assert shown == ([class_raster] if run_dir == bahamas else [class_raster, groups["Inputs"][-1]])
         img = np.asarray(Image.open(tmp_path / f"{run_dir.name}.png").convert("RGB"))
         assert img.shape[1] == 800
         flat = img.reshape(-1, 3)
@@ -312,7 +371,11 @@ def test_project_opens_and_renders_in_qgis(tiny_config, tmp_path):
             cmap = ds.colormap(1)
         found = {tuple(c): k for c, k in zip(colours.tolist(), counts.tolist(), strict=True)}
         valid = n[values != 255].sum()
+        drawn = [1] if run_dir == moved else values  # an overlay draws only its changed pixels
         share = {int(v): found.get(tuple(cmap[int(v)][:3]), 0) / len(flat)
-                 for v, k in zip(values, n, strict=True) if v != 255 and k / valid > 0.01}
+                 for v, k in zip(values, n, strict=True) if v != 255 and v in drawn and k / valid > 0.01}
         assert share and all(s > 0.002 for s in share.values()), share
-        assert sum(share.values()) > 0.3, share
+        if run_dir == moved:  # the input shows through the unchanged pixels: an image, not grey
+            assert found.get(tuple(cmap[0][:3]), 0) / len(flat) < 0.01 and len(colours) > 1000
+        else:
+            assert sum(share.values()) > 0.3, share

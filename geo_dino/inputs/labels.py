@@ -98,8 +98,28 @@ _BASE_PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
+#: The colours of binary change rasters: "unchanged", and "changed" as the label-free change (red) and a
+#: trained head (magenta) draw it. No class colour of :func:`class_colormap` comes near either "changed"
+#: colour (:data:`MIN_COLOUR_DISTANCE`), so a change drawn over the k-means classes stays visible.
+UNCHANGED = (210, 210, 210, 255)
+CHANGED_LABEL_FREE = (255, 0, 0, 255)
+CHANGED_HEAD = (255, 0, 255, 255)
+#: the least RGB distance between a class colour and a "changed" colour
+MIN_COLOUR_DISTANCE = 100.0
+
+
+def colour_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """Euclidean distance of two colours' RGB."""
+    return float(sum((int(x) - int(y)) ** 2 for x, y in zip(a[:3], b[:3], strict=True)) ** 0.5)
+
+
+def _near_change(rgb: tuple[int, ...]) -> bool:
+    return any(colour_distance(rgb, c) < MIN_COLOUR_DISTANCE for c in (CHANGED_LABEL_FREE, CHANGED_HEAD))
+
+
 def class_colormap(k: int) -> dict[int, tuple[int, int, int, int]]:
-    """``k`` distinct, colour-blind-friendly RGBA colours for classes ``0..k-1`` (same every call)."""
+    """``k`` distinct, colour-blind-friendly RGBA colours for classes ``0..k-1`` (same every call); none near
+    the "changed" colours."""
     import colorsys
 
     if not 1 <= k <= 65535:
@@ -112,7 +132,7 @@ def class_colormap(k: int) -> dict[int, tuple[int, int, int, int]]:
         s, v = (0.65, 0.9) if (i // 7) % 2 == 0 else (0.9, 0.65)
         rgb = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v))
         i += 1
-        if rgb not in seen:
+        if rgb not in seen and not _near_change(rgb):
             seen.add(rgb)  # type: ignore[arg-type]
             colours.append(rgb)  # type: ignore[arg-type]
     return {n: (r, g, b, 255) for n, (r, g, b) in enumerate(colours)}

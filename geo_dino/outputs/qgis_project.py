@@ -9,8 +9,9 @@ false, so the folder can be moved or zipped whole. The input rasters live outsid
 ``Inputs`` group refers to them by their absolute paths (from the provenance record), hidden at first, so a
 run folder moved on the same machine still finds them; an input that is gone is left out with a warning.
 
-Layer tree, top (drawn last) to bottom: ``Screening``, ``Vectors``, ``Change``, ``Classes``, ``Features``,
-``Inputs``.
+Layer tree, top (drawn last) to bottom: ``Screening``, ``Search`` (``geo-dino similar``), ``Head`` (a
+trained head's answer, above the label-free outputs), ``Vectors``, ``Change``, ``Classes``, ``Features``,
+``Inputs``. Only the most useful output is on when the project opens (:func:`default_visibility`).
 Each layer's style is embedded in its ``<maplayer>``: the ``<pipe>`` of the ``.qml`` beside a raster when
 there is one, else one made from the data by :mod:`geo_dino.outputs.styles` (paletted from the colour table,
 a min/max pseudocolour stretch, multiband colour for ``pca_rgb``); for GeoPackage layers the default style of
@@ -35,16 +36,19 @@ from geo_dino.outputs import styles
 
 PROJECT = QGIS_PROJECT
 CONTEXT = "context.gpkg"
-GROUPS = ("Screening", "Vectors", "Change", "Classes", "Features", "Inputs")
+GROUPS = ("Screening", "Search", "Head", "Vectors", "Change", "Classes", "Features", "Inputs")
 
-#: (stem pattern, group, kind) of the rasters a run may hold; the first match wins.
+#: (stem pattern, group, kind) of the rasters a run may hold; the first match wins. ``Head``: a trained
+#: head's answer, above the label-free outputs; ``Search``: search by example (``geo-dino similar``).
 _RASTERS: tuple[tuple[str, str, str], ...] = (
     (r"pca_rgb(_t[12])?", "Features", "rgb"),
-    (r"similarity", "Features", "continuous"),
-    (r"(seg_)?classes(_t[12])?", "Classes", "classes"),
-    (r"seg_probability(_t[12])?", "Classes", "probability"),
-    (r"change_(mask|binary)", "Change", "binary"),
-    (r"change_probability", "Change", "probability"),
+    (r"similarity", "Search", "continuous"),
+    (r"seg_classes(_t[12])?", "Head", "classes"),
+    (r"seg_probability(_t[12])?", "Head", "probability"),
+    (r"change_binary", "Head", "binary"),
+    (r"change_probability", "Head", "probability"),
+    (r"classes(_t[12])?", "Classes", "classes"),
+    (r"change_mask", "Change", "binary"),
     (r"change_magnitude", "Change", "continuous"),
     (r"change_(spectral|features)", "Change", "continuous"),
 )
@@ -129,7 +133,7 @@ def _stats(ds: Any, band: int) -> tuple[float, float]:
 
 def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
     """``<pipe>`` and ``<blendMode>`` for a raster: its sidecar ``.qml`` first, else made from the data."""
-    from geo_dino.inputs.labels import class_colormap
+    from geo_dino.inputs.labels import CHANGED_LABEL_FREE, UNCHANGED, class_colormap
 
     sidecar = path.with_suffix(".qml")
     if sidecar.is_file():
@@ -139,7 +143,7 @@ def _raster_style(path: Path, kind: str, ds: Any) -> list[ET.Element]:
         try:
             cmap = {v: c for v, c in ds.colormap(1).items() if v != nodata and any(c)}
         except ValueError:  # no colour table
-            cmap = {0: (210, 210, 210, 255), 1: (220, 30, 30, 255)} if kind == "binary" else class_colormap(8)
+            cmap = {0: UNCHANGED, 1: CHANGED_LABEL_FREE} if kind == "binary" else class_colormap(8)
         qml = styles.palette_qml([(v, f"class {v}", c) for v, c in sorted(cmap.items())[:256]], nodata)
     elif kind == "rgb" or (not kind and ds.count >= 3):
         red, green, blue = ((i, *_stats(ds, i)) for i in (1, 2, 3))
@@ -333,28 +337,43 @@ def discover_layers(run_dir: Path) -> list[MapLayer]:
             raise OutputError(f"the output {name} in provenance.json is missing from {run_dir}; "
                               "rerun finalize_outputs")
         if path.suffix == ".gpkg":
-            layers += _vector_layers(run_dir, path, "Vectors")
+            layers += _vector_layers(run_dir, path, "Search" if path.stem.endswith("_matches") else "Vectors")
             continue
         match = [(g, k) for pattern, g, k in _RASTERS if re.fullmatch(pattern, path.stem)]
         group, kind = match[0] if match else ("Features", "")  # an unknown raster: a min/max stretch
         layers.append(_raster_layer(run_dir, path, group, kind))
-    return _default_visibility(layers)
+    return layers
 
 
-def _default_visibility(layers: list[MapLayer]) -> list[MapLayer]:
-    """Opaque rasters hide each other: show the newest class raster (supervised first), binary change and,
-    without classes, the newest feature PCA; continuous rasters start hidden."""
+#: The output shown when a project opens, best first (the newest date of a name): a search the user asked
+#: for, a trained head's answer, the label-free change, the k-means classes, the feature PCA.
+_SHOWN_FIRST = (r"similarity", r"change_binary", r"seg_classes(_t[12])?", r"change_mask",
+                r"classes(_t[12])?", r"pca_rgb(_t[12])?")
+
+
+def default_visibility(layers: list[MapLayer]) -> list[MapLayer]:
+    """Only the most useful output is on when the project opens (:data:`_SHOWN_FIRST`), so no layer hides
+    the one that matters; with it the screening context (AOI outline, masked and hit sites), the matches of
+    a search, and, under a change overlay (its unchanged pixels are transparent), the newest input image —
+    or the newest k-means classes where the inputs are not here. Everything else starts hidden."""
     from dataclasses import replace
 
-    def last(prefix: str) -> str | None:
-        names = sorted(lay.name for lay in layers if re.fullmatch(prefix + r"(_t[12])?", lay.name))
-        return names[-1] if names else None
+    def newest(pattern: str, group: str | None = None) -> MapLayer | None:
+        found = sorted((lay for lay in layers if lay.provider == "gdal" and re.fullmatch(pattern, lay.name)
+                        and (group is None or lay.group == group)), key=lambda lay: lay.name)
+        return found[-1] if found else None
 
-    shown = {last("seg_classes") or last("classes")}
-    shown |= {lay.name for lay in layers if lay.name in ("change_mask", "change_binary")}
-    if shown == {None}:
-        shown.add(last("pca_rgb"))
-    return [replace(lay, visible=lay.name in shown) if lay.provider == "gdal" else lay for lay in layers]
+    main = next((lay for pattern in _SHOWN_FIRST if (lay := newest(pattern)) is not None), None)
+    shown = {id(lay) for lay in layers if lay.group == "Screening"}
+    if main is not None:
+        shown.add(id(main))
+        if main.group == "Search":
+            shown |= {id(lay) for lay in layers if lay.group == "Search" and lay.provider == "ogr"}
+        if main.name in ("change_binary", "change_mask"):
+            under = newest(r"input.*", "Inputs") or newest(r"classes(_t[12])?", "Classes")
+            if under is not None:
+                shown.add(id(under))
+    return [replace(lay, visible=id(lay) in shown) for lay in layers]
 
 
 def _maplayer(layer: MapLayer) -> ET.Element:
@@ -437,6 +456,7 @@ def write_project(run_dir: Path, *, name: str = PROJECT) -> Path:
     if record and (run_dir / SCREENING).exists():  # AOI outline and masked sites
         layers += _vector_layers(run_dir, write_context(run_dir, crs), "Screening")
     layers += _input_layers(run_dir, record)  # after the extent's rasters: an input may cover far more
+    layers = default_visibility(layers)
     extent = (min(r.extent[0] for r in rasters), min(r.extent[1] for r in rasters),
               max(r.extent[2] for r in rasters), max(r.extent[3] for r in rasters))
     root = _project_tree(layers, crs, extent, str(record.get("run_id", run_dir.name)))

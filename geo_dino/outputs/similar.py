@@ -263,6 +263,7 @@ def similarity(cube: xr.DataArray | Path | str, example: BaseGeometry | AOI, *, 
 
     picked = _pick(np.concatenate([c for c in cands if len(c)] or [np.empty((0, 3))]), top_k, max(sep, 1))
     _write_matches(gpkg_path, picked, cube["x"].values, cube["y"].values, grid.crs)
+    project = _style(run_dir, cog_path, gpkg_path)
     return {
         "similarity": record,
         "matches": {"path": gpkg_path.relative_to(run_dir.resolve()).as_posix(), "layer": _MATCH_LAYER,
@@ -272,7 +273,35 @@ def similarity(cube: xr.DataArray | Path | str, example: BaseGeometry | AOI, *, 
         "top_scores": [v for v, _, _ in picked],
         "min_separation_cells": sep,
         "crs": grid.crs,
+        "style": cog_path.with_suffix(".qml").name,
+        "project": project,
     }
+
+
+def _style(run_dir: Path, cog_path: Path, gpkg_path: Path) -> str | None:
+    """Style the search's outputs: ``<name>.qml`` beside the similarity (a magma ramp from the median to the
+    highest similarity, so the places like the example stand out) and the matches' style in their
+    GeoPackage; then rewrite the run's QGIS project when the folder has one, the search shown first. The
+    project's name, or None."""
+    import rasterio
+
+    from geo_dino.files import QGIS_PROJECT
+    from geo_dino.outputs import styles
+
+    with rasterio.open(cog_path) as ds:
+        f = max(1, max(ds.width, ds.height) // 1024)
+        v = ds.read(1, out_shape=(max(1, ds.height // f), max(1, ds.width // f)))
+    v = v[np.isfinite(v)]
+    lo, hi = (float(np.percentile(v, 50)), float(v.max())) if v.size else (0.0, 1.0)
+    styles.write_qml_singleband(cog_path.with_suffix(".qml"), 1, lo, hi if hi > lo else lo + 1e-3,
+                                ramp="magma")
+    styles.write_layer_style(gpkg_path, _MATCH_LAYER, styles.vector_style(_MATCH_LAYER),
+                             name=f"{_MATCH_LAYER} (geo_dino)")
+    if not (run_dir / QGIS_PROJECT).is_file():
+        return None
+    from geo_dino.outputs.qgis_project import write_project
+
+    return write_project(run_dir).name
 
 
 def _candidate_jobs(scored: Any, keep: int, ex_box: PixelBox, ex_mask: np.ndarray) -> list[Any]:

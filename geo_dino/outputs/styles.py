@@ -294,12 +294,15 @@ _VECTOR_STYLES: dict[str, str] = {
     "sites_hit_areas": _vector_qml({"style": "no", "outline_color": "230,120,0,255", "outline_width": "0.6",
                                     "outline_style": "dash"}),
     "tiles": _vector_qml({"style": "no", "outline_color": "90,90,90,200", "outline_width": "0.15"}),
+    # the places a search by example found: cyan circles, black outline
+    "matches": _vector_qml(marker={"name": "circle", "color": "0,230,230,255", "size": "3.5"}),
     "": _vector_qml({"color": "255,255,255,40", "outline_color": "40,40,40,255", "outline_width": "0.3"}),
 }
 
 
 def vector_style(layer: str) -> str:
-    """The QML of a context layer (``aoi``, ``masked_sites``, ``sites_hit``, ``sites_hit_areas``, ``tiles``);
+    """The QML of a context layer (``aoi``, ``masked_sites``, ``sites_hit``, ``sites_hit_areas``, ``tiles``)
+    or of a search's ``matches``;
     a thin grey outline over a faint white fill for any other layer name."""
     return _VECTOR_STYLES.get(layer, _VECTOR_STYLES[""])
 

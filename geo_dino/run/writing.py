@@ -70,7 +70,7 @@ def _screen_mask_geometries(run_dir: Path, crs: str) -> list:
 def _specs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> tuple[dict[str, Any], Any, Any]:
     """Output name → RasterSpec, the heads and the channel layout of a run."""
     from geo_dino.governance.provenance import geotiff_tags
-    from geo_dino.inputs.labels import class_colormap
+    from geo_dino.inputs.labels import CHANGED_HEAD, CHANGED_LABEL_FREE, UNCHANGED, class_colormap
     from geo_dino.models.label_free import LabelFreeHeads
     from geo_dino.outputs.cog import RasterSpec
     from geo_dino.run.inference import ChannelLayout
@@ -113,7 +113,7 @@ def _specs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> tuple[dict[str, Any]
                 tags=tags | {"GEO_DINO_PRODUCT": f"change probability, {product}"})
             specs["change_binary"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
                                                 ("changed (1) / unchanged (0)",), categorical=True,
-                                                colormap={0: (210, 210, 210, 255), 1: (230, 120, 0, 255)},
+                                                colormap={0: UNCHANGED, 1: CHANGED_HEAD},
                                                 tags=tags | {"GEO_DINO_PRODUCT": f"binary change, {product}"})
     if layout.has_change:
         method = cfg.heads.change.method
@@ -130,7 +130,7 @@ def _specs(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> tuple[dict[str, Any]
                 tags=tags | {"GEO_DINO_PRODUCT": "feature change (part of the fused change)"})
         specs["change_mask"] = RasterSpec(out_grid, 1, "uint8", CLASS_NODATA,
                                           ("changed (1) / unchanged (0)",), categorical=True,
-                                          colormap={0: (210, 210, 210, 255), 1: (220, 30, 30, 255)},
+                                          colormap={0: UNCHANGED, 1: CHANGED_LABEL_FREE},
                                           tags=tags | {"GEO_DINO_PRODUCT": f"thresholded {what}"})
     return specs, heads, layout
 
@@ -298,7 +298,7 @@ def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig, hist: np.ndarra
     store of intermediates; styles beside them."""
     import rasterio
 
-    from geo_dino.inputs.labels import class_colormap
+    from geo_dino.inputs.labels import CHANGED_HEAD, CHANGED_LABEL_FREE, UNCHANGED, class_colormap
     from geo_dino.outputs.cog import GDAL_WRITE_ENV, create_intermediate, finalize_cog
     from geo_dino.outputs.styles import write_qml_palette, write_qml_singleband
     from geo_dino.run.intermediates import band_block, copy_to_geotiff, open_store
@@ -353,7 +353,7 @@ def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig, hist: np.ndarra
                               CLASS_NODATA)
         if name == "change_mask":
             write_qml_palette(run_dir / "change_mask.qml",
-                              [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (220, 30, 30, 255))],
+                              [(0, "unchanged", UNCHANGED), (1, "changed", CHANGED_LABEL_FREE)],
                               CLASS_NODATA)
             rec["threshold"] = threshold
             rec["threshold_method"] = cfg.heads.change.threshold
@@ -363,7 +363,7 @@ def finish_outputs(run_dir: Path, plan: RunPlan, cfg: RunConfig, hist: np.ndarra
             entries = ([(v, n, (*c, 255))
                         for v, n, c in zip(info.values, info.names, info.colours, strict=True)]
                        if name.startswith("seg_classes") else
-                       [(0, "unchanged", (210, 210, 210, 255)), (1, "changed", (230, 120, 0, 255))])
+                       [(0, "unchanged", UNCHANGED), (1, "changed", CHANGED_HEAD)])
             write_qml_palette(run_dir / f"{name}.qml", entries, CLASS_NODATA)
         if name.startswith("seg_probability") or name == "change_probability":
             write_qml_singleband(run_dir / f"{name}.qml", 1, 0.0, 1.0)
