@@ -8,6 +8,8 @@ runs in ephemeral mode (no server to start).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -27,27 +29,69 @@ class _TaskOptions(TypedDict):
 _TASK: _TaskOptions = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+def _retry_safe(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what a retry can mend: not the project's own errors (a refusal, a bad input, a full disk
+    is said once and left to the user)."""
+    from geo_dino.errors import GeoDinoError
+
+    try:
+        state.result()
+    except GeoDinoError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _attempt(run_dir: str) -> None:
+    """On a retry (the task's second run or later), put the record back to ``started``: the stage that
+    failed before is running again (its failure stays in ``retried``)."""
+    from prefect.runtime import task_run
+
+    if (task_run.run_count or 1) > 1:
+        rec = pl.folder.read_record(Path(run_dir))
+        if rec.get("status") == "failed":
+            pl.update_record(Path(run_dir), status="started", retried={
+                "task": task_run.name, "attempt": task_run.run_count, "error": rec.get("error")})
+
+
+def _options(task_fn: Any, ex: ExecutionConfig, kind: str, retry: bool = True) -> Any:
+    """``task_fn`` with the run's timeout for ``kind`` and, where a retry is safe, its retries with
+    exponential back-off."""
+    from prefect.tasks import exponential_backoff
+
+    opts: dict[str, Any] = {"timeout_seconds": ex.timeouts_s.get(kind)}  # type: ignore[call-overload]
+    if retry and ex.retries:
+        opts |= {"retries": ex.retries, "retry_delay_seconds": exponential_backoff(ex.retry_delay_s or 0.0),
+                 "retry_condition_fn": _retry_safe}
+    return task_fn.with_options(**opts)
+
+
 @task(name="prepare-run", **_TASK)
-def prepare(cfg: RunConfig, flow_run_id: str | None, deployment: str | None = None) -> str:
-    """Create the run folder with its resolved config; return its path."""
-    return str(pl.prepare_run(cfg, flow_run_id=flow_run_id, deployment=deployment))
+def prepare(cfg: RunConfig, flow_run_id: str | None, deployment: str | None = None,
+            aoi_text: str | None = None) -> str:
+    """Create the run folder with its resolved config (and the submitted AOI); return its path."""
+    return str(pl.prepare_run(cfg, flow_run_id=flow_run_id, deployment=deployment, aoi_text=aoi_text))
 
 
 @task(name="validate-and-screen-aoi", **_TASK)
 def screen(run_dir: str) -> dict[str, Any]:
     """Validate the AOI and screen it against the sensitive-site registry; the decision."""
+    _attempt(run_dir)
     return pl.screen_aoi(Path(run_dir))
 
 
 @task(name="plan-tiles", **_TASK)
 def plan(run_dir: str) -> dict[str, Any]:
     """Lay the tile grid over the AOI and save the plan; tile and chunk counts and the region."""
+    _attempt(run_dir)
     return pl.plan_run(Path(run_dir))
 
 
 @task(name="fit-label-free-heads", **_TASK)
 def fit(run_dir: str) -> dict[str, Any]:
     """Fit the label-free heads (PCA, k-means), then create the outputs' intermediates."""
+    _attempt(run_dir)
     out = pl.fit_heads(Path(run_dir))
     pl.init_outputs(Path(run_dir))
     return out
@@ -57,6 +101,7 @@ def fit(run_dir: str) -> dict[str, Any]:
 def infer(run_dir: str, chunk: int, threads: int | None = None) -> dict[str, Any]:
     """Run chunk number ``chunk`` of tile rows (independent of the others) and write its rows; on a Dask
     worker, with ``threads`` torch threads."""
+    _attempt(run_dir)
     if threads is None:
         return pl.infer_chunk(Path(run_dir), chunk)
     return engine.chunk_task(run_dir, chunk, threads)
@@ -70,7 +115,8 @@ def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any])
 
     log = get_run_logger()
     ex = ExecutionConfig.model_validate(execution)
-    futures = [infer.submit(run_dir, c, ex.threads_per_worker) for c in chunks]
+    infer_task = _options(infer, ex, "chunk")
+    futures = [infer_task.submit(run_dir, c, ex.threads_per_worker) for c in chunks]
     for n, fut in enumerate(as_completed(futures), 1):
         r = fut.result()
         log.info("chunk %d done on %s: %d tiles in %.1fs (%d/%d chunks)", r["chunk"], r["worker"],
@@ -86,14 +132,72 @@ def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any])
 def finalize(run_dir: str) -> list[dict[str, Any]]:
     """Write the outputs (verified COGs with styles, the feature cube and polygons when configured); their
     records."""
+    _attempt(run_dir)
     return pl.finalize_outputs(Path(run_dir))
 
 
-@flow(name="run_aoi", log_prints=True)
+#: the flow run's label naming its run folder (read by the hooks when the run stops outside its stages)
+RUN_DIR_LABEL = "geo_dino.run_dir"
+
+
+def _label_run_dir(flow_run_id: str | None, run_dir: str) -> None:
+    """Put the run folder on the flow run (a label), so a hook that runs in another process (the worker's,
+    after this process was killed) finds it."""
+    if not flow_run_id:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(flow_run_id, {RUN_DIR_LABEL: run_dir})  # type: ignore[arg-type]
+
+
+def run_folder_of(flow_run: Any) -> Path | None:
+    """The run folder of a flow run of ``run_aoi``: from its label (read again from the API: the hook's
+    copy of the flow run may predate it), else from its parameters' output folder."""
+    labels = dict(getattr(flow_run, "labels", None) or {})
+    if RUN_DIR_LABEL not in labels:
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                labels = dict(client.read_flow_run(flow_run.id).labels or {})
+        except Exception:  # the API may be gone; the parameters may still say where
+            labels = {}
+    if labels.get(RUN_DIR_LABEL):
+        return Path(str(labels[RUN_DIR_LABEL]))
+    params = getattr(flow_run, "parameters", None) or {}
+    try:
+        if params.get("config_path"):
+            cfg = load_config(params["config_path"], params.get("overrides"))
+        elif params.get("config") is not None:
+            cfg = parse_config(params["config"])
+        else:
+            return None
+    except Exception:  # a config that no longer loads: no folder to mark
+        return None
+    return pl.find_run_folder(cfg.output_dir, str(flow_run.id))
+
+
+def _stopped(status: str) -> Any:
+    """A flow-run state hook that records ``status`` (``failed``, ``crashed``, ``cancelled``) with the
+    state's message in the run's record, unless the record already ended (its stages say why)."""
+
+    def hook(flow: Any, flow_run: Any, state: Any) -> None:
+        run_dir = run_folder_of(flow_run)
+        if run_dir is not None and run_dir.is_dir():
+            reason = f"{state.name}: {state.message}" if state.message else state.name
+            pl.folder.mark_stopped(run_dir, status, reason)
+
+    hook.__name__ = f"record_{status}"
+    return hook
+
+
+@flow(name="run_aoi", log_prints=True, on_failure=[_stopped("failed")], on_crashed=[_stopped("crashed")],
+      on_cancellation=[_stopped("cancelled")])
 def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None,
-            overrides: dict[str, Any] | None = None) -> str:
-    """Run the pipeline for one AOI. Give a YAML ``config_path`` or a ``config`` mapping. Returns the run
-    folder."""
+            overrides: dict[str, Any] | None = None, aoi_geojson: str | None = None) -> str:
+    """Run the pipeline for one AOI. Give a YAML ``config_path`` or a ``config`` mapping; ``aoi_geojson``:
+    the AOI's GeoJSON text itself (a submission: it replaces the config's AOI). Returns the run folder."""
     from prefect.runtime import deployment, flow_run
 
     log = get_run_logger()
@@ -103,18 +207,21 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
         cfg = parse_config(config)
     else:
         raise ValueError("give config_path or config")
-    run_dir = prepare(cfg, flow_run.get_id(), deployment.name)  # name None unless a deployment started it
+    ex = cfg.execution
+    run_dir = prepare(cfg, flow_run.get_id(), deployment.name, aoi_geojson)  # deployment None unless one
+    _label_run_dir(flow_run.get_id(), run_dir)
     log.info("run folder: %s", run_dir)
     t0 = time.perf_counter()
-    decision = screen(run_dir)
+    decision = _options(screen, ex, "screen")(run_dir)
     log.info("screening: %s (%d sites hit)", decision["action"], decision["hits"])
-    p = plan(run_dir)
+    p = _options(plan, ex, "plan")(run_dir)
     log.info("%d tiles in %d chunks over region %s", p["n_tiles"], p["n_chunks"], p["region"])
-    fit(run_dir)
+    _options(fit, ex, "fit")(run_dir)
     t_inf = time.perf_counter()
-    run_chunks(run_dir, cfg.execution, cfg.backbone.device)
+    with inference_slot(run_dir, ex):
+        run_chunks(run_dir, ex, cfg.backbone.device)
     t_out = time.perf_counter()
-    outputs = finalize(run_dir)
+    outputs = _options(finalize, ex, "write")(run_dir)
     pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3),
                                     "total_flow": round(time.perf_counter() - t0, 3)})
     log.info("wrote %d outputs", len(outputs))
@@ -133,6 +240,46 @@ def task_runner(execution: ExecutionConfig, device: str) -> Any:
     return DaskTaskRunner(cluster_class=engine.local_cluster, cluster_kwargs={"specs": specs})  # type: ignore[arg-type]
 
 
+@contextmanager
+def inference_slot(run_dir: str, ex: ExecutionConfig) -> Iterator[None]:
+    """Hold a slot of the Prefect global concurrency limit ``execution.slots`` (e.g. ``gpu``) for the
+    inference, so N slots serve N runs at once across every deployment; the wait, the time it was taken and
+    given back go into the record (``execution_slot``). No ``slots``: nothing is held."""
+    if not ex.slots:
+        yield
+        return
+    from datetime import UTC, datetime
+
+    from prefect.concurrency.sync import concurrency
+
+    asked = time.perf_counter()
+    log = get_run_logger()
+    log.info("waiting for a slot of the concurrency limit %r", ex.slots)
+    try:
+        with concurrency(ex.slots, occupy=1, timeout_seconds=ex.slot_timeout_s, strict=True):
+            taken = datetime.now(UTC)
+            log.info("slot of %r taken after %.1fs", ex.slots, time.perf_counter() - asked)
+            pl.update_record(Path(run_dir), execution_slot={
+                "limit": ex.slots, "waited_s": round(time.perf_counter() - asked, 3),
+                "acquired_at": taken.isoformat()})
+            try:
+                yield
+            finally:
+                pl.update_record(Path(run_dir), execution_slot={
+                    "limit": ex.slots, "waited_s": round(time.perf_counter() - asked, 3),
+                    "acquired_at": taken.isoformat(), "released_at": datetime.now(UTC).isoformat()})
+    except Exception as exc:
+        from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+        if isinstance(exc, ConcurrencySlotAcquisitionError | TimeoutError):
+            from geo_dino.errors import ConfigError
+
+            raise ConfigError(f"execution.slots: no slot of the concurrency limit {ex.slots!r} ({exc}); "
+                              f"create it with `prefect gcl create {ex.slots} --limit N` (N: the GPUs), or "
+                              "wait for the runs that hold its slots") from exc
+        raise
+
+
 def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
     """The chunks that have no result yet: one task after another (serial), or on a Dask cluster through
     the prefect-dask task runner; then the engine and the chunks' timings in the record."""
@@ -141,8 +288,9 @@ def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
     t0 = time.perf_counter()
     if execution.engine == "serial":
         n = 0
+        infer_task = _options(infer, execution, "chunk")
         for k, c in enumerate(todo, 1):
-            r = infer(run_dir, c)
+            r = infer_task(run_dir, c)
             n += r["tiles"]
             log.info("chunk %d/%d: %d tiles in %.1fs (%d tiles done)", k, len(todo), r["tiles"],
                      r["seconds"], n)

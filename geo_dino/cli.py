@@ -210,9 +210,11 @@ def _run(config, aoi, raster, output_dir, approve_by, approve_reason, arch, chec
     except GeoDinoError as exc:
         _error(exc)
     from flows.run_aoi import run_aoi
+    from geo_dino.run.console_progress import console_progress
 
     try:
-        run_dir = Path(_in_flow(lambda: run_aoi(config=json.loads(cfg.model_dump_json()))))
+        with console_progress():  # stage lines and the tiles' bar on stderr
+            run_dir = Path(_in_flow(lambda: run_aoi(config=json.loads(cfg.model_dump_json()))))
     except RunRefused as exc:
         _fail(f"run refused by the sensitive-site screen: {exc}\n(the decision and the provenance record are "
               f"in the run folder under {cfg.output_dir})", 3, exc)
@@ -385,6 +387,32 @@ def resume(
     except (GeoDinoError, RuntimeError) as exc:
         _error(exc)
     typer.secho(f"Outputs in {out}", fg=typer.colors.GREEN, bold=True)
+
+
+@app.command()
+def submit(
+    aoi: Annotated[Path, typer.Argument(help="the AOI (GeoJSON): validated here, sent by content")],
+    deployment: Annotated[str, typer.Option(
+        help="the run_aoi deployment, FLOW/NAME (e.g. run_aoi/aoi-submissions)")],
+    param: Annotated[list[str] | None, typer.Option(
+        help="a flow-run parameter KEY=VALUE (VALUE may be JSON; repeat)")] = None,
+) -> None:
+    """Submit an AOI to a deployment on the Prefect server (PREFECT_API_URL): one flow run per AOI and
+    config — the same submission again is told it exists and runs once."""
+    from geo_dino.errors import GeoDinoError
+
+    try:
+        from flows.submit import parse_params, submit_aoi
+
+        sub = submit_aoi(aoi, deployment, parse_params(param))
+    except GeoDinoError as exc:
+        _error(exc)
+    if sub.created:
+        typer.secho(f"submitted: flow run {sub.flow_run_name} ({sub.flow_run_id}) of {deployment}, "
+                    f"{sub.state}", fg=typer.colors.GREEN)
+    else:
+        typer.secho(f"already submitted: this AOI and config are flow run {sub.flow_run_name} "
+                    f"({sub.flow_run_id}), {sub.state}; it runs once, not again", fg=typer.colors.YELLOW)
 
 
 @app.command("validate-aoi")

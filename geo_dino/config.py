@@ -227,6 +227,12 @@ class GovernanceConfig(ConfigModel):
     monitoring_plan: str | None = None
 
 
+#: the default most seconds per task kind (``execution.timeouts_s`` overrides some or all)
+TaskKind = Literal["screen", "plan", "fit", "chunk", "write"]
+TASK_TIMEOUTS_S: dict[TaskKind, float] = {"screen": 600.0, "plan": 1800.0, "fit": 4 * 3600.0,
+                                          "chunk": 2 * 3600.0, "write": 4 * 3600.0}
+
+
 class ExecutionConfig(ConfigModel):
     """Where a run's chunk tasks run (:mod:`geo_dino.run.engine`); the outputs are the same on every engine.
 
@@ -240,6 +246,24 @@ class ExecutionConfig(ConfigModel):
     workers: Annotated[int, Field(ge=0, le=1024)] = 0
     address: Annotated[str | None, Field(pattern=r"^(tcp|tls|inproc|ucx)://[^\s]+$")] = None
     threads_per_worker: Annotated[int, Field(ge=1, le=256)] = 1
+    #: the Prefect global concurrency limit whose slot the run holds for its inference (``gpu``: N slots for
+    #: N GPUs serve N runs at once, across every deployment); None: no slot. A limit that does not exist
+    #: fails the run (create it: ``prefect gcl create gpu --limit N``)
+    slots: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = None
+    #: seconds to wait for the slot before the run fails
+    slot_timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600
+    #: retries of the tasks a retry cannot harm (reads, chunks: idempotent), with exponential back-off from
+    #: ``retry_delay_s``; the project's own errors (a refusal, a bad input) are never retried
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retry_delay_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    #: the most seconds one task may take, per kind; past it the task fails (and is retried when it may be)
+    timeouts_s: dict[TaskKind, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: dict(TASK_TIMEOUTS_S))
+
+    @field_validator("timeouts_s", mode="before")
+    @classmethod
+    def _timeouts_over_defaults(cls, value: Any) -> Any:
+        return dict(TASK_TIMEOUTS_S) | value if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> ExecutionConfig:

@@ -32,6 +32,8 @@ LABEL_FREE_MODEL = "label_free_heads.npz"  # the same, beside the outputs of a f
 CHANGE_MODEL = "work/change.npz"  # the label-free change scores fitted by fit_heads
 FEATURE_CACHE = "work/features"  # patch features of the fit tiles, reused by the first chunk
 INTERMEDIATES = "work/outputs.zarr"  # the outputs' intermediates, filled by the chunk tasks
+SUBMITTED_AOI = "aoi.geojson"  # the AOI of a run submitted by content (geo-dino submit, the inbox, run_many)
+RUN_LOG = "run.log"  # the run's log: stage lines, tile counts, the flow's and tasks' log lines
 SPACE_RESERVE = "work/.space_reserve"  # disk space held back for the record of a run that fills the disk
 
 

@@ -65,3 +65,87 @@ def tiny_config(tmp_path: Path):
 def run_folders(out: Path) -> list[Path]:
     """The run folders in an output folder (each has its provenance record; ``collections/`` is not one)."""
     return sorted(p for p in Path(out).iterdir() if (p / "provenance.json").is_file())
+
+
+# ------------------------------------------------------------------------------- a real Prefect server
+PREFECT = str(Path(__import__("sys").executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(home: Path, **settings: str):
+    """Start ``prefect server start`` on 127.0.0.1 with its own ``PREFECT_HOME``; ``(process, env)`` where
+    ``env`` points clients at it. The scheduler service is off unless ``settings`` turn it on (a test
+    creates the flow runs it means)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", GEO_DINO_REPO=str(ROOT),
+               PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") | settings
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(240):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).json() is True:
+                return proc, env
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((home / "server.log").read_text()[-2000:])
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("the Prefect server did not start in 120 s")
+
+
+def stop_prefect_server(proc) -> None:
+    """Stop a server of :func:`start_prefect_server`."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def prefect_cli(env: dict, *args: str, timeout: int = 180) -> str:
+    """Run the ``prefect`` command against the server of ``env`` from the repository root; its stdout."""
+    import subprocess
+
+    res = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+def deploy_everything(env: dict) -> None:
+    """What the README's server walk does before the first run: the pools, the limits, the deployments."""
+    prefect_cli(env, "work-pool", "create", "geo-dino-cpu", "--type", "process")
+    prefect_cli(env, "work-pool", "create", "geo-dino-gpu", "--type", "process")
+    prefect_cli(env, "gcl", "create", "gpu", "--limit", "1")
+    prefect_cli(env, "gcl", "create", "cpu", "--limit", "1")
+    prefect_cli(env, "deploy", "--prefect-file", "flows/prefect.yaml", "--all", timeout=300)
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect server for one test (its env)."""
+    proc, env = start_prefect_server(tmp_path / "prefect_home")
+    try:
+        yield env
+    finally:
+        stop_prefect_server(proc)

@@ -194,7 +194,12 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
         module, func = dep["entrypoint"].split(":")
         src = (ROOT / module).read_text()
         assert f"def {func}(" in src and "@flow" in src, dep["name"]
-        cfg_path = ROOT / dep["parameters"]["config_path"]
+        params = dep["parameters"]
+        if func in ("aoi_inbox", "run_many"):  # they submit to a run_aoi deployment declared here
+            names = {f"run_aoi/{d['name']}" for d in doc["deployments"] if d["entrypoint"].endswith(":run_aoi")}
+            assert params["deployment"] in names, dep["name"]
+            continue
+        cfg_path = ROOT / params["config_path"]
         if func == "pretrain_flow":
             cfg = load_pretrain_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.data.rasters)
@@ -204,7 +209,7 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
             cfg = load_head_config(cfg_path)
             assert all(Path(r).is_file() for r in cfg.rasters) and Path(cfg.labels.raster).is_file()
         else:
-            cfg = load_config(cfg_path)
+            cfg = load_config(cfg_path, params.get("overrides"))
             assert all(Path(r).is_file() for r in cfg.rasters)
 
 

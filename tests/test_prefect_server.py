@@ -4,67 +4,22 @@ worker."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, run_folders
-
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect_home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", GEO_DINO_REPO=str(ROOT))
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).json() is True:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("the Prefect server did not start in 60 s")
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from tests.conftest import deploy_everything, prefect_cli, run_folders
 
 
 def _prefect(env: dict, *args: str, timeout: int = 180) -> str:
-    res = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return res.stdout
+    return prefect_cli(env, *args, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_deploy_and_run_on_a_real_server(prefect_server, tmp_path):
     env = prefect_server
     api = env["PREFECT_API_URL"]
-    _prefect(env, "work-pool", "create", "geo-dino-cpu", "--type", "process")
-    _prefect(env, "deploy", "--prefect-file", "flows/prefect.yaml", "--all")
+    deploy_everything(env)
     deps = httpx.post(f"{api}/deployments/filter", json={}).json()
     by_name = {d["name"]: d for d in deps}
     assert {"demo-nightly", "change-weekly"} <= set(by_name)

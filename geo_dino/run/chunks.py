@@ -12,13 +12,14 @@ import json
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geo_dino.errors import OutputError
-from geo_dino.run import folder, resources
+from geo_dino.run import folder, progress, resources
 from geo_dino.run.folder import load_config, load_plan, records_failure
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     started = datetime.now(UTC).isoformat()
     cfg = load_config(run_dir)
     plan = load_plan(run_dir)
+    n_tiles = plan.tiling.n_tiles
+    progress.stage(run_dir, "inference", f"{n_tiles} tiles in {plan.tiling.n_chunks} chunks")
     extractor, _ = resources.extractor(cfg, plan)
     heads = LabelFreeHeads.load(run_dir / folder.HEADS)
     layout = ChannelLayout.of(plan, heads)
@@ -71,6 +74,7 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
     runner = resources.head_runner(plan)
     n = 0
     last_chunk = chunk == len(chunks) - 1
+    counted = partial(progress.advance, run_dir, total=n_tiles)  # each batch's tiles as they are blended
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in plan.infos()]
         spectral_readers = (None if spectral is None and not (runner is not None and runner.spectral) else
@@ -85,7 +89,8 @@ def infer_chunk(run_dir: Path, chunk: int) -> dict[str, Any]:
             n += infer_tiles(extractor, readers, heads, layout, row, region, acc, grid.size,
                              cfg.backbone.batch_size, cache_dir=run_dir / folder.FEATURE_CACHE,
                              runner=runner, cube=cube, spectral=spectral,
-                             spectral_readers=spectral_readers)
+                             spectral_readers=spectral_readers,
+                             on_batch=counted)
             acc.advance(last=row[0].grid_row == n_rows - 1, sink=writer.write_rows)
     bottom = None
     if not last_chunk:  # the rows the next chunk's first tile rows also cover, as this chunk left them
@@ -110,6 +115,20 @@ def chunk_timings(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def announce_inference(run_dir: Path) -> tuple[int, int]:
+    """Tell the progress listeners (:mod:`geo_dino.run.progress`) that inference starts, with the tiles
+    already done (the chunk results present: a resumed run) of the run's total; return ``(done, total)``.
+    Does nothing (and returns ``(0, 0)``) while nobody listens."""
+    if not progress.active():
+        return 0, 0
+    tiling = load_plan(run_dir).tiling
+    done = sum(int(t.get("tiles", 0)) for t in chunk_timings(run_dir))
+    progress.stage(run_dir, "inference", f"{tiling.n_tiles} tiles in {tiling.n_chunks} chunks"
+                   + (f", {done} done before" if done else ""))
+    progress.tiles(run_dir, done, tiling.n_tiles)
+    return done, tiling.n_tiles
+
+
 def missing_chunks(run_dir: Path) -> list[int]:
     """The chunks of a run that have no result yet (all of them before inference starts)."""
     n = load_plan(run_dir).tiling.n_chunks
@@ -126,6 +145,7 @@ def merge_bands(run_dir: Path, plan: RunPlan, cfg: RunConfig) -> np.ndarray:
     missing = missing_chunks(run_dir)
     if missing:
         raise OutputError(f"{run_dir}: chunks {missing} have no result; resume the run to compute them")
+    progress.stage(run_dir, "writing outputs", "blending the chunks' edges, then the COGs")
     chunks = plan.chunks()
     grid = plan.tile_grid()
     out_grid = plan.out_grid.grid()

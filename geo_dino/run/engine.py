@@ -140,8 +140,10 @@ def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig,
                progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``chunks`` of the run on its engine; ``progress`` is called with each chunk's timing as it
     completes. Returns the engine's record (engine, workers, devices)."""
-    from geo_dino.run.chunks import infer_chunk
+    from geo_dino.run import progress as bus
+    from geo_dino.run.chunks import announce_inference, infer_chunk
 
+    announce_inference(run_dir)
     if execution.engine == "serial":
         for c in chunks:
             r = infer_chunk(run_dir, c)
@@ -164,6 +166,7 @@ def run_chunks(run_dir: Path, chunks: Sequence[int], execution: ExecutionConfig,
                    for c in chunks]
         for fut in as_completed(futures):
             r = fut.result()  # a chunk that failed twice raises here: the run fails, its results stay
+            bus.advance(run_dir, r["tiles"])  # the worker counted its tiles in its own process, unheard
             if progress:
                 progress(r)
     return record

@@ -193,6 +193,30 @@ def remove_temp_files(run_dir: Path) -> list[str]:
     return gone
 
 
+#: a record's statuses that end a run; ``started`` is the only one that is not
+FINAL_STATUSES = ("succeeded", "refused", "failed", "crashed", "cancelled")
+
+
+def mark_stopped(run_dir: Path, status: str, reason: str) -> bool:
+    """A run that stopped outside its stages (its process killed, its flow run cancelled or failed by the
+    orchestrator): set the record's ``status`` (``failed``, ``crashed``, ``cancelled``) with the reason, give
+    back the space reserve, delete temporary files and write the deployment record. A run whose record is
+    already final (succeeded, refused, failed…) keeps it; returns whether the record changed."""
+    if status not in FINAL_STATUSES[2:]:
+        raise ValueError(f"mark_stopped: {status!r} is not one of {FINAL_STATUSES[2:]}")
+    run_dir = Path(run_dir)
+    if not (run_dir / RECORD).is_file() or read_record(run_dir).get("status") in FINAL_STATUSES:
+        return False
+    release_space(run_dir)
+    removed = remove_temp_files(run_dir)
+    from datetime import UTC, datetime
+
+    update_record(run_dir, status=status, error=reason, finished_at=datetime.now(UTC).isoformat(),
+                  stopped={"status": status, "reason": reason, "temp_files_removed": removed})
+    write_deployment_record(run_dir)
+    return True
+
+
 def records_failure(stage: Callable[P, R]) -> Callable[P, R]:
     """Decorator for a stage whose first argument is the run folder: if it raises, the record's status
     becomes ``failed`` with the error (unless it is already ``refused`` or ``failed``), then it re-raises.

@@ -17,7 +17,7 @@ the chunking, the number of workers and the order the chunks finish in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -503,13 +503,15 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
                 layout: ChannelLayout, tiles: Iterable[Tile], out_origin: PixelBox, acc: StripAccumulator,
                 tile_size: int, batch_size: int, cache_dir: Path | None = None, runner=None,  # noqa: ANN001
                 cube=None, spectral=None,  # noqa: ANN001
-                spectral_readers: Sequence[WindowReader] | None = None) -> int:
+                spectral_readers: Sequence[WindowReader] | None = None,
+                on_batch: Callable[[int], None] | None = None) -> int:
     """Run ``tiles`` (one tile row) through backbone and heads; blend the per-pixel results into ``acc``.
 
     ``runner``: a :class:`~geo_dino.run.heads.HeadRunner` (a trained head) or None; ``cube``: a callable
     ``cube(tiles, features of date 1)`` that stores the patch features (the feature cube) or None;
     ``spectral``: the run's :class:`~geo_dino.models.change.SpectralChange` with ``spectral_readers`` (the two
-    dates' spectral bands), or None (the spectral change band stays 0)."""
+    dates' spectral bands), or None (the spectral change band stays 0); ``on_batch``: called with the number
+    of tiles of each batch once it is blended (progress)."""
     import torch
 
     hann = blend_weights(tile_size)
@@ -548,4 +550,6 @@ def infer_tiles(extractor: FeatureExtractor, readers: Sequence[WindowReader], he
         for i, box in enumerate(boxes):
             w = hann * valid_all[i]
             acc.add(box.relative_to(out_origin), values[i], w)
+        if on_batch is not None:
+            on_batch(len(batch))
     return len(tiles)

@@ -37,17 +37,47 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def run_folder_name(cfg: RunConfig, flow_run_id: str | None = None) -> str:
+    """``<name>-<UTC stamp>-<8 hex>``: the hex are the Prefect flow run's id when there is one (so a flow
+    run's folder is found from its id: :func:`find_run_folder`), else random."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    tail = str(flow_run_id).replace("-", "")[:8] if flow_run_id else uuid.uuid4().hex[:8]
+    return f"{cfg.name}-{stamp}-{tail}"
+
+
+def find_run_folder(output_dir: Path, flow_run_id: str) -> Path | None:
+    """The run folder under ``output_dir`` made by the Prefect flow run ``flow_run_id`` (its record names
+    it), or None."""
+    import json
+
+    tail = str(flow_run_id).replace("-", "")[:8]
+    for cand in sorted(Path(output_dir).glob(f"*-{tail}"), reverse=True):
+        try:
+            rec = json.loads((cand / folder.RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        if str((rec.get("prefect") or {}).get("flow_run_id")) == str(flow_run_id):
+            return cand
+    return None
+
+
 def prepare_run(cfg: RunConfig, run_id: str | None = None, flow_run_id: str | None = None,
-                deployment: str | None = None) -> Path:
+                deployment: str | None = None, aoi_text: str | None = None) -> Path:
     """Create the run folder and write the resolved config before any work starts. ``deployment``: the
-    Prefect deployment that started the run (its runs share one STAC Collection), or None."""
+    Prefect deployment that started the run (its runs share one STAC Collection), or None. ``aoi_text``: the
+    AOI's GeoJSON itself (a submission by content): written into the run folder as ``aoi.geojson``, which
+    becomes the run's AOI."""
     from geo_dino.governance.provenance import ProvenanceRecord, git_info, software_versions
 
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_id = run_id or f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    run_id = run_id or run_folder_name(cfg, flow_run_id)
     run_dir = (Path(cfg.output_dir) / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     try:
+        if aoi_text is not None:
+            from geo_dino.files import SUBMITTED_AOI, write_text_atomic
+
+            write_text_atomic(run_dir / SUBMITTED_AOI, aoi_text)
+            cfg = cfg.model_copy(update={"aoi": run_dir / SUBMITTED_AOI})
         write_json_atomic(run_dir / folder.CONFIG, cfg.to_json_dict())
         record = ProvenanceRecord.create(run_dir, run_id)
         record.update(config={"sha256": cfg.sha256(), "path": folder.CONFIG}, software=software_versions(),
