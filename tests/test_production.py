@@ -1,0 +1,264 @@
+"""Production on a real Prefect server (127.0.0.1, started here), as a platform team runs it: the pools, the
+global concurrency limits and every deployment of flows/prefect.yaml; AOIs submitted by content, the inbox,
+run_many, the `gpu` slots across deployments, and a run whose process is killed. No mocks: real server, real
+process workers, real flow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    PREFECT,
+    ROOT,
+    deploy_everything,
+    prefect_cli,
+    run_folders,
+    start_prefect_server,
+    stop_prefect_server,
+)
+
+CLI = str(Path(sys.executable).with_name("geo-dino"))
+PY = sys.executable
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, with the pools, the limits and the deployments of the README."""
+    proc, env = start_prefect_server(tmp_path_factory.mktemp("prefect") / "home")
+    try:
+        deploy_everything(env)
+        yield env
+    finally:
+        stop_prefect_server(proc)
+
+
+def _small(out: Path, **extra) -> dict:
+    """Overrides for quick runs of the submission deployment: the tiny test backbone, small tiles."""
+    return {"output_dir": str(out), "backbone": {"arch": "vit_tiny_patch16_dinov3_test", "checkpoint": None,
+                                                 "checkpoint_sha256": None, "batch_size": 16},
+            "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 16},
+            "heads": {"kmeans": {"k": 4, "fit_tiles": 16}}} | extra
+
+
+def _aoi(path: Path, x0: float, y0: float, d: float = 0.03) -> Path:
+    """A small square AOI (lon/lat) inside the bundled Bahamas scene, away from its airport and port."""
+    ring = [[x0, y0], [x0 + d, y0], [x0 + d, y0 + d], [x0, y0 + d], [x0, y0]]
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    return path
+
+
+def _scene_corner() -> tuple[float, float]:
+    """South-west of a corner inside the Bahamas scene (the Andros AOI's centre, moved 0.03° away)."""
+    from geo_dino.inputs.aoi import load_aoi
+
+    c = load_aoi(ROOT / "aoi/bahamas_andros.geojson").geometry.centroid
+    return c.x - 0.03, c.y - 0.03
+
+
+def _runs_of(env: dict, deployment_name: str) -> list[dict]:
+    api = env["PREFECT_API_URL"]
+    deps = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}).json()}
+    return httpx.post(f"{api}/flow_runs/filter", json={
+        "flow_runs": {"deployment_id": {"any_": [deps[deployment_name]["id"]]}}}).json()
+
+
+def _worker(env: dict, once: bool = True, timeout: int = 600, **kw) -> subprocess.Popen | str:
+    args = [PREFECT, "worker", "start", "--pool", "geo-dino-cpu"] + (["--run-once"] if once else [])
+    if once:
+        return prefect_cli(env, *args[1:], timeout=timeout)
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=kw.get("log", subprocess.DEVNULL),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _submit(env: dict, aoi: Path, deployment: str, overrides: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "submit", str(aoi), "--deployment", deployment, "--param",
+                           f"overrides={json.dumps(overrides)}"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_same_submission_twice_runs_once(server, tmp_path) -> None:
+    env = server
+    out = tmp_path / "runs"
+    aoi = _aoi(tmp_path / "field.geojson", *_scene_corner())
+    first = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out))
+    second = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out))
+    assert first.returncode == 0 and "submitted: flow run" in first.stdout, first.stdout + first.stderr
+    assert second.returncode == 0 and "already submitted" in second.stdout, second.stdout + second.stderr
+    assert len(_runs_of(env, "aoi-submissions")) == 1
+    # an invalid AOI is refused here, with validate-aoi's message, and nothing reaches the server
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0.5]]]}')
+    res = _submit(env, bad, "run_aoi/aoi-submissions", _small(out))
+    assert res.returncode == 2 and "AOIError" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert len(_runs_of(env, "aoi-submissions")) == 1
+    _worker(env)
+    (run_dir,) = run_folders(out)
+    rec = json.loads((run_dir / "provenance.json").read_text())
+    assert rec["status"] == "succeeded", rec.get("error")
+    assert (run_dir / "aoi.geojson").read_bytes() == aoi.read_bytes()  # the worker got the content
+    assert rec["aoi"]["sha256"] and (run_dir / "classes.tif").is_file()
+    # after it ran, the same submission still runs once
+    again = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out))
+    assert "already submitted" in again.stdout and "Completed" in again.stdout
+    assert len(_runs_of(env, "aoi-submissions")) == 1
+
+
+def test_the_inbox_moves_files_where_they_belong(server, tmp_path) -> None:
+    env = server
+    out, inbox = tmp_path / "runs", tmp_path / "inbox"
+    inbox.mkdir()
+    x, y = _scene_corner()
+    good = _aoi(inbox / "good.geojson", x + 0.01, y + 0.01)
+    (inbox / "good-again.geojson").write_bytes(good.read_bytes())  # the same AOI dropped twice
+    (inbox / "bad.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1]]]}')
+    (inbox / "notes.txt").write_text("not an AOI: left alone")
+    old = time.time() - 60
+    for p in inbox.iterdir():
+        os.utime(p, (old, old))
+    code = ("import json, sys; from flows.inbox import aoi_inbox; print(json.dumps(aoi_inbox("
+            "inbox=sys.argv[1], deployment='run_aoi/aoi-submissions', params=json.loads(sys.argv[2]))))")
+    scan = [PY, "-c", code, str(inbox), json.dumps({"overrides": _small(out)})]
+    res = subprocess.run(scan, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = json.loads(res.stdout.strip().splitlines()[-1])
+    assert first["submitted"] == ["good-again.geojson"] or first["submitted"] == ["good.geojson"]
+    assert len(first["duplicates"]) == 1 and first["refused"] == ["bad.geojson"]
+    reason = (inbox / "failed" / "bad.geojson.reason.txt").read_text()
+    assert reason.startswith("invalid AOI:") and "ring" in reason.lower()
+    assert (inbox / "notes.txt").is_file()
+    assert sorted(p.name for p in (inbox / "processing").glob("*.geojson")) == ["good-again.geojson",
+                                                                               "good.geojson"]
+    assert len(_runs_of(env, "aoi-submissions")) >= 1
+    _worker(env)  # the one run of the good AOI
+    res = subprocess.run(scan, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = json.loads(res.stdout.strip().splitlines()[-1])
+    assert sorted(second["done"]) == ["good-again.geojson", "good.geojson"] and not second["submitted"]
+    done = sorted(p.name for p in (inbox / "done").glob("*.geojson"))
+    assert done == ["good-again.geojson", "good.geojson"]
+    (run_dir,) = run_folders(out)  # dropped twice, ran once
+    assert json.loads((run_dir / "provenance.json").read_text())["status"] == "succeeded"
+
+
+def _intervals(out: Path) -> list[tuple[datetime, datetime]]:
+    spans = []
+    for run_dir in run_folders(out):
+        rec = json.loads((run_dir / "provenance.json").read_text())
+        assert rec["status"] == "succeeded", rec.get("error")
+        slot = rec["execution_slot"]
+        assert slot["limit"] == "gpu"
+        spans.append((datetime.fromisoformat(slot["acquired_at"]),
+                      datetime.fromisoformat(slot["released_at"])))
+    return sorted(spans)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_gpu_slots_across_deployments(server, tmp_path, slots) -> None:
+    """Two runs of two deployments, one worker running both at once: with one `gpu` slot their inferences
+    never overlap; with two they do."""
+    env = server
+    prefect_cli(env, "gcl", "update", "gpu", "--limit", str(slots))
+    out = tmp_path / "runs"
+    x, y = _scene_corner()
+    over = _small(out, execution={"slots": "gpu"}, tiling={"size": 64, "overlap": 16, "chunk_tiles": 8})
+    for k, dep in enumerate(("run_aoi/aoi-submissions", "run_aoi/demo-nightly")):
+        aoi = _aoi(tmp_path / f"a{k}.geojson", x + 0.02 * k, y - 0.02, d=0.06)
+        res = _submit(env, aoi, dep, over | {"name": f"slots{slots}-{k}"})
+        assert res.returncode == 0 and "submitted" in res.stdout, res.stdout + res.stderr
+    _worker(env)
+    (a0, a1), (b0, b1) = _intervals(out)
+    if slots == 1:
+        assert b0 >= a1, ((a0, a1), (b0, b1))
+    else:
+        assert b0 < a1, ((a0, a1), (b0, b1))
+
+
+def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
+    env = server
+    out = tmp_path / "runs"
+    aoi = _aoi(tmp_path / "big.geojson", *_scene_corner(), d=0.2)
+    res = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out, tiling={"size": 64, "overlap": 16,
+                                                                           "chunk_tiles": 4}))
+    assert res.returncode == 0, res.stderr
+    log = (tmp_path / "worker.log").open("w")
+    worker = _worker(env, once=False, log=log)
+    try:
+        end = time.monotonic() + 300
+        run_dir = None
+        while time.monotonic() < end:  # until the run is inferring: its first chunk result is there
+            dirs = run_folders(out) if out.is_dir() else []
+            if dirs and list((dirs[0] / "work").glob("chunk_*.npz")):
+                run_dir = dirs[0]
+                break
+            time.sleep(0.2)
+        assert run_dir is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        flow_procs = [c for c in psutil.Process(worker.pid).children(recursive=True)
+                      if "python" in c.name().lower() and c.pid != worker.pid]
+        assert flow_procs
+        for p in flow_procs:  # the flow run's process, killed without warning
+            p.send_signal(signal.SIGKILL)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            rec = json.loads((run_dir / "provenance.json").read_text())
+            if rec["status"] != "started":
+                break
+            time.sleep(0.5)
+        assert rec["status"] == "crashed", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
+        assert "Crashed" in rec["error"] and rec["stopped"]["status"] == "crashed"
+        assert not (run_dir / "work" / ".space_reserve").exists()
+        assert json.loads((run_dir / "deployment_record.json").read_text())["run_status"] == "crashed"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def test_run_many_runs_three_aois_and_sums_up(server, tmp_path) -> None:
+    env = server
+    out, folder = tmp_path / "runs", tmp_path / "aois"
+    folder.mkdir()
+    x, y = _scene_corner()
+    for k in range(3):
+        _aoi(folder / f"field{k}.geojson", x + 0.035 * k, y + 0.05)
+    log = (tmp_path / "worker.log").open("w")
+    worker = _worker(env, once=False, log=log)
+    try:
+        code = ("import json, sys; from flows.run_many import run_many; r = run_many(aoi_folder=sys.argv[1], "
+                "deployment='run_aoi/aoi-submissions', params=json.loads(sys.argv[2]), "
+                "summary_dir=sys.argv[3], poll_s=1, timeout_s=600); "
+                "print(json.dumps({k: r[k] for k in ('folder', 'collection')}))")
+        res = subprocess.run([PY, "-c", code, str(folder), json.dumps({"overrides": _small(out)}),
+                              str(tmp_path / "summaries")], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-2000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = json.loads((Path(got["folder"]) / "summary.json").read_text())
+    rows = summary["runs"]
+    assert [Path(r["aoi"]).name for r in rows] == ["field0.geojson", "field1.geojson", "field2.geojson"]
+    assert all(r["state"] == "Completed" and r["status"] == "succeeded" for r in rows), rows
+    assert all(r["decision"] and r["outputs"] for r in rows)
+    assert len(run_folders(out)) == 3 and len({r["run_dir"] for r in rows}) == 3
+    from geo_dino.outputs import stac
+
+    coll = Path(got["collection"])
+    assert stac.validate_collection(coll)
+    items = [lk for lk in json.loads(coll.read_text())["links"] if lk["rel"] == "item"]
+    assert len(items) == 3 and all((coll.parent / lk["href"]).is_file() for lk in items)
+    assert (Path(got["folder"]) / "summary.csv").read_text().count("\n") == 4
+    api = env["PREFECT_API_URL"]
+    arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"type": {"any_": ["markdown"]}}}).json()
+    assert any("run_many over 3 AOIs" in (a.get("data") or "") for a in arts)
