@@ -171,11 +171,11 @@ def test_gpu_slots_across_deployments(server, tmp_path, slots) -> None:
     env = server
     prefect_cli(env, "gcl", "update", "gpu", "--limit", str(slots))
     out = tmp_path / "runs"
-    x, y = _scene_corner()
-    over = _small(out, execution={"slots": "gpu"}, tiling={"size": 64, "overlap": 16, "chunk_tiles": 8})
+    # the whole scene (255 tiles in 32 chunks: seconds of inference), approved for its airport and port
+    over = _small(out, execution={"slots": "gpu"}, tiling={"size": 64, "overlap": 16, "chunk_tiles": 8},
+                  screening={"approval": {"approver": "T. Ester", "reason": "slots test"}})
     for k, dep in enumerate(("run_aoi/aoi-submissions", "run_aoi/demo-nightly")):
-        aoi = _aoi(tmp_path / f"a{k}.geojson", x + 0.02 * k, y - 0.02, d=0.06)
-        res = _submit(env, aoi, dep, over | {"name": f"slots{slots}-{k}"})
+        res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", dep, over | {"name": f"slots{slots}-{k}"})
         assert res.returncode == 0 and "submitted" in res.stdout, res.stdout + res.stderr
     _worker(env)
     (a0, a1), (b0, b1) = _intervals(out)
