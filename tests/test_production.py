@@ -212,8 +212,8 @@ def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
         end = time.monotonic() + 120
         while time.monotonic() < end:
             rec = json.loads((run_dir / "provenance.json").read_text())
-            if rec["status"] != "started":
-                break
+            if rec["status"] != "started" and (run_dir / "deployment_record.json").is_file():
+                break  # the hook writes the record, then the deployment record
             time.sleep(0.5)
         assert rec["status"] == "crashed", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
         assert "Crashed" in rec["error"] and rec["stopped"]["status"] == "crashed"
