@@ -195,9 +195,12 @@ def _stopped(status: str) -> Any:
 @flow(name="run_aoi", log_prints=True, on_failure=[_stopped("failed")], on_crashed=[_stopped("crashed")],
       on_cancellation=[_stopped("cancelled")])
 def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None,
-            overrides: dict[str, Any] | None = None, aoi_geojson: str | None = None) -> str:
+            overrides: dict[str, Any] | None = None, aoi_geojson: str | None = None,
+            slots: str | None = None) -> str:
     """Run the pipeline for one AOI. Give a YAML ``config_path`` or a ``config`` mapping; ``aoi_geojson``:
-    the AOI's GeoJSON text itself (a submission: it replaces the config's AOI). Returns the run folder."""
+    the AOI's GeoJSON text itself (a submission: it replaces the config's AOI); ``slots``: the global
+    concurrency limit the inference holds a slot of (``execution.slots``; a deployment sets it, so a
+    submission's ``overrides`` leave it). Returns the run folder."""
     from prefect.runtime import deployment, flow_run
 
     log = get_run_logger()
@@ -207,6 +210,8 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
         cfg = parse_config(config)
     else:
         raise ValueError("give config_path or config")
+    if slots is not None and cfg.execution.slots is None:
+        cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"slots": slots})})
     ex = cfg.execution
     run_dir = prepare(cfg, flow_run.get_id(), deployment.name, aoi_geojson)  # deployment None unless one
     _label_run_dir(flow_run.get_id(), run_dir)

@@ -196,7 +196,8 @@ def test_every_deployment_points_at_a_flow_and_a_loadable_config():
         assert f"def {func}(" in src and "@flow" in src, dep["name"]
         params = dep["parameters"]
         if func in ("aoi_inbox", "run_many"):  # they submit to a run_aoi deployment declared here
-            names = {f"run_aoi/{d['name']}" for d in doc["deployments"] if d["entrypoint"].endswith(":run_aoi")}
+            names = {f"run_aoi/{d['name']}" for d in doc["deployments"]
+                     if d["entrypoint"].endswith(":run_aoi")}
             assert params["deployment"] in names, dep["name"]
             continue
         cfg_path = ROOT / params["config_path"]

@@ -29,9 +29,10 @@ CLI = str(Path(sys.executable).with_name("geo-dino"))
 NOT_RUN = {
     "make demo": "sets up and runs the three demo jobs; their commands are run here one by one",
     "make test": "the test suite itself (.ci/run runs it)",
-    "prefect work-pool create": "needs a Prefect server: tests/test_prefect_server.py deploys "
-                                "flows/prefect.yaml on a real one",
-    "GEO_DINO_REPO=$PWD prefect": "needs a Prefect server: tests/test_prefect_server.py",
+    ".venv/bin/prefect ": "the server walk: tests/test_readme_server_walk.py runs it against a real server",
+    "export PREFECT_API_URL": "the server walk: tests/test_readme_server_walk.py",
+    "GEO_DINO_REPO=$PWD .venv/bin/prefect": "the server walk: tests/test_readme_server_walk.py",
+    ".venv/bin/geo-dino submit": "the server walk: tests/test_readme_server_walk.py",
     ".venv/bin/dask scheduler --host 10.0.0.5": "a site's machines: tests/test_scale_out.py starts `dask "
                                                 "scheduler` and `dask worker` on 127.0.0.1",
     "OMP_NUM_THREADS=1 .venv/bin/dask worker": "a site's machines: tests/test_scale_out.py",
