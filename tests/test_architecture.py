@@ -63,7 +63,7 @@ def test_run_folder_file_names_are_spelled_once():
     from geo_dino import files
 
     names = {files.CONFIG, files.PLAN, files.RECORD, files.SCREENING, files.TILE_INDEX, files.QGIS_PROJECT,
-             files.HEADS, files.CHANGE_MODEL, files.FEATURE_CACHE}
+             files.HEADS, files.CHANGE_MODEL, files.FEATURE_CACHE, files.RUN_LOG}
     spelled = []
     for path in sorted(PKG.rglob("*.py")):
         if path == PKG / "files.py":

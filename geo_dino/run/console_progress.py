@@ -55,6 +55,9 @@ class PlainDisplay:
         with self.lock:
             if event.kind == "stage":
                 self.line(f"{event.name}: {event.message}" if event.message else event.name)
+                if event.name == "inference":  # the tiles' rate counts from here
+                    self.first = progress.Event("tiles", event.run_dir, event.at,
+                                                done=progress.tiles_done(event.run_dir)[0])
                 return
             if self.first is None:
                 self.first = event
@@ -72,7 +75,7 @@ class PlainDisplay:
                 if event.done < event.total:
                     text += f", {_clock((event.total - event.done) / rate)} left"
                 else:
-                    text += f", {_clock(event.at - self.first.at)}"
+                    text += f", done in {_clock(event.at - self.first.at)}"
             self.line(text)
 
     def close(self) -> None:
@@ -120,6 +123,8 @@ class RichDisplay:
             if event.kind == "stage":
                 from rich.text import Text
 
+                if event.name != "inference":  # the bar stays where it ended; the next lines below it
+                    self._stop()
                 self.console.print(Text.assemble((f"{_clock(event.at - self.started):>7} ", "dim"),
                                                  (event.name, "bold"),
                                                  f": {event.message}" if event.message else ""))
@@ -138,14 +143,20 @@ class RichDisplay:
                 self.swapped.append((handler, other))
                 handler.console = self.console  # type: ignore[attr-defined]
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         """Stop the bar (left on screen as it ended) and give the log handlers their consoles back."""
+        if self.task is not None:
+            self.bar.stop()
+            self.bar.remove_task(self.task)
+            self.task = None
+        for handler, other in self.swapped:
+            handler.console = other  # type: ignore[attr-defined]
+        self.swapped.clear()
+
+    def close(self) -> None:
+        """Stop the bar, if it still runs."""
         with self.lock:
-            if self.task is not None:
-                self.bar.stop()
-            for handler, other in self.swapped:
-                handler.console = other  # type: ignore[attr-defined]
-            self.swapped.clear()
+            self._stop()
 
 
 def _handlers() -> list[logging.Handler]:

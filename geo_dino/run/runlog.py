@@ -91,6 +91,9 @@ class _ProgressLines:
         with self.lock:
             if event.kind == "stage":
                 self.write(f"stage {event.name}" + (f": {event.message}" if event.message else ""))
+                if event.name == "inference":  # the tiles' rate counts from here
+                    self.first = progress.Event("tiles", event.run_dir, event.at,
+                                                done=progress.tiles_done(event.run_dir)[0])
                 return
             if self.first is None:
                 self.first = event
