@@ -16,9 +16,12 @@ from typing import Any, TypedDict
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
+from flows.progress import final_report, progress_artifact
 from geo_dino.config import ExecutionConfig, RunConfig, load_config, parse_config
-from geo_dino.run import engine
+from geo_dino.run import engine, progress
 from geo_dino.run import stages as pl
+from geo_dino.run.chunks import announce_inference
+from geo_dino.run.runlog import run_log
 
 
 class _TaskOptions(TypedDict):
@@ -119,6 +122,7 @@ def infer_on_cluster(run_dir: str, chunks: list[int], execution: dict[str, Any])
     futures = [infer_task.submit(run_dir, c, ex.threads_per_worker) for c in chunks]
     for n, fut in enumerate(as_completed(futures), 1):
         r = fut.result()
+        progress.advance(run_dir, r["tiles"])  # the workers count in their own processes
         log.info("chunk %d done on %s: %d tiles in %.1fs (%d/%d chunks)", r["chunk"], r["worker"],
                  r["tiles"], r["seconds"], n, len(chunks))
     ctx = FlowRunContext.get()
@@ -215,21 +219,25 @@ def run_aoi(config_path: str | None = None, config: dict[str, Any] | None = None
     ex = cfg.execution
     run_dir = prepare(cfg, flow_run.get_id(), deployment.name, aoi_geojson)  # deployment None unless one
     _label_run_dir(flow_run.get_id(), run_dir)
-    log.info("run folder: %s", run_dir)
-    t0 = time.perf_counter()
-    decision = _options(screen, ex, "screen")(run_dir)
-    log.info("screening: %s (%d sites hit)", decision["action"], decision["hits"])
-    p = _options(plan, ex, "plan")(run_dir)
-    log.info("%d tiles in %d chunks over region %s", p["n_tiles"], p["n_chunks"], p["region"])
-    _options(fit, ex, "fit")(run_dir)
-    t_inf = time.perf_counter()
-    with inference_slot(run_dir, ex):
-        run_chunks(run_dir, ex, cfg.backbone.device)
-    t_out = time.perf_counter()
-    outputs = _options(finalize, ex, "write")(run_dir)
-    pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3),
-                                    "total_flow": round(time.perf_counter() - t0, 3)})
-    log.info("wrote %d outputs", len(outputs))
+    with run_log(Path(run_dir)):
+        try:
+            log.info("run folder: %s", run_dir)
+            t0 = time.perf_counter()
+            decision = _options(screen, ex, "screen")(run_dir)
+            log.info("screening: %s (%d sites hit)", decision["action"], decision["hits"])
+            p = _options(plan, ex, "plan")(run_dir)
+            log.info("%d tiles in %d chunks over region %s", p["n_tiles"], p["n_chunks"], p["region"])
+            _options(fit, ex, "fit")(run_dir)
+            t_inf = time.perf_counter()
+            with inference_slot(run_dir, ex), progress_artifact(run_dir, p["n_tiles"]):
+                run_chunks(run_dir, ex, cfg.backbone.device)
+            t_out = time.perf_counter()
+            outputs = _options(finalize, ex, "write")(run_dir)
+            pl.complete_run(Path(run_dir), {"infer": round(t_out - t_inf, 3),
+                                            "total_flow": round(time.perf_counter() - t0, 3)})
+            log.info("wrote %d outputs", len(outputs))
+        finally:  # refused and failed runs get their report too
+            final_report(run_dir)
     return run_dir
 
 
@@ -290,6 +298,7 @@ def run_chunks(run_dir: str, execution: ExecutionConfig, device: str) -> None:
     the prefect-dask task runner; then the engine and the chunks' timings in the record."""
     log = get_run_logger()
     todo = pl.missing_chunks(Path(run_dir))
+    announce_inference(Path(run_dir))
     t0 = time.perf_counter()
     if execution.engine == "serial":
         n = 0
@@ -319,12 +328,17 @@ def resume_run(run_dir: str, execution: dict[str, Any] | None = None) -> str:
         raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
     cfg = pl.load_config(path)
     ex = ExecutionConfig.model_validate(execution) if execution is not None else cfg.execution
-    pl.folder.reserve_space(path)
-    todo = pl.missing_chunks(path)
-    log.info("resuming %s: %d chunks to compute", run_dir, len(todo))
-    t0 = time.perf_counter()
-    run_chunks(run_dir, ex, cfg.backbone.device)
-    finalize(run_dir)
-    pl.update_record(path, resumed={"chunks_missing": todo, "engine": ex.engine})
-    pl.complete_run(path, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
+    with run_log(path):
+        try:
+            pl.folder.reserve_space(path)
+            todo = pl.missing_chunks(path)
+            log.info("resuming %s: %d chunks to compute", run_dir, len(todo))
+            t0 = time.perf_counter()
+            with progress_artifact(run_dir, pl.load_plan(path).tiling.n_tiles):
+                run_chunks(run_dir, ex, cfg.backbone.device)
+            finalize(run_dir)
+            pl.update_record(path, resumed={"chunks_missing": todo, "engine": ex.engine})
+            pl.complete_run(path, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
+        finally:
+            final_report(run_dir)
     return run_dir

@@ -109,6 +109,16 @@ def test_the_same_submission_twice_runs_once(server, tmp_path) -> None:
     assert rec["status"] == "succeeded", rec.get("error")
     assert (run_dir / "aoi.geojson").read_bytes() == aoi.read_bytes()  # the worker got the content
     assert rec["aoi"]["sha256"] and (run_dir / "classes.tif").is_file()
+    # what people see: run.log in the folder, the progress and the report as artifacts in the API
+    log = (run_dir / "run.log").read_text()
+    assert "stage screening" in log and "tiles " in log and "stage done" in log
+    from flows.progress import artifact_key
+
+    api = env["PREFECT_API_URL"]
+    arts = {a["key"]: a for a in httpx.post(f"{api}/artifacts/filter", json={}).json() if a.get("key")}
+    assert arts[artifact_key("geo-dino-progress", run_dir)]["data"] == 100
+    report = arts[artifact_key("geo-dino-run", run_dir)]["data"]
+    assert "succeeded" in report and "classes.tif" in report and "run.qgs" in report
     # after it ran, the same submission still runs once
     again = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out))
     assert "already submitted" in again.stdout and "Completed" in again.stdout

@@ -28,7 +28,7 @@ import numpy as np
 from geo_dino.config import ExecutionConfig, RunConfig
 from geo_dino.errors import AOIError, ConfigError, OutputError, RunRefused
 from geo_dino.files import write_json_atomic
-from geo_dino.run import folder, resources
+from geo_dino.run import folder, progress, resources
 from geo_dino.run.chunks import chunk_timings, infer_chunk, merge_bands, missing_chunks  # noqa: F401
 from geo_dino.run.folder import load_config, load_plan, records_failure, timed, update_record
 
@@ -112,6 +112,7 @@ def screen_aoi(run_dir: Path) -> dict[str, Any]:
     from geo_dino.inputs.aoi import load_aoi
 
     t0 = time.perf_counter()
+    progress.stage(run_dir, "screening", "the AOI against the sensitive-site registry")
     cfg = load_config(run_dir)
     try:
         aoi = load_aoi(cfg.aoi, cfg.aoi_options)
@@ -152,6 +153,7 @@ def plan_run(run_dir: Path) -> dict[str, Any]:
     from geo_dino.run.plan import make_plan
 
     t0 = time.perf_counter()
+    progress.stage(run_dir, "planning", "the tile grid over AOI ∩ raster")
     cfg = load_config(run_dir)
     plan = make_plan(cfg, run_dir / folder.TILE_INDEX, partial(update_record, run_dir))
     check_retirement(run_dir, plan.backbone.arch, cfg)
@@ -201,6 +203,7 @@ def fit_heads(run_dir: Path) -> dict[str, Any]:
     kcfg = cfg.heads.kmeans
     n_fit = kcfg.fit_tiles if kcfg else 64
     idx = np.unique(np.linspace(0, len(tiles) - 1, min(n_fit, len(tiles))).round().astype(int))
+    progress.stage(run_dir, "fitting label-free heads", f"PCA and k-means on {len(idx)} tiles")
     with ExitStack() as stack:
         readers = [stack.enter_context(WindowReader(i)) for i in plan.infos()]
         cache = run_dir / folder.FEATURE_CACHE
@@ -383,6 +386,7 @@ def complete_run(run_dir: Path, timings: dict[str, float] | None = None) -> Path
     # deployment (or config name) in the output folder, rewritten over all of its finished runs
     stac.validate_item(stac.write_item(run_dir, collection=key))
     stac.validate_collection(stac.update_collection(run_dir.parent, key))
+    progress.stage(run_dir, "done", f"outputs in {run_dir}")
     return run_dir / folder.RECORD
 
 
@@ -394,28 +398,34 @@ def resume_run(run_dir: Path, execution: ExecutionConfig | None = None) -> Path:
         return run_dir
     if not (run_dir / folder.PLAN).exists() or not (run_dir / folder.INTERMEDIATES).exists():
         raise RuntimeError(f"{run_dir}: the run stopped before inference started; start it again instead")
-    folder.reserve_space(run_dir)
-    todo = missing_chunks(run_dir)
-    t0 = time.perf_counter()
-    infer_chunks(run_dir, execution)
-    finalize_outputs(run_dir)
-    update_record(run_dir, resumed={"chunks_missing": todo, "at": datetime.now(UTC).isoformat()})
-    complete_run(run_dir, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
+    from geo_dino.run.runlog import run_log
+
+    with run_log(run_dir):
+        folder.reserve_space(run_dir)
+        todo = missing_chunks(run_dir)
+        t0 = time.perf_counter()
+        infer_chunks(run_dir, execution)
+        finalize_outputs(run_dir)
+        update_record(run_dir, resumed={"chunks_missing": todo, "at": datetime.now(UTC).isoformat()})
+        complete_run(run_dir, {"infer_after_resume": round(time.perf_counter() - t0, 3)})
     return run_dir
 
 
 def run_local(cfg: RunConfig) -> Path:
     """Every stage in order without Prefect (tests, notebooks, debugging); the chunks run on the config's
     engine (``execution``)."""
+    from geo_dino.run.runlog import run_log
+
     t0 = time.perf_counter()
     run_dir = prepare_run(cfg)
-    screen_aoi(run_dir)
-    plan_run(run_dir)
-    fit_heads(run_dir)
-    init_outputs(run_dir)
-    t_inf = time.perf_counter()
-    infer_chunks(run_dir)
-    t_out = time.perf_counter()
-    finalize_outputs(run_dir)
-    complete_run(run_dir, {"infer": round(t_out - t_inf, 3), "total": round(time.perf_counter() - t0, 3)})
+    with run_log(run_dir):
+        screen_aoi(run_dir)
+        plan_run(run_dir)
+        fit_heads(run_dir)
+        init_outputs(run_dir)
+        t_inf = time.perf_counter()
+        infer_chunks(run_dir)
+        t_out = time.perf_counter()
+        finalize_outputs(run_dir)
+        complete_run(run_dir, {"infer": round(t_out - t_inf, 3), "total": round(time.perf_counter() - t0, 3)})
     return run_dir
