@@ -47,15 +47,17 @@ def _retry_safe(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _attempt(run_dir: str) -> None:
-    """On a retry (the task's second run or later), put the record back to ``started``: the stage that
-    failed before is running again (its failure stays in ``retried``)."""
+    """On a retry (the task's second run or later), record it (``retried``) and put the record back to
+    ``started`` where the failed attempt had ended it: the stage runs again."""
     from prefect.runtime import task_run
 
     if (task_run.run_count or 1) > 1:
         rec = pl.folder.read_record(Path(run_dir))
-        if rec.get("status") == "failed":
-            pl.update_record(Path(run_dir), status="started", retried={
-                "task": task_run.name, "attempt": task_run.run_count, "error": rec.get("error")})
+        retried = {"task": task_run.name, "attempt": task_run.run_count, "error": rec.get("error")}
+        if rec.get("status") == "failed":  # the stage recorded its failure: it runs again now
+            pl.update_record(Path(run_dir), status="started", retried=retried)
+        else:  # a timeout stops a stage before it can record anything
+            pl.update_record(Path(run_dir), retried=retried)
 
 
 def _options(task_fn: Any, ex: ExecutionConfig, kind: str, retry: bool = True) -> Any:

@@ -234,6 +234,49 @@ def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
         worker.wait(timeout=60)
 
 
+def test_a_cancelled_run_ends_cancelled_in_its_record(server, tmp_path) -> None:
+    env = server
+    out = tmp_path / "runs"
+    # the whole scene in chunks of 4 tiles: long enough to be cancelled while inferring
+    res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", "run_aoi/aoi-submissions",
+                  _small(out, tiling={"size": 64, "overlap": 16, "chunk_tiles": 4},
+                         screening={"approval": {"approver": "T. Ester", "reason": "cancel test"}}))
+    assert res.returncode == 0, res.stderr
+    flow_run_id = res.stdout.split("(")[1].split(")")[0]
+    log = (tmp_path / "worker.log").open("w")
+    worker = _worker(env, once=False, log=log)
+    try:
+        end, run_dir = time.monotonic() + 300, None
+        while time.monotonic() < end:  # until the run is inferring
+            dirs = run_folders(out) if out.is_dir() else []
+            if dirs and list((dirs[0] / "work").glob("chunk_*.npz")):
+                run_dir = dirs[0]
+                break
+            time.sleep(0.2)
+        assert run_dir is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        api = env["PREFECT_API_URL"]  # as `prefect flow-run cancel` does, without its start-up time
+        httpx.post(f"{api}/flow_runs/{flow_run_id}/set_state",
+                   json={"state": {"type": "CANCELLING", "name": "Cancelling"}}).raise_for_status()
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            rec = json.loads((run_dir / "provenance.json").read_text())
+            if rec["status"] != "started" and (run_dir / "deployment_record.json").is_file():
+                break
+            time.sleep(0.5)
+        assert rec["status"] == "cancelled", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
+        assert rec["stopped"]["status"] == "cancelled"
+        end = time.monotonic() + 60
+        while time.monotonic() < end:  # the worker sets CANCELLED once the process is gone
+            state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state_type"]
+            if state == "CANCELLED":
+                break
+            time.sleep(0.5)
+        assert state == "CANCELLED"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
 def test_run_many_runs_three_aois_and_sums_up(server, tmp_path) -> None:
     env = server
     out, folder = tmp_path / "runs", tmp_path / "aois"
