@@ -272,17 +272,16 @@ def inference_slot(run_dir: str, ex: ExecutionConfig) -> Iterator[None]:
     log.info("waiting for a slot of the concurrency limit %r", ex.slots)
     try:
         with concurrency(ex.slots, occupy=1, timeout_seconds=ex.slot_timeout_s, strict=True):
-            taken = datetime.now(UTC)
-            log.info("slot of %r taken after %.1fs", ex.slots, time.perf_counter() - asked)
-            pl.update_record(Path(run_dir), execution_slot={
-                "limit": ex.slots, "waited_s": round(time.perf_counter() - asked, 3),
-                "acquired_at": taken.isoformat()})
+            taken, held = datetime.now(UTC), time.perf_counter()
+            slot = {"limit": ex.slots, "waited_s": round(held - asked, 3), "acquired_at": taken.isoformat()}
+            log.info("slot of %r taken after %.1fs", ex.slots, held - asked)
+            pl.update_record(Path(run_dir), execution_slot=slot)
             try:
                 yield
             finally:
-                pl.update_record(Path(run_dir), execution_slot={
-                    "limit": ex.slots, "waited_s": round(time.perf_counter() - asked, 3),
-                    "acquired_at": taken.isoformat(), "released_at": datetime.now(UTC).isoformat()})
+                pl.update_record(Path(run_dir), execution_slot=slot | {
+                    "released_at": datetime.now(UTC).isoformat(),
+                    "held_s": round(time.perf_counter() - held, 3)})
     except Exception as exc:
         from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 

@@ -131,7 +131,10 @@ def test_run_log_lines_the_throttle_and_a_full_disk(tmp_path, capsys):
         with run_log(where):
             progress.stage(where, "inference")
             logging.getLogger("geo_dino").error("lost")
-    assert capsys.readouterr() == ("", "")
+    # (other handlers — Prefect's console, once an earlier test set it up — may print "lost"; the run log's
+    # own handler must print nothing: no traceback of its failed writes)
+    err = capsys.readouterr().err
+    assert "runlog.py" not in err and "No space left" not in err and "/dev/full" not in err
     assert not gone.exists()
 
 
