@@ -201,6 +201,29 @@ def test_gpu_slots_across_deployments(server, tmp_path, slots) -> None:
         assert b0 < a1 and waits[-1] < 0.5 * (a1 - a0).total_seconds(), ((a0, a1), (b0, b1), waits)
 
 
+def _inferring(out: Path, worker_log: Path, within_s: float = 300) -> Path:
+    """The run folder under ``out`` once its run is inferring (its first chunk result is there)."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        dirs = run_folders(out) if out.is_dir() else []
+        if dirs and list((dirs[0] / "work").glob("chunk_*.npz")):
+            return dirs[0]
+        time.sleep(0.2)
+    raise AssertionError(worker_log.read_text()[-3000:])
+
+
+def _ended(run_dir: Path, within_s: float = 120) -> dict:
+    """The record once it is no longer ``started`` and the deployment record is written (a hook writes the
+    record, then the deployment record)."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        rec = json.loads((run_dir / "provenance.json").read_text())
+        if rec["status"] != "started" and (run_dir / "deployment_record.json").is_file():
+            break
+        time.sleep(0.5)
+    return rec
+
+
 def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
     env = server
     out = tmp_path / "runs"
@@ -211,26 +234,13 @@ def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
     log = (tmp_path / "worker.log").open("w")
     worker = _worker(env, once=False, log=log)
     try:
-        end = time.monotonic() + 300
-        run_dir = None
-        while time.monotonic() < end:  # until the run is inferring: its first chunk result is there
-            dirs = run_folders(out) if out.is_dir() else []
-            if dirs and list((dirs[0] / "work").glob("chunk_*.npz")):
-                run_dir = dirs[0]
-                break
-            time.sleep(0.2)
-        assert run_dir is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        run_dir = _inferring(out, tmp_path / "worker.log")
         flow_procs = [c for c in psutil.Process(worker.pid).children(recursive=True)
                       if "python" in c.name().lower() and c.pid != worker.pid]
         assert flow_procs
         for p in flow_procs:  # the flow run's process, killed without warning
             p.send_signal(signal.SIGKILL)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            rec = json.loads((run_dir / "provenance.json").read_text())
-            if rec["status"] != "started" and (run_dir / "deployment_record.json").is_file():
-                break  # the hook writes the record, then the deployment record
-            time.sleep(0.5)
+        rec = _ended(run_dir)
         assert rec["status"] == "crashed", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
         assert "Crashed" in rec["error"] and rec["stopped"]["status"] == "crashed"
         assert not (run_dir / "work" / ".space_reserve").exists()
@@ -252,23 +262,11 @@ def test_a_cancelled_run_ends_cancelled_in_its_record(server, tmp_path) -> None:
     log = (tmp_path / "worker.log").open("w")
     worker = _worker(env, once=False, log=log)
     try:
-        end, run_dir = time.monotonic() + 300, None
-        while time.monotonic() < end:  # until the run is inferring
-            dirs = run_folders(out) if out.is_dir() else []
-            if dirs and list((dirs[0] / "work").glob("chunk_*.npz")):
-                run_dir = dirs[0]
-                break
-            time.sleep(0.2)
-        assert run_dir is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        run_dir = _inferring(out, tmp_path / "worker.log")
         api = env["PREFECT_API_URL"]  # as `prefect flow-run cancel` does, without its start-up time
         httpx.post(f"{api}/flow_runs/{flow_run_id}/set_state",
                    json={"state": {"type": "CANCELLING", "name": "Cancelling"}}).raise_for_status()
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            rec = json.loads((run_dir / "provenance.json").read_text())
-            if rec["status"] != "started" and (run_dir / "deployment_record.json").is_file():
-                break
-            time.sleep(0.5)
+        rec = _ended(run_dir)
         assert rec["status"] == "cancelled", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
         assert rec["stopped"]["status"] == "cancelled"
         end = time.monotonic() + 60
