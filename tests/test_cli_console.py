@@ -143,3 +143,20 @@ def test_a_head_that_does_not_fit_fails_before_prefect(tmp_path, extra, message)
     assert len(errors) == 1 and message in errors[0], out
     assert "Traceback" not in out and "temporary server" not in out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("api", "message"), [
+    (None, "submissions go to a Prefect server"),
+    ("http://127.0.0.1:{port}/api", "cannot reach the Prefect server"),
+])
+def test_submit_without_a_server_is_one_line(tmp_path, api, message) -> None:
+    from tests.conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    if api:
+        env["PREFECT_API_URL"] = api.format(port=free_port())  # nothing listens there
+    res = subprocess.run([CLI, "submit", "aoi/bahamas_andros.geojson", "--deployment", "run_aoi/x"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and message in lines[0], lines
