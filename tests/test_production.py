@@ -102,6 +102,9 @@ def test_the_same_submission_twice_runs_once(server, tmp_path) -> None:
     bad.write_text('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0.5]]]}')
     res = _submit(env, bad, "run_aoi/aoi-submissions", _small(out))
     assert res.returncode == 2 and "AOIError" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = _submit(env, aoi, "run_aoi/no-such-deployment", _small(out))
+    assert res.returncode == 2 and "no deployment 'run_aoi/no-such-deployment'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     assert len(_runs_of(env, "aoi-submissions")) == 1
     _worker(env)
     (run_dir,) = run_folders(out)
@@ -181,10 +184,11 @@ def test_gpu_slots_across_deployments(server, tmp_path, slots) -> None:
     env = server
     prefect_cli(env, "gcl", "update", "gpu", "--limit", str(slots))
     out = tmp_path / "runs"
-    # the whole scene on the shipped backbone (patch 8: tens of seconds of inference on 2 cores, so the two
-    # runs are inferring together when slots allow), approved for its airport and port
+    # the whole scene on the shipped backbone in 32-pixel tiles at a 16-pixel stride (2,200 tiles in 45 chunk
+    # tasks: ~10 s of inference alone, more when both run, against a few seconds between their starts),
+    # approved for its airport and port
     over = {"output_dir": str(out), "execution": {"slots": "gpu"},
-            "tiling": {"size": 64, "overlap": 16, "chunk_tiles": 8},
+            "tiling": {"size": 32, "overlap": 16, "chunk_tiles": 8},
             "heads": {"kmeans": {"k": 4, "fit_tiles": 16}},
             "screening": {"approval": {"approver": "T. Ester", "reason": "slots test"}}}
     for k, dep in enumerate(("run_aoi/aoi-submissions", "run_aoi/demo-nightly")):
