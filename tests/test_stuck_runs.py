@@ -16,7 +16,11 @@ pytestmark = pytest.mark.slow
 def test_a_chunk_past_its_timeout_is_retried_then_the_run_fails(tiny_config) -> None:
     from flows.run_aoi import run_aoi
 
-    cfg = tiny_config(execution={"timeouts_s": {"chunk": 0.05}, "retries": 1, "retry_delay_s": 0.1})
+    # the whole scene in one chunk of 255 tiles: well past 0.05 s even with the model already loaded
+    cfg = tiny_config(aoi="aoi/bahamas_scene.geojson",
+                      tiling={"size": 64, "overlap": 16, "chunk_tiles": 1000},
+                      screening={"approval": {"approver": "T. Ester", "reason": "timeout test"}},
+                      execution={"timeouts_s": {"chunk": 0.05}, "retries": 1, "retry_delay_s": 0.1})
     with pytest.raises(BaseException):  # noqa: B017 - Prefect raises the task's TimeoutError
         run_aoi(config=cfg)
     (run_dir,) = run_folders(cfg["output_dir"])
