@@ -53,14 +53,10 @@ class PlainDisplay:
     def __call__(self, event: progress.Event) -> None:
         """Show ``event``."""
         with self.lock:
+            self.first = progress.rate_origin(self.first, event)
             if event.kind == "stage":
                 self.line(f"{event.name}: {event.message}" if event.message else event.name)
-                if event.name == "inference":  # the tiles' rate counts from here
-                    self.first = progress.Event("tiles", event.run_dir, event.at,
-                                                done=progress.tiles_done(event.run_dir)[0])
                 return
-            if self.first is None:
-                self.first = event
             frac = event.fraction
             if frac is None:
                 return
@@ -74,7 +70,7 @@ class PlainDisplay:
                 text += f", {rate:.1f} tiles/s"
                 if event.done < event.total:
                     text += f", {_clock((event.total - event.done) / rate)} left"
-                else:
+                elif self.first is not None:
                     text += f", done in {_clock(event.at - self.first.at)}"
             self.line(text)
 

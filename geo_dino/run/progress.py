@@ -160,8 +160,21 @@ def tiles_done(run_dir: Path | str) -> tuple[int, int]:
         return (count.done, count.total) if count else (0, 0)
 
 
-def rate(first: Event, last: Event) -> float | None:
-    """Tiles per second between two tile events (None when no time passed or no tile finished)."""
+def rate_origin(first: Event | None, event: Event) -> Event | None:
+    """Where a tiles rate counts from once ``event`` is seen: the "inference" stage restarts it at the tiles
+    done so far (a resumed run's earlier tiles are not this run's speed); else the first tiles event."""
+    if event.kind == "stage":
+        if event.name == "inference":
+            return Event("tiles", event.run_dir, event.at, done=tiles_done(event.run_dir)[0])
+        return first
+    return first or event
+
+
+def rate(first: Event | None, last: Event) -> float | None:
+    """Tiles per second between two tile events (None when no time passed, no tile finished or there is no
+    first event)."""
+    if first is None:
+        return None
     dt = last.at - first.at
     dn = last.done - first.done
     return dn / dt if dt > 0 and dn > 0 else None

@@ -89,14 +89,10 @@ class _ProgressLines:
         if event.run_dir != self.run_dir:
             return
         with self.lock:
+            self.first = progress.rate_origin(self.first, event)
             if event.kind == "stage":
                 self.write(f"stage {event.name}" + (f": {event.message}" if event.message else ""))
-                if event.name == "inference":  # the tiles' rate counts from here
-                    self.first = progress.Event("tiles", event.run_dir, event.at,
-                                                done=progress.tiles_done(event.run_dir)[0])
                 return
-            if self.first is None:
-                self.first = event
             finished = event.total > 0 and event.done >= event.total
             if not finished and event.at - self.last_line < self.every_s:
                 return
