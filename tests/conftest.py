@@ -149,3 +149,15 @@ def prefect_server(tmp_path):
         yield env
     finally:
         stop_prefect_server(proc)
+
+
+def refused_config(tmp_path: Path) -> Path:
+    """A run config whose AOI (Nassau) the screen refuses until approved: airports need approval."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
+                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"aoi: aoi/bahamas_nassau.geojson\nrasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\n"
+                   f"output_dir: {tmp_path / 'runs'}\nscreening: {{policy: {policy}}}\n"
+                   f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
+    return cfg

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from geo_dino.cli import app
-from tests.conftest import ROOT, run_folders
+from tests.conftest import ROOT, refused_config, run_folders
 
 runner = CliRunner()
 
@@ -111,13 +111,7 @@ def test_cli_run_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cli_refused_run_exit_code(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
-                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"aoi: aoi/bahamas_nassau.geojson\nrasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\n"
-                   f"output_dir: {tmp_path / 'runs'}\nscreening: {{policy: {policy}}}\n"
-                   f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
+    cfg = refused_config(tmp_path)
     res = runner.invoke(app, ["run", "--config", str(cfg)])
     assert res.exit_code == 3 and "refused" in res.output and "approver" in res.output
     (run_dir,) = run_folders(tmp_path / "runs")

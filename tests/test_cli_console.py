@@ -16,7 +16,7 @@ import pytest
 
 from flows.console import ConsoleFilter
 from geo_dino.errors import RunRefused, SourceError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, refused_config
 
 CLI = str(Path(sys.executable).with_name("geo-dino"))
 
@@ -44,22 +44,11 @@ def test_console_filter_keeps_project_errors_off_and_everything_else_on() -> Non
     assert debug.filter(_record("View at http://127.0.0.1:8123/runs/flow-run/x", level=logging.INFO))
 
 
-def _refused_config(tmp_path: Path) -> Path:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\ndefault: {action: record, buffer_m: 0}\n"
-                      "categories:\n  airport: {action: require_approval, buffer_m: 1500}\n")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"aoi: aoi/bahamas_nassau.geojson\nrasters: [data/rasters/landsat7_bahamas_RGB.byte.tif]\n"
-                   f"output_dir: {tmp_path / 'runs'}\nscreening: {{policy: {policy}}}\n"
-                   f"backbone: {{arch: vit_tiny_patch16_dinov3_test}}\n")
-    return cfg
-
-
 @pytest.mark.slow
 def test_an_error_inside_the_flow_is_one_message_without_traceback(tmp_path) -> None:
     """The screening refusal happens inside the Prefect flow: said once without tracebacks; with them on
     --debug."""
-    cfg = _refused_config(tmp_path)
+    cfg = refused_config(tmp_path)
     res = subprocess.run([CLI, "run", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     out = res.stdout + res.stderr
