@@ -184,6 +184,26 @@ def run_folder_of(flow_run: Any) -> Path | None:
     return pl.find_run_folder(cfg.output_dir, str(flow_run.id))
 
 
+def give_back_slot(run_dir: Path) -> bool:
+    """The slot a stopped run still holds (its record names the lease and no release: the process died
+    inside its inference) is given back now, and the record says so; returns whether one was."""
+    from datetime import UTC, datetime
+
+    from flows.slots import give_back
+
+    slot = pl.folder.read_record(run_dir).get("execution_slot") or {}
+    if not slot.get("lease_id") or slot.get("released_at"):
+        return False
+    try:
+        give_back(slot["lease_id"])
+    except Exception as exc:  # the server unreachable: the lease runs out by itself (slot_lease_s)
+        pl.update_record(run_dir, execution_slot=slot | {"release_failed": f"{type(exc).__name__}: {exc}"})
+        return False
+    pl.update_record(run_dir, execution_slot=slot | {"released_at": datetime.now(UTC).isoformat(),
+                                                     "released_by": "the run's stop hook"})
+    return True
+
+
 def _stopped(status: str) -> Any:
     """A flow-run state hook that records ``status`` (``failed``, ``crashed``, ``cancelled``) with the
     state's message in the run's record, unless the record already ended (its stages say why)."""
@@ -192,6 +212,7 @@ def _stopped(status: str) -> Any:
         run_dir = run_folder_of(flow_run)
         if run_dir is not None and run_dir.is_dir():
             reason = f"{state.name}: {state.message}" if state.message else state.name
+            give_back_slot(run_dir)
             pl.folder.mark_stopped(run_dir, status, reason)
 
     hook.__name__ = f"record_{status}"
@@ -265,15 +286,18 @@ def inference_slot(run_dir: str, ex: ExecutionConfig) -> Iterator[None]:
         return
     from datetime import UTC, datetime
 
-    from prefect.concurrency.sync import concurrency
+    from prefect.runtime import flow_run
+
+    from flows.slots import lease_slot
 
     asked = time.perf_counter()
     log = get_run_logger()
     log.info("waiting for a slot of the concurrency limit %r", ex.slots)
     try:
-        with concurrency(ex.slots, occupy=1, timeout_seconds=ex.slot_timeout_s, strict=True):
+        with lease_slot(ex.slots, ex.slot_timeout_s, ex.slot_lease_s, flow_run.get_id()) as lease_id:
             taken, held = datetime.now(UTC), time.perf_counter()
-            slot = {"limit": ex.slots, "waited_s": round(held - asked, 3), "acquired_at": taken.isoformat()}
+            slot = {"limit": ex.slots, "waited_s": round(held - asked, 3), "acquired_at": taken.isoformat(),
+                    "lease_id": lease_id, "lease_s": ex.slot_lease_s}
             log.info("slot of %r taken after %.1fs", ex.slots, held - asked)
             pl.update_record(Path(run_dir), execution_slot=slot)
             try:

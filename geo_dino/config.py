@@ -252,6 +252,10 @@ class ExecutionConfig(ConfigModel):
     slots: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = None
     #: seconds to wait for the slot before the run fails
     slot_timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600
+    #: seconds the slot's lease lasts unrenewed (the run renews it while it lives): a run whose process is
+    #: killed has its slot given back by its crash hook at once, or, if its whole machine is gone, by the
+    #: server once this lease runs out
+    slot_lease_s: Annotated[float, Field(ge=10, le=3600)] = 60.0
     #: retries of the tasks a retry cannot harm (reads, chunks: idempotent), with exponential back-off from
     #: ``retry_delay_s``; the project's own errors (a refusal, a bad input) are never retried
     retries: Annotated[int, Field(ge=0, le=10)] = 2

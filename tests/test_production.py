@@ -231,9 +231,11 @@ def _ended(run_dir: Path, within_s: float = 120) -> dict:
 def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
     env = server
     out = tmp_path / "runs"
-    aoi = _aoi(tmp_path / "big.geojson", *_scene_corner(), d=0.2)
-    res = _submit(env, aoi, "run_aoi/aoi-submissions", _small(out, tiling={"size": 64, "overlap": 16,
-                                                                           "chunk_tiles": 4}))
+    # the whole scene in 32-pixel tiles at a 16-pixel stride, 4 to a chunk (550 chunk tasks): still inferring,
+    # holding its `cpu` slot, when it is killed
+    res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", "run_aoi/aoi-submissions",
+                  _small(out, tiling={"size": 32, "overlap": 16, "chunk_tiles": 4},
+                         screening={"approval": {"approver": "T. Ester", "reason": "crash test"}}))
     assert res.returncode == 0, res.stderr
     log = (tmp_path / "worker.log").open("w")
     worker = _worker(env, once=False, log=log)
@@ -247,6 +249,11 @@ def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
         rec = _ended(run_dir)
         assert rec["status"] == "crashed", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
         assert "Crashed" in rec["error"] and rec["stopped"]["status"] == "crashed"
+        # killed inside its inference: the hook gave its slot back at once, not when the lease ran out
+        slot = rec["execution_slot"]
+        assert slot["lease_id"] and slot["released_by"] == "the run's stop hook", slot
+        limit = httpx.get(f"{env['PREFECT_API_URL']}/v2/concurrency_limits/cpu").json()
+        assert limit["active_slots"] == 0, limit
         assert not (run_dir / "work" / ".space_reserve").exists()
         assert json.loads((run_dir / "deployment_record.json").read_text())["run_status"] == "crashed"
     finally:
