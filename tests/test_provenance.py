@@ -145,3 +145,32 @@ def test_acquisition_dates_from_tags_or_file_names():
     assert acquisition_date(Path("x_2018.tif"), tags) == {"start": "2019-05-02", "end": "2019-05-02",
                                                           "source": "tag DATE_ACQUIRED"}  # the tag first
     assert acquisition_date(Path("x.tif"), {"DATE_ACQUIRED": "2019-13-45"}) is None  # not a date
+
+
+def _update_many(run_dir: str, who: int, n: int) -> None:
+    from geo_dino.run.folder import update_record
+
+    for k in range(n):
+        update_record(Path(run_dir), **{f"w{who}_{k}": k}, timings={f"w{who}_{k}": 0.001})
+
+
+def test_update_record_from_several_processes_loses_nothing(tmp_path) -> None:
+    """A stop hook in the worker and the run's own process may update the record at once: every section
+    each of four processes wrote is there (without the run folder's lock, read-modify-write loses some)."""
+    import multiprocessing
+
+    from geo_dino.run.folder import RECORD, read_record, update_record
+
+    update_record(tmp_path, status="started")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_update_many, args=(str(tmp_path), w, 60)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    rec = read_record(tmp_path)
+    missing = [f"w{w}_{k}" for w in range(4) for k in range(60) if f"w{w}_{k}" not in rec]
+    assert not missing, f"{len(missing)} of 240 updates lost"
+    assert len(rec["timings"]) == 240 and rec["status"] == "started"
+    assert json.loads((tmp_path / RECORD).read_text()) == rec

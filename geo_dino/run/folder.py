@@ -91,12 +91,19 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 
 def update_record(run_dir: Path, **sections: Any) -> Path:
-    """Merge ``sections`` into the run's provenance record (``timings`` are added to), atomically."""
+    """Merge ``sections`` into the run's provenance record (``timings`` are added to), atomically, under the
+    run folder's lock: a stop hook in the worker and the run's own process (a cancelled run unwinding) may
+    update it at the same moment, and neither may lose the other's sections."""
+    from contextlib import nullcontext
+
+    from geo_dino.files import folder_lock
     from geo_dino.governance.provenance import ProvenanceRecord
 
-    rec = ProvenanceRecord.open(Path(run_dir) / RECORD)
-    rec.update(**sections)
-    return rec.write()
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir) if run_dir.is_dir() else nullcontext():  # no folder: nobody to share with
+        rec = ProvenanceRecord.open(run_dir / RECORD)
+        rec.update(**sections)
+        return rec.write()
 
 
 def timed(run_dir: Path, stage: str, t0: float) -> None:
