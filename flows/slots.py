@@ -54,10 +54,3 @@ def give_back(lease_id: str) -> None:
     with get_client(sync_client=True) as client:
         client.release_concurrency_slots_with_lease(UUID(lease_id))
 
-
-def active_slots(name: str) -> int:
-    """How many slots of the limit ``name`` are held now (for a team's checks and for the tests)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return int(client.read_global_concurrency_limit_by_name(name).active_slots)

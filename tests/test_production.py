@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -165,6 +167,28 @@ def test_the_inbox_moves_files_where_they_belong(server, tmp_path) -> None:
     assert json.loads((run_dir / "provenance.json").read_text())["status"] == "succeeded"
 
 
+def _submit_scene(env: dict, out: Path, reason: str, **tiling) -> subprocess.CompletedProcess:
+    """The whole bundled scene (approved for its airport and port) on the tiny backbone, in chunks of 4."""
+    res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", "run_aoi/aoi-submissions",
+                  _small(out, tiling={"overlap": 16, "chunk_tiles": 4} | tiling,
+                         screening={"approval": {"approver": "T. Ester", "reason": reason}}))
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+@contextmanager
+def _worker_running(env: dict, log_path: Path) -> Iterator[subprocess.Popen]:
+    """A worker of the CPU pool that takes runs until the block ends (its output in ``log_path``)."""
+    with log_path.open("w") as log:
+        worker = _worker(env, once=False, log=log)
+        assert isinstance(worker, subprocess.Popen)
+        try:
+            yield worker
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+
+
 def _intervals(out: Path) -> list[tuple[datetime, datetime]]:
     spans = []
     for run_dir in run_folders(out):
@@ -230,24 +254,19 @@ def _ended(run_dir: Path, within_s: float = 120) -> dict:
 
 def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
     env = server
-    out = tmp_path / "runs"
+    out, log = tmp_path / "runs", tmp_path / "worker.log"
     # the whole scene in 32-pixel tiles at a 16-pixel stride, 4 to a chunk (550 chunk tasks): still inferring,
     # holding its `cpu` slot, when it is killed
-    res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", "run_aoi/aoi-submissions",
-                  _small(out, tiling={"size": 32, "overlap": 16, "chunk_tiles": 4},
-                         screening={"approval": {"approver": "T. Ester", "reason": "crash test"}}))
-    assert res.returncode == 0, res.stderr
-    log = (tmp_path / "worker.log").open("w")
-    worker = _worker(env, once=False, log=log)
-    try:
-        run_dir = _inferring(out, tmp_path / "worker.log")
+    _submit_scene(env, out, "crash test", size=32)
+    with _worker_running(env, log) as worker:
+        run_dir = _inferring(out, log)
         flow_procs = [c for c in psutil.Process(worker.pid).children(recursive=True)
                       if "python" in c.name().lower() and c.pid != worker.pid]
         assert flow_procs
         for p in flow_procs:  # the flow run's process, killed without warning
             p.send_signal(signal.SIGKILL)
         rec = _ended(run_dir)
-        assert rec["status"] == "crashed", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
+        assert rec["status"] == "crashed", (rec["status"], log.read_text()[-3000:])
         assert "Crashed" in rec["error"] and rec["stopped"]["status"] == "crashed"
         # killed inside its inference: the hook gave its slot back at once, not when the lease ran out
         slot = rec["execution_slot"]
@@ -256,29 +275,21 @@ def test_a_killed_run_ends_crashed_in_its_record(server, tmp_path) -> None:
         assert limit["active_slots"] == 0, limit
         assert not (run_dir / "work" / ".space_reserve").exists()
         assert json.loads((run_dir / "deployment_record.json").read_text())["run_status"] == "crashed"
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
 
 
 def test_a_cancelled_run_ends_cancelled_in_its_record(server, tmp_path) -> None:
     env = server
-    out = tmp_path / "runs"
+    out, log = tmp_path / "runs", tmp_path / "worker.log"
     # the whole scene in chunks of 4 tiles: long enough to be cancelled while inferring
-    res = _submit(env, ROOT / "aoi/bahamas_scene.geojson", "run_aoi/aoi-submissions",
-                  _small(out, tiling={"size": 64, "overlap": 16, "chunk_tiles": 4},
-                         screening={"approval": {"approver": "T. Ester", "reason": "cancel test"}}))
-    assert res.returncode == 0, res.stderr
+    res = _submit_scene(env, out, "cancel test", size=64)
     flow_run_id = res.stdout.split("(")[1].split(")")[0]
-    log = (tmp_path / "worker.log").open("w")
-    worker = _worker(env, once=False, log=log)
-    try:
-        run_dir = _inferring(out, tmp_path / "worker.log")
+    with _worker_running(env, log):
+        run_dir = _inferring(out, log)
         api = env["PREFECT_API_URL"]  # as `prefect flow-run cancel` does, without its start-up time
         httpx.post(f"{api}/flow_runs/{flow_run_id}/set_state",
                    json={"state": {"type": "CANCELLING", "name": "Cancelling"}}).raise_for_status()
         rec = _ended(run_dir)
-        assert rec["status"] == "cancelled", (rec["status"], (tmp_path / "worker.log").read_text()[-3000:])
+        assert rec["status"] == "cancelled", (rec["status"], log.read_text()[-3000:])
         assert rec["stopped"]["status"] == "cancelled"
         end = time.monotonic() + 60
         while time.monotonic() < end:  # the worker sets CANCELLED once the process is gone
@@ -287,9 +298,6 @@ def test_a_cancelled_run_ends_cancelled_in_its_record(server, tmp_path) -> None:
                 break
             time.sleep(0.5)
         assert state == "CANCELLED"
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
 
 
 def test_run_many_runs_three_aois_and_sums_up(server, tmp_path) -> None:
@@ -299,9 +307,7 @@ def test_run_many_runs_three_aois_and_sums_up(server, tmp_path) -> None:
     x, y = _scene_corner()
     for k in range(3):
         _aoi(folder / f"field{k}.geojson", x + 0.035 * k, y + 0.05)
-    log = (tmp_path / "worker.log").open("w")
-    worker = _worker(env, once=False, log=log)
-    try:
+    with _worker_running(env, tmp_path / "worker.log"):
         code = ("import json, sys; from flows.run_many import run_many; r = run_many(aoi_folder=sys.argv[1], "
                 "deployment='run_aoi/aoi-submissions', params=json.loads(sys.argv[2]), "
                 "summary_dir=sys.argv[3], poll_s=1, timeout_s=600); "
@@ -310,9 +316,6 @@ def test_run_many_runs_three_aois_and_sums_up(server, tmp_path) -> None:
                               str(tmp_path / "summaries")], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=900)
         assert res.returncode == 0, res.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-2000:]
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
     got = json.loads(res.stdout.strip().splitlines()[-1])
     summary = json.loads((Path(got["folder"]) / "summary.json").read_text())
     rows = summary["runs"]
